@@ -1,0 +1,75 @@
+"""A device's local work for one round, free of Flower: data, model at rank r_k, training.
+
+Everything expensive is cached per process: the base model (task.model), the data files and
+each partition, so a device (or a simulation worker playing many devices) loads once.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+from task.config import ConfigError, RunConfig
+from task.data import (Examples, load_split_frames, partition_indices, resolve_columns,
+                       resolve_data_path, to_examples)
+from task.lora import State
+from task.model import get_lora_model, get_trainable_state, load_tokenizer, \
+    resolve_model_source, set_trainable_state
+from task.train import train_local
+from task.logs import get_logger
+
+log = get_logger()
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """What a device says about itself (from flower-supernode --node-config)."""
+
+    device: str = ""  # profile name, e.g. 'rpi4'; '' = use the simulated mix
+    partition_id: int = -1  # -1 = the whole local data folder is this device's
+    num_partitions: int = 0
+    lora_rank: int = 0  # 0 = the profile's default rank
+    data_dir: str = ""  # '' = the run config's data.path
+
+    @classmethod
+    def from_node_config(cls, node_config) -> DeviceInfo:
+        def num(key: str, default: int) -> int:
+            try:
+                return int(node_config.get(key, default))
+            except (TypeError, ValueError) as err:
+                raise ConfigError(f"--node-config {key} must be a whole number") from err
+
+        return cls(device=str(node_config.get("device", "")),
+                   partition_id=num("partition-id", -1),
+                   num_partitions=num("num-partitions", 0),
+                   lora_rank=num("lora-rank", 0),
+                   data_dir=str(node_config.get("data-dir", "")))
+
+
+@functools.lru_cache(maxsize=16)
+def local_examples(cfg: RunConfig, info: DeviceInfo, label_names: tuple[str, ...]) -> Examples:
+    """This device's training examples (its partition, or all of its local data)."""
+    path = resolve_data_path(cfg, info.data_dir)
+    if info.data_dir and path is None:
+        raise ConfigError(f"data-dir='{info.data_dir}' does not exist on this device: fix "
+                          "--node-config data-dir")
+    frames = load_split_frames(str(path) if path else None, cfg.hub_dataset)
+    examples = to_examples(frames["train"], resolve_columns(frames["train"], cfg), label_names)
+    if info.partition_id >= 0 and info.num_partitions > 0:
+        examples = examples.subset(
+            partition_indices(examples, cfg, info.partition_id, info.num_partitions))
+    if len(examples) == 0:
+        raise ConfigError(f"device {info} has no training examples")
+    return examples
+
+
+def train_round(cfg: RunConfig, info: DeviceInfo, label_names: tuple[str, ...], rank: int,
+                state: State, server_round: int, tag: str = "") -> tuple[State, int, dict]:
+    """Load `state` (at `rank`) into the model, train locally, return (state, n_k, metrics)."""
+    examples = local_examples(cfg, info, label_names)
+    model = get_lora_model(cfg, label_names, rank)
+    set_trainable_state(model, state)
+    tokenizer = load_tokenizer(resolve_model_source(cfg.model))
+    seed = cfg.seed * 100_003 + server_round * 1_009 + max(info.partition_id, 0)
+    metrics = train_local(model, tokenizer, examples, cfg, seed=seed, tag=tag)
+    return get_trainable_state(model), len(examples), metrics

@@ -1,0 +1,1 @@
+"""What runs on the edge server: ServerApp wiring, evaluation, results and plots."""

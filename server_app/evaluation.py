@@ -1,0 +1,93 @@
+"""Server-side task: validate the setup before training, evaluate and save global adapters."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from task.config import ConfigError, RunConfig
+from task.data import (Examples, label_names_of, load_split_frames, resolve_columns,
+                       resolve_data_path, to_examples)
+from task.lora import State, lora_rank, truncate_lora
+from task.model import (adapter_name, check_lora_targets, get_lora_model, get_trainable_state,
+                        load_tokenizer, resolve_model_source, set_trainable_state)
+from task.train import evaluate
+from task.logs import get_logger
+
+log = get_logger()
+
+METADATA_FILE = "edge_lam.json"
+
+
+@dataclass
+class ServerTask:
+    """The model and test split the server evaluates the global adapter on."""
+
+    cfg: RunConfig
+    label_names: tuple[str, ...]
+    test: Examples
+    data_source: str
+
+    @classmethod
+    def prepare(cls, cfg: RunConfig) -> ServerTask:
+        """Load data and model and check every rank fits: all config errors surface here."""
+        path = resolve_data_path(cfg)
+        if path is None:
+            log.info("data.path '%s' not found; trying hub dataset '%s'", cfg.data_path,
+                     cfg.hub_dataset)
+        frames = load_split_frames(str(path) if path else None, cfg.hub_dataset)
+        columns = resolve_columns(frames["train"], cfg)
+        resolve_columns(frames["test"], cfg)
+        labels = label_names_of(frames, columns)
+        if cfg.task == "seq-cls" and len(labels) < 2:
+            raise ConfigError(f"data.label-column='{cfg.label_column}' has {len(labels)} "
+                              "distinct value(s): a classifier needs at least 2")
+        test = to_examples(frames["test"], columns, labels)
+        if cfg.eval_max_examples and len(test) > cfg.eval_max_examples:
+            rng = np.random.default_rng(cfg.seed)
+            test = test.subset(sorted(rng.choice(len(test), cfg.eval_max_examples,
+                                                 replace=False)))
+        task = cls(cfg, labels, test, str(path) if path else f"hub:{cfg.hub_dataset}")
+        model = get_lora_model(cfg, labels, cfg.r_max)
+        ranks = list(cfg.ranks.values()) if cfg.strategy != "fedavg" else [cfg.fedavg_rank]
+        check_lora_targets(model, cfg, ranks)
+        return task
+
+    def initial_state(self) -> State:
+        """Fresh global adapter at r_max (PEFT init: A random, B zero) and head."""
+        return get_trainable_state(get_lora_model(self.cfg, self.label_names, self.cfg.r_max))
+
+    def evaluate(self, state: State) -> dict[str, float]:
+        model = get_lora_model(self.cfg, self.label_names, lora_rank(state))
+        set_trainable_state(model, state)
+        tokenizer = load_tokenizer(resolve_model_source(self.cfg.model))
+        return evaluate(model, tokenizer, self.test, self.cfg)
+
+    def save_adapter(self, state: State, out_dir: Path) -> Path:
+        """Standard PEFT folder (PeftModel.from_pretrained loads it) + our metadata file."""
+        rank = lora_rank(state)
+        model = get_lora_model(self.cfg, self.label_names, rank)
+        set_trainable_state(model, state)
+        tmp = out_dir.with_name(out_dir.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(str(tmp), selected_adapters=[adapter_name(rank)])
+        # PEFT writes a non-default adapter into a sub-folder named after it: flatten it.
+        saved = tmp / adapter_name(rank) if (tmp / adapter_name(rank)).is_dir() else tmp
+        shutil.rmtree(out_dir, ignore_errors=True)
+        shutil.move(str(saved), str(out_dir))
+        shutil.rmtree(tmp, ignore_errors=True)
+        meta = {"model": self.cfg.model, "task": self.cfg.task, "rank": rank,
+                "label_names": list(self.label_names), "run_config": self.cfg.to_dict()}
+        (out_dir / METADATA_FILE).write_text(json.dumps(meta, indent=2))
+        return out_dir
+
+
+def truncated(state: State, rank: int) -> State:
+    """What a device of rank `rank` receives from this global state."""
+    if rank > lora_rank(state):
+        raise ConfigError(f"--rank {rank} is above the adapter's rank {lora_rank(state)}")
+    return truncate_lora(state, rank)

@@ -1,0 +1,101 @@
+"""results/<run-id>/: config.json, metrics.jsonl (one line per round), plots/."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+from task.config import RunConfig
+
+
+def _clean(value):
+    """JSON-safe: NaN/Inf become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    return value
+
+
+class RunRecorder:
+    """Collects each round's training info and evaluation into metrics.jsonl."""
+
+    def __init__(self, run_dir: Path, cfg: RunConfig, extra: dict | None = None):
+        self.run_dir = run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(
+            json.dumps({**cfg.to_dict(), **(extra or {})}, indent=2, sort_keys=True))
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self.metrics_path.write_text("")
+        self.rows: list[dict] = []
+        self._train: dict[int, dict] = {}
+        self._t_last = time.perf_counter()
+
+    def record_train(self, server_round: int, info: dict) -> None:
+        self._train[server_round] = info
+
+    def record_eval(self, server_round: int, metrics: dict) -> dict:
+        now = time.perf_counter()
+        train = self._train.pop(server_round, {})
+        row = {
+            "round": server_round,
+            "accuracy": metrics.get("accuracy"),
+            "loss": metrics.get("loss"),
+            "wall_s": now - self._t_last,
+            "aggregation_error": train.get("aggregation_error"),
+            "rejected": train.get("rejected", 0),
+            "missing": train.get("missing", []),
+            "clients": train.get("clients", []),
+        }
+        if train.get("rejections"):
+            row["rejections"] = train["rejections"]
+        self._t_last = now
+        row = _clean(row)
+        self.rows.append(row)
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        return row
+
+
+def write_plots(rows: list[dict], plot_dir: Path) -> list[Path]:
+    """accuracy.png (accuracy per round) and communication.png (bytes per device, by rank)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    pts = [(r["round"], r["accuracy"]) for r in rows if r.get("accuracy") is not None]
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o")
+    ax.set(xlabel="round", ylabel="accuracy (server test split)", title="Global model accuracy")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    acc_path = plot_dir / "accuracy.png"
+    fig.savefig(acc_path, dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    by_rank: dict[int, list[tuple[int, int, int]]] = {}
+    for r in rows:
+        for c in r.get("clients", []):
+            by_rank.setdefault(c["rank"], []).append((r["round"], c["bytes_up"], c["bytes_down"]))
+    for rank in sorted(by_rank):
+        pts = by_rank[rank]
+        ax.scatter([p[0] for p in pts], [p[1] / 1e6 for p in pts], label=f"rank {rank} up",
+                   marker="^")
+        ax.scatter([p[0] for p in pts], [p[2] / 1e6 for p in pts], label=f"rank {rank} down",
+                   marker="v", alpha=0.5)
+    ax.set(xlabel="round", ylabel="MB per device", title="Communication per device per round")
+    ax.grid(alpha=0.3)
+    if by_rank:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    comm_path = plot_dir / "communication.png"
+    fig.savefig(comm_path, dpi=120)
+    plt.close(fig)
+    return [acc_path, comm_path]

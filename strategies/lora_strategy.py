@@ -1,0 +1,171 @@
+"""The Flower Strategy for heterogeneous-rank LoRA (S1): fedavg, hetlora and flexlora.
+
+A thin layer over FedAvg: it keeps FedAvg's node sampling and round loop and only changes
+what differs for heterogeneous ranks:
+- devices are asked once (QUERY) who they are, and so which rank r_k they train at;
+- `configure_train` unicasts each device the global adapter truncated to r_k (S1 step 1);
+- `aggregate_train` validates each reply, rejects bad ones (logged, counted) and hands the
+  accepted states to the pure aggregation function of `strategies.hetlora`.
+The global state is always LoRA factors at r_max (plus the head).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
+
+from strategies.hetlora import AGGREGATORS, aggregation_error, check_reply
+from task.config import ConfigError, RunConfig
+from task.lora import State, truncate_lora
+from task.records import from_record, record_nbytes, to_record
+from task.logs import get_logger
+
+log = get_logger()
+
+
+@dataclass(frozen=True)
+class NodeProfile:
+    node_id: int
+    device: str
+    partition_id: int
+    rank: int
+
+
+class HeterogeneousLoRA(FedAvg):
+    """FedAvg with per-device LoRA ranks, unicast truncation and validated aggregation."""
+
+    def __init__(self, cfg: RunConfig, label_names: tuple[str, ...],
+                 on_train_round: Callable[[int, dict], None] | None = None,
+                 query_timeout: float = 120.0):
+        super().__init__(fraction_train=cfg.fraction_train, fraction_evaluate=0.0,
+                         min_train_nodes=cfg.min_devices, min_available_nodes=cfg.min_devices)
+        self.cfg = cfg
+        self.label_names = label_names
+        self.aggregate_fn = AGGREGATORS[cfg.strategy]
+        self.on_train_round = on_train_round or (lambda rnd, info: None)
+        self.query_timeout = query_timeout
+        self.profiles: dict[int, NodeProfile] = {}
+        self._sent: dict[int, tuple[State, int]] = {}  # node -> (state sent, bytes down)
+
+    # ----------------------------------------------------------------- who is who
+    def _learn_profiles(self, grid: Grid, node_ids: Iterable[int]) -> None:
+        """Ask devices we have not met yet for their profile (one QUERY each)."""
+        unknown = [n for n in node_ids if n not in self.profiles]
+        if not unknown:
+            return
+        queries = [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n,
+                           message_type=MessageType.QUERY) for n in unknown]
+        for reply in grid.send_and_receive(queries, timeout=self.query_timeout):
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                log.error("node %d did not describe itself: %s", node, reply.error.reason)
+                continue
+            p = reply.content["profile"]
+            try:
+                device = self.cfg.device_for(int(p["partition-id"]), str(p["device"]))
+                rank = self.cfg.rank_for(device, int(p["lora-rank"]))
+            except ConfigError as err:
+                log.error("node %d is left out: %s", node, err)
+                continue
+            self.profiles[node] = NodeProfile(node, device, int(p["partition-id"]), rank)
+            log.info("node %d is a '%s' device (partition %d): LoRA rank %d",
+                     node, device, int(p["partition-id"]), rank)
+
+    # ----------------------------------------------------------------- downlink
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        if self.fraction_train == 0.0:
+            return []
+        num_nodes = int(len(list(grid.get_node_ids())) * self.fraction_train)
+        node_ids, _ = sample_nodes(grid, self.min_available_nodes,
+                                   max(num_nodes, self.min_train_nodes))
+        self._learn_profiles(grid, node_ids)
+        global_state = from_record(arrays)
+        self._sent.clear()
+        messages = []
+        for node in node_ids:
+            profile = self.profiles.get(node)
+            if profile is None:
+                continue
+            state = truncate_lora(global_state, profile.rank)  # S1 step 1, unicast
+            record = to_record(state)
+            self._sent[node] = (state, record_nbytes(record))
+            content = RecordDict({
+                "arrays": record,
+                "config": ConfigRecord({**dict(config), "server-round": server_round,
+                                        "rank": profile.rank, "device": profile.device,
+                                        "label-names": list(self.label_names)}),
+            })
+            messages.append(Message(content, dst_node_id=node,
+                                    message_type=MessageType.TRAIN))
+        log.info("round %d: %s", server_round, ", ".join(
+            f"node {n} {self.profiles[n].device}@r{self.profiles[n].rank}" for n in self._sent))
+        return messages
+
+    # ----------------------------------------------------------------- uplink
+    def _accept(self, msg: Message) -> tuple[State, int, dict] | str:
+        """(state, n_k, metrics) of a sound reply, or the reason to reject it."""
+        node = msg.metadata.src_node_id
+        if msg.has_error():
+            return f"device error: {msg.error.reason}"
+        if node not in self._sent:
+            return "reply from a node that was not asked to train"
+        expected, _ = self._sent[node]
+        try:
+            state = from_record(msg.content["arrays"])
+            metrics = dict(msg.content["metrics"])
+        except (KeyError, ValueError, TypeError) as err:
+            return f"malformed reply ({err.__class__.__name__}: {err})"
+        num_examples = metrics.get(self.weighted_by_key)
+        reason = check_reply(state, expected, self.profiles[node].rank, num_examples)
+        return reason or (state, int(num_examples), metrics)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        states, counts, clients, rejected = [], [], [], []
+        replied = set()
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            replied.add(node)
+            outcome = self._accept(msg)
+            if isinstance(outcome, str):
+                log.warning("round %d: rejected reply of node %d: %s", server_round, node,
+                            outcome)
+                rejected.append({"node_id": node, "reason": outcome})
+                continue
+            state, n, metrics = outcome
+            profile = self.profiles[node]
+            states.append(state)
+            counts.append(n)
+            clients.append({
+                "node_id": node, "partition_id": profile.partition_id,
+                "device": profile.device, "rank": profile.rank, "num_examples": n,
+                "train_loss": float(metrics.get("train-loss", float("nan"))),
+                "train_s": float(metrics.get("train-s", float("nan"))),
+                "bytes_up": record_nbytes(msg.content["arrays"]),
+                "bytes_down": self._sent[node][1],
+            })
+        missing = sorted(set(self._sent) - replied)
+        for node in missing:
+            log.warning("round %d: no reply from node %d (%s) before the timeout",
+                        server_round, node, self.profiles[node].device)
+        info = {"clients": clients, "rejected": len(rejected), "rejections": rejected,
+                "missing": missing, "aggregation_error": None}
+        if not states:
+            log.warning("round %d: no acceptable reply; keeping the previous global model",
+                        server_round)
+            self.on_train_round(server_round, info)
+            return None, None
+        new_state = self.aggregate_fn(states, counts, self.cfg.r_max)
+        info["aggregation_error"] = aggregation_error(new_state, states, counts)
+        self.on_train_round(server_round, info)
+        weights = np.asarray(counts, dtype=np.float64) / sum(counts)
+        train_loss = float(sum(w * c["train_loss"] for w, c in zip(weights, clients)))
+        return to_record(new_state), MetricRecord({"train-loss": train_loss,
+                                                   "accepted": len(states)})

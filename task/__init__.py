@@ -1,0 +1,1 @@
+"""The ML task shared by server and devices: config, model, LoRA rank algebra, data, loops."""

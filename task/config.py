@@ -1,0 +1,238 @@
+"""One typed, validated view of the run config: the only place that parses raw config values.
+
+Flower hands every component the flattened `[tool.flwr.app.config]` table of pyproject.toml,
+merged with `flwr run --run-config "..."` overrides (keys such as `lora.alpha`). `RunConfig`
+turns that mapping into typed fields and fails early, naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+STRATEGIES = ("fedavg", "hetlora", "flexlora")
+TASKS = ("seq-cls", "causal-lm")
+PARTITIONERS = ("iid", "dirichlet", "pathological")
+
+
+class ConfigError(ValueError):
+    """A run-config value is wrong; the message names the key and how to fix it."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every knob of a run, with the defaults of pyproject.toml."""
+
+    strategy: str = "hetlora"
+    num_rounds: int = 3
+    fraction_train: float = 1.0
+    min_devices: int = 2
+    round_timeout: float = 3600.0
+    model: str = "sentence-transformers/all-MiniLM-L6-v2"
+    task: str = "seq-cls"
+    seed: int = 42
+    results_dir: str = "results"
+    # LoRA
+    target_modules: tuple[str, ...] = ("query", "value")
+    lora_alpha: float = 16.0  # scaling alpha / r_max, shared by every rank
+    lora_dropout: float = 0.05
+    fedavg_rank: int = 8
+    # devices
+    device_mix: tuple[str, ...] = ("rpi4", "rpi5", "jetson-orin-nano", "laptop")
+    # (profile, rank) pairs; a tuple so the config stays hashable (used as a cache key)
+    profile_ranks: tuple[tuple[str, int], ...] = (
+        ("rpi4", 2), ("rpi5", 4), ("jetson-orin-nano", 8), ("laptop", 16))
+    # data
+    data_path: str = "../shared/data/agnews"
+    hub_dataset: str = "fancyzhx/ag_news"
+    text_column: str = "auto"
+    label_column: str = "label"
+    prompt_column: str = "prompt"
+    response_column: str = "response"
+    partitioner: str = "dirichlet"
+    dirichlet_alpha: float = 0.5
+    classes_per_device: int = 2
+    # local training
+    local_steps: int = 10
+    batch_size: int = 16
+    lr: float = 1e-3
+    max_length: int = 128
+    # server-side evaluation
+    eval_max_examples: int = 1000
+    eval_batch_size: int = 64
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def r_max(self) -> int:
+        """Rank of the global adapter the server keeps (S1: r_max = max_k r_k)."""
+        if self.strategy == "fedavg":
+            return self.fedavg_rank
+        return max(self.ranks.values())
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        """Default LoRA rank of each device profile."""
+        return dict(self.profile_ranks)
+
+    @property
+    def lora_scaling(self) -> float:
+        """alpha / r_max: the factor in front of B@A on every device, whatever its rank."""
+        return self.lora_alpha / self.r_max
+
+    def device_for(self, partition_id: int, reported: str = "") -> str:
+        """Device profile of a node: what it reports, else the simulated mix by partition id."""
+        if reported:
+            return reported
+        if partition_id < 0:
+            raise ConfigError(
+                "a device reported neither a profile nor a partition id: start it with "
+                "--node-config \"device='rpi4' ...\" (profiles: "
+                f"{', '.join(sorted(self.ranks))})"
+            )
+        return self.device_mix[partition_id % len(self.device_mix)]
+
+    def rank_for(self, device: str, explicit_rank: int = 0) -> int:
+        """LoRA rank a device trains at (S1's r_k)."""
+        if self.strategy == "fedavg":
+            return self.fedavg_rank
+        if explicit_rank > 0:
+            if explicit_rank > self.r_max:
+                raise ConfigError(
+                    f"a device asked for lora-rank={explicit_rank}, above the largest profile "
+                    f"rank r_max={self.r_max}: raise devices.rank.<profile> or lower its "
+                    "lora-rank"
+                )
+            return explicit_rank
+        if device not in self.ranks:
+            raise ConfigError(
+                f"unknown device profile '{device}': add devices.rank.{device}=<rank> to the "
+                f"run config, or use one of {', '.join(sorted(self.ranks))}"
+            )
+        return self.ranks[device]
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["profile_ranks"] = self.ranks
+        out["r_max"] = self.r_max
+        out["lora_scaling"] = self.lora_scaling
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    # ------------------------------------------------------------------ parsing
+    @classmethod
+    def from_run_config(cls, raw: Mapping[str, Any]) -> RunConfig:
+        """Parse Flower's flattened run config (unknown keys are an error: typos bite)."""
+        r = _Reader(raw)
+        d = cls()
+        ranks = d.ranks
+        for key in list(raw):
+            if key.startswith("devices.rank."):
+                ranks[key.removeprefix("devices.rank.")] = r.int(key, 0, lo=1)
+        cfg = cls(
+            strategy=r.choice("strategy", d.strategy, STRATEGIES),
+            num_rounds=r.int("num-server-rounds", d.num_rounds, lo=1),
+            fraction_train=r.float("fraction-train", d.fraction_train, lo=0.0, hi=1.0),
+            min_devices=r.int("min-devices", d.min_devices, lo=1),
+            round_timeout=r.float("round-timeout", d.round_timeout, lo=1.0),
+            model=r.str("model", d.model),
+            task=r.choice("task", d.task, TASKS),
+            seed=r.int("seed", d.seed),
+            results_dir=r.str("results-dir", d.results_dir),
+            target_modules=r.names("lora.target-modules", d.target_modules),
+            lora_alpha=r.float("lora.alpha", d.lora_alpha, lo=1e-9),
+            lora_dropout=r.float("lora.dropout", d.lora_dropout, lo=0.0, hi=0.99),
+            fedavg_rank=r.int("lora.fedavg-rank", d.fedavg_rank, lo=1),
+            device_mix=r.names("devices.mix", d.device_mix),
+            profile_ranks=tuple(sorted(ranks.items())),
+            data_path=r.str("data.path", d.data_path, allow_empty=True),
+            hub_dataset=r.str("data.hub-dataset", d.hub_dataset, allow_empty=True),
+            text_column=r.str("data.text-column", d.text_column),
+            label_column=r.str("data.label-column", d.label_column),
+            prompt_column=r.str("data.prompt-column", d.prompt_column),
+            response_column=r.str("data.response-column", d.response_column),
+            partitioner=r.choice("data.partitioner", d.partitioner, PARTITIONERS),
+            dirichlet_alpha=r.float("data.dirichlet-alpha", d.dirichlet_alpha, lo=1e-6),
+            classes_per_device=r.int("data.classes-per-device", d.classes_per_device, lo=1),
+            local_steps=r.int("train.local-steps", d.local_steps, lo=1),
+            batch_size=r.int("train.batch-size", d.batch_size, lo=1),
+            lr=r.float("train.lr", d.lr, lo=1e-12),
+            max_length=r.int("train.max-length", d.max_length, lo=8),
+            eval_max_examples=r.int("eval.max-examples", d.eval_max_examples, lo=0),
+            eval_batch_size=r.int("eval.batch-size", d.eval_batch_size, lo=1),
+        )
+        r.reject_unknown(prefixes=("devices.rank.",))
+        for device in cfg.device_mix:
+            if device not in cfg.ranks:
+                raise ConfigError(
+                    f"devices.mix names '{device}', which has no rank: add "
+                    f"devices.rank.{device}=<rank> or remove it from devices.mix"
+                )
+        return cfg
+
+
+class _Reader:
+    """Typed access to the raw mapping; remembers which keys were read."""
+
+    def __init__(self, raw: Mapping[str, Any]):
+        self.raw = raw
+        self.seen: set[str] = set()
+
+    def _get(self, key: str, default: Any) -> Any:
+        self.seen.add(key)
+        return self.raw.get(key, default)
+
+    def str(self, key: str, default: str, allow_empty: bool = False) -> str:
+        value = self._get(key, default)
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string (quote it: {key}='{value}')")
+        value = value.strip()
+        if not value and not allow_empty:
+            raise ConfigError(f"{key} is empty: give a value (default '{default}')")
+        return value
+
+    def choice(self, key: str, default: str, options: tuple[str, ...]) -> str:
+        value = self.str(key, default).lower()
+        if value not in options:
+            raise ConfigError(
+                f"{key}='{value}' is not known: use one of {', '.join(options)}"
+            )
+        return value
+
+    def int(self, key: str, default: int, lo: int | None = None) -> int:
+        value = self._get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+            raise ConfigError(f"{key} must be a whole number, got {value!r}")
+        value = int(value)
+        if lo is not None and value < lo:
+            raise ConfigError(f"{key}={value} is too small: it must be at least {lo}")
+        return value
+
+    def float(self, key: str, default: float, lo: float | None = None,
+              hi: float | None = None) -> float:
+        value = self._get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        value = float(value)
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise ConfigError(f"{key}={value} is out of range [{lo}, {hi}]")
+        return value
+
+    def names(self, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        value = self.str(key, ",".join(default))
+        names = tuple(n.strip() for n in value.split(",") if n.strip())
+        if not names:
+            raise ConfigError(f"{key} lists no names: give a comma-separated list")
+        return names
+
+    def reject_unknown(self, prefixes: tuple[str, ...]) -> None:
+        unknown = [k for k in self.raw if k not in self.seen and not k.startswith(prefixes)]
+        if unknown:
+            raise ConfigError(
+                f"unknown run-config key(s) {', '.join(sorted(unknown))}: check the spelling "
+                "against [tool.flwr.app.config] in pyproject.toml"
+            )

@@ -1,0 +1,216 @@
+"""Labelled text from local TSV/CSV/JSONL files or folders, or a hub dataset; partitioned by
+flwr-datasets; tokenized into padded batches.
+
+A data folder holds `train.*` and `test.*` (or `validation.*`), each .tsv, .csv, .jsonl or
+.json, as `../shared/data/agnews` does. Labels may be strings or integers; the server fixes
+the label names (sorted) and sends them to devices, so every device maps labels alike.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from task.config import ConfigError, RunConfig
+
+SUFFIXES = (".tsv", ".csv", ".jsonl", ".json")
+TEST_NAMES = ("test", "validation", "valid", "dev")
+TEXT_CANDIDATES = ("text", "sentence", "content", "document")
+
+
+def _read_table(path: Path):
+    """One file as a pandas DataFrame (TSV read verbatim: quotes are text, not quoting)."""
+    import pandas as pd
+
+    suffix = path.suffix.lower()
+    if suffix in (".tsv", ".csv"):
+        return pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype=str,
+                           keep_default_na=False,
+                           quoting=csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL)
+    if suffix in (".jsonl", ".json"):
+        return pd.read_json(path, lines=suffix == ".jsonl", dtype=False)
+    raise ConfigError(f"{path}: unsupported file type; use one of {', '.join(SUFFIXES)}")
+
+
+def _find_split(folder: Path, names: tuple[str, ...]) -> Path | None:
+    for name in names:
+        for suffix in SUFFIXES:
+            candidate = folder / f"{name}{suffix}"
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def resolve_data_path(cfg: RunConfig, override: str = "") -> Path | None:
+    """The local data path to use, or None to fall back to the hub dataset."""
+    raw = override or cfg.data_path
+    if not raw:
+        return None
+    path = Path(raw).expanduser()
+    return path.resolve() if path.exists() else None
+
+
+@functools.lru_cache(maxsize=8)
+def load_split_frames(path: str | None, hub_dataset: str):
+    """{'train': DataFrame, 'test': DataFrame} from a local folder/file or the hub."""
+    if path is not None:
+        p = Path(path)
+        if p.is_file():
+            return {"train": _read_table(p), "test": _read_table(p)}
+        train = _find_split(p, ("train",))
+        test = _find_split(p, TEST_NAMES)
+        if train is None:
+            raise ConfigError(
+                f"data.path={p} has no train{SUFFIXES[0]} (or .csv/.jsonl): put the training "
+                "split there as train.tsv with a header line"
+            )
+        return {"train": _read_table(train), "test": _read_table(test or train)}
+    if not hub_dataset:
+        raise ConfigError("no data: set data.path to a local folder with train.tsv and test.tsv")
+    try:
+        from datasets import load_dataset
+
+        ds = load_dataset(hub_dataset)
+    except Exception as err:  # offline, unknown id, ...: all end the same way for the user
+        raise ConfigError(
+            f"data.path does not exist and the hub dataset '{hub_dataset}' could not be "
+            f"loaded ({err.__class__.__name__}: {str(err)[:200]}). Point data.path at a local "
+            "folder holding train.tsv and test.tsv (header line: text<TAB>label), e.g. "
+            "--run-config \"data.path='/abs/path/to/agnews'\""
+        ) from err
+    test_name = next((n for n in TEST_NAMES if n in ds), "train")
+    return {"train": ds["train"].to_pandas(), "test": ds[test_name].to_pandas()}
+
+
+@dataclass(frozen=True)
+class Columns:
+    text: str = ""
+    label: str = ""
+    prompt: str = ""
+    response: str = ""
+
+
+def resolve_columns(frame, cfg: RunConfig) -> Columns:
+    """Check the configured columns exist; 'auto' text picks a common name."""
+    have = list(frame.columns)
+
+    def need(key: str, name: str) -> str:
+        if name not in have:
+            raise ConfigError(f"{key}='{name}' is not a column of the data; columns are "
+                              f"{', '.join(have)}: set {key} to one of them")
+        return name
+
+    if cfg.task == "causal-lm":
+        return Columns(prompt=need("data.prompt-column", cfg.prompt_column),
+                       response=need("data.response-column", cfg.response_column))
+    text = cfg.text_column
+    if text == "auto":
+        text = next((c for c in TEXT_CANDIDATES if c in have), "")
+        if not text:
+            raise ConfigError(f"data.text-column='auto' found none of {TEXT_CANDIDATES} among "
+                              f"the columns {', '.join(have)}: set data.text-column")
+    return Columns(text=need("data.text-column", text),
+                   label=need("data.label-column", cfg.label_column))
+
+
+def label_names_of(frames: dict, columns: Columns) -> tuple[str, ...]:
+    """Sorted label names over both splits (numerically when all labels are integers)."""
+    if not columns.label:
+        return ()
+    values = {str(v) for f in frames.values() for v in f[columns.label]}
+    if all(v.lstrip("-").isdigit() for v in values):
+        return tuple(sorted(values, key=int))
+    return tuple(sorted(values))
+
+
+@dataclass
+class Examples:
+    """A split as python lists: texts (or prompt/response pairs) and label ids."""
+
+    texts: list[str]
+    labels: list[int]  # empty for causal-lm
+    responses: list[str]  # empty for seq-cls
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def subset(self, idx) -> Examples:
+        idx = list(idx)
+        return Examples([self.texts[i] for i in idx],
+                        [self.labels[i] for i in idx] if self.labels else [],
+                        [self.responses[i] for i in idx] if self.responses else [])
+
+
+def to_examples(frame, columns: Columns, label_names: tuple[str, ...]) -> Examples:
+    if columns.prompt:
+        return Examples(frame[columns.prompt].astype(str).tolist(), [],
+                        frame[columns.response].astype(str).tolist())
+    index = {name: i for i, name in enumerate(label_names)}
+    raw = [str(v) for v in frame[columns.label]]
+    unknown = sorted(set(raw) - set(index))
+    if unknown:
+        raise ConfigError(f"labels {unknown[:5]} are not in the federation's label set "
+                          f"{list(label_names)}: every device must use the same label names")
+    return Examples(frame[columns.text].astype(str).tolist(), [index[v] for v in raw], [])
+
+
+def partition_indices(examples: Examples, cfg: RunConfig, partition_id: int,
+                      num_partitions: int) -> list[int]:
+    """Row indices of one device's partition (flwr-datasets partitioners, seeded)."""
+    from datasets import Dataset
+    from flwr_datasets.partitioner import (DirichletPartitioner, IidPartitioner,
+                                           PathologicalPartitioner)
+
+    if not 0 <= partition_id < num_partitions:
+        raise ConfigError(f"partition-id={partition_id} is outside [0, {num_partitions})")
+    labels = examples.labels or [0] * len(examples)
+    ds = Dataset.from_dict({"row": list(range(len(examples))), "label": labels})
+    if cfg.partitioner == "iid" or cfg.task == "causal-lm":
+        part = IidPartitioner(num_partitions)
+    elif cfg.partitioner == "dirichlet":
+        part = DirichletPartitioner(num_partitions, "label", cfg.dirichlet_alpha,
+                                    min_partition_size=min(10, len(ds) // num_partitions),
+                                    seed=cfg.seed)
+    else:
+        part = PathologicalPartitioner(num_partitions, "label", cfg.classes_per_device,
+                                       class_assignment_mode="deterministic", seed=cfg.seed)
+    part.dataset = ds
+    return list(part.load_partition(partition_id)["row"])
+
+
+# ---------------------------------------------------------------------------- batching
+def encode_batch(tokenizer, examples: Examples, cfg: RunConfig) -> dict[str, torch.Tensor]:
+    """Tokenize a list of examples into one padded batch with `labels`."""
+    if not examples.responses:
+        batch = tokenizer(examples.texts, truncation=True, max_length=cfg.max_length,
+                          padding=True, return_tensors="pt")
+        batch["labels"] = torch.tensor(examples.labels, dtype=torch.long)
+        return dict(batch)
+    # causal LM: loss on the response tokens only (prompt tokens get label -100)
+    eos = tokenizer.eos_token or ""
+    rows, labels = [], []
+    for prompt, response in zip(examples.texts, examples.responses):
+        p = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        r = tokenizer(response + eos, add_special_tokens=False)["input_ids"]
+        ids = (p + r)[: cfg.max_length]
+        lab = ([-100] * len(p) + r)[: cfg.max_length]
+        rows.append(ids)
+        labels.append(lab)
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    label_t = torch.tensor([lab + [-100] * (width - len(lab)) for lab in labels])
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": label_t}
+
+
+def batches(examples: Examples, batch_size: int, rng: np.random.Generator | None = None):
+    """Yield Examples chunks; shuffled when rng is given."""
+    order = rng.permutation(len(examples)) if rng is not None else np.arange(len(examples))
+    for start in range(0, len(order), batch_size):
+        yield examples.subset(order[start:start + batch_size])

