@@ -42,7 +42,8 @@ def main(grid: Grid, context: Context) -> None:
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         final["state"] = from_record(arrays)
-        metrics = task.evaluate(final["state"])
+        t0 = time.perf_counter()
+        metrics = {**task.evaluate(final["state"]), "eval_s": time.perf_counter() - t0}
         row = recorder.record_eval(server_round, metrics)
         log.info("round %d: accuracy %.4f loss %.4f (%d devices, %d rejected, agg. error %s)",
                  server_round, metrics["accuracy"], metrics["loss"], len(row["clients"]),

@@ -13,7 +13,7 @@ from task.config import ConfigError, RunConfig
 from task.data import (Examples, label_names_of, load_split_frames, resolve_columns,
                        resolve_data_path, to_examples)
 from task.lora import State, lora_rank, truncate_lora
-from task.model import (adapter_name, check_lora_targets, get_lora_model, get_trainable_state,
+from task.model import (adapter_name, check_lora_targets, get_lora_model, initial_lora_state,
                         load_tokenizer, resolve_model_source, set_trainable_state)
 from task.train import evaluate
 from task.logs import get_logger
@@ -59,7 +59,7 @@ class ServerTask:
 
     def initial_state(self) -> State:
         """Fresh global adapter at r_max (PEFT init: A random, B zero) and head."""
-        return get_trainable_state(get_lora_model(self.cfg, self.label_names, self.cfg.r_max))
+        return initial_lora_state(self.cfg, self.label_names, self.cfg.r_max)
 
     def evaluate(self, state: State) -> dict[str, float]:
         model = get_lora_model(self.cfg, self.label_names, lora_rank(state))

@@ -46,6 +46,7 @@ class RunRecorder:
             "accuracy": metrics.get("accuracy"),
             "loss": metrics.get("loss"),
             "wall_s": now - self._t_last,
+            "eval_s": metrics.get("eval_s"),
             "aggregation_error": train.get("aggregation_error"),
             "rejected": train.get("rejected", 0),
             "missing": train.get("missing", []),

@@ -44,7 +44,7 @@ class RunConfig:
     device_mix: tuple[str, ...] = ("rpi4", "rpi5", "jetson-orin-nano", "laptop")
     # (profile, rank) pairs; a tuple so the config stays hashable (used as a cache key)
     profile_ranks: tuple[tuple[str, int], ...] = (
-        ("rpi4", 2), ("rpi5", 4), ("jetson-orin-nano", 8), ("laptop", 16))
+        ("jetson-orin-nano", 8), ("laptop", 16), ("rpi4", 2), ("rpi5", 4))  # sorted
     # data
     data_path: str = "../shared/data/agnews"
     hub_dataset: str = "fancyzhx/ag_news"
@@ -61,7 +61,7 @@ class RunConfig:
     lr: float = 1e-3
     max_length: int = 128
     # server-side evaluation
-    eval_max_examples: int = 1000
+    eval_max_examples: int = 500
     eval_batch_size: int = 64
 
     # ------------------------------------------------------------------ derived values

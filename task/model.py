@@ -77,9 +77,10 @@ def _load_base(cfg: RunConfig, source: str, label_names: tuple[str, ...]):
                 num_labels=len(label_names),
                 id2label=dict(enumerate(label_names)),
                 label2id={name: i for i, name in enumerate(label_names)},
+                dtype=torch.float32,
             )
         else:
-            model = AutoModelForCausalLM.from_pretrained(source)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     except OSError as err:
         raise ConfigError(
             f"model='{cfg.model}' could not be loaded ({err}): give a local model folder "
@@ -138,6 +139,7 @@ def adapter_name(rank: int) -> str:
 
 
 _MODELS: dict[tuple, PeftModel] = {}
+_INITIAL: dict[tuple, dict[str, np.ndarray]] = {}  # (model key, rank) -> state at creation
 
 
 def get_lora_model(cfg: RunConfig, label_names: tuple[str, ...], rank: int) -> PeftModel:
@@ -150,21 +152,35 @@ def get_lora_model(cfg: RunConfig, label_names: tuple[str, ...], rank: int) -> P
     if model is None:
         base = _load_base(cfg, source, label_names)
         check_lora_targets(base, cfg, [rank])
+        torch.manual_seed(cfg.seed)
         model = get_peft_model(base, lora_config(cfg, rank), adapter_name=name)
         model.to(torch_device())
         _MODELS[key] = model
         log.info("loaded %s (%s) once for this process", cfg.model, source)
     elif name not in model.peft_config:
+        torch.manual_seed(cfg.seed + rank)
         model.add_adapter(name, lora_config(cfg, rank))
         model.to(torch_device())
     model.set_adapter(name)
+    if (key, rank) not in _INITIAL:
+        _INITIAL[(key, rank)] = get_trainable_state(model)
     return model
+
+
+def initial_lora_state(cfg: RunConfig, label_names: tuple[str, ...], rank: int
+                       ) -> dict[str, np.ndarray]:
+    """The adapter at `rank` as PEFT initialised it (A random, B zero) with the fresh head,
+    however much this process has trained that adapter since."""
+    model = get_lora_model(cfg, label_names, rank)
+    key = next(k for k, m in _MODELS.items() if m is model)
+    return {k: v.copy() for k, v in _INITIAL[(key, rank)].items()}
 
 
 def get_trainable_state(model: PeftModel) -> dict[str, np.ndarray]:
     """The active adapter's LoRA factors and head as float32 numpy arrays (PEFT key names)."""
     state = get_peft_model_state_dict(model, adapter_name=model.active_adapter)
-    return {k: v.detach().float().cpu().numpy() for k, v in state.items()}
+    # copy: on CPU .numpy() shares memory with the live parameters
+    return {k: v.detach().float().cpu().numpy().copy() for k, v in state.items()}
 
 
 def set_trainable_state(model: PeftModel, state: dict[str, np.ndarray]) -> None:

@@ -1,0 +1,77 @@
+"""Client cost: peak resident memory and seconds per local step of one device process.
+
+Trains all-MiniLM-L6-v2 with LoRA at rank 16 (batch 16, sequences padded to 128 tokens) in a
+fresh process, as a device would, and reports peak RSS and the median step time.
+
+    python benchmarks/client_cost.py --rank 16 --steps 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def measure(rank: int, steps: int, batch: int, seq: int, data: str) -> dict:
+    import torch
+
+    from task.config import RunConfig
+    from task.data import load_split_frames, resolve_columns, to_examples, label_names_of
+    from task.model import get_lora_model, load_tokenizer, resolve_model_source
+
+    cfg = RunConfig.from_run_config({"strategy": "fedavg", "lora.fedavg-rank": rank})
+    frames = load_split_frames(str(Path(data).resolve()), "")
+    cols = resolve_columns(frames["train"], cfg)
+    labels = label_names_of(frames, cols)
+    ex = to_examples(frames["train"], cols, labels)
+    rss_before_model = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    model = get_lora_model(cfg, labels, rank)
+    tok = load_tokenizer(resolve_model_source(cfg.model))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    model.train()
+    times = []
+    for i in range(steps + 3):
+        sl = slice(i * batch, (i + 1) * batch)
+        enc = tok(ex.texts[sl], padding="max_length", truncation=True, max_length=seq,
+                  return_tensors="pt")
+        t0 = time.perf_counter()
+        loss = model(**enc, labels=torch.tensor(ex.labels[sl])).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if i >= 3:  # warm-up steps are not timed
+            times.append(time.perf_counter() - t0)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"rank": rank, "batch": batch, "seq": seq, "threads": torch.get_num_threads(),
+            "cpus": os.cpu_count(), "trainable_params": trainable,
+            "s_per_step_median": statistics.median(times), "s_per_step_mean": statistics.mean(times),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "rss_before_model_mb": rss_before_model / 1024}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--data", default="../shared/data/agnews")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = ap.parse_args()
+    res = measure(args.rank, args.steps, args.batch, args.seq, args.data)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"client_cost_r{args.rank}.json").write_text(json.dumps(res, indent=2))
+    print(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()

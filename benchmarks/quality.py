@@ -1,0 +1,151 @@
+"""Quality of fedavg (r=2, r=16), hetlora, flexlora and centralised LoRA (r=16) on AG News.
+
+The federation is driven in-process with the very functions the Flower apps call
+(client_app.device.train_round, strategies.hetlora.AGGREGATORS, task.lora.truncate_lora,
+server_app.evaluation.ServerTask), so it runs anywhere torch runs (a GPU box without Flower
+installed, too). Bytes are the raw array bytes (Flower adds a 128-byte header per array).
+
+    python benchmarks/quality.py --data ../shared/data/agnews --rounds 20 --devices 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from client_app.device import DeviceInfo, train_round  # noqa: E402
+from server_app.evaluation import ServerTask  # noqa: E402
+from strategies.hetlora import AGGREGATORS, aggregation_error  # noqa: E402
+from task.config import RunConfig  # noqa: E402
+from task.lora import state_nbytes, truncate_lora  # noqa: E402
+
+SETUPS = {  # name -> run-config overrides
+    "fedavg-r2": {"strategy": "fedavg", "lora.fedavg-rank": 2},
+    "fedavg-r16": {"strategy": "fedavg", "lora.fedavg-rank": 16},
+    "hetlora": {"strategy": "hetlora"},
+    "flexlora": {"strategy": "flexlora"},
+    "central-r16": {"strategy": "fedavg", "lora.fedavg-rank": 16},
+}
+
+
+def federated(cfg: RunConfig, num_devices: int, log) -> list[dict]:
+    task = ServerTask.prepare(cfg)
+    state = task.initial_state()
+    rows = [{"round": 0, **task.evaluate(state), "wall_s": 0.0}]
+    ranks = [cfg.rank_for(cfg.device_for(p)) for p in range(num_devices)]
+    for rnd in range(1, cfg.num_rounds + 1):
+        t0 = time.perf_counter()
+        states, counts, clients = [], [], []
+        for pid, rank in enumerate(ranks):
+            sent = truncate_lora(state, rank)
+            info = DeviceInfo(partition_id=pid, num_partitions=num_devices)
+            new, n, m = train_round(cfg, info, task.label_names, rank, sent, rnd)
+            states.append(new)
+            counts.append(n)
+            clients.append({"partition_id": pid, "rank": rank, "num_examples": n,
+                            "train_loss": m["train_loss"], "train_s": m["train_s"],
+                            "bytes_down": state_nbytes(sent), "bytes_up": state_nbytes(new)})
+        state = AGGREGATORS[cfg.strategy](states, counts, cfg.r_max)
+        row = {"round": rnd, **task.evaluate(state), "wall_s": time.perf_counter() - t0,
+               "aggregation_error": aggregation_error(state, states, counts),
+               "clients": clients}
+        rows.append(row)
+        log(f"  round {rnd}: acc {row['accuracy']:.4f} agg.err {row['aggregation_error']:.3f}")
+    return rows
+
+
+def centralised(cfg: RunConfig, num_devices: int, log) -> list[dict]:
+    """One rank-16 model on the union of the data, as many steps per round as the federation."""
+    task = ServerTask.prepare(cfg)
+    state = task.initial_state()
+    rows = [{"round": 0, **task.evaluate(state), "wall_s": 0.0}]
+    steps = dataclasses.replace(cfg, local_steps=cfg.local_steps * num_devices)
+    for rnd in range(1, cfg.num_rounds + 1):
+        t0 = time.perf_counter()
+        state, n, m = train_round(steps, DeviceInfo(), task.label_names, cfg.fedavg_rank,
+                                  state, rnd)
+        rows.append({"round": rnd, **task.evaluate(state), "wall_s": time.perf_counter() - t0})
+        log(f"  round {rnd}: acc {rows[-1]['accuracy']:.4f}")
+    return rows
+
+
+def summarise(name: str, rows: list[dict]) -> dict:
+    fed = [r for r in rows if r.get("clients")]
+    per_round = lambda key: (sum(sum(c[key] for c in r["clients"]) for r in fed) / len(fed)
+                             if fed else 0)
+    errs = [r["aggregation_error"] for r in fed if r.get("aggregation_error") is not None]
+    return {"setup": name, "final_acc": rows[-1]["accuracy"],
+            "best_acc": max(r["accuracy"] for r in rows),
+            "bytes_up_per_round": per_round("bytes_up"),
+            "bytes_down_per_round": per_round("bytes_down"),
+            "mean_agg_error": sum(errs) / len(errs) if errs else None,
+            "wall_s": sum(r["wall_s"] for r in rows)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--data", default="../shared/data/agnews")
+    ap.add_argument("--model", default="sentence-transformers/all-MiniLM-L6-v2")
+    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--devices", type=int, default=10)
+    ap.add_argument("--local-steps", type=int, default=10)
+    ap.add_argument("--setups", default=",".join(SETUPS))
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    base = {"model": args.model, "data.path": args.data, "num-server-rounds": args.rounds,
+            "train.local-steps": args.local_steps, "eval.max-examples": 0,
+            "data.partitioner": "dirichlet", "data.dirichlet-alpha": 0.5}
+    import torch
+
+    machine = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
+    results, curves = [], {}
+    for name in args.setups.split(","):
+        cfg = RunConfig.from_run_config({**base, **SETUPS[name]})
+        print(f"{name}: r_max={cfg.r_max}", flush=True)
+        runner = centralised if name.startswith("central") else federated
+        rows = runner(cfg, args.devices, lambda s: print(s, flush=True))
+        curves[name] = rows
+        results.append(summarise(name, rows))
+        (out / "quality.json").write_text(json.dumps(
+            {"machine": machine, "args": vars(args), "summary": results, "curves": curves}))
+    write_report(results, curves, machine, args, out)
+
+
+def write_report(results, curves, machine, args, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = [f"AG News, {args.devices} devices, Dirichlet alpha=0.5, {args.rounds} rounds x "
+             f"{args.local_steps} local steps (batch 16), model {args.model}, on {machine}.", "",
+             "| setup | final acc | best acc | bytes up / round (all devices) | "
+             "bytes down / round | mean aggregation error |", "|---|---|---|---|---|---|"]
+    for r in results:
+        err = "n/a" if r["mean_agg_error"] is None else f"{r['mean_agg_error']:.3f}"
+        up = f"{r['bytes_up_per_round'] / 1e6:.2f} MB" if r["bytes_up_per_round"] else "0 (central)"
+        down = f"{r['bytes_down_per_round'] / 1e6:.2f} MB" if r["bytes_down_per_round"] else "-"
+        lines.append(f"| {r['setup']} | {r['final_acc']:.4f} | {r['best_acc']:.4f} | {up} | "
+                     f"{down} | {err} |")
+    (out / "quality.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, rows in curves.items():
+        ax.plot([r["round"] for r in rows], [r["accuracy"] for r in rows], label=name)
+    ax.set(xlabel="round", ylabel="test accuracy", title="AG News, LoRA on MiniLM-L6")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "quality.png", dpi=120)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""`edge-lam` command line: evaluate a saved global adapter on any labelled file or folder.
+
+    edge-lam evaluate --adapter results/<run-id>/adapter --data ../shared/data/agnews
+    edge-lam evaluate --adapter ... --data test.tsv --rank 2 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from safetensors.numpy import load_file
+
+from task.config import ConfigError, RunConfig
+
+
+def _load_adapter(adapter: Path) -> tuple[RunConfig, tuple[str, ...], dict]:
+    meta_path = adapter / "edge_lam.json"
+    weights = adapter / "adapter_model.safetensors"
+    if not meta_path.is_file() or not weights.is_file():
+        raise ConfigError(f"{adapter} is not an edge-lam adapter folder (it needs "
+                          "edge_lam.json and adapter_model.safetensors): pass "
+                          "results/<run-id>/adapter")
+    meta = json.loads(meta_path.read_text())
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    saved = {k: v for k, v in meta["run_config"].items() if k in fields}
+    for key in ("target_modules", "device_mix"):
+        saved[key] = tuple(saved[key])
+    saved["profile_ranks"] = tuple(sorted(saved["profile_ranks"].items()))
+    return RunConfig(**saved), tuple(meta["label_names"]), load_file(str(weights))
+
+
+def evaluate_adapter(adapter: Path, data: Path, rank: int | None = None,
+                     batch_size: int | None = None) -> dict:
+    """Accuracy and loss of a saved adapter (or its rank-`rank` truncation) on `data`."""
+    from server_app.evaluation import truncated
+    from task.data import load_split_frames, resolve_columns, to_examples
+    from task.lora import lora_rank
+    from task.model import get_lora_model, load_tokenizer, resolve_model_source, \
+        set_trainable_state
+    from task.train import evaluate
+
+    cfg, labels, state = _load_adapter(adapter)
+    if batch_size:
+        cfg = dataclasses.replace(cfg, eval_batch_size=batch_size)
+    if not data.exists():
+        raise ConfigError(f"--data {data} does not exist: give a .tsv/.csv/.jsonl file or a "
+                          "folder with test.tsv")
+    full_rank = lora_rank(state)
+    rank = rank or full_rank
+    if rank < 1:
+        raise ConfigError(f"--rank {rank} must be at least 1")
+    state = truncated(state, rank)
+    frame = load_split_frames(str(data.resolve()), "")["test"]
+    examples = to_examples(frame, resolve_columns(frame, cfg), labels)
+    model = get_lora_model(cfg, labels, rank)
+    set_trainable_state(model, state)
+    metrics = evaluate(model, load_tokenizer(resolve_model_source(cfg.model)), examples, cfg)
+    return {**metrics, "rank": rank, "adapter_rank": full_rank, "adapter": str(adapter),
+            "data": str(data)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="edge-lam", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    ev = sub.add_parser("evaluate", help="evaluate a saved adapter on labelled data")
+    ev.add_argument("--adapter", required=True, type=Path, help="results/<run-id>/adapter")
+    ev.add_argument("--data", required=True, type=Path,
+                    help="a .tsv/.csv/.jsonl file, or a folder with test.* (else validation.*)")
+    ev.add_argument("--rank", type=int, default=None,
+                    help="evaluate the truncation a device of this rank would receive")
+    ev.add_argument("--batch-size", type=int, default=None)
+    ev.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    try:
+        result = evaluate_adapter(args.adapter, args.data, args.rank, args.batch_size)
+    except ConfigError as err:
+        print(f"edge-lam: error: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"accuracy {result['accuracy']:.4f}  loss {result['loss']:.4f}  "
+              f"({result['examples']} examples, rank {result['rank']} of "
+              f"{result['adapter_rank']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""Shared fixtures: offline hub, the shared data folder, tiny models built once per session."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_models import make_tiny_bert, make_tiny_llama  # noqa: E402
+
+
+def shared_data_dir() -> Path:
+    """../shared/data beside the checkout (EDGE_LAM_SHARED_DATA overrides)."""
+    return Path(os.environ.get("EDGE_LAM_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def agnews() -> Path:
+    path = shared_data_dir() / "agnews"
+    if not (path / "train.tsv").is_file():
+        pytest.fail(f"AG News not found at {path}: put ../shared beside the checkout or set "
+                    "EDGE_LAM_SHARED_DATA")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))

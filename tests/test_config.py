@@ -1,0 +1,94 @@
+"""Bad configuration fails before any training, naming the key and the fix."""
+
+import pytest
+
+from server_app.evaluation import ServerTask
+from task.config import ConfigError, RunConfig
+
+
+def test_defaults_match_pyproject():
+    import tomllib
+    from pathlib import Path
+
+    from flwr.common.config import flatten_dict
+
+    raw = flatten_dict(tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+                       ["tool"]["flwr"]["app"]["config"])
+    assert RunConfig.from_run_config(raw) == RunConfig()
+
+
+def test_ranks_per_profile_and_overrides():
+    cfg = RunConfig.from_run_config({"devices.rank.rpi4": 3, "devices.rank.phone": 6,
+                                     "devices.mix": "rpi4,phone"})
+    assert cfg.rank_for("rpi4") == 3 and cfg.rank_for("phone") == 6
+    assert cfg.r_max == 16  # laptop keeps its default
+    assert cfg.device_for(1) == "phone" and cfg.device_for(2) == "rpi4"
+    assert cfg.rank_for("rpi4", explicit_rank=5) == 5
+    assert cfg.lora_scaling == pytest.approx(16 / 16)
+    fed = RunConfig.from_run_config({"strategy": "fedavg", "lora.fedavg-rank": 2})
+    assert fed.rank_for("laptop") == 2 and fed.r_max == 2
+
+
+@pytest.mark.parametrize("raw, key", [
+    ({"strategy": "fedprox"}, "strategy"),
+    ({"devices.rank.rpi4": 0}, "devices.rank.rpi4"),
+    ({"lora.fedavg-rank": -2}, "lora.fedavg-rank"),
+    ({"num-server-rounds": 0}, "num-server-rounds"),
+    ({"fraction-train": 1.5}, "fraction-train"),
+    ({"train.lr": "fast"}, "train.lr"),
+    ({"data.partitioner": "zipf"}, "data.partitioner"),
+    ({"task": "translation"}, "task"),
+    ({"devices.mix": "rpi4,toaster"}, "devices.rank.toaster"),
+    ({"lora.rnak": 4}, "lora.rnak"),
+])
+def test_bad_values_name_the_key(raw, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        RunConfig.from_run_config(raw)
+
+
+def test_unknown_profile_and_explicit_rank_above_rmax():
+    cfg = RunConfig()
+    with pytest.raises(ConfigError, match="devices.rank.toaster"):
+        cfg.rank_for("toaster")
+    with pytest.raises(ConfigError, match="lora-rank=32"):
+        cfg.rank_for("rpi4", explicit_rank=32)
+
+
+def _cfg(model, data, **extra):
+    raw = {"model": str(model), "data.path": str(data), "eval.max-examples": 50, **extra}
+    return RunConfig.from_run_config(raw)
+
+
+def test_unknown_target_module(tiny_bert, agnews):
+    with pytest.raises(ConfigError, match="lora.target-modules: 'q_proj'.*choose among.*query"):
+        ServerTask.prepare(_cfg(tiny_bert, agnews, **{"lora.target-modules": "q_proj"}))
+
+
+def test_rank_above_layer_size(tiny_bert, agnews):
+    # the tiny BERT's attention layers are 32 x 32
+    with pytest.raises(ConfigError, match="rank 64 is above the size"):
+        ServerTask.prepare(_cfg(tiny_bert, agnews, **{"devices.rank.laptop": 64}))
+
+
+def test_missing_data_says_how_to_point_at_local_data(tiny_bert, tmp_path):
+    cfg = _cfg(tiny_bert, tmp_path / "nowhere", **{"data.hub-dataset": "no-such/dataset"})
+    with pytest.raises(ConfigError, match="Point data.path at a local folder"):
+        ServerTask.prepare(cfg)
+
+
+def test_folder_without_train_file(tiny_bert, tmp_path):
+    (tmp_path / "notes.txt").write_text("hi")
+    with pytest.raises(ConfigError, match="no train.tsv"):
+        ServerTask.prepare(_cfg(tiny_bert, tmp_path))
+
+
+def test_unknown_columns(tiny_bert, agnews):
+    with pytest.raises(ConfigError, match="data.label-column='topic'.*columns are text, label"):
+        ServerTask.prepare(_cfg(tiny_bert, agnews, **{"data.label-column": "topic"}))
+    with pytest.raises(ConfigError, match="data.text-column='body'"):
+        ServerTask.prepare(_cfg(tiny_bert, agnews, **{"data.text-column": "body"}))
+
+
+def test_missing_model_folder(agnews):
+    with pytest.raises(ConfigError, match="not a folder"):
+        ServerTask.prepare(_cfg("./no/such/model", agnews))

@@ -1,0 +1,106 @@
+"""Replies are validated before aggregation: bad ones are rejected, counted and left out."""
+
+import numpy as np
+import pytest
+from flwr.app import Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from strategies.hetlora import check_reply
+from strategies.lora_strategy import HeterogeneousLoRA, NodeProfile
+from task.config import RunConfig
+from task.lora import truncate_lora
+from task.records import from_record, to_record
+
+L = "m.layer.0.query"
+
+
+def global_state(r_max=16):
+    rng = np.random.default_rng(0)
+    return {f"{L}.lora_A.weight": rng.normal(size=(r_max, 8)).astype(np.float32),
+            f"{L}.lora_B.weight": rng.normal(size=(8, r_max)).astype(np.float32),
+            "m.classifier.weight": rng.normal(size=(4, 8)).astype(np.float32)}
+
+
+def test_check_reply_accepts_sound_state():
+    sent = truncate_lora(global_state(), 4)
+    assert check_reply(sent, sent, 4, 10) is None
+
+
+@pytest.mark.parametrize("mutate, n, reason", [
+    (lambda s: s.pop("m.classifier.weight"), 10, "wrong keys"),
+    (lambda s: s.update(extra=np.zeros(2, np.float32)), 10, "wrong keys"),
+    (lambda s: s.update({f"{L}.lora_A.weight": np.zeros((8, 8), np.float32)}), 10, "wrong rank"),
+    (lambda s: s.update({"m.classifier.weight": np.zeros((3, 8), np.float32)}), 10, "wrong shape"),
+    (lambda s: s[f"{L}.lora_B.weight"].__setitem__((0, 0), np.nan), 10, "non-finite"),
+    (lambda s: s[f"{L}.lora_B.weight"].__setitem__((0, 0), np.inf), 10, "non-finite"),
+    (lambda s: None, None, "num-examples"),
+    (lambda s: None, 0, "num-examples"),
+    (lambda s: None, 2.5, "num-examples"),
+])
+def test_check_reply_rejects(mutate, n, reason):
+    sent = truncate_lora(global_state(), 4)
+    reply = {k: v.copy() for k, v in sent.items()}
+    mutate(reply)
+    assert reason in check_reply(reply, sent, 4, n)
+
+
+@pytest.fixture
+def strategy():
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    cfg = RunConfig(strategy="hetlora")
+    s = HeterogeneousLoRA(cfg, ("a", "b", "c", "d"))
+    state = global_state(cfg.r_max)
+    for node, device in ((1, "rpi4"), (2, "laptop"), (3, "rpi5")):
+        s.profiles[node] = NodeProfile(node, device, node - 1, cfg.rank_for(device))
+    sent = {}
+    for node, p in s.profiles.items():
+        sub = truncate_lora(state, p.rank)
+        s._sent[node] = (sub, 123)
+        sent[node] = sub
+    return s, sent
+
+
+def _request(node):
+    TaskIdentity.node_id = 0
+    return Message(RecordDict({}), dst_node_id=node, message_type=MessageType.TRAIN)
+
+
+def _reply(node, state, n):
+    req = _request(node)
+    TaskIdentity.node_id = node
+    content = RecordDict({"arrays": to_record(state),
+                          "metrics": MetricRecord({"num-examples": n, "train-loss": 0.5})})
+    return Message(content, reply_to=req)
+
+
+def test_aggregate_leaves_out_bad_replies(strategy):
+    s, sent = strategy
+    rounds = []
+    s.on_train_round = lambda rnd, info: rounds.append(info)
+    bad = dict(sent[3])
+    bad[f"{L}.lora_A.weight"] = np.full_like(bad[f"{L}.lora_A.weight"], np.nan)
+    req = _request(2)
+    TaskIdentity.node_id = 2
+    err = Message(Error(code=1, reason="out of memory"), reply_to=req)
+    arrays, metrics = s.aggregate_train(1, [_reply(1, sent[1], 10), err, _reply(3, bad, 5)])
+    info = rounds[-1]
+    assert info["rejected"] == 2
+    assert {r["node_id"] for r in info["rejections"]} == {2, 3}
+    assert [c["node_id"] for c in info["clients"]] == [1]
+    assert info["clients"][0]["rank"] == 2 and info["clients"][0]["bytes_down"] == 123
+    out = from_record(arrays)
+    # only node 1 (rank 2) was accepted: the aggregate is its state zero-padded to r_max
+    np.testing.assert_allclose(out[f"{L}.lora_A.weight"][:2], sent[1][f"{L}.lora_A.weight"])
+    assert not out[f"{L}.lora_A.weight"][2:].any()
+    assert metrics["accepted"] == 1
+
+
+def test_round_with_only_rejected_replies_keeps_previous_model(strategy):
+    s, sent = strategy
+    rounds = []
+    s.on_train_round = lambda rnd, info: rounds.append(info)
+    wrong_rank = truncate_lora(global_state(), 8)  # node 1 was assigned rank 2
+    arrays, metrics = s.aggregate_train(1, [_reply(1, wrong_rank, 10), _reply(2, sent[2], 0)])
+    assert arrays is None and metrics is None  # FedAvg.start keeps the previous arrays
+    assert rounds[-1]["rejected"] == 2 and rounds[-1]["aggregation_error"] is None
+    assert "wrong rank" in rounds[-1]["rejections"][0]["reason"]
