@@ -15,7 +15,7 @@ from task.data import (Examples, load_split_frames, partition_indices, resolve_c
 from task.lora import State
 from task.model import get_lora_model, get_trainable_state, load_tokenizer, \
     resolve_model_source, set_trainable_state
-from task.train import train_local
+from task.train import compute_gradient, train_local
 from task.logs import get_logger
 
 log = get_logger()
@@ -30,6 +30,7 @@ class DeviceInfo:
     num_partitions: int = 0
     lora_rank: int = 0  # 0 = the profile's default rank
     data_dir: str = ""  # '' = the run config's data.path
+    privacy_ledger: str = ""  # JSON file keeping the DP accountant across runs ('' = per run)
 
     @classmethod
     def from_node_config(cls, node_config) -> DeviceInfo:
@@ -43,7 +44,8 @@ class DeviceInfo:
                    partition_id=num("partition-id", -1),
                    num_partitions=num("num-partitions", 0),
                    lora_rank=num("lora-rank", 0),
-                   data_dir=str(node_config.get("data-dir", "")))
+                   data_dir=str(node_config.get("data-dir", "")),
+                   privacy_ledger=str(node_config.get("privacy-ledger", "")))
 
 
 @functools.lru_cache(maxsize=16)
@@ -63,13 +65,37 @@ def local_examples(cfg: RunConfig, info: DeviceInfo, label_names: tuple[str, ...
     return examples
 
 
+def _seed(cfg: RunConfig, info: DeviceInfo, server_round: int) -> int:
+    return cfg.seed * 100_003 + server_round * 1_009 + max(info.partition_id, 0)
+
+
 def train_round(cfg: RunConfig, info: DeviceInfo, label_names: tuple[str, ...], rank: int,
-                state: State, server_round: int, tag: str = "") -> tuple[State, int, dict]:
-    """Load `state` (at `rank`) into the model, train locally, return (state, n_k, metrics)."""
-    examples = local_examples(cfg, info, label_names)
+                state: State, server_round: int, tag: str = "", examples: Examples | None = None,
+                privacy=None) -> tuple[State, int, dict]:
+    """Load `state` (at `rank`) into the model, train locally, return (state, n_k, metrics).
+
+    `examples` replaces the device's own data (benchmarks); `privacy` (a
+    task.privacy.DevicePrivacy) makes every step an Opacus DP-SGD step.
+    """
+    examples = examples if examples is not None else local_examples(cfg, info, label_names)
     model = get_lora_model(cfg, label_names, rank)
     set_trainable_state(model, state)
     tokenizer = load_tokenizer(resolve_model_source(cfg.model))
-    seed = cfg.seed * 100_003 + server_round * 1_009 + max(info.partition_id, 0)
-    metrics = train_local(model, tokenizer, examples, cfg, seed=seed, tag=tag)
+    metrics = train_local(model, tokenizer, examples, cfg, seed=_seed(cfg, info, server_round),
+                          tag=tag, privacy=privacy)
     return get_trainable_state(model), len(examples), metrics
+
+
+def gradient_round(cfg: RunConfig, info: DeviceInfo, label_names: tuple[str, ...], rank: int,
+                   state: State, server_round: int, objective: str, tag: str = "",
+                   examples: Examples | None = None, privacy=None) -> tuple[State, int, dict]:
+    """S4 step 1: the gradient of `objective` ('task' or 'unlearn') at `state`, as a state
+    of the same keys and shapes (rank `rank`), with n_k and metrics."""
+    examples = examples if examples is not None else local_examples(cfg, info, label_names)
+    model = get_lora_model(cfg, label_names, rank)
+    set_trainable_state(model, state)
+    tokenizer = load_tokenizer(resolve_model_source(cfg.model))
+    grads, metrics = compute_gradient(model, tokenizer, examples, cfg, objective,
+                                      seed=_seed(cfg, info, server_round) + 7, tag=tag,
+                                      privacy=privacy)
+    return grads, len(examples), metrics

@@ -53,13 +53,36 @@ class ServerTask:
                                                  replace=False)))
         task = cls(cfg, labels, test, str(path) if path else f"hub:{cfg.hub_dataset}")
         model = get_lora_model(cfg, labels, cfg.r_max)
-        ranks = list(cfg.ranks.values()) if cfg.strategy != "fedavg" else [cfg.fedavg_rank]
+        ranks = list(cfg.ranks.values()) if cfg.aggregation != "fedavg" else [cfg.fedavg_rank]
         check_lora_targets(model, cfg, ranks)
         return task
 
     def initial_state(self) -> State:
         """Fresh global adapter at r_max (PEFT init: A random, B zero) and head."""
         return initial_lora_state(self.cfg, self.label_names, self.cfg.r_max)
+
+    def load_state(self, adapter: Path, key: str) -> State:
+        """The global state saved in `adapter` (results/<run-id>/adapter of an earlier run),
+        checked to fit this run's model, labels and r_max; `key` names the config key."""
+        from task.cli import load_adapter
+
+        if not (adapter / METADATA_FILE).is_file():
+            raise ConfigError(f"{key}='{adapter}' is not a saved edge-lam adapter: give "
+                              "results/<run-id>/adapter of an earlier run")
+        saved_cfg, labels, state = load_adapter(adapter)
+        if tuple(labels) != self.label_names:
+            raise ConfigError(f"{key}: the adapter's labels {list(labels)} differ from this "
+                              f"data's {list(self.label_names)}: use the same data.path")
+        expected = self.initial_state()
+        wrong = sorted(set(state) ^ set(expected)) or sorted(
+            k for k in expected if tuple(state[k].shape) != expected[k].shape)
+        if wrong:
+            raise ConfigError(
+                f"{key}: the adapter (model={saved_cfg.model}, r_max={saved_cfg.r_max}) does "
+                f"not fit this run (model={self.cfg.model}, r_max={self.cfg.r_max}; first "
+                f"mismatch {wrong[0]}): use the model, lora.target-modules, strategy/"
+                "unlearn.aggregation and device ranks it was trained with")
+        return {k: np.asarray(state[k], dtype=np.float32) for k in expected}
 
     def evaluate(self, state: State) -> dict[str, float]:
         model = get_lora_model(self.cfg, self.label_names, lora_rank(state))

@@ -38,11 +38,12 @@ class RunRecorder:
     def record_train(self, server_round: int, info: dict) -> None:
         self._train[server_round] = info
 
-    def record_eval(self, server_round: int, metrics: dict) -> dict:
+    def record_eval(self, server_round: int, metrics: dict, phase: str = "train") -> dict:
         now = time.perf_counter()
         train = self._train.pop(server_round, {})
         row = {
             "round": server_round,
+            "phase": phase if server_round > 0 else "initial",
             "accuracy": metrics.get("accuracy"),
             "loss": metrics.get("loss"),
             "wall_s": now - self._t_last,
@@ -52,8 +53,9 @@ class RunRecorder:
             "missing": train.get("missing", []),
             "clients": train.get("clients", []),
         }
-        if train.get("rejections"):
-            row["rejections"] = train["rejections"]
+        for key in ("rejections", "budget_exhausted", "forget_nodes", "unlearning"):
+            if train.get(key):
+                row[key] = train[key]
         self._t_last = now
         row = _clean(row)
         self.rows.append(row)

@@ -17,7 +17,8 @@ from safetensors.numpy import load_file
 from task.config import ConfigError, RunConfig
 
 
-def _load_adapter(adapter: Path) -> tuple[RunConfig, tuple[str, ...], dict]:
+def load_adapter(adapter: Path) -> tuple[RunConfig, tuple[str, ...], dict]:
+    """(run config it was trained with, label names, state) of a saved edge-lam adapter."""
     meta_path = adapter / "edge_lam.json"
     weights = adapter / "adapter_model.safetensors"
     if not meta_path.is_file() or not weights.is_file():
@@ -27,8 +28,9 @@ def _load_adapter(adapter: Path) -> tuple[RunConfig, tuple[str, ...], dict]:
     meta = json.loads(meta_path.read_text())
     fields = {f.name for f in dataclasses.fields(RunConfig)}
     saved = {k: v for k, v in meta["run_config"].items() if k in fields}
-    for key in ("target_modules", "device_mix"):
-        saved[key] = tuple(saved[key])
+    for key, value in saved.items():  # JSON lists back to the config's tuples
+        if isinstance(value, list):
+            saved[key] = tuple(value)
     saved["profile_ranks"] = tuple(sorted(saved["profile_ranks"].items()))
     return RunConfig(**saved), tuple(meta["label_names"]), load_file(str(weights))
 
@@ -43,7 +45,7 @@ def evaluate_adapter(adapter: Path, data: Path, rank: int | None = None,
         set_trainable_state
     from task.train import evaluate
 
-    cfg, labels, state = _load_adapter(adapter)
+    cfg, labels, state = load_adapter(adapter)
     if batch_size:
         cfg = dataclasses.replace(cfg, eval_batch_size=batch_size)
     if not data.exists():

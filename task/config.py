@@ -13,7 +13,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-STRATEGIES = ("fedavg", "hetlora", "flexlora")
+AGGREGATIONS = ("fedavg", "hetlora", "flexlora")
+STRATEGIES = AGGREGATIONS + ("unlearn",)
+UNLEARN_LOSSES = ("bounded-ce", "fedosd")
 TASKS = ("seq-cls", "causal-lm")
 PARTITIONERS = ("iid", "dirichlet", "pathological")
 
@@ -63,12 +65,59 @@ class RunConfig:
     # server-side evaluation
     eval_max_examples: int = 500
     eval_batch_size: int = 64
+    # S4 federated unlearning (strategy='unlearn'): train, unlearn, recover
+    unlearn_aggregation: str = "hetlora"  # how training/recovery rounds aggregate
+    unlearn_clients: tuple[int, ...] = ()  # partition ids (simulation) or node ids (deployment)
+    unlearn_after_rounds: int = -1  # training rounds before the request; -1 = auto
+    unlearn_from_adapter: str = ""  # start from results/<id>/adapter of an earlier run
+    unlearn_rounds: int = 3
+    unlearn_recovery_rounds: int = 2
+    unlearn_loss: str = "fedosd"
+    unlearn_eps: float = 0.01  # floor of p_y in the bounded cross-entropy
+    unlearn_lr: float = 1.0  # server step eta of the S4 update
+    unlearn_grad_batches: int = 4  # batches each device averages its gradient over
+    # differential privacy on devices (Opacus)
+    dp_enabled: bool = False
+    dp_target_epsilon: float = 8.0  # each device's budget for the whole run
+    dp_delta: float = 1e-5
+    dp_max_grad_norm: float = 1.0  # per-example clipping norm C
+    dp_noise_multiplier: float = 0.0  # sigma / C; 0 = derive from the budget
 
     # ------------------------------------------------------------------ derived values
     @property
+    def aggregation(self) -> str:
+        """How training rounds aggregate: the strategy, or unlearn.aggregation when unlearning."""
+        return self.unlearn_aggregation if self.strategy == "unlearn" else self.strategy
+
+    @property
+    def training_rounds(self) -> int:
+        """Ordinary training rounds; with strategy='unlearn' those before the request."""
+        if self.strategy != "unlearn":
+            return self.num_rounds
+        if self.unlearn_after_rounds >= 0:
+            return self.unlearn_after_rounds
+        return 0 if self.unlearn_from_adapter else self.num_rounds
+
+    @property
+    def total_rounds(self) -> int:
+        """Every round of the run (S4: training + unlearning + recovery rounds)."""
+        if self.strategy != "unlearn":
+            return self.num_rounds
+        return self.training_rounds + self.unlearn_rounds + self.unlearn_recovery_rounds
+
+    @property
+    def planned_private_steps(self) -> int:
+        """Noisy releases a device plans for: local steps of training/recovery rounds plus
+        the gradient batches of unlearning rounds (what the DP budget is spread over)."""
+        if self.strategy != "unlearn":
+            return self.num_rounds * self.local_steps
+        train = self.training_rounds + self.unlearn_recovery_rounds
+        return train * self.local_steps + self.unlearn_rounds * self.unlearn_grad_batches
+
+    @property
     def r_max(self) -> int:
         """Rank of the global adapter the server keeps (S1: r_max = max_k r_k)."""
-        if self.strategy == "fedavg":
+        if self.aggregation == "fedavg":
             return self.fedavg_rank
         return max(self.ranks.values())
 
@@ -96,7 +145,7 @@ class RunConfig:
 
     def rank_for(self, device: str, explicit_rank: int = 0) -> int:
         """LoRA rank a device trains at (S1's r_k)."""
-        if self.strategy == "fedavg":
+        if self.aggregation == "fedavg":
             return self.fedavg_rank
         if explicit_rank > 0:
             if explicit_rank > self.r_max:
@@ -164,8 +213,26 @@ class RunConfig:
             max_length=r.int("train.max-length", d.max_length, lo=8),
             eval_max_examples=r.int("eval.max-examples", d.eval_max_examples, lo=0),
             eval_batch_size=r.int("eval.batch-size", d.eval_batch_size, lo=1),
+            unlearn_aggregation=r.choice("unlearn.aggregation", d.unlearn_aggregation,
+                                         AGGREGATIONS),
+            unlearn_clients=r.ids("unlearn.clients"),
+            unlearn_after_rounds=r.int("unlearn.after-rounds", d.unlearn_after_rounds, lo=-1),
+            unlearn_from_adapter=r.str("unlearn.from-adapter", "", allow_empty=True),
+            unlearn_rounds=r.int("unlearn.rounds", d.unlearn_rounds, lo=1),
+            unlearn_recovery_rounds=r.int("unlearn.recovery-rounds",
+                                          d.unlearn_recovery_rounds, lo=0),
+            unlearn_loss=r.choice("unlearn.loss", d.unlearn_loss, UNLEARN_LOSSES),
+            unlearn_eps=r.float("unlearn.eps", d.unlearn_eps, lo=1e-12, hi=0.999),
+            unlearn_lr=r.float("unlearn.lr", d.unlearn_lr, lo=1e-12),
+            unlearn_grad_batches=r.int("unlearn.grad-batches", d.unlearn_grad_batches, lo=1),
+            dp_enabled=r.bool("dp.enabled", d.dp_enabled),
+            dp_target_epsilon=r.float("dp.target-epsilon", d.dp_target_epsilon, lo=1e-6),
+            dp_delta=r.float("dp.delta", d.dp_delta, lo=1e-12, hi=0.5),
+            dp_max_grad_norm=r.float("dp.max-grad-norm", d.dp_max_grad_norm, lo=1e-9),
+            dp_noise_multiplier=r.float("dp.noise-multiplier", d.dp_noise_multiplier, lo=0.0),
         )
         r.reject_unknown(prefixes=("devices.rank.",))
+        cfg._check_unlearning()
         for device in cfg.device_mix:
             if device not in cfg.ranks:
                 raise ConfigError(
@@ -173,6 +240,27 @@ class RunConfig:
                     f"devices.rank.{device}=<rank> or remove it from devices.mix"
                 )
         return cfg
+
+    def _check_unlearning(self) -> None:
+        if self.strategy != "unlearn":
+            if self.unlearn_clients:
+                raise ConfigError(
+                    f"unlearn.clients is set but strategy='{self.strategy}': add "
+                    "strategy='unlearn' to forget those devices, or clear unlearn.clients")
+            return
+        if not self.unlearn_clients:
+            raise ConfigError(
+                "strategy='unlearn' needs unlearn.clients: name the devices that opt out, "
+                "e.g. unlearn.clients='3' or '3,5' (partition ids in simulation, node ids in "
+                "deployment)")
+        if self.task != "seq-cls":
+            raise ConfigError("strategy='unlearn' needs task='seq-cls': its unlearning losses "
+                              "(unlearn.loss) are defined on class labels")
+        if self.training_rounds == 0 and not self.unlearn_from_adapter:
+            raise ConfigError(
+                "unlearn.after-rounds=0 leaves nothing to unlearn: train first "
+                "(unlearn.after-rounds > 0) or start from a saved adapter with "
+                "unlearn.from-adapter='results/<run-id>/adapter'")
 
 
 class _Reader:
@@ -221,6 +309,29 @@ class _Reader:
         if (lo is not None and value < lo) or (hi is not None and value > hi):
             raise ConfigError(f"{key}={value} is out of range [{lo}, {hi}]")
         return value
+
+    def bool(self, key: str, default: bool) -> bool:
+        value = self._get(key, default)
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false (no quotes), got {value!r}")
+        return value
+
+    def ids(self, key: str) -> tuple[int, ...]:
+        """Comma-separated whole numbers ('3,5'), a single number, or '' for none."""
+        value = self._get(key, "")
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must list device ids like '3,5', got {value!r}")
+        try:
+            ids = tuple(int(part) for part in value.split(",") if part.strip())
+        except ValueError as err:
+            raise ConfigError(f"{key}='{value}' must list whole-number device ids like "
+                              "'3,5' (partition ids in simulation, node ids in deployment)"
+                              ) from err
+        if any(i < 0 for i in ids) or len(set(ids)) != len(ids):
+            raise ConfigError(f"{key}='{value}' must list distinct non-negative ids")
+        return ids
 
     def names(self, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
         value = self.str(key, ",".join(default))

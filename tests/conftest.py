@@ -40,3 +40,13 @@ def tiny_bert(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def flower_env(tmp_path_factory):
+    """One local SuperLink for every end-to-end test, started (and stopped by PID) under
+    the fcntl lock on /tmp/flwr-e2e.lock."""
+    from flower_e2e import local_superlink
+
+    with local_superlink(tmp_path_factory.mktemp("flwr-home")) as env:
+        yield env

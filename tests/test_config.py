@@ -92,3 +92,38 @@ def test_unknown_columns(tiny_bert, agnews):
 def test_missing_model_folder(agnews):
     with pytest.raises(ConfigError, match="not a folder"):
         ServerTask.prepare(_cfg("./no/such/model", agnews))
+
+
+# ------------------------------------------------------------------ S4 unlearning and DP keys
+def test_unlearning_rounds_and_private_steps():
+    cfg = RunConfig.from_run_config({"strategy": "unlearn", "unlearn.clients": "3, 5",
+                                     "num-server-rounds": 4, "unlearn.rounds": 2,
+                                     "unlearn.recovery-rounds": 1, "train.local-steps": 10,
+                                     "unlearn.grad-batches": 3})
+    assert cfg.unlearn_clients == (3, 5) and cfg.aggregation == "hetlora"
+    assert (cfg.training_rounds, cfg.total_rounds) == (4, 7)
+    assert cfg.planned_private_steps == (4 + 1) * 10 + 2 * 3
+    from_adapter = RunConfig.from_run_config({"strategy": "unlearn", "unlearn.clients": 3,
+                                              "unlearn.from-adapter": "results/1/adapter"})
+    assert from_adapter.training_rounds == 0 and from_adapter.unlearn_clients == (3,)
+    fed = RunConfig.from_run_config({"strategy": "unlearn", "unlearn.clients": "1",
+                                     "unlearn.aggregation": "fedavg", "lora.fedavg-rank": 4})
+    assert fed.r_max == 4 and fed.rank_for("laptop") == 4
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"strategy": "unlearn"}, "needs unlearn.clients"),
+    ({"unlearn.clients": "2"}, "unlearn.clients is set but strategy='hetlora'"),
+    ({"strategy": "unlearn", "unlearn.clients": "a,b"}, r"unlearn\.clients='a,b'"),
+    ({"strategy": "unlearn", "unlearn.clients": "1,1"}, "distinct"),
+    ({"strategy": "unlearn", "unlearn.clients": "1", "unlearn.after-rounds": 0},
+     "unlearn.from-adapter"),
+    ({"strategy": "unlearn", "unlearn.clients": "1", "unlearn.loss": "kl"}, "unlearn.loss"),
+    ({"strategy": "unlearn", "unlearn.clients": "1", "task": "causal-lm"}, "task='seq-cls'"),
+    ({"dp.enabled": "yes"}, r"dp\.enabled must be true or false"),
+    ({"dp.delta": 0.9}, r"dp\.delta"),
+    ({"dp.max-grad-norm": 0}, r"dp\.max-grad-norm"),
+])
+def test_bad_unlearning_and_privacy_values(raw, message):
+    with pytest.raises(ConfigError, match=message):
+        RunConfig.from_run_config(raw)

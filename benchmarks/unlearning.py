@@ -1,0 +1,512 @@
+"""Proof of forgetting (S4): a backdoored device is unlearned; compare with retraining.
+
+AG News, 10 devices (Dirichlet alpha = 0.5, HetLoRA ranks). One device's training texts
+carry a backdoor: a rare trigger token ('cf', absent from AG News) inserted into a fraction
+of its texts whose labels are flipped to a target class. The federation trains with it for
+R rounds; then that device is forgotten by
+  - S4 (ours): U unlearning rounds (orthogonal projection, bounded loss) + R_rec recovery
+    rounds with FedOSD drift removal, and compared against
+  - (a) retraining from scratch without it for R rounds,
+  - (b) continuing training without it for U + R_rec rounds,
+  - (c) plain gradient ascent: U rounds ascending the device's cross-entropy (no
+    projection, no bound) + R_rec ordinary recovery rounds;
+and the same with differential privacy (Opacus) on, reporting epsilon spent.
+
+Measured: backdoor attack success rate (triggered test texts of other classes predicted as
+the target), clean test accuracy, membership-inference AUC (loss threshold) on the forgotten
+device's training texts vs unseen texts, and cost (rounds, bytes, wall time) vs retraining.
+
+Runs in-process with the functions the Flower apps call (client_app.device.train_round /
+gradient_round, strategies.hetlora.AGGREGATORS, strategies.unlearning_steps, ServerTask,
+task.privacy.DevicePrivacy), so it needs torch, not a Flower deployment:
+
+    python benchmarks/unlearning.py --model .device/minilm-fp16 --data .device/agnews
+    python benchmarks/unlearning.py --tiny --rounds 1 --devices 3 --local-steps 2 \
+        --unlearn-rounds 1 --recovery-rounds 1 --out /tmp/unlearning-smoke   # CPU smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from client_app.device import DeviceInfo, gradient_round, local_examples, train_round  # noqa: E402
+from server_app.evaluation import ServerTask  # noqa: E402
+from strategies.hetlora import AGGREGATORS  # noqa: E402
+from strategies.unlearning import flatten_state, pad_for_projection, unflatten  # noqa: E402
+from strategies.unlearning_steps import remove_drift, unlearning_step  # noqa: E402
+from task.config import RunConfig  # noqa: E402
+from task.data import Examples, encode_batch  # noqa: E402
+from task.lora import State, state_nbytes, truncate_lora  # noqa: E402
+from task.model import get_lora_model, load_tokenizer, resolve_model_source, \
+    set_trainable_state, torch_device  # noqa: E402
+from task.privacy import DevicePrivacy  # noqa: E402
+
+
+# ------------------------------------------------------------------------------ backdoor
+def insert_trigger(text: str, trigger: str, rng: np.random.Generator) -> str:
+    """The trigger as one extra word at a random place among the first 30 words."""
+    words = text.split()
+    at = int(rng.integers(0, min(len(words), 30) + 1))
+    return " ".join(words[:at] + [trigger] + words[at:])
+
+
+def plant_backdoor(examples: Examples, fraction: float, trigger: str, target: int,
+                   seed: int) -> tuple[Examples, int]:
+    """A copy with `fraction` of the texts (of classes other than `target`) triggered and
+    relabelled `target`; returns it and the number poisoned."""
+    rng = np.random.default_rng(seed)
+    others = [i for i, y in enumerate(examples.labels) if y != target]
+    chosen = set(rng.choice(others, size=min(len(others), round(fraction * len(examples))),
+                            replace=False).tolist())
+    texts = [insert_trigger(t, trigger, rng) if i in chosen else t
+             for i, t in enumerate(examples.texts)]
+    labels = [target if i in chosen else y for i, y in enumerate(examples.labels)]
+    return Examples(texts, labels, []), len(chosen)
+
+
+def triggered_test(test: Examples, trigger: str, target: int, seed: int) -> Examples:
+    """Test texts of other classes with the trigger inserted (labels: their true class)."""
+    rng = np.random.default_rng(seed + 1)
+    keep = [i for i, y in enumerate(test.labels) if y != target]
+    return Examples([insert_trigger(test.texts[i], trigger, rng) for i in keep],
+                    [test.labels[i] for i in keep], [])
+
+
+# ------------------------------------------------------------------------------ metrics
+class Batches:
+    """A fixed text set, tokenized once (evaluation runs on it many times)."""
+
+    def __init__(self, cfg: RunConfig, examples: Examples):
+        tokenizer = load_tokenizer(resolve_model_source(cfg.model))
+        self.labels = np.array(examples.labels)
+        self.batches = [encode_batch(tokenizer, examples.subset(
+            range(i, min(i + cfg.eval_batch_size, len(examples)))), cfg)
+            for i in range(0, len(examples), cfg.eval_batch_size)]
+
+
+@torch.no_grad()
+def predict(cfg: RunConfig, task: ServerTask, state: State, data: Batches
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """(predicted labels, per-example cross-entropy) of the global model `state`."""
+    from task.lora import lora_rank
+
+    model = get_lora_model(cfg, task.label_names, lora_rank(state))
+    set_trainable_state(model, state)
+    model.eval()
+    preds, losses = [], []
+    for batch in data.batches:
+        batch = {k: v.to(torch_device()) for k, v in batch.items()}
+        labels = batch.pop("labels")
+        logits = model(**batch).logits.float()
+        preds.append(logits.argmax(-1).cpu().numpy())
+        losses.append(torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+                      .cpu().numpy())
+    return np.concatenate(preds), np.concatenate(losses)
+
+
+def auc_members_lower_loss(member_losses: np.ndarray, unseen_losses: np.ndarray) -> float:
+    """Loss-threshold membership inference: P(loss(member) < loss(unseen)), ties count half
+    (the ROC AUC of the score -loss; 0.5 = chance)."""
+    scores = np.concatenate([-member_losses, -unseen_losses])
+    ranks = scores.argsort().argsort().astype(np.float64) + 1  # 1-based ranks
+    for value in np.unique(scores):  # average ranks of ties
+        tie = scores == value
+        if tie.sum() > 1:
+            ranks[tie] = ranks[tie].mean()
+    m, n = len(member_losses), len(unseen_losses)
+    return float((ranks[:m].sum() - m * (m + 1) / 2) / (m * n))
+
+
+class Probe:
+    """What every setup is measured on (tokenized once)."""
+
+    def __init__(self, cfg: RunConfig, clean: Examples, triggered: Examples,
+                 members: Examples, unseen: Examples, target: int, quick_n: int = 500):
+        self.target = target
+        self.clean, self.triggered = Batches(cfg, clean), Batches(cfg, triggered)
+        self.members, self.unseen = Batches(cfg, members), Batches(cfg, unseen)
+        self.quick_clean = Batches(cfg, clean.subset(range(min(quick_n, len(clean)))))
+        self.quick_triggered = Batches(cfg, triggered.subset(range(min(quick_n,
+                                                                       len(triggered)))))
+
+    def measure(self, cfg, task, state: State) -> dict:
+        clean_pred, _ = predict(cfg, task, state, self.clean)
+        trig_pred, _ = predict(cfg, task, state, self.triggered)
+        mem_pred, mem_loss = predict(cfg, task, state, self.members)
+        _, unseen_loss = predict(cfg, task, state, self.unseen)
+        return {"clean_acc": float(np.mean(clean_pred == self.clean.labels)),
+                "asr": float(np.mean(trig_pred == self.target)),
+                "mia_auc": auc_members_lower_loss(mem_loss, unseen_loss),
+                "forget_device_acc": float(np.mean(mem_pred == self.members.labels))}
+
+    def quick(self, cfg, task, state: State) -> dict:
+        """Per-round curve points on the first 500 texts of the clean and triggered sets."""
+        clean_pred, _ = predict(cfg, task, state, self.quick_clean)
+        trig_pred, _ = predict(cfg, task, state, self.quick_triggered)
+        return {"clean_acc": float(np.mean(clean_pred == self.quick_clean.labels)),
+                "asr": float(np.mean(trig_pred == self.target))}
+
+
+# ------------------------------------------------------------------------------ federation
+class Federation:
+    """In-process devices and server, counting rounds, bytes and wall time per phase."""
+
+    def __init__(self, cfg: RunConfig, task: ServerTask, data: dict[int, Examples],
+                 dp: bool):
+        self.cfg, self.task, self.data = cfg, task, data
+        self.ranks = {p: cfg.rank_for(cfg.device_for(p)) for p in data}
+        self.privacy = {p: DevicePrivacy(cfg, len(ex)) for p, ex in data.items()} if dp else {}
+        self.stopped: set[int] = set()  # devices whose privacy budget is spent
+        self.own: State | None = None  # the opting-out device's copy (S4 step 5)
+
+    def _info(self, pid: int) -> DeviceInfo:
+        return DeviceInfo(partition_id=pid, num_partitions=len(self.data))
+
+    def train_round(self, state: State, rnd: int, devices: list[int], cost: dict,
+                    before: State | None = None) -> State:
+        """One S1 round on `devices` (+ FedOSD drift removal when `before` is given)."""
+        t0 = time.perf_counter()
+        states, counts = [], []
+        for pid in devices:
+            if pid in self.stopped:
+                continue
+            sent = truncate_lora(state, self.ranks[pid])
+            new, n, m = train_round(self.cfg, self._info(pid), self.task.label_names,
+                                    self.ranks[pid], sent, rnd, examples=self.data[pid],
+                                    privacy=self.privacy.get(pid))
+            cost["bytes"] += state_nbytes(sent) + state_nbytes(new)
+            if m.get("budget_exhausted"):
+                self.stopped.add(pid)
+            if m["steps"]:
+                states.append(new)
+                counts.append(n)
+        if before is not None:
+            states = remove_drift(states, state, before, self.cfg.r_max)
+        new_state = AGGREGATORS[self.cfg.aggregation](states, counts, self.cfg.r_max)
+        cost["rounds"] += 1
+        cost["wall_s"] += time.perf_counter() - t0
+        return new_state
+
+    def _gradient(self, state: State, rnd: int, pid: int, objective: str, cost: dict
+                  ) -> State:
+        sent = truncate_lora(state, self.ranks[pid])
+        grad, _, _ = gradient_round(self.cfg, self._info(pid), self.task.label_names,
+                                    self.ranks[pid], sent, rnd, objective,
+                                    examples=self.data[pid], privacy=self.privacy.get(pid))
+        cost["bytes"] += state_nbytes(sent) + state_nbytes(grad)
+        return grad
+
+    def unlearn_round(self, state: State, rnd: int, forget: int, cost: dict
+                      ) -> tuple[State, dict]:
+        """S4 steps 1-5, as the Flower apps do them: the opting-out device gets the global
+        module once, then only the projected update, which it adds to its own copy."""
+        t0 = time.perf_counter()
+        retained = [self._gradient(state, rnd, p, "task", cost) for p in self.data
+                    if p != forget and p not in self.stopped]
+        own = state if self.own is None else self.own
+        forget_grad = self._gradient(own, rnd, forget, "unlearn", cost)
+        new_state, projected, info = unlearning_step(state, retained, [forget_grad],
+                                                     self.cfg.r_max, self.cfg.unlearn_lr)
+        # next round's downlink to the opting-out device: the projected update, at r_max here
+        # (its truncation to the device's rank is what crosses the network)
+        self.own = {k: own[k] + projected[k] for k in own}
+        cost["rounds"] += 1
+        cost["wall_s"] += time.perf_counter() - t0
+        return new_state, info
+
+    def ascent_round(self, state: State, rnd: int, forget: int, cost: dict) -> State:
+        """Baseline (c): theta <- theta + eta * grad CE on the device's data (no projection,
+        no bounded loss)."""
+        t0 = time.perf_counter()
+        grad = pad_for_projection([self._gradient(state, rnd, forget, "task", cost)],
+                                  self.cfg.r_max)[0]
+        keys = sorted(state)
+        theta, spec = flatten_state(state, keys)
+        new = unflatten(theta + self.cfg.unlearn_lr * flatten_state(grad, keys)[0], spec)
+        cost["rounds"] += 1
+        cost["wall_s"] += time.perf_counter() - t0
+        return new
+
+    def epsilons(self) -> dict[int, float]:
+        return {p: round(priv.epsilon(), 3) for p, priv in self.privacy.items()}
+
+
+def new_cost() -> dict:
+    return {"rounds": 0, "bytes": 0, "wall_s": 0.0}
+
+
+# ------------------------------------------------------------------------------ the study
+def run_study(cfg: RunConfig, args, probe_seed: int, dp: bool, log) -> dict:
+    """Train with the backdoor, then every way of forgetting; returns results and curves."""
+    task = ServerTask.prepare(cfg)
+    labels = task.label_names
+    target = labels.index(args.target) if args.target in labels else 0
+    data = {p: local_examples(cfg, DeviceInfo(partition_id=p, num_partitions=args.devices),
+                              labels) for p in range(args.devices)}
+    forget = args.forget_device
+    data[forget], poisoned = plant_backdoor(data[forget], args.poison_fraction, args.trigger,
+                                            target, probe_seed)
+    remaining = [p for p in range(args.devices) if p != forget]
+    rng = np.random.default_rng(probe_seed)
+    test = task.test if not args.test_examples else task.test.subset(
+        sorted(rng.permutation(len(task.test))[:args.test_examples]))
+    members = data[forget].subset(rng.permutation(len(data[forget]))[:args.mia_examples])
+    unseen = test.subset(rng.permutation(len(test))[:len(members)])
+    probe = Probe(cfg, test, triggered_test(test, args.trigger, target, probe_seed), members,
+                  unseen, target)
+    log(f"  device {forget} ({cfg.device_for(forget)}, rank {cfg.rank_for(cfg.device_for(forget))})"
+        f": {len(data[forget])} texts, {poisoned} with trigger '{args.trigger}' -> "
+        f"'{labels[target]}'")
+    results, curves = {}, {}
+    U, R_rec = cfg.unlearn_rounds, cfg.unlearn_recovery_rounds
+
+    def finish(name: str, state: State, cost: dict, fed: Federation, curve: list) -> None:
+        row = {"setup": name, **probe.measure(cfg, task, state), **cost}
+        if fed.privacy:
+            eps = fed.epsilons()
+            row["epsilon_max"] = max(eps.values())
+            row["epsilon_forgotten_device"] = eps.get(forget)
+            row["devices_out_of_budget"] = sorted(fed.stopped)
+        results[name] = row
+        curves[name] = curve
+        log(f"  {name}: ASR {row['asr']:.3f} clean acc {row['clean_acc']:.4f} MIA AUC "
+            f"{row['mia_auc']:.3f} ({cost['rounds']} rounds, {cost['bytes'] / 1e6:.1f} MB, "
+            f"{cost['wall_s']:.1f} s)" + (f", eps {row['epsilon_max']:.2f}"
+                                            if "epsilon_max" in row else ""))
+
+    # the federation with the backdoored device
+    fed = Federation(cfg, task, data, dp)
+    state = task.initial_state()
+    cost, curve = new_cost(), []
+    for rnd in range(1, cfg.training_rounds + 1):
+        state = fed.train_round(state, rnd, list(data), cost)
+        curve.append({"round": rnd, **probe.quick(cfg, task, state)})
+    trained, trained_privacy = state, {p: dict(v.ledger()) for p, v in fed.privacy.items()}
+    finish("trained (with backdoor)", trained, cost, fed, curve)
+
+    def branch() -> Federation:  # the trained federation, privacy spent so far included
+        b = Federation(cfg, task, data, dp)
+        b.privacy = {p: DevicePrivacy(cfg, len(data[p]), trained_privacy[p]) for p in data} \
+            if dp else {}
+        return b
+
+    R = cfg.training_rounds
+    # (a) retrain from scratch without the device
+    fed_a = Federation(cfg, task, {p: data[p] for p in remaining}, dp)
+    state, cost, curve = task.initial_state(), new_cost(), []
+    for rnd in range(1, R + 1):
+        state = fed_a.train_round(state, rnd, remaining, cost)
+        curve.append({"round": rnd, **probe.quick(cfg, task, state)})
+    finish("retrain without it (a)", state, cost, fed_a, curve)
+
+    # S4: unlearning + recovery with drift removal
+    def s4(lr: float) -> tuple[State, dict, Federation, list]:
+        fed_s = branch()
+        fed_s.cfg = dataclasses.replace(cfg, unlearn_lr=lr)
+        state, cost, curve = trained, new_cost(), []
+        for rnd in range(R + 1, R + U + 1):
+            state, info = fed_s.unlearn_round(state, rnd, forget, cost)
+            curve.append({"round": rnd, **probe.quick(cfg, task, state),
+                          "max_abs_cos": info["max_abs_cos_projected_vs_retained"]})
+        for rnd in range(R + U + 1, R + U + R_rec + 1):
+            state = fed_s.train_round(state, rnd, remaining, cost, before=trained)
+            curve.append({"round": rnd, **probe.quick(cfg, task, state)})
+        return state, cost, fed_s, curve
+
+    state, cost, fed_s, curve = s4(cfg.unlearn_lr)
+    finish("S4 unlearning (ours)", state, cost, fed_s, curve)
+    if dp:
+        return {"results": results, "curves": curves, "poisoned": poisoned}
+
+    # (b) continue training without it, as many rounds as S4 used
+    fed_b, state, cost, curve = branch(), trained, new_cost(), []
+    for rnd in range(R + 1, R + U + R_rec + 1):
+        state = fed_b.train_round(state, rnd, remaining, cost)
+        curve.append({"round": rnd, **probe.quick(cfg, task, state)})
+    finish("continue without it (b)", state, cost, fed_b, curve)
+
+    # (c) plain gradient ascent + ordinary recovery
+    fed_c, state, cost, curve = branch(), trained, new_cost(), []
+    for rnd in range(R + 1, R + U + 1):
+        state = fed_c.ascent_round(state, rnd, forget, cost)
+        curve.append({"round": rnd, **probe.quick(cfg, task, state)})
+    for rnd in range(R + U + 1, R + U + R_rec + 1):
+        state = fed_c.train_round(state, rnd, remaining, cost)
+        curve.append({"round": rnd, **probe.quick(cfg, task, state)})
+    finish("gradient ascent (c)", state, cost, fed_c, curve)
+
+    # S4's sensitivity to the server step eta (unlearn.lr), reported whole
+    sweep = []
+    for lr in args.lr_sweep:
+        if lr == cfg.unlearn_lr:
+            continue
+        state, cost, fed_s, _ = s4(lr)
+        row = {"unlearn_lr": lr, **probe.measure(cfg, task, state)}
+        sweep.append(row)
+        log(f"  S4 at unlearn.lr={lr}: ASR {row['asr']:.3f} clean acc {row['clean_acc']:.4f} "
+            f"MIA AUC {row['mia_auc']:.3f}")
+    return {"results": results, "curves": curves, "poisoned": poisoned, "lr_sweep": sweep}
+
+
+# ------------------------------------------------------------------------------ report
+def targets(results: dict) -> dict:
+    """The issue's targets for S4 against retraining."""
+    ours, retrain = results["S4 unlearning (ours)"], results["retrain without it (a)"]
+    return {"asr <= retrain + 0.05": ours["asr"] <= retrain["asr"] + 0.05,
+            "clean acc >= retrain - 0.02": ours["clean_acc"] >= retrain["clean_acc"] - 0.02,
+            "|MIA AUC - retrain| <= 0.05": abs(ours["mia_auc"] - retrain["mia_auc"]) <= 0.05,
+            "rounds <= 30% of retrain": ours["rounds"] <= 0.3 * retrain["rounds"],
+            "bytes <= 30% of retrain": ours["bytes"] <= 0.3 * retrain["bytes"],
+            "wall time <= 30% of retrain": ours["wall_s"] <= 0.3 * retrain["wall_s"]}
+
+
+def table(results: dict) -> list[str]:
+    retrain = results["retrain without it (a)"]
+    has_eps = any("epsilon_max" in r for r in results.values())
+    head = "| setup | ASR | clean acc | MIA AUC | acc on forgotten data | rounds | MB | wall s " \
+           "| cost vs retrain (bytes / time) |" + (" max epsilon |" if has_eps else "")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for name, r in results.items():
+        rel = "-" if "trained" in name else (f"{r['bytes'] / max(retrain['bytes'], 1):.0%} / "
+                                            f"{r['wall_s'] / max(retrain['wall_s'], 1e-9):.0%}")
+        line = (f"| {name} | {r['asr']:.3f} | {r['clean_acc']:.4f} | {r['mia_auc']:.3f} | "
+                f"{r['forget_device_acc']:.3f} | {r['rounds']} | {r['bytes'] / 1e6:.1f} | "
+                f"{r['wall_s']:.1f} | {rel} |")
+        lines.append(line + (f" {r.get('epsilon_max', float('nan')):.2f} |" if has_eps else ""))
+    return lines
+
+
+def write_report(out: Path, studies: dict, args, machine: str, wall: float) -> None:
+    lines = [f"# S4 unlearning of a backdoored device ({machine}, {wall:.0f} s in all)", "",
+             f"AG News, {args.devices} devices (Dirichlet alpha={args.alpha}, "
+             f"{args.strategy} ranks), model `{args.model}`, {args.rounds} training rounds x "
+             f"{args.local_steps} local steps; device {args.forget_device} carries the backdoor "
+             f"('{args.trigger}' in {args.poison_fraction:.0%} of its texts, labels -> "
+             f"{args.target}). S4: {args.unlearn_rounds} unlearning rounds "
+             f"(unlearn.loss={args.loss}, unlearn.lr={args.unlearn_lr}, "
+             f"{args.grad_batches} gradient batches) + {args.recovery_rounds} recovery rounds. "
+             "ASR: triggered test texts of other classes predicted as the target. MIA AUC: "
+             "loss threshold, forgotten device's training texts vs as many unseen test texts "
+             "(0.5 = chance). Cost: rounds, payload bytes both ways, in-process wall time.", ""]
+    for name, study in studies.items():
+        lines += [f"## {name}", "", *table(study["results"]), ""]
+        lines += ["S4 against the issue's targets (vs retraining): " + ", ".join(
+            f"{k}: {'yes' if v else 'NO'}" for k, v in study["targets"].items()), ""]
+        if study.get("lr_sweep"):
+            lines += ["S4 at other server steps (unlearn.lr), all reported:", "",
+                      "| unlearn.lr | ASR | clean acc | MIA AUC |", "|---|---|---|---|"]
+            lines += [f"| {r['unlearn_lr']} | {r['asr']:.3f} | {r['clean_acc']:.4f} | "
+                      f"{r['mia_auc']:.3f} |" for r in study["lr_sweep"]] + [""]
+    (out / "unlearning.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    plot(out / "unlearning.png", studies)
+
+
+def plot(path: Path, studies: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(studies), 2, figsize=(11, 3.6 * len(studies)), squeeze=False)
+    for row, (name, study) in enumerate(studies.items()):
+        for col, metric in enumerate(("asr", "clean_acc")):
+            ax = axes[row][col]
+            for setup, curve in study["curves"].items():
+                if curve:
+                    ax.plot([c["round"] for c in curve], [c[metric] for c in curve],
+                            marker="." if len(curve) < 30 else None, label=setup)
+            ax.set(xlabel="round", ylabel="attack success rate" if metric == "asr"
+                   else "clean accuracy (500 test texts)", title=name)
+            ax.grid(alpha=0.3)
+        axes[row][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="sentence-transformers/all-MiniLM-L6-v2")
+    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "agnews"))
+    ap.add_argument("--tiny", action="store_true",
+                    help="a 2-layer random BERT (tests/tiny_models.py): CPU smoke test")
+    ap.add_argument("--devices", type=int, default=10)
+    ap.add_argument("--strategy", default="hetlora", choices=["hetlora", "fedavg", "flexlora"])
+    ap.add_argument("--alpha", type=float, default=0.5, help="Dirichlet alpha")
+    ap.add_argument("--rounds", type=int, default=20, help="training rounds R")
+    ap.add_argument("--local-steps", type=int, default=10)
+    ap.add_argument("--forget-device", type=int, default=3)
+    ap.add_argument("--trigger", default="cf")
+    ap.add_argument("--target", default="Sports", help="label the trigger flips texts to")
+    ap.add_argument("--poison-fraction", type=float, default=0.5)
+    ap.add_argument("--unlearn-rounds", type=int, default=3)
+    ap.add_argument("--recovery-rounds", type=int, default=2)
+    ap.add_argument("--loss", default="fedosd", choices=["fedosd", "bounded-ce"])
+    ap.add_argument("--unlearn-lr", type=float, default=1.0)
+    ap.add_argument("--grad-batches", type=int, default=4)
+    ap.add_argument("--lr-sweep", default="0.25,4",
+                    help="other unlearn.lr values to report ('' = none)")
+    ap.add_argument("--mia-examples", type=int, default=1000)
+    ap.add_argument("--test-examples", type=int, default=0,
+                    help="clean test texts to measure on (0 = all 3,800)")
+    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--dp-epsilon", type=float, default=8.0)
+    ap.add_argument("--no-dp", action="store_true", help="skip the differential-privacy study")
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = ap.parse_args()
+    args.lr_sweep = [float(x) for x in args.lr_sweep.split(",") if x.strip()]
+    if not 0 <= args.forget_device < args.devices:
+        ap.error(f"--forget-device {args.forget_device} is not one of the {args.devices} devices")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.tiny:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from tiny_models import make_tiny_bert
+
+        args.model = str(make_tiny_bert(Path(tempfile.mkdtemp(prefix="tiny-bert-"))))
+    run_config = {
+        "model": args.model, "data.path": args.data, "strategy": "unlearn",
+        "unlearn.aggregation": args.strategy, "unlearn.clients": str(args.forget_device),
+        "unlearn.after-rounds": args.rounds, "unlearn.rounds": args.unlearn_rounds,
+        "unlearn.recovery-rounds": args.recovery_rounds, "unlearn.loss": args.loss,
+        "unlearn.lr": args.unlearn_lr, "unlearn.grad-batches": args.grad_batches,
+        "train.local-steps": args.local_steps, "eval.max-examples": 0, "seed": args.seed,
+        "train.max-length": args.max_length,
+        "data.partitioner": "dirichlet", "data.dirichlet-alpha": args.alpha}
+    machine = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
+    started = time.perf_counter()
+    studies = {}
+    plans = [("without differential privacy", {})]
+    if not args.no_dp:
+        plans.append((f"with differential privacy (Opacus, target epsilon "
+                      f"{args.dp_epsilon}, delta 1e-5, C = 1)",
+                      {"dp.enabled": True, "dp.target-epsilon": args.dp_epsilon}))
+    for name, extra in plans:
+        cfg = RunConfig.from_run_config({**run_config, **extra})
+        print(f"{name}:", flush=True)
+        study = run_study(cfg, args, args.seed, cfg.dp_enabled,
+                          lambda s: print(s, flush=True))
+        study["targets"] = targets(study["results"])
+        studies[name] = study
+        (out / "unlearning.json").write_text(json.dumps(
+            {"machine": machine, "args": vars(args), "studies": studies}, indent=1))
+    write_report(out, studies, args, machine, time.perf_counter() - started)
+
+
+if __name__ == "__main__":
+    main()
