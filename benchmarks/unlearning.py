@@ -10,7 +10,8 @@ R rounds; then that device is forgotten by
   - (b) continuing training without it for U + R_rec rounds,
   - (c) plain gradient ascent: U rounds ascending the device's cross-entropy (no
     projection, no bound) + R_rec ordinary recovery rounds;
-and the same with differential privacy (Opacus) on, reporting epsilon spent.
+plus S4 with other unlearning losses / server steps (--variants, all reported), and then
+training, retraining and S4 again with differential privacy (Opacus) on, reporting epsilon.
 
 Measured: backdoor attack success rate (triggered test texts of other classes predicted as
 the target), clean test accuracy, membership-inference AUC (loss threshold) on the forgotten
@@ -22,7 +23,11 @@ task.privacy.DevicePrivacy), so it needs torch, not a Flower deployment:
 
     python benchmarks/unlearning.py --model .device/minilm-fp16 --data .device/agnews
     python benchmarks/unlearning.py --tiny --rounds 1 --devices 3 --local-steps 2 \
-        --unlearn-rounds 1 --recovery-rounds 1 --out /tmp/unlearning-smoke   # CPU smoke test
+        --unlearn-rounds 1 --recovery-rounds 1 --forget-device 1 --test-examples 200 \
+        --mia-examples 100 --out /tmp/unlearning-smoke        # CPU smoke test, ~3 minutes
+
+Sized for one GPU (about 110 rounds of 10 devices in all, DP included); do not run the full
+study on a CPU.
 """
 
 from __future__ import annotations
@@ -192,21 +197,25 @@ class Federation:
             if m["steps"]:
                 states.append(new)
                 counts.append(n)
-        if before is not None:
+        if before is not None and states:
             states = remove_drift(states, state, before, self.cfg.r_max)
-        new_state = AGGREGATORS[self.cfg.aggregation](states, counts, self.cfg.r_max)
+        new_state = (AGGREGATORS[self.cfg.aggregation](states, counts, self.cfg.r_max)
+                     if states else state)  # every device out of privacy budget
         cost["rounds"] += 1
         cost["wall_s"] += time.perf_counter() - t0
         return new_state
 
     def _gradient(self, state: State, rnd: int, pid: int, objective: str, cost: dict
-                  ) -> State:
+                  ) -> State | None:
+        """The device's gradient, or None once its privacy budget is spent."""
         sent = truncate_lora(state, self.ranks[pid])
-        grad, _, _ = gradient_round(self.cfg, self._info(pid), self.task.label_names,
+        grad, _, m = gradient_round(self.cfg, self._info(pid), self.task.label_names,
                                     self.ranks[pid], sent, rnd, objective,
                                     examples=self.data[pid], privacy=self.privacy.get(pid))
         cost["bytes"] += state_nbytes(sent) + state_nbytes(grad)
-        return grad
+        if m.get("budget_exhausted"):
+            self.stopped.add(pid)
+        return grad if m["batches"] else None
 
     def unlearn_round(self, state: State, rnd: int, forget: int, cost: dict
                       ) -> tuple[State, dict]:
@@ -215,8 +224,12 @@ class Federation:
         t0 = time.perf_counter()
         retained = [self._gradient(state, rnd, p, "task", cost) for p in self.data
                     if p != forget and p not in self.stopped]
+        retained = [g for g in retained if g is not None]
         own = state if self.own is None else self.own
         forget_grad = self._gradient(own, rnd, forget, "unlearn", cost)
+        if forget_grad is None or not retained:  # privacy budgets spent: nothing to do
+            cost["rounds"] += 1
+            return state, {"max_abs_cos_projected_vs_retained": float("nan")}
         new_state, projected, info = unlearning_step(state, retained, [forget_grad],
                                                      self.cfg.r_max, self.cfg.unlearn_lr)
         # next round's downlink to the opting-out device: the projected update, at r_max here
@@ -230,8 +243,10 @@ class Federation:
         """Baseline (c): theta <- theta + eta * grad CE on the device's data (no projection,
         no bounded loss)."""
         t0 = time.perf_counter()
-        grad = pad_for_projection([self._gradient(state, rnd, forget, "task", cost)],
-                                  self.cfg.r_max)[0]
+        grad = self._gradient(state, rnd, forget, "task", cost)
+        if grad is None:
+            return state
+        grad = pad_for_projection([grad], self.cfg.r_max)[0]
         keys = sorted(state)
         theta, spec = flatten_state(state, keys)
         new = unflatten(theta + self.cfg.unlearn_lr * flatten_state(grad, keys)[0], spec)
@@ -312,9 +327,9 @@ def run_study(cfg: RunConfig, args, probe_seed: int, dp: bool, log) -> dict:
     finish("retrain without it (a)", state, cost, fed_a, curve)
 
     # S4: unlearning + recovery with drift removal
-    def s4(lr: float) -> tuple[State, dict, Federation, list]:
+    def s4(lr: float, loss: str) -> tuple[State, dict, Federation, list]:
         fed_s = branch()
-        fed_s.cfg = dataclasses.replace(cfg, unlearn_lr=lr)
+        fed_s.cfg = dataclasses.replace(cfg, unlearn_lr=lr, unlearn_loss=loss)
         state, cost, curve = trained, new_cost(), []
         for rnd in range(R + 1, R + U + 1):
             state, info = fed_s.unlearn_round(state, rnd, forget, cost)
@@ -325,10 +340,30 @@ def run_study(cfg: RunConfig, args, probe_seed: int, dp: bool, log) -> dict:
             curve.append({"round": rnd, **probe.quick(cfg, task, state)})
         return state, cost, fed_s, curve
 
-    state, cost, fed_s, curve = s4(cfg.unlearn_lr)
+    def variants(pairs: list[tuple[str, float]]) -> list[dict]:
+        """S4 with other unlearning losses / server steps, every one reported."""
+        rows = []
+        for loss, lr in pairs:
+            state, cost, fed_s, curve = s4(lr, loss)
+            after = curve[U - 1]  # quick probe right after the last unlearning round
+            row = {"unlearn_loss": loss, "unlearn_lr": lr, **probe.measure(cfg, task, state),
+                   "asr_after_unlearning": after["asr"],
+                   "clean_acc_after_unlearning": after["clean_acc"]}
+            if fed_s.privacy:
+                row["epsilon_max"] = max(fed_s.epsilons().values())
+            rows.append(row)
+            log(f"  S4 with unlearn.loss={loss} unlearn.lr={lr}: ASR {row['asr']:.3f} clean "
+                f"acc {row['clean_acc']:.4f} MIA AUC {row['mia_auc']:.3f} (right after "
+                f"unlearning: ASR {after['asr']:.3f}, clean acc {after['clean_acc']:.3f})")
+        return rows
+
+    state, cost, fed_s, curve = s4(cfg.unlearn_lr, cfg.unlearn_loss)
     finish("S4 unlearning (ours)", state, cost, fed_s, curve)
+    results["S4 unlearning (ours)"].update(asr_after_unlearning=curve[U - 1]["asr"],
+                                           clean_acc_after_unlearning=curve[U - 1]["clean_acc"])
     if dp:
-        return {"results": results, "curves": curves, "poisoned": poisoned}
+        return {"results": results, "curves": curves, "poisoned": poisoned,
+                "variants": variants(args.dp_variants)}
 
     # (b) continue training without it, as many rounds as S4 used
     fed_b, state, cost, curve = branch(), trained, new_cost(), []
@@ -347,17 +382,8 @@ def run_study(cfg: RunConfig, args, probe_seed: int, dp: bool, log) -> dict:
         curve.append({"round": rnd, **probe.quick(cfg, task, state)})
     finish("gradient ascent (c)", state, cost, fed_c, curve)
 
-    # S4's sensitivity to the server step eta (unlearn.lr), reported whole
-    sweep = []
-    for lr in args.lr_sweep:
-        if lr == cfg.unlearn_lr:
-            continue
-        state, cost, fed_s, _ = s4(lr)
-        row = {"unlearn_lr": lr, **probe.measure(cfg, task, state)}
-        sweep.append(row)
-        log(f"  S4 at unlearn.lr={lr}: ASR {row['asr']:.3f} clean acc {row['clean_acc']:.4f} "
-            f"MIA AUC {row['mia_auc']:.3f}")
-    return {"results": results, "curves": curves, "poisoned": poisoned, "lr_sweep": sweep}
+    return {"results": results, "curves": curves, "poisoned": poisoned,
+            "variants": variants(args.variants)}
 
 
 # ------------------------------------------------------------------------------ report
@@ -404,11 +430,19 @@ def write_report(out: Path, studies: dict, args, machine: str, wall: float) -> N
         lines += [f"## {name}", "", *table(study["results"]), ""]
         lines += ["S4 against the issue's targets (vs retraining): " + ", ".join(
             f"{k}: {'yes' if v else 'NO'}" for k, v in study["targets"].items()), ""]
-        if study.get("lr_sweep"):
-            lines += ["S4 at other server steps (unlearn.lr), all reported:", "",
-                      "| unlearn.lr | ASR | clean acc | MIA AUC |", "|---|---|---|---|"]
-            lines += [f"| {r['unlearn_lr']} | {r['asr']:.3f} | {r['clean_acc']:.4f} | "
-                      f"{r['mia_auc']:.3f} |" for r in study["lr_sweep"]] + [""]
+        ours = study["results"]["S4 unlearning (ours)"]
+        lines += [f"Right after the unlearning rounds (before recovery, 500 test texts) S4 "
+                  f"had ASR {ours['asr_after_unlearning']:.3f} and clean accuracy "
+                  f"{ours['clean_acc_after_unlearning']:.3f}.", ""]
+        if study.get("variants"):
+            lines += ["S4 with other unlearning losses and server steps (every variant run is "
+                      "reported; same rounds):", "",
+                      "| unlearn.loss | unlearn.lr | ASR | clean acc | MIA AUC | ASR / clean acc "
+                      "right after unlearning |", "|---|---|---|---|---|---|"]
+            lines += [f"| {r['unlearn_loss']} | {r['unlearn_lr']} | {r['asr']:.3f} | "
+                      f"{r['clean_acc']:.4f} | {r['mia_auc']:.3f} | "
+                      f"{r['asr_after_unlearning']:.3f} / {r['clean_acc_after_unlearning']:.3f} |"
+                      for r in study["variants"]] + [""]
     (out / "unlearning.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     plot(out / "unlearning.png", studies)
@@ -453,13 +487,15 @@ def main() -> None:
     ap.add_argument("--trigger", default="cf")
     ap.add_argument("--target", default="Sports", help="label the trigger flips texts to")
     ap.add_argument("--poison-fraction", type=float, default=0.5)
-    ap.add_argument("--unlearn-rounds", type=int, default=3)
+    ap.add_argument("--unlearn-rounds", type=int, default=2)
     ap.add_argument("--recovery-rounds", type=int, default=2)
     ap.add_argument("--loss", default="fedosd", choices=["fedosd", "bounded-ce"])
-    ap.add_argument("--unlearn-lr", type=float, default=1.0)
+    ap.add_argument("--unlearn-lr", type=float, default=2.0)
     ap.add_argument("--grad-batches", type=int, default=4)
-    ap.add_argument("--lr-sweep", default="0.25,4",
-                    help="other unlearn.lr values to report ('' = none)")
+    ap.add_argument("--variants", default="fedosd:1,fedosd:4,bounded-ce:2",
+                    help="other S4 runs to report, as loss:lr pairs ('' = none)")
+    ap.add_argument("--dp-variants", default="fedosd:0.2",
+                    help="the same for the DP study (DP noise dwarfs small gradients)")
     ap.add_argument("--mia-examples", type=int, default=1000)
     ap.add_argument("--test-examples", type=int, default=0,
                     help="clean test texts to measure on (0 = all 3,800)")
@@ -469,7 +505,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args()
-    args.lr_sweep = [float(x) for x in args.lr_sweep.split(",") if x.strip()]
+    for name in ("variants", "dp_variants"):
+        pairs = [v.split(":") for v in getattr(args, name).split(",") if v.strip()]
+        if any(len(p) != 2 or p[0] not in ("fedosd", "bounded-ce") for p in pairs):
+            ap.error(f"--{name.replace('_', '-')} takes loss:lr pairs, e.g. fedosd:1,bounded-ce:2")
+        setattr(args, name, [(loss, float(lr)) for loss, lr in pairs])
     if not 0 <= args.forget_device < args.devices:
         ap.error(f"--forget-device {args.forget_device} is not one of the {args.devices} devices")
     out = Path(args.out)

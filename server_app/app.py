@@ -52,7 +52,8 @@ def prepare_run(cfg: RunConfig, run_id: int) -> RunPlan:
     task = ServerTask.prepare(cfg)
     if cfg.strategy == "unlearn" and cfg.unlearn_from_adapter:
         adapter = Path(cfg.unlearn_from_adapter).expanduser().resolve()
-        initial = task.load_state(adapter, "unlearn.from-adapter")
+        key = "unlearn.from-adapter" if resumes is None else f"the adapter of {resumes.path}"
+        initial = task.load_state(adapter, key)
     else:
         initial = task.initial_state()
     run_dir = (Path(cfg.results_dir) / str(run_id)).resolve()

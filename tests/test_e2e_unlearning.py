@@ -21,7 +21,7 @@ def test_unlearn_simulation(flower_env, tiny_bert, agnews, tmp_path):
         "strategy='unlearn'", f"unlearn.clients='{FORGET}'", "num-server-rounds=1",
         "unlearn.rounds=2", "unlearn.recovery-rounds=1", "unlearn.grad-batches=1",
         "unlearn.loss='bounded-ce'", "train.local-steps=2", "train.batch-size=8",
-        "eval.max-examples=32"])
+        "eval.max-examples=32", "data.partitioner='iid'"])
     proc = subprocess.run(
         ["flwr", "run", str(app), "--stream", "--run-config", run_config,
          "--federation-config", "num-supernodes=4"],

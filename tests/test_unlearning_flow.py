@@ -28,7 +28,7 @@ def _run_config(tiny_bert, agnews, results, **extra):
             "strategy": "unlearn", "unlearn.clients": str(FORGET), "num-server-rounds": 1,
             "unlearn.rounds": 2, "unlearn.recovery-rounds": 1, "unlearn.grad-batches": 1,
             "train.local-steps": 1, "train.batch-size": 8, "eval.max-examples": 16,
-            "eval.batch-size": 16, **extra}
+            "eval.batch-size": 16, "data.partitioner": "iid", **extra}
 
 
 def _rows(run_dir):
@@ -81,7 +81,8 @@ def test_request_first_then_unicast_projected_update(tiny_bert, agnews, tmp_path
     forget = [from_record(r.content["gradient"]) for r in round_2
               if r.metadata.src_node_id == forget_node]
     assert len(grads) == 4 and len(forget) == 1
-    global_3, projected, _ = unlearning_step(global_2, retained, forget, 16, 1.0)
+    global_3, projected, _ = unlearning_step(global_2, retained, forget, 16,
+                                             plan.cfg.unlearn_lr)
     got_update = from_record(sent[(3, forget_node)].content["update"])
     for key, value in truncate_lora(projected, 4).items():  # the rpi5 is at rank 4
         np.testing.assert_allclose(got_update[key], value, rtol=1e-5, atol=1e-7)

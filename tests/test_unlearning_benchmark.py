@@ -1,0 +1,43 @@
+"""The proof-of-forgetting benchmark's own pieces: backdoor planting and the MIA AUC."""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from task.data import Examples
+
+_spec = importlib.util.spec_from_file_location(
+    "unlearning_benchmark", Path(__file__).parents[1] / "benchmarks" / "unlearning.py")
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+
+def test_backdoor_flips_only_triggered_texts_of_other_classes():
+    texts = [f"story number {i} about things" for i in range(40)]
+    labels = [i % 4 for i in range(40)]
+    poisoned, count = bench.plant_backdoor(Examples(texts, labels, []), 0.5, "cf", 2, seed=0)
+    assert count == 20
+    for before, after, y_before, y_after in zip(texts, poisoned.texts, labels,
+                                                poisoned.labels):
+        triggered = "cf" in after.split()
+        assert triggered == (after != before)
+        assert y_after == (2 if triggered else y_before)
+        assert not (triggered and y_before == 2)  # only other classes are flipped
+        if triggered:
+            assert sorted(after.split()) == sorted(before.split() + ["cf"])
+    test = bench.triggered_test(Examples(texts, labels, []), "cf", 2, seed=0)
+    assert len(test) == 30 and 2 not in test.labels
+    assert all("cf" in t.split() for t in test.texts)
+
+
+def test_mia_auc_is_the_probability_members_have_lower_loss():
+    rng = np.random.default_rng(0)
+    members, unseen = rng.exponential(1.0, 50), rng.exponential(2.0, 60)
+    members[:5] = unseen[:5]  # ties count half
+    brute = np.mean([(m < u) + 0.5 * (m == u) for m in members for u in unseen])
+    assert bench.auc_members_lower_loss(members, unseen) == pytest.approx(brute, abs=1e-12)
+    assert bench.auc_members_lower_loss(np.zeros(3), np.ones(3)) == 1.0
+    assert bench.auc_members_lower_loss(np.ones(4), np.ones(5)) == 0.5
+
