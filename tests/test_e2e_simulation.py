@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -23,6 +24,9 @@ def flower_env(tmp_path_factory):
     from flwr.cli.constant import LOCAL_CONTROL_API_ADDRESS, LOCAL_SUPERLINK_HTTP_API_PORT
 
     home = tmp_path_factory.mktemp("flwr-home")
+    # one local SuperLink per machine (fixed port): serialise with other suites using it
+    lock = open("/tmp/flwr-e2e.lock", "w")
+    fcntl.flock(lock, fcntl.LOCK_EX)
     env = {**os.environ, "FLWR_HOME": str(home), "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
            "RAY_DISABLE_USAGE_STATS": "1"}
@@ -58,6 +62,8 @@ def flower_env(tmp_path_factory):
         except subprocess.TimeoutExpired:
             link.kill()
         log.close()
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        lock.close()
 
 
 def _copy_app(dst: Path) -> Path:
