@@ -52,6 +52,7 @@ class HeterogeneousLoRA(FedAvg):
         self.query_timeout = query_timeout
         self.profiles: dict[int, NodeProfile] = {}
         self._sent: dict[int, tuple[State, int]] = {}  # node -> (state sent, bytes down)
+        self._outbox: list[Message] = []  # this round's TRAIN messages (ids set when pushed)
 
     # ----------------------------------------------------------------- who is who
     def _learn_profiles(self, grid: Grid, node_ids: Iterable[int]) -> None:
@@ -104,14 +105,22 @@ class HeterogeneousLoRA(FedAvg):
             })
             messages.append(Message(content, dst_node_id=node,
                                     message_type=MessageType.TRAIN))
+        self._outbox = messages
         log.info("round %d: %s", server_round, ", ".join(
             f"node {n} {self.profiles[n].device}@r{self.profiles[n].rank}" for n in self._sent))
         return messages
 
     # ----------------------------------------------------------------- uplink
-    def _accept(self, msg: Message) -> tuple[State, int, dict] | str:
+    def _origin(self, msg: Message) -> int:
+        """The device a reply is about. An error the SuperLink writes for a device that went
+        away (no heartbeat) comes from the SuperLink itself: match it by the message it
+        answers."""
+        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in self._outbox
+                if m.metadata.message_id}
+        return sent.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+
+    def _accept(self, msg: Message, node: int) -> tuple[State, int, dict] | str:
         """(state, n_k, metrics) of a sound reply, or the reason to reject it."""
-        node = msg.metadata.src_node_id
         if msg.has_error():
             return f"device error: {msg.error.reason}"
         if node not in self._sent:
@@ -131,9 +140,9 @@ class HeterogeneousLoRA(FedAvg):
         states, counts, clients, rejected = [], [], [], []
         replied = set()
         for msg in replies:
-            node = msg.metadata.src_node_id
+            node = self._origin(msg)
             replied.add(node)
-            outcome = self._accept(msg)
+            outcome = self._accept(msg, node)
             if isinstance(outcome, str):
                 log.warning("round %d: rejected reply of node %d: %s", server_round, node,
                             outcome)
