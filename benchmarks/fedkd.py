@@ -6,6 +6,8 @@ and local steps:
              fedkd.local-rank + head), shared module exchanged whole;
 - fedkd-svd  the same with S3 SVD compression of the shared-module updates both ways;
 - fedavg     FedAvg of the shared module alone (task loss only; heads averaged per task);
+- fedavg-large  FedAvg of a module as large as the local one (LoRA at fedkd.local-rank): the
+             FedKD paper's baseline, what plain FedAvg sends to train a model of that size;
 - local      each device trains its private local module alone (no communication).
 Each device's accuracy is measured on its own task's test split: the global shared module +
 its task's head (server side), and the device's own local module where it has one.
@@ -43,8 +45,10 @@ SETUPS = {  # name -> (device mode, run-config overrides)
     "fedkd": ("fedkd", {"fedkd.compress": False}),
     "fedkd-svd": ("fedkd", {"fedkd.compress": True}),
     "fedavg": ("fedavg", {"fedkd.compress": False}),
+    "fedavg-large": ("fedavg", {"fedkd.compress": False, "fedkd.shared-rank": "local-rank"}),
     "local": ("local", {}),
 }
+REFERENCES = ("fedavg", "fedavg-large")  # bytes to reach their final accuracy
 
 
 def run_setup(cfg: RunConfig, mode: str, num_devices: int, state_root: Path, log) -> list[dict]:
@@ -121,7 +125,8 @@ def bytes_to_reach(rows: list[dict], key: str, target: float) -> tuple[int | Non
 
 
 def summarise(curves: dict[str, list[dict]], task_names: tuple[str, ...]) -> list[dict]:
-    target = device_mean(curves["fedavg"][-1], "shared_accuracy") if "fedavg" in curves else None
+    """Per setup and module: final / best device-mean accuracy, per task, total bytes, and for
+    each FedAvg reference the round and bytes to reach its final accuracy (and the saving)."""
     out = []
     for name, rows in curves.items():
         for key, module in (("shared_accuracy", "shared"), ("local_accuracy", "local")):
@@ -133,15 +138,20 @@ def summarise(curves: dict[str, list[dict]], task_names: tuple[str, ...]) -> lis
                                      if v is not None),
                      "per_task": {t: device_mean(rows[-1], key, t) for t in task_names},
                      "total_bytes": sum(d["bytes_up"] + d["bytes_down"]
-                                        for r in rows[1:] for d in r["devices"])}
-            if target is not None and entry["total_bytes"] > 0:  # local-only sends nothing
-                entry["round_to_fedavg"], entry["bytes_to_fedavg"] = bytes_to_reach(rows, key,
-                                                                                  target)
+                                        for r in rows[1:] for d in r["devices"]),
+                     "to_reach": {}}
+            for ref in REFERENCES:
+                if ref in curves and entry["total_bytes"] > 0:  # local-only sends nothing
+                    target = device_mean(curves[ref][-1], "shared_accuracy")
+                    rnd, nbytes = bytes_to_reach(rows, key, target)
+                    entry["to_reach"][ref] = {"target": target, "round": rnd, "bytes": nbytes}
             out.append(entry)
-    ref = next((e for e in out if e["setup"] == "fedavg"), None)
     for entry in out:
-        if ref and ref.get("bytes_to_fedavg") and entry.get("bytes_to_fedavg") is not None:
-            entry["bytes_saving"] = 1.0 - entry["bytes_to_fedavg"] / ref["bytes_to_fedavg"]
+        for ref, reach in entry["to_reach"].items():
+            own = curves[ref]
+            _, ref_bytes = bytes_to_reach(own, "shared_accuracy", reach["target"])
+            if reach["bytes"] is not None and ref_bytes:
+                reach["saving"] = 1.0 - reach["bytes"] / ref_bytes
     return out
 
 
@@ -196,6 +206,8 @@ def main() -> None:
     curves, walls = {}, {}
     for name in args.setups.split(","):
         mode, overrides = SETUPS[name]
+        local_rank = RunConfig.from_run_config(base).fedkd_local_rank
+        overrides = {k: local_rank if v == "local-rank" else v for k, v in overrides.items()}
         cfg = RunConfig.from_run_config({**base, **overrides})
         print(f"{name}: {num_devices} devices, mode {mode}", flush=True)
         t0 = time.perf_counter()
@@ -203,11 +215,11 @@ def main() -> None:
             curves[name] = run_setup(cfg, mode, num_devices, Path(tmp),
                                      lambda s: print(s, flush=True))
         walls[name] = time.perf_counter() - t0
-        summary = summarise(curves, cfg.fedkd_task_names)
+        summary = summarise(curves, RunConfig.from_run_config(base).fedkd_task_names)
         (out / "fedkd.json").write_text(json.dumps(
             {"machine": machine, "args": vars(args), "run_config": base, "wall_s": walls,
              "summary": summary, "curves": curves}, indent=1))
-    write_report(summary, curves, walls, machine, args, cfg, out)
+    write_report(summary, curves, walls, machine, args, RunConfig.from_run_config(base), out)
 
 
 def write_report(summary, curves, walls, machine, args, cfg: RunConfig, out: Path) -> None:
@@ -228,22 +240,37 @@ def write_report(summary, curves, walls, machine, args, cfg: RunConfig, out: Pat
         f"lambda={cfg.fedkd_lambda}, adaptive={cfg.fedkd_adaptive}, "
         f"hidden-mse={cfg.fedkd_hidden_mse}; test sets capped at {args.eval_max or 'all'} "
         f"(shared module) and {args.device_eval_max or 'all'} (local modules, on device). "
-        "Accuracy = mean over devices of the accuracy on the device's own task's test split.",
+        "Accuracy = mean over devices of the accuracy on the device's own task's test split; "
+        "bytes = raw array bytes up + down, all devices (Flower adds 128 bytes per array).",
         "",
         "| setup | module evaluated | final avg acc | best avg acc | "
-        + " | ".join(f"{t} acc" for t in tasks)
-        + " | total bytes | round reaching FedAvg final | bytes to reach it | saving vs FedAvg |",
-        "|---|---|---|---|" + "---|" * len(tasks) + "---|---|---|---|",
+        + " | ".join(f"{t} acc" for t in tasks) + " | total bytes |",
+        "|---|---|---|---|" + "---|" * len(tasks) + "---|",
     ]
     for e in summary:
         per_task = " | ".join("-" if e["per_task"][t] is None else f"{e['per_task'][t]:.4f}"
                               for t in tasks)
-        reached = e.get("round_to_fedavg")
-        reached = "-" if "round_to_fedavg" not in e else reached or "not reached"
         lines.append(f"| {e['setup']} | {e['module']} | {e['final_avg']:.4f} | "
-                     f"{e['best_avg']:.4f} | {per_task} | {mb(e['total_bytes'])} | "
-                     f"{reached} | "
-                     f"{mb(e.get('bytes_to_fedavg'))} | {pct(e.get('bytes_saving'))} |")
+                     f"{e['best_avg']:.4f} | {per_task} | {mb(e['total_bytes'])} |")
+    refs = [r for r in REFERENCES if r in curves]
+    if refs:
+        targets = {r: device_mean(curves[r][-1], "shared_accuracy") for r in refs}
+        lines += ["", "Bytes to reach each FedAvg baseline's final average accuracy (first "
+                  "round at or above it; saving = 1 - bytes / the baseline's own bytes to "
+                  "get there):", "",
+                  "| setup | module | " + " | ".join(
+                      f"{r} final {targets[r]:.4f}: round, bytes, saving" for r in refs) + " |",
+                  "|---|---|" + "---|" * len(refs)]
+        for e in summary:
+            if not e["to_reach"]:
+                continue
+            cells = []
+            for r in refs:
+                reach = e["to_reach"].get(r)
+                cells.append("-" if reach is None else "not reached" if reach["round"] is None
+                             else f"{reach['round']}, {mb(reach['bytes'])}, "
+                                  f"{pct(reach.get('saving'))}")
+            lines.append(f"| {e['setup']} | {e['module']} | " + " | ".join(cells) + " |")
     lines += ["", "Wall time per setup: " + ", ".join(f"{k} {v:.0f}s" for k, v in walls.items())]
     (out / "fedkd.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
