@@ -30,6 +30,8 @@ class DeviceInfo:
     num_partitions: int = 0
     lora_rank: int = 0  # 0 = the profile's default rank
     data_dir: str = ""  # '' = the run config's data.path
+    task: str = ""  # FedKD task of this device; '' = fedkd.task-mix by partition id
+    state_dir: str = ""  # FedKD private state folder; '' = the run config's fedkd.state-dir
 
     @classmethod
     def from_node_config(cls, node_config) -> DeviceInfo:
@@ -43,7 +45,9 @@ class DeviceInfo:
                    partition_id=num("partition-id", -1),
                    num_partitions=num("num-partitions", 0),
                    lora_rank=num("lora-rank", 0),
-                   data_dir=str(node_config.get("data-dir", "")))
+                   data_dir=str(node_config.get("data-dir", "")),
+                   task=str(node_config.get("task", "")),
+                   state_dir=str(node_config.get("state-dir", "")))
 
 
 @functools.lru_cache(maxsize=16)

@@ -1,4 +1,7 @@
-"""The Flower ServerApp on the edge server: validate, federate, evaluate, write results."""
+"""The Flower ServerApp on the edge server: validate, federate, evaluate, write results.
+
+strategy='fedkd' (S3) runs `server_app.fedkd_app.run_fedkd` instead.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from server_app.evaluation import ServerTask
+from server_app.fedkd_app import run_fedkd
 from server_app.results import RunRecorder, write_plots
 from strategies.lora_strategy import HeterogeneousLoRA
 from task.config import ConfigError, RunConfig
@@ -25,6 +29,12 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     try:
         cfg = RunConfig.from_run_config(context.run_config)
+    except ConfigError as err:
+        log.error("configuration error, nothing was trained: %s", err)
+        raise SystemExit(f"edge-lam: configuration error: {err}") from err
+    if cfg.strategy == "fedkd":  # S3: mixed tasks, private local modules
+        return run_fedkd(grid, context, cfg)
+    try:
         task = ServerTask.prepare(cfg)
     except ConfigError as err:
         log.error("configuration error, nothing was trained: %s", err)

@@ -47,7 +47,7 @@ class HeterogeneousLoRA(FedAvg):
                          min_train_nodes=cfg.min_devices, min_available_nodes=cfg.min_devices)
         self.cfg = cfg
         self.label_names = label_names
-        self.aggregate_fn = AGGREGATORS[cfg.strategy]
+        self.aggregate_fn = AGGREGATORS.get(cfg.strategy)  # None: a subclass aggregates
         self.on_train_round = on_train_round or (lambda rnd, info: None)
         self.query_timeout = query_timeout
         self.profiles: dict[int, NodeProfile] = {}
@@ -67,16 +67,20 @@ class HeterogeneousLoRA(FedAvg):
             if reply.has_error():
                 log.error("node %d did not describe itself: %s", node, reply.error.reason)
                 continue
-            p = reply.content["profile"]
             try:
-                device = self.cfg.device_for(int(p["partition-id"]), str(p["device"]))
-                rank = self.cfg.rank_for(device, int(p["lora-rank"]))
+                profile = self._make_profile(node, reply.content["profile"])
             except ConfigError as err:
                 log.error("node %d is left out: %s", node, err)
                 continue
-            self.profiles[node] = NodeProfile(node, device, int(p["partition-id"]), rank)
+            self.profiles[node] = profile
             log.info("node %d is a '%s' device (partition %d): LoRA rank %d",
-                     node, device, int(p["partition-id"]), rank)
+                     node, profile.device, profile.partition_id, profile.rank)
+
+    def _make_profile(self, node: int, p: ConfigRecord) -> NodeProfile:
+        """A node's profile from its QUERY reply (ConfigError: leave the node out)."""
+        device = self.cfg.device_for(int(p["partition-id"]), str(p["device"]))
+        rank = self.cfg.rank_for(device, int(p["lora-rank"]))
+        return NodeProfile(node, device, int(p["partition-id"]), rank)
 
     # ----------------------------------------------------------------- downlink
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -94,14 +98,14 @@ class HeterogeneousLoRA(FedAvg):
             profile = self.profiles.get(node)
             if profile is None:
                 continue
-            state = truncate_lora(global_state, profile.rank)  # S1 step 1, unicast
-            record = to_record(state)
-            self._sent[node] = (state, record_nbytes(record))
+            payload, expected, extra = self._downlink(node, global_state, server_round)
+            record = to_record(payload)
+            self._sent[node] = (expected, record_nbytes(record))
             content = RecordDict({
                 "arrays": record,
                 "config": ConfigRecord({**dict(config), "server-round": server_round,
                                         "rank": profile.rank, "device": profile.device,
-                                        "label-names": list(self.label_names)}),
+                                        **extra}),
             })
             messages.append(Message(content, dst_node_id=node,
                                     message_type=MessageType.TRAIN))
@@ -109,6 +113,12 @@ class HeterogeneousLoRA(FedAvg):
         log.info("round %d: %s", server_round, ", ".join(
             f"node {n} {self.profiles[n].device}@r{self.profiles[n].rank}" for n in self._sent))
         return messages
+
+    def _downlink(self, node: int, global_state: State, server_round: int
+                  ) -> tuple[State, State, dict]:
+        """(payload to send, state the device will hold, extra config) for one node."""
+        state = truncate_lora(global_state, self.profiles[node].rank)  # S1 step 1, unicast
+        return state, state, {"label-names": list(self.label_names)}
 
     # ----------------------------------------------------------------- uplink
     def _origin(self, msg: Message) -> int:
@@ -119,6 +129,10 @@ class HeterogeneousLoRA(FedAvg):
                 if m.metadata.message_id}
         return sent.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
 
+    def _decode_uplink(self, node: int, payload: State) -> State:
+        """The state a reply's arrays stand for (here: the arrays themselves)."""
+        return payload
+
     def _accept(self, msg: Message, node: int) -> tuple[State, int, dict] | str:
         """(state, n_k, metrics) of a sound reply, or the reason to reject it."""
         if msg.has_error():
@@ -127,7 +141,7 @@ class HeterogeneousLoRA(FedAvg):
             return "reply from a node that was not asked to train"
         expected, _ = self._sent[node]
         try:
-            state = from_record(msg.content["arrays"])
+            state = self._decode_uplink(node, from_record(msg.content["arrays"]))
             metrics = dict(msg.content["metrics"])
         except (KeyError, ValueError, TypeError) as err:
             return f"malformed reply ({err.__class__.__name__}: {err})"
@@ -137,7 +151,7 @@ class HeterogeneousLoRA(FedAvg):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        states, counts, clients, rejected = [], [], [], []
+        states, counts, nodes, clients, rejected = [], [], [], [], []
         replied = set()
         for msg in replies:
             node = self._origin(msg)
@@ -149,17 +163,10 @@ class HeterogeneousLoRA(FedAvg):
                 rejected.append({"node_id": node, "reason": outcome})
                 continue
             state, n, metrics = outcome
-            profile = self.profiles[node]
             states.append(state)
             counts.append(n)
-            clients.append({
-                "node_id": node, "partition_id": profile.partition_id,
-                "device": profile.device, "rank": profile.rank, "num_examples": n,
-                "train_loss": float(metrics.get("train-loss", float("nan"))),
-                "train_s": float(metrics.get("train-s", float("nan"))),
-                "bytes_up": record_nbytes(msg.content["arrays"]),
-                "bytes_down": self._sent[node][1],
-            })
+            nodes.append(node)
+            clients.append(self._client_info(node, n, metrics, msg))
         missing = sorted(set(self._sent) - replied)
         for node in missing:
             log.warning("round %d: no reply from node %d (%s) before the timeout",
@@ -171,10 +178,26 @@ class HeterogeneousLoRA(FedAvg):
                         server_round)
             self.on_train_round(server_round, info)
             return None, None
-        new_state = self.aggregate_fn(states, counts, self.cfg.r_max)
+        new_state = self._aggregate(states, counts, nodes)
         info["aggregation_error"] = aggregation_error(new_state, states, counts)
         self.on_train_round(server_round, info)
         weights = np.asarray(counts, dtype=np.float64) / sum(counts)
         train_loss = float(sum(w * c["train_loss"] for w, c in zip(weights, clients)))
         return to_record(new_state), MetricRecord({"train-loss": train_loss,
                                                    "accepted": len(states)})
+
+    def _client_info(self, node: int, n: int, metrics: dict, msg: Message) -> dict:
+        """One device's entry in metrics.jsonl's `clients`."""
+        profile = self.profiles[node]
+        return {
+            "node_id": node, "partition_id": profile.partition_id,
+            "device": profile.device, "rank": profile.rank, "num_examples": n,
+            "train_loss": float(metrics.get("train-loss", float("nan"))),
+            "train_s": float(metrics.get("train-s", float("nan"))),
+            "bytes_up": record_nbytes(msg.content["arrays"]),
+            "bytes_down": self._sent[node][1],
+        }
+
+    def _aggregate(self, states: list[State], counts: list[int], nodes: list[int]) -> State:
+        """The new global state from the accepted replies (S1 math)."""
+        return self.aggregate_fn(states, counts, self.cfg.r_max)

@@ -40,3 +40,17 @@ def tiny_bert(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def mixed_tasks(agnews, tmp_path_factory) -> dict[str, Path]:
+    """Small AG News and SST-2 folders (the first rows of ../shared/data) for FedKD tests."""
+    out = {}
+    for name, files in (("agnews", {"train.tsv": 320, "test.tsv": 120}),
+                        ("sst2", {"train.tsv": 320, "validation.tsv": 120})):
+        src, dst = agnews.parent / name, tmp_path_factory.mktemp(name)
+        for file, rows in files.items():
+            lines = (src / file).read_text(encoding="utf-8").splitlines(keepends=True)
+            (dst / file).write_text("".join(lines[: rows + 1]), encoding="utf-8")
+        out[name] = dst
+    return out
