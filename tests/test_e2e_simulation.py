@@ -26,7 +26,7 @@ def flower_env(tmp_path_factory):
     home = tmp_path_factory.mktemp("flwr-home")
     # one local SuperLink per machine (fixed port): serialise with other suites using it
     lock = open("/tmp/flwr-e2e.lock", "w")
-    fcntl.flock(lock, fcntl.LOCK_EX)
+    fcntl.lockf(lock, fcntl.LOCK_EX)  # POSIX lock: no deadlock under flock(1)
     env = {**os.environ, "FLWR_HOME": str(home), "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
            "RAY_DISABLE_USAGE_STATS": "1"}
@@ -62,7 +62,7 @@ def flower_env(tmp_path_factory):
         except subprocess.TimeoutExpired:
             link.kill()
         log.close()
-        fcntl.flock(lock, fcntl.LOCK_UN)
+        fcntl.lockf(lock, fcntl.LOCK_UN)
         lock.close()
 
 
