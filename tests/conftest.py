@@ -15,6 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
 
+from flower_e2e import local_superlink  # noqa: E402
 from tiny_models import make_tiny_bert, make_tiny_llama  # noqa: E402
 
 
@@ -54,3 +55,10 @@ def mixed_tasks(agnews, tmp_path_factory) -> dict[str, Path]:
             (dst / file).write_text("".join(lines[: rows + 1]), encoding="utf-8")
         out[name] = dst
     return out
+
+
+@pytest.fixture(scope="module")
+def flower_env(tmp_path_factory):
+    """Environment for `flwr run` against a private local SuperLink (see tests/flower_e2e.py)."""
+    with local_superlink(tmp_path_factory.mktemp("flwr-home")) as env:
+        yield env

@@ -16,12 +16,12 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
+from flower_e2e import copy_app
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -237,12 +237,7 @@ def test_tls_authenticated_deployment_over_grpc(hosts, tiny_bert, agnews, tmp_pa
         h.stop(name)
 
     # the job: 4 hetlora rounds, at least 2 devices a round
-    app = tmp_path / "app"
-    app.mkdir()
-    for name in ("pyproject.toml", "README.md", "task", "strategies", "client_app", "server_app"):
-        src = ROOT / name
-        (shutil.copytree(src, app / name, ignore=shutil.ignore_patterns("__pycache__"))
-         if src.is_dir() else shutil.copy(src, app / name))
+    app = copy_app(tmp_path / "app")
     results = tmp_path / "results"
     run_config = " ".join([f"model='{tiny_bert}'", f"data.path='{agnews}'",
                            f"results-dir='{results}'", "num-server-rounds=4", "min-devices=2",

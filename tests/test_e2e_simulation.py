@@ -2,85 +2,17 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
-import shutil
 import subprocess
 import sys
-import time
-from pathlib import Path
 
-import httpx
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-APP_FILES = ("pyproject.toml", "README.md", "task", "strategies", "client_app", "server_app")
-
-
-@pytest.fixture(scope="module")
-def flower_env(tmp_path_factory):
-    """A private FLWR_HOME and a local SuperLink we start (and stop) by PID."""
-    from flwr.cli.constant import LOCAL_CONTROL_API_ADDRESS, LOCAL_SUPERLINK_HTTP_API_PORT
-
-    home = tmp_path_factory.mktemp("flwr-home")
-    # one local SuperLink per machine (fixed port): serialise with other suites using it
-    lock = open("/tmp/flwr-e2e.lock", "w")
-    fcntl.lockf(lock, fcntl.LOCK_EX)  # POSIX lock: no deadlock under flock(1)
-    env = {**os.environ, "FLWR_HOME": str(home), "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-           "RAY_DISABLE_USAGE_STATS": "1"}
-    health = f"http://127.0.0.1:{LOCAL_SUPERLINK_HTTP_API_PORT}/health"
-    try:
-        httpx.get(health, timeout=1)
-        pytest.fail(f"a SuperLink already listens on port {LOCAL_SUPERLINK_HTTP_API_PORT}; "
-                    "stop it (by its PID) before running this test")
-    except httpx.HTTPError:
-        pass
-    log = open(home / "superlink.out", "w")
-    link = subprocess.Popen(
-        [shutil.which("flower-superlink"), "--insecure", "--simulation", "--isolation",
-         "subprocess", "--control-api-address", LOCAL_CONTROL_API_ADDRESS, "--host", "127.0.0.1",
-         "--port", str(LOCAL_SUPERLINK_HTTP_API_PORT), "--database", str(home / "state.db")],
-        env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(health, timeout=1).is_success:
-                    break
-            except httpx.HTTPError:
-                pass
-            if link.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"SuperLink did not start: {(home / 'superlink.out').read_text()}")
-            time.sleep(0.5)
-        yield env
-    finally:
-        link.terminate()
-        try:
-            link.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            link.kill()
-        log.close()
-        fcntl.lockf(lock, fcntl.LOCK_UN)
-        lock.close()
-
-
-def _copy_app(dst: Path) -> Path:
-    """flwr run rewrites pyproject.toml (moves federations out): run a copy."""
-    dst.mkdir(parents=True)
-    for name in APP_FILES:
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, dst / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(src, dst / name)
-    return dst
+from flower_e2e import ROOT, copy_app
 
 
 @pytest.mark.e2e
 def test_two_round_hetlora_simulation(flower_env, tiny_bert, agnews, tmp_path):
-    app = _copy_app(tmp_path / "app")
+    app = copy_app(tmp_path / "app")
     results = tmp_path / "results"
     run_config = " ".join([
         f"model='{tiny_bert}'", f"data.path='{agnews}'", f"results-dir='{results}'",

@@ -1,0 +1,97 @@
+"""Running the app through a real local Flower SuperLink in tests.
+
+Several checkouts on one machine start a SuperLink on Flower's fixed local port, so its whole
+life is spent under a POSIX (fcntl) lock on /tmp/flwr-e2e.lock. flock(1) and fcntl locks do not
+block each other on Linux, so a suite run under `flock /tmp/flwr-e2e.lock ...` nests safely.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+APP_FILES = ("pyproject.toml", "README.md", "task", "strategies", "client_app", "server_app")
+LOCK_FILE = "/tmp/flwr-e2e.lock"
+
+
+@contextlib.contextmanager
+def e2e_lock(wait_s: float = 1800.0):
+    with open(LOCK_FILE, "a+") as handle:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"another Flower test run held {LOCK_FILE} for {wait_s:.0f}s")
+                time.sleep(1.0)
+        try:
+            yield
+        finally:
+            fcntl.lockf(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def local_superlink(home: Path):
+    """A private FLWR_HOME and a local SuperLink we start (and stop) by PID, under the lock."""
+    from flwr.cli.constant import LOCAL_CONTROL_API_ADDRESS, LOCAL_SUPERLINK_HTTP_API_PORT
+
+    env = {**os.environ, "FLWR_HOME": str(home), "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+           "RAY_DISABLE_USAGE_STATS": "1"}
+    health = f"http://127.0.0.1:{LOCAL_SUPERLINK_HTTP_API_PORT}/health"
+    with e2e_lock():
+        try:
+            httpx.get(health, timeout=1)
+            pytest.fail(f"a SuperLink already listens on port {LOCAL_SUPERLINK_HTTP_API_PORT}; "
+                        "stop it (by its PID) before running this test")
+        except httpx.HTTPError:
+            pass
+        log = open(home / "superlink.out", "w")
+        link = subprocess.Popen(
+            [shutil.which("flower-superlink"), "--insecure", "--simulation", "--isolation",
+             "subprocess", "--control-api-address", LOCAL_CONTROL_API_ADDRESS, "--host",
+             "127.0.0.1", "--port", str(LOCAL_SUPERLINK_HTTP_API_PORT), "--database",
+             str(home / "state.db")],
+            env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    if httpx.get(health, timeout=1).is_success:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if link.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"SuperLink did not start: {(home / 'superlink.out').read_text()}")
+                time.sleep(0.5)
+            yield env
+        finally:
+            link.terminate()
+            try:
+                link.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                link.kill()
+            log.close()
+
+
+def copy_app(dst: Path) -> Path:
+    """flwr run rewrites pyproject.toml (moves federations out): run a copy."""
+    dst.mkdir(parents=True)
+    for name in APP_FILES:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, dst / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(src, dst / name)
+    return dst
