@@ -2,6 +2,8 @@
 
 - QUERY: tell the server who this device is (profile, partition, explicit rank).
 - TRAIN: receive the global adapter truncated to this device's rank (unicast), train, reply.
+  With strategy='fedkd' (S3): receive the shared module (or its compressed update), train it
+  and the private local module by mutual distillation, reply with the shared module only.
 - TRAIN "gradient" (S4 unlearning rounds): reply the gradient of the task loss (remaining
   devices) or of the unlearning loss (opting-out devices). An opting-out device keeps its own
   copy of the model in `context.state` and, after the first unlearning round, receives only
@@ -20,6 +22,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client_app.device import DeviceInfo, gradient_round, local_examples, train_round
+from client_app.fedkd import DeviceStore, device_round
 from task.config import RunConfig
 from task.lora import State, lora_rank
 from task.records import from_record, to_record
@@ -36,13 +39,17 @@ _LOCAL_MODEL = "unlearn-model"  # context.state key: an opting-out device's own 
 def query(msg: Message, context: Context) -> Message:
     info = DeviceInfo.from_node_config(context.node_config)
     profile = ConfigRecord({"device": info.device, "partition-id": info.partition_id,
-                            "num-partitions": info.num_partitions, "lora-rank": info.lora_rank})
+                            "num-partitions": info.num_partitions, "lora-rank": info.lora_rank,
+                            "task": info.task})
     return Message(RecordDict({"profile": profile}), reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    cfg, info, config, rank, label_names, tag = _setup(msg, context)
+    cfg = RunConfig.from_run_config(context.run_config)
+    if cfg.strategy == "fedkd":
+        return train_fedkd(msg, context, cfg)
+    cfg, info, config, rank, label_names, tag = _setup(msg, context, cfg)
     state = _checked(from_record(msg.content["arrays"]), rank)
     privacy = _open_privacy(cfg, info, label_names, context)
     if privacy is not None and not privacy.can_step():
@@ -96,8 +103,8 @@ def gradient(msg: Message, context: Context) -> Message:
 
 
 # ------------------------------------------------------------------------------ helpers
-def _setup(msg: Message, context: Context):
-    cfg = RunConfig.from_run_config(context.run_config)
+def _setup(msg: Message, context: Context, cfg: RunConfig | None = None):
+    cfg = cfg or RunConfig.from_run_config(context.run_config)
     info = DeviceInfo.from_node_config(context.node_config)
     config = msg.content["config"]
     rank = int(config["rank"])
@@ -155,3 +162,25 @@ def _budget_exhausted(msg: Message, privacy, tag: str, cfg: RunConfig, info: Dev
         "epsilon": eps, "noise-multiplier": privacy.noise_multiplier,
         "private-steps": privacy.steps})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+def train_fedkd(msg: Message, context: Context, cfg: RunConfig) -> Message:
+    """S3 round: the reply holds the shared module (or its update) and metrics; the private
+    local module stays in this device's state folder."""
+    info = DeviceInfo.from_node_config(context.node_config)
+    config = msg.content["config"]
+    task, server_round = str(config["task"]), int(config["server-round"])
+    energy = float(config["energy"]) or None  # 0.0: compression off
+    store = DeviceStore.for_device(cfg, info, context.run_id, context.node_id)
+    tag = f"[round {server_round}] {task} device (node {context.node_id}):"
+    log.info("%s FedKD, %d local steps, state in %s", tag, cfg.local_steps, store.root)
+    payload, num_examples, metrics = device_round(
+        cfg, info, store, task, tuple(config["label-names"]), from_record(msg.content["arrays"]),
+        int(config["base-round"]), server_round, energy, tag=tag)
+    reply_metrics = {"num-examples": num_examples, "train-loss": metrics["train_loss"],
+                     "train-s": metrics["train_s"], "rank": cfg.fedkd_shared_rank,
+                     "local-loss": metrics["local_loss"]}
+    if "local_accuracy" in metrics:
+        reply_metrics["local-accuracy"] = metrics["local_accuracy"]
+    reply = RecordDict({"arrays": to_record(payload), "metrics": MetricRecord(reply_metrics)})
+    return Message(reply, reply_to=msg)

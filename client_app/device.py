@@ -31,6 +31,8 @@ class DeviceInfo:
     lora_rank: int = 0  # 0 = the profile's default rank
     data_dir: str = ""  # '' = the run config's data.path
     privacy_ledger: str = ""  # JSON file keeping the DP accountant across runs ('' = per run)
+    task: str = ""  # FedKD task of this device; '' = fedkd.task-mix by partition id
+    state_dir: str = ""  # FedKD private state folder; '' = the run config's fedkd.state-dir
 
     @classmethod
     def from_node_config(cls, node_config) -> DeviceInfo:
@@ -45,7 +47,9 @@ class DeviceInfo:
                    num_partitions=num("num-partitions", 0),
                    lora_rank=num("lora-rank", 0),
                    data_dir=str(node_config.get("data-dir", "")),
-                   privacy_ledger=str(node_config.get("privacy-ledger", "")))
+                   privacy_ledger=str(node_config.get("privacy-ledger", "")),
+                   task=str(node_config.get("task", "")),
+                   state_dir=str(node_config.get("state-dir", "")))
 
 
 @functools.lru_cache(maxsize=16)

@@ -2,6 +2,7 @@
 
 `prepare_run` does every check that can fail on configuration (before anything is trained);
 `federate` drives the rounds over any Grid (Flower's, or a test's in-process one).
+strategy='fedkd' (S3) runs `server_app.fedkd_app.run_fedkd` instead.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from server_app.evaluation import ServerTask
+from server_app.fedkd_app import run_fedkd
 from server_app.results import RunRecorder, write_plots
 from server_app.unlearning import (BEFORE_ADAPTER, Unfinished, UnlearningRecord,
                                    honour_unfinished)
@@ -118,7 +120,14 @@ def federate(grid: Grid, plan: RunPlan) -> Path:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     try:
-        plan = prepare_run(RunConfig.from_run_config(context.run_config), context.run_id)
+        cfg = RunConfig.from_run_config(context.run_config)
+    except ConfigError as err:
+        log.error("configuration error, nothing was trained: %s", err)
+        raise SystemExit(f"edge-lam: configuration error: {err}") from err
+    if cfg.strategy == "fedkd":  # S3: mixed tasks, private local modules
+        return run_fedkd(grid, context, cfg)
+    try:
+        plan = prepare_run(cfg, context.run_id)
     except ConfigError as err:
         log.error("configuration error, nothing was trained: %s", err)
         raise SystemExit(f"edge-lam: configuration error: {err}") from err

@@ -53,7 +53,8 @@ class ServerTask:
                                                  replace=False)))
         task = cls(cfg, labels, test, str(path) if path else f"hub:{cfg.hub_dataset}")
         model = get_lora_model(cfg, labels, cfg.r_max)
-        ranks = list(cfg.ranks.values()) if cfg.aggregation != "fedavg" else [cfg.fedavg_rank]
+        ranks = ([cfg.r_max] if cfg.aggregation in ("fedavg", "fedkd")
+                 else list(cfg.ranks.values()))
         check_lora_targets(model, cfg, ranks)
         return task
 

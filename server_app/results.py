@@ -38,7 +38,10 @@ class RunRecorder:
     def record_train(self, server_round: int, info: dict) -> None:
         self._train[server_round] = info
 
-    def record_eval(self, server_round: int, metrics: dict, phase: str = "train") -> dict:
+    def record_eval(self, server_round: int, metrics: dict, phase: str = "train",
+                    extra: dict | None = None) -> dict:
+        """Append the round's row; `phase` is train/unlearn/recover (S4); `extra` adds
+        strategy-specific fields (FedKD: `tasks`)."""
         now = time.perf_counter()
         train = self._train.pop(server_round, {})
         row = {
@@ -56,6 +59,7 @@ class RunRecorder:
         for key in ("rejections", "budget_exhausted", "forget_nodes", "unlearning"):
             if train.get(key):
                 row[key] = train[key]
+        row.update(extra or {})
         self._t_last = now
         row = _clean(row)
         self.rows.append(row)
@@ -74,8 +78,14 @@ def write_plots(rows: list[dict], plot_dir: Path) -> list[Path]:
     plot_dir.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6, 4))
     pts = [(r["round"], r["accuracy"]) for r in rows if r.get("accuracy") is not None]
-    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o")
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+            label="mean over tasks" if rows and "tasks" in rows[-1] else None)
+    for task in (rows[-1].get("tasks", {}) if rows else {}):  # FedKD: one line per task
+        ax.plot([r["round"] for r in rows], [r["tasks"][task]["accuracy"] for r in rows],
+                marker=".", alpha=0.7, label=task)
     ax.set(xlabel="round", ylabel="accuracy (server test split)", title="Global model accuracy")
+    if rows and "tasks" in rows[-1]:
+        ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     acc_path = plot_dir / "accuracy.png"

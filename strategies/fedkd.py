@@ -10,6 +10,11 @@ mentee) that all devices update; only the shared module crosses the network (S3)
   compression of shared-module updates, keeping the smallest number of singular values whose
   energy sum sigma_i^2 reaches T(t) of the total, T(t) rising linearly from 0.95 to 0.98.
 
+- `global_state`, `device_view`, `aggregate_fedkd`: the server keeps the shared backbone
+  adapter once and one head per task; the backbone is averaged over all devices, each head
+  only over the devices of its task (label spaces differ).
+- `encode_update`, `decode_update`: what crosses the network each way, compressed or not.
+
 Pure functions, no Flower: the ClientApp calls the losses, both sides call the compression.
 """
 
@@ -180,10 +185,12 @@ def svd_decompress(u: np.ndarray, s: np.ndarray, vt: np.ndarray) -> np.ndarray:
     return product.astype(u.dtype)
 
 
-def compress_update(state: Mapping[str, np.ndarray], energy: float) -> State:
+def compress_update(state: Mapping[str, np.ndarray], energy: float,
+                    array_overhead: int = 0) -> State:
     """S3: payload for a shared-module update: `<key>::U`, `<key>::s`, `<key>::Vt` per 2-D
     floating array whose truncated SVD is smaller in bytes, `<key>::full` for the rest
-    (1-D, N-D, integer arrays, and matrices that would not shrink)."""
+    (1-D, N-D, integer arrays, and matrices that would not shrink). `array_overhead` is what
+    the transport adds per array (three arrays instead of one count against the SVD)."""
     _check_energy(energy)
     payload: State = {}
     for key, value in state.items():
@@ -192,7 +199,7 @@ def compress_update(state: Mapping[str, np.ndarray], energy: float) -> State:
         value = np.asarray(value)
         if value.ndim == 2 and np.issubdtype(value.dtype, np.floating):
             u, s, vt = svd_compress(value, energy)
-            if u.nbytes + s.nbytes + vt.nbytes < value.nbytes:
+            if u.nbytes + s.nbytes + vt.nbytes + 2 * array_overhead < value.nbytes:
                 payload.update({f"{key}{SEP}{_U}": u, f"{key}{SEP}{_S}": s,
                                 f"{key}{SEP}{_VT}": vt})
                 continue
@@ -223,3 +230,130 @@ def decompress_update(payload: Mapping[str, np.ndarray]) -> State:
 def payload_nbytes(payload: Mapping[str, np.ndarray]) -> int:
     """Bytes of the arrays' data: what crosses the network for this payload."""
     return int(sum(np.asarray(v).nbytes for v in payload.values()))
+
+
+# ---------------------------------------------------------------------------- federation
+# The server's global state (S3) holds the shared backbone adapter once and one head per task:
+# LoRA factors under their PEFT names, head tensors under `head/<task>/<PEFT name>`. A device
+# of task t receives (and returns) the backbone plus t's head, under plain PEFT names.
+
+HEAD_PREFIX = "head/"
+
+
+def _is_head_key(key: str) -> bool:
+    """A trainable tensor that is not a LoRA factor: part of the classification head."""
+    return not (key.endswith(".lora_A.weight") or key.endswith(".lora_B.weight"))
+
+
+def global_state(backbone: Mapping[str, np.ndarray], heads: Mapping[str, Mapping[str, np.ndarray]]
+                 ) -> State:
+    """Global state from one device-shaped state's LoRA factors and each task's head."""
+    out = {k: np.array(v, copy=True) for k, v in backbone.items() if not _is_head_key(k)}
+    for task, head in heads.items():
+        if "/" in task:
+            raise ValueError(f"task name {task!r} must not contain '/'")
+        out.update({f"{HEAD_PREFIX}{task}/{k}": np.array(v, copy=True)
+                    for k, v in head.items() if _is_head_key(k)})
+    return out
+
+
+def task_names(state: Mapping[str, np.ndarray]) -> list[str]:
+    """Tasks that have a head in a global state, sorted."""
+    return sorted({k[len(HEAD_PREFIX):].split("/", 1)[0] for k in state
+                   if k.startswith(HEAD_PREFIX)})
+
+
+def device_view(state: Mapping[str, np.ndarray], task: str) -> State:
+    """What a device of `task` holds: the shared backbone adapter + that task's head."""
+    prefix = f"{HEAD_PREFIX}{task}/"
+    head = {k[len(prefix):]: v.copy() for k, v in state.items() if k.startswith(prefix)}
+    if not head:
+        raise ValueError(f"the global state has no head for task {task!r} "
+                         f"(tasks: {task_names(state)})")
+    backbone = {k: v.copy() for k, v in state.items() if not k.startswith(HEAD_PREFIX)}
+    return {**backbone, **head}
+
+
+def aggregate_fedkd(states: Sequence[Mapping[str, np.ndarray]], num_examples: Sequence[int],
+                    tasks: Sequence[str], previous: Mapping[str, np.ndarray]) -> State:
+    """S3 server step over device-shaped states (backbone + own task's head):
+
+        backbone = sum_k w_k backbone_k                 over ALL devices,   w_k = n_k / sum n
+        head_t   = sum_{k: task_k = t} w_k^t head_k     over devices of task t only
+
+    Heads of different tasks (different label spaces) are never averaged together; a task
+    with no device this round keeps its previous head.
+    """
+    if not (len(states) == len(num_examples) == len(tasks)) or not states:
+        raise ValueError(f"need one task and count per state, got {len(states)} states, "
+                         f"{len(num_examples)} counts, {len(tasks)} tasks")
+    counts = np.asarray(num_examples, dtype=np.float64)
+    if np.any(counts <= 0):
+        raise ValueError(f"example counts must be positive, got {list(num_examples)}")
+
+    def mean(group: Sequence[int], key: str) -> np.ndarray:
+        weights = counts[list(group)] / counts[list(group)].sum()
+        acc = sum(w * states[i][key].astype(np.float64) for w, i in zip(weights, group))
+        return np.asarray(acc).astype(states[group[0]][key].dtype)
+
+    everyone = list(range(len(states)))
+    out = {k: np.array(v, copy=True) for k, v in previous.items()}
+    for key in states[0]:
+        if not _is_head_key(key):
+            out[key] = mean(everyone, key)
+    for task in dict.fromkeys(tasks):
+        group = [i for i, t in enumerate(tasks) if t == task]
+        for key in states[group[0]]:
+            if _is_head_key(key):
+                name = f"{HEAD_PREFIX}{task}/{key}"
+                if name not in previous:
+                    raise ValueError(f"device state has head tensor {key!r} that task "
+                                     f"{task!r} lacks in the global state")
+                out[name] = mean(group, key)
+    return out
+
+
+# ---------------------------------------------------------------------------- transport
+# S3 compression is of UPDATES: the sender ships compress(target - reference) where the
+# receiver already holds `reference`; without a reference or with compression off, the
+# target itself goes as is (plain keys). Both sides reconstruct with `decode_update`.
+
+NPY_HEADER_BYTES = 128  # np.save's header: what each array costs on the wire beyond its data
+
+def is_compressed(payload: Mapping[str, np.ndarray]) -> bool:
+    return any(SEP in key for key in payload)
+
+
+def encode_update(target: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray] | None,
+                  energy: float | None, array_overhead: int = NPY_HEADER_BYTES) -> State:
+    """Payload for `target`: compress_update(target - reference, energy) (S3), or the target
+    itself when energy is None (compression off) or the receiver holds nothing yet. A matrix
+    is sent as SVD factors only if that is smaller on the wire (Flower serialises each array
+    with np.save: `array_overhead` bytes of header each)."""
+    if energy is None or reference is None:
+        return {k: np.array(v, copy=True) for k, v in target.items()}
+    if set(target) != set(reference):
+        raise ValueError(f"cannot encode an update between states with different keys "
+                         f"(e.g. {sorted(set(target) ^ set(reference))[:2]})")
+    delta = {k: np.asarray(target[k]) - np.asarray(reference[k]) for k in target}
+    return compress_update(delta, energy, array_overhead)
+
+
+def decode_update(payload: Mapping[str, np.ndarray],
+                  reference: Mapping[str, np.ndarray] | None) -> State:
+    """The state a payload stands for: reference + decompressed update, or the payload."""
+    if not is_compressed(payload):
+        return {k: np.array(v, copy=True) for k, v in payload.items()}
+    if reference is None:
+        raise ValueError("got a compressed update but hold no state to apply it to")
+    delta = decompress_update(payload)
+    if set(delta) != set(reference):
+        raise ValueError(f"update keys do not match the held state "
+                         f"(e.g. {sorted(set(delta) ^ set(reference))[:2]})")
+    out = {}
+    for key, ref in reference.items():
+        if delta[key].shape != ref.shape:
+            raise ValueError(f"update for {key} has shape {delta[key].shape}, held state "
+                             f"{ref.shape}")
+        out[key] = (ref + delta[key]).astype(ref.dtype)
+    return out

@@ -8,6 +8,7 @@ what differs for heterogeneous ranks:
   accepted states to the pure aggregation function of `strategies.hetlora`.
 The global state is always LoRA factors at r_max (plus the head). A device that replies
 `budget-exhausted` (its differential-privacy budget is spent) is logged and not asked again.
+Subclasses hook in through `_downlink` / `_decode_uplink` (what travels) and `_aggregate`.
 """
 
 from __future__ import annotations
@@ -48,12 +49,13 @@ class HeterogeneousLoRA(FedAvg):
                          min_train_nodes=cfg.min_devices, min_available_nodes=cfg.min_devices)
         self.cfg = cfg
         self.label_names = label_names
-        self.aggregate_fn = AGGREGATORS[cfg.aggregation]
+        self.aggregate_fn = AGGREGATORS.get(cfg.aggregation)  # None: a subclass aggregates
         self.on_train_round = on_train_round or (lambda rnd, info: None)
         self.query_timeout = query_timeout
         self.profiles: dict[int, NodeProfile] = {}
         self.exhausted: dict[int, float] = {}  # node -> epsilon spent when it stopped (DP)
         self._sent: dict[int, tuple[State, int]] = {}  # node -> (state sent, bytes down)
+        self._outbox: list[Message] = []  # this round's TRAIN messages (ids set when pushed)
 
     # ----------------------------------------------------------------- who is who
     def _learn_profiles(self, grid: Grid, node_ids: Iterable[int]) -> None:
@@ -68,16 +70,20 @@ class HeterogeneousLoRA(FedAvg):
             if reply.has_error():
                 log.error("node %d did not describe itself: %s", node, reply.error.reason)
                 continue
-            p = reply.content["profile"]
             try:
-                device = self.cfg.device_for(int(p["partition-id"]), str(p["device"]))
-                rank = self.cfg.rank_for(device, int(p["lora-rank"]))
+                profile = self._make_profile(node, reply.content["profile"])
             except ConfigError as err:
                 log.error("node %d is left out: %s", node, err)
                 continue
-            self.profiles[node] = NodeProfile(node, device, int(p["partition-id"]), rank)
+            self.profiles[node] = profile
             log.info("node %d is a '%s' device (partition %d): LoRA rank %d",
-                     node, device, int(p["partition-id"]), rank)
+                     node, profile.device, profile.partition_id, profile.rank)
+
+    def _make_profile(self, node: int, p: ConfigRecord) -> NodeProfile:
+        """A node's profile from its QUERY reply (ConfigError: leave the node out)."""
+        device = self.cfg.device_for(int(p["partition-id"]), str(p["device"]))
+        rank = self.cfg.rank_for(device, int(p["lora-rank"]))
+        return NodeProfile(node, device, int(p["partition-id"]), rank)
 
     # ----------------------------------------------------------------- downlink
     def _train_node_ids(self, grid: Grid) -> list[int]:
@@ -91,8 +97,7 @@ class HeterogeneousLoRA(FedAvg):
                        **extra) -> ConfigRecord:
         profile = self.profiles[node]
         return ConfigRecord({**dict(config), "server-round": server_round,
-                             "rank": profile.rank, "device": profile.device,
-                             "label-names": list(self.label_names), **extra})
+                             "rank": profile.rank, "device": profile.device, **extra})
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -107,29 +112,49 @@ class HeterogeneousLoRA(FedAvg):
             profile = self.profiles.get(node)
             if profile is None:
                 continue
-            state = truncate_lora(global_state, profile.rank)  # S1 step 1, unicast
-            record = to_record(state)
-            self._sent[node] = (state, record_nbytes(record))
+            payload, expected, extra = self._downlink(node, global_state, server_round)
+            record = to_record(payload)
+            self._sent[node] = (expected, record_nbytes(record))
             content = RecordDict({"arrays": record,
-                                  "config": self._device_config(config, server_round, node)})
+                                  "config": self._device_config(config, server_round, node,
+                                                                **extra)})
             messages.append(Message(content, dst_node_id=node,
                                     message_type=MessageType.TRAIN))
+        self._outbox = messages
         log.info("round %d: %s", server_round, ", ".join(
             f"node {n} {self.profiles[n].device}@r{self.profiles[n].rank}" for n in self._sent))
         return messages
 
+    def _downlink(self, node: int, global_state: State, server_round: int
+                  ) -> tuple[State, State, dict]:
+        """(payload to send, state the device will hold, extra config) for one node."""
+        state = truncate_lora(global_state, self.profiles[node].rank)  # S1 step 1, unicast
+        return state, state, {"label-names": list(self.label_names)}
+
     # ----------------------------------------------------------------- uplink
-    def _accept(self, msg: Message, key: str = "arrays") -> tuple[State, int, dict] | str:
+    def _origin(self, msg: Message) -> int:
+        """The device a reply is about. An error the SuperLink writes for a device that went
+        away (no heartbeat) comes from the SuperLink itself: match it by the message it
+        answers."""
+        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in self._outbox
+                if m.metadata.message_id}
+        return sent.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+
+    def _decode_uplink(self, node: int, payload: State) -> State:
+        """The state a reply's arrays stand for (here: the arrays themselves)."""
+        return payload
+
+    def _accept(self, msg: Message, node: int, key: str = "arrays"
+                ) -> tuple[State, int, dict] | str:
         """(state, n_k, metrics) of a sound reply (its record `key`), or the reason to
         reject it."""
-        node = msg.metadata.src_node_id
         if msg.has_error():
             return f"device error: {msg.error.reason}"
         if node not in self._sent:
             return "reply from a node that was not asked to train"
         expected, _ = self._sent[node]
         try:
-            state = from_record(msg.content[key])
+            state = self._decode_uplink(node, from_record(msg.content[key]))
             metrics = dict(msg.content["metrics"])
         except (KeyError, ValueError, TypeError) as err:
             return f"malformed reply ({err.__class__.__name__}: {err})"
@@ -137,14 +162,13 @@ class HeterogeneousLoRA(FedAvg):
         reason = check_reply(state, expected, self.profiles[node].rank, num_examples)
         return reason or (state, int(num_examples), metrics)
 
-    def _stopped(self, server_round: int, msg: Message) -> bool:
+    def _stopped(self, server_round: int, msg: Message, node: int) -> bool:
         """Did the device say its privacy budget is spent? (logged; it is not asked again)"""
         if msg.has_error() or "metrics" not in msg.content:
             return False
         metrics = msg.content["metrics"]
         if not int(metrics.get("budget-exhausted", 0)):
             return False
-        node = msg.metadata.src_node_id
         self.exhausted[node] = float(metrics.get("epsilon", float("nan")))
         log.warning("round %d: node %d stopped: privacy budget exhausted (epsilon %.3f of "
                     "dp.target-epsilon=%g)%s", server_round, node, self.exhausted[node],
@@ -156,29 +180,16 @@ class HeterogeneousLoRA(FedAvg):
     def _has_payload(msg: Message) -> bool:
         return "arrays" in msg.content or "gradient" in msg.content
 
-    def _client_row(self, node: int, n: int, metrics: dict, msg: Message, key: str) -> dict:
-        profile = self.profiles[node]
-        row = {"node_id": node, "partition_id": profile.partition_id,
-               "device": profile.device, "rank": profile.rank, "num_examples": n,
-               "train_loss": float(metrics.get("train-loss", metrics.get("loss", float("nan")))),
-               "train_s": float(metrics.get("train-s", metrics.get("grad-s", float("nan")))),
-               "bytes_up": record_nbytes(msg.content[key]),
-               "bytes_down": self._sent[node][1]}
-        if "epsilon" in metrics:
-            row.update(epsilon=float(metrics["epsilon"]),
-                       private_steps=int(metrics["private-steps"]),
-                       budget_exhausted=bool(metrics.get("budget-exhausted", 0)))
-        return row
-
-    def _collect(self, server_round: int, replies: Iterable[Message], key: str = "arrays"):
-        """Validated replies: (accepted [(node, state, n, metrics)], round info)."""
+    def _collect(self, server_round: int, replies: Iterable[Message], key: str = "arrays"
+                 ) -> tuple[list[tuple[int, State, int, dict]], dict]:
+        """Validated replies: (accepted [(node, state, n_k, metrics)], the round's info)."""
         accepted, clients, rejected, replied = [], [], [], set()
         for msg in replies:
-            node = msg.metadata.src_node_id
+            node = self._origin(msg)
             replied.add(node)
-            if self._stopped(server_round, msg) and not self._has_payload(msg):
+            if self._stopped(server_round, msg, node) and not self._has_payload(msg):
                 continue
-            outcome = self._accept(msg, key)
+            outcome = self._accept(msg, node, key)
             if isinstance(outcome, str):
                 log.warning("round %d: rejected reply of node %d: %s", server_round, node,
                             outcome)
@@ -186,7 +197,7 @@ class HeterogeneousLoRA(FedAvg):
                 continue
             state, n, metrics = outcome
             accepted.append((node, state, n, metrics))
-            clients.append(self._client_row(node, n, metrics, msg, key))
+            clients.append(self._client_info(node, n, metrics, msg, key))
         missing = sorted(set(self._sent) - replied)
         for node in missing:
             log.warning("round %d: no reply from node %d (%s) before the timeout",
@@ -197,10 +208,6 @@ class HeterogeneousLoRA(FedAvg):
             info["budget_exhausted"] = sorted(self.exhausted)
         return accepted, info
 
-    def _aggregate(self, states: list[State], counts: list[int]) -> State:
-        """S1 aggregation of the accepted states (subclasses may correct them first)."""
-        return self.aggregate_fn(states, counts, self.cfg.r_max)
-
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         accepted, info = self._collect(server_round, replies)
@@ -209,12 +216,33 @@ class HeterogeneousLoRA(FedAvg):
                         server_round)
             self.on_train_round(server_round, info)
             return None, None
-        states = [a[1] for a in accepted]
-        counts = [a[2] for a in accepted]
-        new_state = self._aggregate(states, counts)
+        nodes, states, counts, _ = map(list, zip(*accepted))
+        new_state = self._aggregate(states, counts, nodes)
         info["aggregation_error"] = aggregation_error(new_state, states, counts)
         self.on_train_round(server_round, info)
         weights = np.asarray(counts, dtype=np.float64) / sum(counts)
         train_loss = float(sum(w * c["train_loss"] for w, c in zip(weights, info["clients"])))
         return to_record(new_state), MetricRecord({"train-loss": train_loss,
                                                    "accepted": len(states)})
+
+    def _client_info(self, node: int, n: int, metrics: dict, msg: Message,
+                     key: str = "arrays") -> dict:
+        """One device's entry in metrics.jsonl's `clients` (gradient replies: their loss)."""
+        profile = self.profiles[node]
+        row = {
+            "node_id": node, "partition_id": profile.partition_id,
+            "device": profile.device, "rank": profile.rank, "num_examples": n,
+            "train_loss": float(metrics.get("train-loss", metrics.get("loss", float("nan")))),
+            "train_s": float(metrics.get("train-s", metrics.get("grad-s", float("nan")))),
+            "bytes_up": record_nbytes(msg.content[key]),
+            "bytes_down": self._sent[node][1],
+        }
+        if "epsilon" in metrics:
+            row.update(epsilon=float(metrics["epsilon"]),
+                       private_steps=int(metrics["private-steps"]),
+                       budget_exhausted=bool(metrics.get("budget-exhausted", 0)))
+        return row
+
+    def _aggregate(self, states: list[State], counts: list[int], nodes: list[int]) -> State:
+        """The new global state from the accepted replies (S1 math)."""
+        return self.aggregate_fn(states, counts, self.cfg.r_max)

@@ -140,9 +140,11 @@ class FederatedUnlearning(HeterogeneousLoRA):
             record = to_record(payload)
             self._sent[node] = (sent, record_nbytes(record))  # keys/shapes replies must have
             cfg = self._device_config(config, server_round, node,
-                                      objective="unlearn" if forget else "task")
+                                      objective="unlearn" if forget else "task",
+                                      **{"label-names": list(self.label_names)})
             messages.append(Message(RecordDict({key: record, "config": cfg}),
                                     dst_node_id=node, message_type=GRADIENT_MESSAGE))
+        self._outbox = messages  # SuperLink error replies map back through these
         log.info("round %d (unlearning): gradients from %d remaining and %d opting-out devices",
                  server_round, len(self._sent) - len(self.forget_nodes & set(self._sent)),
                  len(self.forget_nodes & set(self._sent)))
@@ -177,7 +179,7 @@ class FederatedUnlearning(HeterogeneousLoRA):
         return to_record(new_state), MetricRecord({"accepted": len(accepted),
                                                    "step-norm": step_info["step_norm"]})
 
-    def _aggregate(self, states: list[State], counts: list[int]) -> State:
+    def _aggregate(self, states: list[State], counts: list[int], nodes: list[int]) -> State:
         if self._phase == "recover" and self.before is not None:
             states = remove_drift(states, self._global, self.before, self.cfg.r_max)
-        return super()._aggregate(states, counts)
+        return super()._aggregate(states, counts, nodes)

@@ -26,13 +26,8 @@ def load_adapter(adapter: Path) -> tuple[RunConfig, tuple[str, ...], dict]:
                           "edge_lam.json and adapter_model.safetensors): pass "
                           "results/<run-id>/adapter")
     meta = json.loads(meta_path.read_text())
-    fields = {f.name for f in dataclasses.fields(RunConfig)}
-    saved = {k: v for k, v in meta["run_config"].items() if k in fields}
-    for key, value in saved.items():  # JSON lists back to the config's tuples
-        if isinstance(value, list):
-            saved[key] = tuple(value)
-    saved["profile_ranks"] = tuple(sorted(saved["profile_ranks"].items()))
-    return RunConfig(**saved), tuple(meta["label_names"]), load_file(str(weights))
+    return (RunConfig.from_dict(meta["run_config"]), tuple(meta["label_names"]),
+            load_file(str(weights)))
 
 
 def evaluate_adapter(adapter: Path, data: Path, rank: int | None = None,

@@ -9,15 +9,27 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 AGGREGATIONS = ("fedavg", "hetlora", "flexlora")
-STRATEGIES = AGGREGATIONS + ("unlearn",)
+STRATEGIES = AGGREGATIONS + ("fedkd", "unlearn")
 UNLEARN_LOSSES = ("bounded-ce", "fedosd")
 TASKS = ("seq-cls", "causal-lm")
 PARTITIONERS = ("iid", "dirichlet", "pathological")
+_TASK_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+@dataclass(frozen=True)
+class FedKDTask:
+    """One task of a FedKD federation (S3): its own data, columns, label space and head."""
+
+    name: str
+    path: str  # folder with train.* and test.*/validation.* (or one file)
+    text_column: str = "auto"
+    label_column: str = "label"
 
 
 class ConfigError(ValueError):
@@ -82,6 +94,23 @@ class RunConfig:
     dp_delta: float = 1e-5
     dp_max_grad_norm: float = 1.0  # per-example clipping norm C
     dp_noise_multiplier: float = 0.0  # sigma / C; 0 = derive from the budget
+    # FedKD (S3): a mixed federation, one task per device
+    fedkd_task_mix: tuple[str, ...] = ("agnews", "sst2")  # device k: mix[k % len]
+    fedkd_tasks: tuple[FedKDTask, ...] = (  # sorted by name
+        FedKDTask("agnews", "../shared/data/agnews", "text", "label"),
+        FedKDTask("sst2", "../shared/data/sst2", "sentence", "label"))
+    fedkd_shared_rank: int = 8  # rank of the shared adapter (the only thing transmitted)
+    fedkd_local_rank: int = 16  # rank of each device's private adapter
+    fedkd_local_model: str = ""  # '' = the private adapter sits on its own copy of `model`
+    fedkd_temperature: float = 2.0
+    fedkd_lambda: float = 1.0  # weight of the local module's task loss
+    fedkd_adaptive: bool = True  # distillation scaled by 1 / (CE_local + CE_shared)
+    fedkd_hidden_mse: bool = False  # add MSE between the two modules' hidden states
+    fedkd_compress: bool = False  # SVD-compress shared-module updates both ways
+    fedkd_energy_start: float = 0.95
+    fedkd_energy_end: float = 0.98
+    fedkd_state_dir: str = "fedkd-state"  # devices' private state: <dir>/run-<id>/<device>/
+    fedkd_device_eval_examples: int = 200  # local-module test accuracy reported by devices
 
     # ------------------------------------------------------------------ derived values
     @property
@@ -119,6 +148,8 @@ class RunConfig:
         """Rank of the global adapter the server keeps (S1: r_max = max_k r_k)."""
         if self.aggregation == "fedavg":
             return self.fedavg_rank
+        if self.strategy == "fedkd":
+            return self.fedkd_shared_rank
         return max(self.ranks.values())
 
     @property
@@ -147,6 +178,8 @@ class RunConfig:
         """LoRA rank a device trains at (S1's r_k)."""
         if self.aggregation == "fedavg":
             return self.fedavg_rank
+        if self.strategy == "fedkd":
+            return self.fedkd_shared_rank  # one common shared module (S3)
         if explicit_rank > 0:
             if explicit_rank > self.r_max:
                 raise ConfigError(
@@ -162,12 +195,82 @@ class RunConfig:
             )
         return self.ranks[device]
 
+    # ------------------------------------------------------------------ FedKD (S3)
+    @property
+    def fedkd_task_names(self) -> tuple[str, ...]:
+        """The federation's tasks: those of fedkd.task-mix, in order of first appearance."""
+        return tuple(dict.fromkeys(self.fedkd_task_mix))
+
+    def fedkd_task(self, name: str) -> FedKDTask:
+        for task in self.fedkd_tasks:
+            if task.name == name:
+                return task
+        raise ConfigError(f"unknown FedKD task '{name}': add fedkd.task.{name}.path=<folder> "
+                          f"(and fedkd.task-mix) to the run config, or use one of "
+                          f"{', '.join(self.fedkd_task_names)}")
+
+    def fedkd_task_for(self, partition_id: int, reported: str = "") -> str:
+        """Task of a device: what it reports (node-config task), else mix[partition % len]."""
+        if reported:
+            if reported not in self.fedkd_task_names:
+                raise ConfigError(f"a device reported task '{reported}', which is not in "
+                                  f"fedkd.task-mix ({', '.join(self.fedkd_task_mix)}): add it "
+                                  "there (with fedkd.task.<name>.path) or fix --node-config task")
+            return reported
+        if partition_id < 0:
+            raise ConfigError("a FedKD device reported neither a task nor a partition id: start "
+                              "it with --node-config \"task='agnews' ...\"")
+        return self.fedkd_task_mix[partition_id % len(self.fedkd_task_mix)]
+
+    def fedkd_task_partition(self, partition_id: int, num_partitions: int
+                             ) -> tuple[str, int, int]:
+        """(task, index among the devices of that task, number of devices of that task).
+
+        Simulated device k of N holds task mix[k % len]; the devices of one task split that
+        task's training data among themselves (data.partitioner).
+        """
+        task = self.fedkd_task_for(partition_id)
+        same = [k for k in range(num_partitions) if self.fedkd_task_for(k) == task]
+        return task, same.index(partition_id), len(same)
+
+    def task_config(self, name: str) -> RunConfig:
+        """This config with the data keys of FedKD task `name` (what its devices train on)."""
+        task = self.fedkd_task(name)
+        return dataclasses.replace(self, data_path=task.path, hub_dataset="",
+                                   text_column=task.text_column,
+                                   label_column=task.label_column)
+
+    def local_module_config(self, name: str) -> RunConfig:
+        """Config of the private local module of a task-`name` device: LoRA at
+        fedkd.local-rank (scaling alpha / local rank) on fedkd.local-model or `model`."""
+        return dataclasses.replace(self.task_config(name),
+                                   model=self.fedkd_local_model or self.model,
+                                   strategy="fedavg", fedavg_rank=self.fedkd_local_rank)
+
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["profile_ranks"] = self.ranks
+        out["fedkd_tasks"] = {t.name: {"path": t.path, "text_column": t.text_column,
+                                       "label_column": t.label_column} for t in self.fedkd_tasks}
         out["r_max"] = self.r_max
         out["lora_scaling"] = self.lora_scaling
         return out
+
+    @classmethod
+    def from_dict(cls, saved: Mapping[str, Any]) -> RunConfig:
+        """Invert `to_dict` (e.g. a saved adapter's edge_lam.json); unknown keys are ignored,
+        missing ones take their defaults."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in saved.items() if k in fields}
+        for key in ("target_modules", "device_mix", "fedkd_task_mix", "unlearn_clients"):
+            if key in values:
+                values[key] = tuple(values[key])
+        if "profile_ranks" in values:
+            values["profile_ranks"] = tuple(sorted(dict(values["profile_ranks"]).items()))
+        if "fedkd_tasks" in values:
+            values["fedkd_tasks"] = tuple(FedKDTask(name, **spec) for name, spec
+                                          in sorted(dict(values["fedkd_tasks"]).items()))
+        return cls(**values)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -182,6 +285,7 @@ class RunConfig:
         for key in list(raw):
             if key.startswith("devices.rank."):
                 ranks[key.removeprefix("devices.rank.")] = r.int(key, 0, lo=1)
+        fedkd_tasks = _read_fedkd_tasks(r, d.fedkd_tasks)
         cfg = cls(
             strategy=r.choice("strategy", d.strategy, STRATEGIES),
             num_rounds=r.int("num-server-rounds", d.num_rounds, lo=1),
@@ -230,9 +334,35 @@ class RunConfig:
             dp_delta=r.float("dp.delta", d.dp_delta, lo=1e-12, hi=0.5),
             dp_max_grad_norm=r.float("dp.max-grad-norm", d.dp_max_grad_norm, lo=1e-9),
             dp_noise_multiplier=r.float("dp.noise-multiplier", d.dp_noise_multiplier, lo=0.0),
+            fedkd_task_mix=r.names("fedkd.task-mix", d.fedkd_task_mix),
+            fedkd_tasks=fedkd_tasks,
+            fedkd_shared_rank=r.int("fedkd.shared-rank", d.fedkd_shared_rank, lo=1),
+            fedkd_local_rank=r.int("fedkd.local-rank", d.fedkd_local_rank, lo=1),
+            fedkd_local_model=r.str("fedkd.local-model", d.fedkd_local_model, allow_empty=True),
+            fedkd_temperature=r.float("fedkd.temperature", d.fedkd_temperature, lo=1e-6),
+            fedkd_lambda=r.float("fedkd.lambda", d.fedkd_lambda, lo=0.0),
+            fedkd_adaptive=r.bool("fedkd.adaptive", d.fedkd_adaptive),
+            fedkd_hidden_mse=r.bool("fedkd.hidden-mse", d.fedkd_hidden_mse),
+            fedkd_compress=r.bool("fedkd.compress", d.fedkd_compress),
+            fedkd_energy_start=r.float("fedkd.energy-start", d.fedkd_energy_start, lo=1e-6,
+                                       hi=1.0),
+            fedkd_energy_end=r.float("fedkd.energy-end", d.fedkd_energy_end, lo=1e-6, hi=1.0),
+            fedkd_state_dir=r.str("fedkd.state-dir", d.fedkd_state_dir),
+            fedkd_device_eval_examples=r.int("fedkd.device-eval-examples",
+                                             d.fedkd_device_eval_examples, lo=0),
         )
         r.reject_unknown(prefixes=("devices.rank.",))
         cfg._check_unlearning()
+        if cfg.strategy == "fedkd" and cfg.task != "seq-cls":
+            raise ConfigError("strategy='fedkd' distils class probabilities: it needs "
+                              "task='seq-cls'")
+        defined = {t.name for t in cfg.fedkd_tasks}
+        for name in cfg.fedkd_task_mix:
+            if name not in defined:
+                raise ConfigError(
+                    f"fedkd.task-mix names '{name}', which has no data: add "
+                    f"fedkd.task.{name}.path=<folder> or remove it from fedkd.task-mix"
+                )
         for device in cfg.device_mix:
             if device not in cfg.ranks:
                 raise ConfigError(
@@ -261,6 +391,25 @@ class RunConfig:
                 "unlearn.after-rounds=0 leaves nothing to unlearn: train first "
                 "(unlearn.after-rounds > 0) or start from a saved adapter with "
                 "unlearn.from-adapter='results/<run-id>/adapter'")
+
+
+def _read_fedkd_tasks(r: _Reader, defaults: tuple[FedKDTask, ...]) -> tuple[FedKDTask, ...]:
+    """fedkd.task.<name>.path / .text-column / .label-column, over the built-in defaults."""
+    tasks = {t.name: t for t in defaults}
+    names = {k.split(".")[2] for k in r.raw if k.startswith("fedkd.task.") and k.count(".") >= 3}
+    for name in sorted(names):
+        if not _TASK_NAME.match(name):
+            raise ConfigError(f"fedkd.task.{name}: task names may use letters, digits, '-' "
+                              "and '_' only")
+        base = tasks.get(name, FedKDTask(name, ""))
+        key = f"fedkd.task.{name}."
+        tasks[name] = FedKDTask(name, r.str(key + "path", base.path, allow_empty=True),
+                                r.str(key + "text-column", base.text_column),
+                                r.str(key + "label-column", base.label_column))
+        if not tasks[name].path:
+            raise ConfigError(f"{key}path is missing: give the folder with that task's "
+                              "train.* and test.* files")
+    return tuple(sorted(tasks.values(), key=lambda t: t.name))
 
 
 class _Reader:

@@ -142,11 +142,16 @@ _MODELS: dict[tuple, PeftModel] = {}
 _INITIAL: dict[tuple, dict[str, np.ndarray]] = {}  # (model key, rank) -> state at creation
 
 
-def get_lora_model(cfg: RunConfig, label_names: tuple[str, ...], rank: int) -> PeftModel:
-    """The process's PEFT model with the adapter for `rank` active (created on first use)."""
+def get_lora_model(cfg: RunConfig, label_names: tuple[str, ...], rank: int,
+                   copy: str = "") -> PeftModel:
+    """The process's PEFT model with the adapter for `rank` active (created on first use).
+
+    `copy` names a separate copy of the base model (FedKD's private local module lives on
+    its own copy, so training it never touches the shared module's model).
+    """
     source = resolve_model_source(cfg.model)
     key = (source, cfg.task, label_names, cfg.target_modules, cfg.lora_dropout,
-           cfg.lora_scaling, cfg.seed)
+           cfg.lora_scaling, cfg.seed, copy)
     model = _MODELS.get(key)
     name = adapter_name(rank)
     if model is None:
@@ -156,7 +161,8 @@ def get_lora_model(cfg: RunConfig, label_names: tuple[str, ...], rank: int) -> P
         model = get_peft_model(base, lora_config(cfg, rank), adapter_name=name)
         model.to(torch_device())
         _MODELS[key] = model
-        log.info("loaded %s (%s) once for this process", cfg.model, source)
+        log.info("loaded %s (%s) once for this process%s", cfg.model, source,
+                 f" (copy '{copy}')" if copy else "")
     elif name not in model.peft_config:
         torch.manual_seed(cfg.seed + rank)
         model.add_adapter(name, lora_config(cfg, rank))
@@ -167,11 +173,11 @@ def get_lora_model(cfg: RunConfig, label_names: tuple[str, ...], rank: int) -> P
     return model
 
 
-def initial_lora_state(cfg: RunConfig, label_names: tuple[str, ...], rank: int
-                       ) -> dict[str, np.ndarray]:
+def initial_lora_state(cfg: RunConfig, label_names: tuple[str, ...], rank: int,
+                       copy: str = "") -> dict[str, np.ndarray]:
     """The adapter at `rank` as PEFT initialised it (A random, B zero) with the fresh head,
     however much this process has trained that adapter since."""
-    model = get_lora_model(cfg, label_names, rank)
+    model = get_lora_model(cfg, label_names, rank, copy)
     key = next(k for k, m in _MODELS.items() if m is model)
     return {k: v.copy() for k, v in _INITIAL[(key, rank)].items()}
 

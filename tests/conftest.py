@@ -15,6 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
 
+from flower_e2e import local_superlink  # noqa: E402
 from tiny_models import make_tiny_bert, make_tiny_llama  # noqa: E402
 
 
@@ -43,10 +44,21 @@ def tiny_llama(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def flower_env(tmp_path_factory):
-    """One local SuperLink for every end-to-end test, started (and stopped by PID) under
-    the fcntl lock on /tmp/flwr-e2e.lock."""
-    from flower_e2e import local_superlink
+def mixed_tasks(agnews, tmp_path_factory) -> dict[str, Path]:
+    """Small AG News and SST-2 folders (the first rows of ../shared/data) for FedKD tests."""
+    out = {}
+    for name, files in (("agnews", {"train.tsv": 320, "test.tsv": 120}),
+                        ("sst2", {"train.tsv": 320, "validation.tsv": 120})):
+        src, dst = agnews.parent / name, tmp_path_factory.mktemp(name)
+        for file, rows in files.items():
+            lines = (src / file).read_text(encoding="utf-8").splitlines(keepends=True)
+            (dst / file).write_text("".join(lines[: rows + 1]), encoding="utf-8")
+        out[name] = dst
+    return out
 
+
+@pytest.fixture(scope="module")
+def flower_env(tmp_path_factory):
+    """Environment for `flwr run` against a private local SuperLink (see tests/flower_e2e.py)."""
     with local_superlink(tmp_path_factory.mktemp("flwr-home")) as env:
         yield env

@@ -1,9 +1,8 @@
-"""A private local SuperLink for end-to-end `flwr run` tests, held under a lock.
+"""Running the app through a real local Flower SuperLink in tests.
 
-Other test suites on the same machine use the same SuperLink port (39091): the SuperLink's
-whole lifetime is spent holding an fcntl (POSIX) lock on /tmp/flwr-e2e.lock, so they wait
-for each other instead of colliding. (A POSIX lock does not conflict with the `flock`
-command's lock, so `flock /tmp/flwr-e2e.lock python -m pytest` around the suite still works.)
+Several checkouts on one machine start a SuperLink on Flower's fixed local port, so its whole
+life is spent under a POSIX (fcntl) lock on /tmp/flwr-e2e.lock. flock(1) and fcntl locks do not
+block each other on Linux, so a suite run under `flock /tmp/flwr-e2e.lock ...` nests safely.
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -26,9 +24,17 @@ LOCK_FILE = "/tmp/flwr-e2e.lock"
 
 
 @contextlib.contextmanager
-def e2e_lock() -> Iterator[None]:
-    with open(LOCK_FILE, "a") as handle:
-        fcntl.lockf(handle, fcntl.LOCK_EX)  # blocks until no other suite runs a SuperLink
+def e2e_lock(wait_s: float = 1800.0):
+    with open(LOCK_FILE, "a+") as handle:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"another Flower test run held {LOCK_FILE} for {wait_s:.0f}s")
+                time.sleep(1.0)
         try:
             yield
         finally:
@@ -36,8 +42,8 @@ def e2e_lock() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def local_superlink(home: Path) -> Iterator[dict]:
-    """Start a SuperLink (simulation) with FLWR_HOME=home; yield the env for `flwr run`."""
+def local_superlink(home: Path):
+    """A private FLWR_HOME and a local SuperLink we start (and stop) by PID, under the lock."""
     from flwr.cli.constant import LOCAL_CONTROL_API_ADDRESS, LOCAL_SUPERLINK_HTTP_API_PORT
 
     env = {**os.environ, "FLWR_HOME": str(home), "HF_HUB_OFFLINE": "1",
@@ -47,8 +53,8 @@ def local_superlink(home: Path) -> Iterator[dict]:
     with e2e_lock():
         try:
             httpx.get(health, timeout=1)
-            pytest.fail(f"a SuperLink already listens on port {LOCAL_SUPERLINK_HTTP_API_PORT}"
-                        " outside the lock; stop it (by its PID) before running this test")
+            pytest.fail(f"a SuperLink already listens on port {LOCAL_SUPERLINK_HTTP_API_PORT}; "
+                        "stop it (by its PID) before running this test")
         except httpx.HTTPError:
             pass
         log = open(home / "superlink.out", "w")

@@ -5,13 +5,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-
-from flower_e2e import copy_app
-
-ROOT = Path(__file__).resolve().parents[1]
+from flower_e2e import ROOT, copy_app
 
 
 @pytest.mark.e2e

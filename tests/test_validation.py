@@ -104,3 +104,20 @@ def test_round_with_only_rejected_replies_keeps_previous_model(strategy):
     assert arrays is None and metrics is None  # FedAvg.start keeps the previous arrays
     assert rounds[-1]["rejected"] == 2 and rounds[-1]["aggregation_error"] is None
     assert "wrong rank" in rounds[-1]["rejections"][0]["reason"]
+
+
+def test_superlink_error_for_a_vanished_device_is_attributed_to_that_device(strategy):
+    """A device that stops heart-beating gets an error reply written by the SuperLink (node 1)."""
+    s, sent = strategy
+    rounds = []
+    s.on_train_round = lambda rnd, info: rounds.append(info)
+    req = _request(2)
+    req.metadata.__dict__["_message_id"] = "train-msg-to-node-2"  # what pushing sets
+    s._outbox = [req]
+    err = Message(Error(code=3, reason="Node Unavailable"), reply_to=req)
+    err.metadata.__dict__["_src_node_id"] = 1  # the SuperLink answers for the dead node
+    assert err.metadata.src_node_id == 1
+    s.aggregate_train(2, [_reply(1, sent[1], 10), _reply(3, sent[3], 5), err])
+    info = rounds[-1]
+    assert info["rejections"] == [{"node_id": 2, "reason": "device error: Node Unavailable"}]
+    assert info["missing"] == [] and len(info["clients"]) == 2

@@ -1,0 +1,70 @@
+"""Server side of FedKD (S3), free of Flower: one ServerTask per task of the federation.
+
+The global state is the shared backbone adapter plus one head per task
+(`strategies.fedkd.global_state`); each task's test split evaluates the backbone with that
+task's head, and each task's view is saved as a standard PEFT adapter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from server_app.evaluation import ServerTask
+from strategies.fedkd import device_view, global_state
+from task.config import ConfigError, RunConfig
+from task.data import resolve_data_path
+from task.lora import State
+from task.model import check_lora_targets, get_lora_model
+
+
+@dataclass
+class FedKDServer:
+    cfg: RunConfig
+    tasks: dict[str, ServerTask]  # task name -> its data, labels, test split, shared model
+
+    @classmethod
+    def prepare(cls, cfg: RunConfig) -> FedKDServer:
+        """Load every task's data and check both modules fit: config errors surface here."""
+        tasks = {}
+        for name in cfg.fedkd_task_names:
+            task_cfg = cfg.task_config(name)
+            if resolve_data_path(task_cfg) is None:
+                raise ConfigError(f"fedkd.task.{name}.path='{task_cfg.data_path}' does not "
+                                  "exist: point it at a folder with train.tsv and test.tsv")
+            try:
+                tasks[name] = ServerTask.prepare(task_cfg)
+            except ConfigError as err:  # name the task's own keys, not data.*
+                message = str(err)
+                for key in ("path", "text-column", "label-column"):
+                    message = message.replace(f"data.{key}", f"fedkd.task.{name}.{key}")
+                raise ConfigError(message) from err
+            local_cfg = cfg.local_module_config(name)
+            labels = tasks[name].label_names
+            local = (get_lora_model(local_cfg, labels, cfg.fedkd_local_rank, copy="local")
+                     if local_cfg.model != cfg.model else get_lora_model(task_cfg, labels,
+                                                                         cfg.r_max))
+            try:
+                check_lora_targets(local, local_cfg, [cfg.fedkd_local_rank])
+            except ConfigError as err:
+                raise ConfigError(f"fedkd.local-rank / fedkd.local-model: {err}") from err
+        return cls(cfg, tasks)
+
+    @property
+    def label_names(self) -> dict[str, tuple[str, ...]]:
+        return {name: task.label_names for name, task in self.tasks.items()}
+
+    def initial_state(self) -> State:
+        """Fresh shared backbone (the same PEFT init on every task's model) + fresh heads."""
+        views = {name: task.initial_state() for name, task in self.tasks.items()}
+        return global_state(next(iter(views.values())), views)
+
+    def evaluate(self, state: State) -> dict[str, dict[str, float]]:
+        """Accuracy and loss of the backbone + task t's head on task t's test split."""
+        return {name: task.evaluate(device_view(state, name))
+                for name, task in self.tasks.items()}
+
+    def save_adapters(self, state: State, out_dir: Path) -> dict[str, Path]:
+        """out_dir/<task>/: a PEFT adapter (backbone + that task's head) for each task."""
+        return {name: task.save_adapter(device_view(state, name), out_dir / name)
+                for name, task in self.tasks.items()}

@@ -1,0 +1,102 @@
+"""FedKD local training (S3): a private local module and the shared module teach each other.
+
+Both modules see the same batch; `strategies.fedkd.mutual_kd_losses` gives each its loss
+(task cross-entropy + temperature-scaled KL from the other module, optional hidden-state MSE,
+optional adaptive weighting) and one backward pass of their sum updates both, each from its
+own loss only (the other module's outputs are detached).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from strategies.fedkd import mutual_kd_losses
+from task.config import ConfigError, RunConfig
+from task.data import Examples, batches, encode_batch
+from task.logs import get_logger
+from task.model import torch_device
+
+log = get_logger()
+
+
+def _paired_hidden(local_out, shared_out, mask: torch.Tensor
+                   ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Hidden states of the mentee's layers 1..L_s and the mentor's layers round(i L_l / L_s),
+    padding positions zeroed; each B x S x H. Needs equal hidden sizes and sequence lengths."""
+    local_h, shared_h = local_out.hidden_states[1:], shared_out.hidden_states[1:]
+    pairs = [(local_h[round((i + 1) * len(local_h) / len(shared_h)) - 1], shared_h[i])
+             for i in range(len(shared_h))]
+    if pairs[0][0].shape != pairs[0][1].shape:
+        raise ConfigError(
+            f"fedkd.hidden-mse=true needs the local and shared models' hidden states to have "
+            f"the same shape, got {tuple(pairs[0][0].shape)} and {tuple(pairs[0][1].shape)}: "
+            "use a fedkd.local-model with the same hidden size and tokenizer, or set "
+            "fedkd.hidden-mse=false")
+    keep = mask.unsqueeze(-1).to(pairs[0][1].dtype)  # B x S x 1
+    return [h * keep for h, _ in pairs], [h * keep for _, h in pairs]
+
+
+def train_mutual(local_model, shared_model, local_tokenizer, shared_tokenizer,
+                 examples: Examples, cfg: RunConfig, seed: int, tag: str = ""
+                 ) -> dict[str, float]:
+    """`cfg.local_steps` AdamW steps of S3 mutual distillation on shuffled batches.
+
+    Returns the shared module's mean task loss as `train_loss` (what FedAvg reports), the
+    local module's as `local_loss`, the mean distillation terms and `train_s`.
+    """
+    device = torch_device()
+    params = [p for m in (local_model, shared_model) for p in m.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    local_model.train()
+    shared_model.train()
+    parts: dict[str, list[float]] = {k: [] for k in ("task_shared", "task_local", "kd_to_shared",
+                                                      "kd_to_local", "hidden_mse")}
+    start = time.perf_counter()
+    log_every = max(1, cfg.local_steps // 4)
+    stream = batches(examples, cfg.batch_size, rng)
+    for step in range(1, cfg.local_steps + 1):
+        chunk = next(stream, None)
+        if chunk is None:  # one pass done: reshuffle and go on
+            stream = batches(examples, cfg.batch_size, rng)
+            chunk = next(stream)
+        shared_batch = {k: v.to(device) for k, v in
+                        encode_batch(shared_tokenizer, chunk, cfg).items()}
+        local_batch = shared_batch if local_tokenizer is shared_tokenizer else {
+            k: v.to(device) for k, v in encode_batch(local_tokenizer, chunk, cfg).items()}
+        labels = shared_batch["labels"]
+        hidden = cfg.fedkd_hidden_mse
+        local_out = local_model(**{k: v for k, v in local_batch.items() if k != "labels"},
+                                output_hidden_states=hidden)
+        shared_out = shared_model(**{k: v for k, v in shared_batch.items() if k != "labels"},
+                                  output_hidden_states=hidden)
+        h_local = h_shared = None
+        if hidden:
+            h_local, h_shared = _paired_hidden(local_out, shared_out,
+                                               shared_batch["attention_mask"])
+        losses = mutual_kd_losses(local_out.logits.float(), shared_out.logits.float(), labels,
+                                  T=cfg.fedkd_temperature, lam=cfg.fedkd_lambda,
+                                  adaptive=cfg.fedkd_adaptive, hidden_local=h_local,
+                                  hidden_shared=h_shared)
+        total = losses["local"] + losses["shared"]  # S3: each term moves its own module
+        if not torch.isfinite(total):
+            raise FloatingPointError(f"{tag} FedKD loss became {total.item()} at step {step}: "
+                                     "lower train.lr or fedkd.temperature")
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+        for key in parts:
+            parts[key].append(losses[key].item())
+        if step % log_every == 0 or step == cfg.local_steps:
+            log.info("%s step %d/%d shared CE %.4f local CE %.4f KD->shared %.4f", tag, step,
+                     cfg.local_steps, parts["task_shared"][-1], parts["task_local"][-1],
+                     parts["kd_to_shared"][-1])
+    mean = {k: float(np.mean(v)) for k, v in parts.items()}
+    return {"train_loss": mean["task_shared"], "local_loss": mean["task_local"],
+            "kd_to_shared": mean["kd_to_shared"], "kd_to_local": mean["kd_to_local"],
+            "hidden_mse": mean["hidden_mse"], "steps": cfg.local_steps,
+            "train_s": time.perf_counter() - start}

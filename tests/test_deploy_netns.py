@@ -1,0 +1,284 @@
+"""Real deployment across hosts: Linux network namespaces as an edge server and three devices.
+
+    laptop (this namespace) --10.78.0.0/24 (control API, HTTPS)--> edge server namespace
+    device namespaces d1..d3 --10.77.0.0/24 bridge (Fleet API, gRPC + TLS)--> edge server
+
+The SuperLink runs with TLS, SuperNode authentication and a database on disk, started by
+deploy/superlink.sh; devices run deploy/supernode.sh; keys come from deploy/gen-certs.sh and
+are registered by deploy/connect.sh; the app is submitted with `flwr run . edge`.
+Everything this test starts is stopped by process group (PID), namespaces are deleted, even
+when it fails. No traffic leaves the machine: all addresses live in namespaces made here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from flower_e2e import copy_app
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+SERVER, CONTROL, FLEET_PORT, CONTROL_PORT = "10.77.0.1", "10.78.0.1", 9092, 9093
+DEVICES = {"d1": ("rpi4-a", "rpi4"), "d2": ("jetson-a", "jetson-orin-nano"),
+           "d3": ("laptop-a", "laptop")}
+
+
+def sh(*cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(list(cmd), check=check, capture_output=True, text=True, **kw)
+
+
+class Hosts:
+    """Namespaces, links and the processes started in them; all undone by `close`."""
+
+    def __init__(self, prefix: str, tmp: Path):
+        self.prefix, self.tmp = prefix, tmp
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.namespaces: list[str] = []
+
+    def ns(self, name: str) -> str:
+        return f"{self.prefix}-{name}"
+
+    def build(self) -> None:
+        srv = self.ns("srv")
+        self._add_ns(srv)
+        sh("ip", "-n", srv, "link", "add", "br0", "type", "bridge")
+        sh("ip", "-n", srv, "addr", "add", f"{SERVER}/24", "dev", "br0")
+        sh("ip", "-n", srv, "link", "set", "br0", "up")
+        for i, dev in enumerate(DEVICES, start=1):
+            ns, a, b = self.ns(dev), f"{self.prefix}{dev}a", f"{self.prefix}{dev}b"
+            self._add_ns(ns)
+            sh("ip", "link", "add", a, "type", "veth", "peer", "name", b)
+            sh("ip", "link", "set", a, "netns", ns)
+            sh("ip", "link", "set", b, "netns", srv)
+            sh("ip", "-n", ns, "addr", "add", f"10.77.0.1{i}/24", "dev", a)
+            sh("ip", "-n", ns, "link", "set", a, "up")
+            sh("ip", "-n", srv, "link", "set", b, "master", "br0")
+            sh("ip", "-n", srv, "link", "set", b, "up")
+        a, b = f"{self.prefix}adma", f"{self.prefix}admb"
+        sh("ip", "link", "add", a, "type", "veth", "peer", "name", b)
+        sh("ip", "link", "set", b, "netns", srv)
+        sh("ip", "addr", "add", "10.78.0.2/24", "dev", a)
+        sh("ip", "link", "set", a, "up")
+        sh("ip", "-n", srv, "addr", "add", f"{CONTROL}/24", "dev", b)
+        sh("ip", "-n", srv, "link", "set", b, "up")
+
+    def _add_ns(self, ns: str) -> None:
+        sh("ip", "netns", "add", ns)
+        self.namespaces.append(ns)
+        sh("ip", "-n", ns, "link", "set", "lo", "up")
+
+    def start(self, key: str, host: str, cmd: list[str], env: dict) -> subprocess.Popen:
+        log = open(self.tmp / f"{key}.log", "w")
+        wrapped = ["ip", "netns", "exec", self.ns(host), "env", *[f"{k}={v}" for k, v in env.items()],
+                   *cmd] if host else cmd
+        proc = subprocess.Popen(wrapped, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True, env={**os.environ, **env})
+        self.procs[key] = proc
+        return proc
+
+    def stop(self, key: str, sig: int = signal.SIGTERM) -> None:
+        proc = self.procs.pop(key, None)
+        if proc is None or proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, sig)  # the process group we started, by its PID
+            proc.wait(timeout=15)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def log(self, key: str) -> str:
+        return (self.tmp / f"{key}.log").read_text(errors="replace")
+
+    def close(self) -> None:
+        for key in list(self.procs):
+            self.stop(key)
+        for ns in reversed(self.namespaces):  # leftovers we did not start: by PID too
+            pids = sh("ip", "netns", "pids", ns, check=False).stdout.split()
+            for pid in pids:
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            sh("ip", "netns", "del", ns, check=False)
+        sh("ip", "link", "del", f"{self.prefix}adma", check=False)
+
+
+@pytest.fixture
+def hosts(tmp_path):
+    if os.geteuid() != 0 or not shutil.which("ip"):
+        pytest.fail("the multi-host test needs root and iproute2's `ip` to create network "
+                    "namespaces (apt-get install iproute2; run as root)")
+    h = Hosts(f"el{os.getpid() % 100000}", tmp_path)
+    try:
+        try:
+            h.build()
+        except subprocess.CalledProcessError as err:
+            pytest.fail(f"cannot create network namespaces here: {err.cmd}: {err.stderr}")
+        yield h
+    finally:
+        h.close()
+
+
+def reachable(h: Hosts, host: str, addr: str, port: int) -> str:
+    """'open', 'refused' or 'unreachable'/'timeout' for a TCP connect from a namespace."""
+    code = ("import socket,sys\ns=socket.socket();s.settimeout(3)\ntry:\n s.connect((sys.argv[1],"
+            "int(sys.argv[2])));print('open')\nexcept ConnectionRefusedError:print('refused')\n"
+            "except OSError as e:print('unreachable' if e.errno==101 else 'timeout')")
+    return sh("ip", "netns", "exec", h.ns(host), "python3", "-c", code, addr, str(port)).stdout.strip()
+
+
+def wait_for(what: str, predicate, timeout: float, h: Hosts, logs: list[str]) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(1)
+    tails = "\n".join(f"--- {k}:\n{h.log(k)[-2000:]}" for k in logs)
+    pytest.fail(f"timed out waiting for {what}\n{tails}")
+
+
+def online_nodes(env: dict) -> set[str]:
+    out = sh("flwr", "supernode", "list", "edge", "--format", "json", env=env, check=False,
+             cwd=env["FLWR_HOME"]).stdout
+    try:
+        return {n["node-id"] for n in json.loads(out)["nodes"] if n["status"] == "online"}
+    except (ValueError, KeyError):
+        return set()
+
+
+@pytest.mark.e2e
+def test_tls_authenticated_deployment_over_grpc(hosts, tiny_bert, agnews, tmp_path):
+    h = hosts
+    certs, laptop = tmp_path / "certs", tmp_path / "laptop"
+    base_env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+                "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    names = [DEVICES[d][0] for d in DEVICES] + ["rogue"]
+    sh(str(DEPLOY / "gen-certs.sh"), "--out", str(certs), "--server-address", SERVER,
+       "--server-address", CONTROL, *[a for n in names for a in ("--device", n)])
+
+    # edge server: SuperLink with TLS + SuperNode auth + state on disk
+    h.start("superlink", "srv", [str(DEPLOY / "superlink.sh"), "--certs", str(certs),
+                                 "--state", str(tmp_path / "state"),
+                                 "--fleet", f"{SERVER}:{FLEET_PORT}",
+                                 "--control", f"{CONTROL}:{CONTROL_PORT}"],
+            {**base_env, "FLWR_HOME": str(tmp_path / "server-home")})
+    wait_for("the SuperLink", lambda: reachable(h, "d1", SERVER, FLEET_PORT) == "open", 60, h,
+             ["superlink"])
+    assert (tmp_path / "state" / "state.db").is_file()
+
+    # laptop: connection + registration of the three devices' public keys (not 'rogue')
+    env = {**os.environ, **base_env, "FLWR_HOME": str(laptop)}
+    laptop.mkdir()
+    sh(str(DEPLOY / "connect.sh"), "--name", "edge", "--control", f"{CONTROL}:{CONTROL_PORT}",
+       "--ca", str(certs / "ca.crt"),
+       *[a for d in DEVICES for a in ("--register", str(certs / "devices" / f"{DEVICES[d][0]}.pub"))],
+       env=env)
+
+    # devices: SuperNodes with their profile and their share of the data
+    def start_device(dev: str) -> None:
+        key, profile = DEVICES[dev]
+        i = list(DEVICES).index(dev)
+        h.start(dev, dev, [str(DEPLOY / "supernode.sh"), "--superlink", f"{SERVER}:{FLEET_PORT}",
+                           "--ca", str(certs / "ca.crt"), "--key", str(certs / "devices" / key),
+                           "--node-config", f"device='{profile}' data-dir='{agnews}' "
+                                            f"partition-id={i} num-partitions=3"],
+                {**base_env, "FLWR_HOME": str(tmp_path / f"home-{dev}")})
+
+    for dev in DEVICES:
+        start_device(dev)
+    wait_for("three online SuperNodes", lambda: len(online_nodes(env)) == 3, 90, h,
+             ["superlink", *DEVICES])
+
+    # only the Fleet API port of the server is reachable from devices
+    assert reachable(h, "d1", SERVER, FLEET_PORT) == "open"
+    assert reachable(h, "d1", CONTROL, CONTROL_PORT) in ("unreachable", "timeout")
+    assert reachable(h, "d1", SERVER, CONTROL_PORT) == "refused"
+    listeners = [ln.split()[3] for ln in sh("ip", "netns", "exec", h.ns("srv"), "ss",
+                                            "-ltnH").stdout.splitlines() if ln.strip()]
+    exposed = [a for a in listeners if SERVER in a or a.startswith(("0.0.0.0:", "*:", "[::]:"))]
+    assert exposed == [f"[::ffff:{SERVER}]:{FLEET_PORT}"] or exposed == [f"{SERVER}:{FLEET_PORT}"], \
+        listeners
+    # ... and the devices' connections to the server go to that port alone
+    for dev in DEVICES:
+        conns = sh("ip", "netns", "exec", h.ns(dev), "ss", "-tnH", "state", "established").stdout
+        peers = {ln.split()[-1].replace("[::ffff:", "").replace("]", "")
+                 for ln in conns.splitlines() if SERVER in ln}
+        assert peers == {f"{SERVER}:{FLEET_PORT}"}, conns
+
+    # intruders cannot join: no CA certificate, plaintext, an unregistered key
+    key = certs / "devices"
+    bad = {
+        "no-ca": ["flower-supernode", "--superlink", f"{SERVER}:{FLEET_PORT}",
+                  "--auth-supernode-private-key", str(key / "rpi4-a"),
+                  "--auth-supernode-public-key", str(key / "rpi4-a.pub")],
+        "plaintext": ["flower-supernode", "--superlink", f"{SERVER}:{FLEET_PORT}", "--insecure"],
+        "rogue": [str(DEPLOY / "supernode.sh"), "--superlink", f"{SERVER}:{FLEET_PORT}",
+                  "--ca", str(certs / "ca.crt"), "--key", str(key / "rogue")],
+    }
+    for name, cmd in bad.items():
+        h.start(name, "d1", cmd + ["--max-retries", "2", "--max-wait-time", "15", "--port", "9195"],
+                {**base_env, "FLWR_HOME": str(tmp_path / f"home-{name}")})
+        proc = h.procs[name]
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pass
+        assert len(online_nodes(env)) == 3, f"{name} joined: {h.log(name)[-1500:]}"
+        h.stop(name)
+
+    # the job: 4 hetlora rounds, at least 2 devices a round
+    app = copy_app(tmp_path / "app")
+    results = tmp_path / "results"
+    run_config = " ".join([f"model='{tiny_bert}'", f"data.path='{agnews}'",
+                           f"results-dir='{results}'", "num-server-rounds=4", "min-devices=2",
+                           "train.local-steps=2", "train.batch-size=8", "eval.max-examples=64",
+                           "round-timeout=90.0", "strategy='hetlora'"])
+    run = h.start("flwr-run", "", ["flwr", "run", str(app), "edge", "--stream",
+                                   "--run-config", run_config], {**base_env, "FLWR_HOME": str(laptop)})
+
+    def rows() -> list[dict]:
+        files = list(results.glob("*/metrics.jsonl"))
+        return [json.loads(x) for x in files[0].read_text().splitlines()] if files else []
+
+    # kill the laptop device (a crash: SIGKILL) once round 1 is in, restart it after round 2
+    wait_for("round 1", lambda: len(rows()) >= 2, 240, h, ["flwr-run", "superlink"])
+    h.stop("d3", signal.SIGKILL)
+    wait_for("round 2", lambda: len(rows()) >= 3, 240, h, ["flwr-run", "superlink"])
+    start_device("d3")
+    try:
+        run.wait(timeout=400)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"flwr run did not finish:\n{h.log('flwr-run')[-3000:]}")
+    out = h.log("flwr-run")
+    assert run.returncode == 0, out[-3000:]
+
+    data = rows()
+    assert [r["round"] for r in data] == [0, 1, 2, 3, 4]
+    profile_rank = {"rpi4": 2, "jetson-orin-nano": 8, "laptop": 16}
+    for r in data[1:]:
+        for c in r["clients"]:  # each device trained at the rank of its own profile
+            assert c["rank"] == profile_rank[c["device"]]
+    assert {c["device"] for c in data[1]["clients"]} == set(profile_rank)
+    laptop_node = next(c["node_id"] for c in data[1]["clients"] if c["device"] == "laptop")
+    gone = [r for r in data[2:] if "laptop" not in {c["device"] for c in r["clients"]}]
+    assert gone, "the killed device still replied in every round"
+    for r in gone:  # those rounds completed with the others
+        assert len(r["clients"]) >= 2
+    # the failure is in the metrics (no reply, or an error reply) and in the logs
+    failed = [r for r in gone if laptop_node in set(r["missing"])
+              | {x["node_id"] for x in r.get("rejections", [])}]
+    assert failed, [(r["round"], r["missing"], r.get("rejections")) for r in gone]
+    assert f"node {laptop_node}" in out and ("no reply from node" in out
+                                             or "rejected reply of node" in out)
+    assert "laptop" in {c["device"] for c in data[-1]["clients"]}, "restarted device did not rejoin"
+    assert (results.glob("*/adapter/adapter_model.safetensors").__next__()).is_file()
