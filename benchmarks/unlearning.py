@@ -169,12 +169,20 @@ class Federation:
     """In-process devices and server, counting rounds, bytes and wall time per phase."""
 
     def __init__(self, cfg: RunConfig, task: ServerTask, data: dict[int, Examples],
-                 dp: bool):
+                 dp: bool, local_steps: dict[int, int] | None = None):
         self.cfg, self.task, self.data = cfg, task, data
         self.ranks = {p: cfg.rank_for(cfg.device_for(p)) for p in data}
-        self.privacy = {p: DevicePrivacy(cfg, len(ex)) for p, ex in data.items()} if dp else {}
+        self.local_steps = {p: n for p, n in (local_steps or {}).items() if p in data}
+        self.privacy = {p: DevicePrivacy(self.device_cfg(p), len(ex))
+                        for p, ex in data.items()} if dp else {}
         self.stopped: set[int] = set()  # devices whose privacy budget is spent
         self.own: State | None = None  # the opting-out device's copy (S4 step 5)
+
+    def device_cfg(self, pid: int) -> RunConfig:
+        """The run config as device `pid` sees it (the backdoored one may train longer)."""
+        if pid not in self.local_steps:
+            return self.cfg
+        return dataclasses.replace(self.cfg, local_steps=self.local_steps[pid])
 
     def _info(self, pid: int) -> DeviceInfo:
         return DeviceInfo(partition_id=pid, num_partitions=len(self.data))
@@ -188,7 +196,7 @@ class Federation:
             if pid in self.stopped:
                 continue
             sent = truncate_lora(state, self.ranks[pid])
-            new, n, m = train_round(self.cfg, self._info(pid), self.task.label_names,
+            new, n, m = train_round(self.device_cfg(pid), self._info(pid), self.task.label_names,
                                     self.ranks[pid], sent, rnd, examples=self.data[pid],
                                     privacy=self.privacy.get(pid))
             cost["bytes"] += state_nbytes(sent) + state_nbytes(new)
@@ -302,7 +310,7 @@ def run_study(cfg: RunConfig, args, probe_seed: int, dp: bool, log) -> dict:
                                             if "epsilon_max" in row else ""))
 
     # the federation with the backdoored device
-    fed = Federation(cfg, task, data, dp)
+    fed = Federation(cfg, task, data, dp, local_steps={forget: args.poison_steps})
     state = task.initial_state()
     cost, curve = new_cost(), []
     for rnd in range(1, cfg.training_rounds + 1):
@@ -312,9 +320,9 @@ def run_study(cfg: RunConfig, args, probe_seed: int, dp: bool, log) -> dict:
     finish("trained (with backdoor)", trained, cost, fed, curve)
 
     def branch() -> Federation:  # the trained federation, privacy spent so far included
-        b = Federation(cfg, task, data, dp)
-        b.privacy = {p: DevicePrivacy(cfg, len(data[p]), trained_privacy[p]) for p in data} \
-            if dp else {}
+        b = Federation(cfg, task, data, dp, local_steps={forget: args.poison_steps})
+        b.privacy = {p: DevicePrivacy(b.device_cfg(p), len(data[p]), trained_privacy[p])
+                     for p in data} if dp else {}
         return b
 
     R = cfg.training_rounds
@@ -487,6 +495,9 @@ def main() -> None:
     ap.add_argument("--trigger", default="cf")
     ap.add_argument("--target", default="Sports", help="label the trigger flips texts to")
     ap.add_argument("--poison-fraction", type=float, default=0.5)
+    ap.add_argument("--poison-steps", type=int, default=10,
+                    help="local steps per round of the backdoored device (an attacker may "
+                         "train harder than the others' --local-steps)")
     ap.add_argument("--unlearn-rounds", type=int, default=2)
     ap.add_argument("--recovery-rounds", type=int, default=2)
     ap.add_argument("--loss", default="fedosd", choices=["fedosd", "bounded-ce"])
@@ -501,7 +512,12 @@ def main() -> None:
                     help="clean test texts to measure on (0 = all 3,800)")
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--dp-epsilon", type=float, default=8.0)
-    ap.add_argument("--no-dp", action="store_true", help="skip the differential-privacy study")
+    ap.add_argument("--dp-batch-size", type=int, default=64,
+                    help="train.batch-size of the DP study (DP-SGD's noise on the mean "
+                         "gradient shrinks as 1 / batch size)")
+    ap.add_argument("--dp-lr", type=float, default=1e-3, help="train.lr of the DP study")
+    ap.add_argument("--studies", default="plain,dp",
+                    help="which studies to run: plain (no DP), dp, or both")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args()
@@ -531,11 +547,16 @@ def main() -> None:
     machine = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
     started = time.perf_counter()
     studies = {}
-    plans = [("without differential privacy", {})]
-    if not args.no_dp:
-        plans.append((f"with differential privacy (Opacus, target epsilon "
-                      f"{args.dp_epsilon}, delta 1e-5, C = 1)",
-                      {"dp.enabled": True, "dp.target-epsilon": args.dp_epsilon}))
+    plans = []
+    if "plain" in args.studies:
+        plans.append(("without differential privacy", {}))
+    if "dp" in args.studies:
+        plans.append((f"with differential privacy (Opacus, target epsilon {args.dp_epsilon}, "
+                      f"delta 1e-5, C = 1, batch {args.dp_batch_size}, lr {args.dp_lr})",
+                      {"dp.enabled": True, "dp.target-epsilon": args.dp_epsilon,
+                       "train.batch-size": args.dp_batch_size, "train.lr": args.dp_lr}))
+    if not plans:
+        ap.error("--studies takes plain, dp or plain,dp")
     for name, extra in plans:
         cfg = RunConfig.from_run_config({**run_config, **extra})
         print(f"{name}:", flush=True)
