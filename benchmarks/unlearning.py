@@ -335,7 +335,8 @@ def run_study(cfg: RunConfig, args, probe_seed: int, dp: bool, log) -> dict:
     finish("retrain without it (a)", state, cost, fed_a, curve)
 
     # S4: unlearning + recovery with drift removal
-    def s4(lr: float, loss: str) -> tuple[State, dict, Federation, list]:
+    def s4(lr: float, loss: str, U: int = U, R_rec: int = R_rec
+           ) -> tuple[State, dict, Federation, list]:
         fed_s = branch()
         fed_s.cfg = dataclasses.replace(cfg, unlearn_lr=lr, unlearn_loss=loss)
         state, cost, curve = trained, new_cost(), []
@@ -348,19 +349,21 @@ def run_study(cfg: RunConfig, args, probe_seed: int, dp: bool, log) -> dict:
             curve.append({"round": rnd, **probe.quick(cfg, task, state)})
         return state, cost, fed_s, curve
 
-    def variants(pairs: list[tuple[str, float]]) -> list[dict]:
-        """S4 with other unlearning losses / server steps, every one reported."""
+    def variants(specs: list[tuple[str, float, int | None, int | None]]) -> list[dict]:
+        """S4 with other unlearning losses / server steps / rounds, every one reported."""
         rows = []
-        for loss, lr in pairs:
-            state, cost, fed_s, curve = s4(lr, loss)
-            after = curve[U - 1]  # quick probe right after the last unlearning round
-            row = {"unlearn_loss": loss, "unlearn_lr": lr, **probe.measure(cfg, task, state),
+        for loss, lr, u, r in specs:
+            u, r = u or U, R_rec if r is None else r
+            state, cost, fed_s, curve = s4(lr, loss, u, r)
+            after = curve[u - 1]  # quick probe right after the last unlearning round
+            row = {"unlearn_loss": loss, "unlearn_lr": lr, "unlearn_rounds": u,
+                   "recovery_rounds": r, **probe.measure(cfg, task, state), **cost,
                    "asr_after_unlearning": after["asr"],
                    "clean_acc_after_unlearning": after["clean_acc"]}
             if fed_s.privacy:
                 row["epsilon_max"] = max(fed_s.epsilons().values())
             rows.append(row)
-            log(f"  S4 with unlearn.loss={loss} unlearn.lr={lr}: ASR {row['asr']:.3f} clean "
+            log(f"  S4 with unlearn.loss={loss} unlearn.lr={lr} ({u}+{r} rounds): ASR {row['asr']:.3f} clean "
                 f"acc {row['clean_acc']:.4f} MIA AUC {row['mia_auc']:.3f} (right after "
                 f"unlearning: ASR {after['asr']:.3f}, clean acc {after['clean_acc']:.3f})")
         return rows
@@ -428,7 +431,7 @@ def write_report(out: Path, studies: dict, args, machine: str, wall: float) -> N
              f"{args.strategy} ranks), model `{args.model}`, {args.rounds} training rounds x "
              f"{args.local_steps} local steps; device {args.forget_device} carries the backdoor "
              f"('{args.trigger}' in {args.poison_fraction:.0%} of its texts, labels -> "
-             f"{args.target}). S4: {args.unlearn_rounds} unlearning rounds "
+             f"{args.target}) and trains {args.poison_steps} local steps a round. S4: {args.unlearn_rounds} unlearning rounds "
              f"(unlearn.loss={args.loss}, unlearn.lr={args.unlearn_lr}, "
              f"{args.grad_batches} gradient batches) + {args.recovery_rounds} recovery rounds. "
              "ASR: triggered test texts of other classes predicted as the target. MIA AUC: "
@@ -443,11 +446,13 @@ def write_report(out: Path, studies: dict, args, machine: str, wall: float) -> N
                   f"had ASR {ours['asr_after_unlearning']:.3f} and clean accuracy "
                   f"{ours['clean_acc_after_unlearning']:.3f}.", ""]
         if study.get("variants"):
-            lines += ["S4 with other unlearning losses and server steps (every variant run is "
-                      "reported; same rounds):", "",
-                      "| unlearn.loss | unlearn.lr | ASR | clean acc | MIA AUC | ASR / clean acc "
-                      "right after unlearning |", "|---|---|---|---|---|---|"]
-            lines += [f"| {r['unlearn_loss']} | {r['unlearn_lr']} | {r['asr']:.3f} | "
+            lines += ["S4 with other unlearning losses, server steps and rounds (every variant run "
+                      "is reported):", "",
+                      "| unlearn.loss | unlearn.lr | unlearning + recovery rounds | ASR | clean acc "
+                      "| MIA AUC | ASR / clean acc right after unlearning |",
+                      "|---|---|---|---|---|---|---|"]
+            lines += [f"| {r['unlearn_loss']} | {r['unlearn_lr']} | {r['unlearn_rounds']} + "
+                      f"{r['recovery_rounds']} | {r['asr']:.3f} | "
                       f"{r['clean_acc']:.4f} | {r['mia_auc']:.3f} | "
                       f"{r['asr_after_unlearning']:.3f} / {r['clean_acc_after_unlearning']:.3f} |"
                       for r in study["variants"]] + [""]
@@ -471,12 +476,28 @@ def plot(path: Path, studies: dict) -> None:
                     ax.plot([c["round"] for c in curve], [c[metric] for c in curve],
                             marker="." if len(curve) < 30 else None, label=setup)
             ax.set(xlabel="round", ylabel="attack success rate" if metric == "asr"
-                   else "clean accuracy (500 test texts)", title=name)
+                   else "clean accuracy (500 test texts)", title=name.split(" (")[0])
             ax.grid(alpha=0.3)
         axes[row][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def combine(out: Path, parts: list[Path]) -> None:
+    """One report from studies run as separate processes (e.g. side by side on one GPU)."""
+    runs = [json.loads((p / "unlearning.json").read_text()) for p in parts]
+    for run in runs:  # a combined report combined again: its first run's arguments
+        run["args"] = run["args"][0] if isinstance(run["args"], list) else run["args"]
+    studies = {name: study for run in runs for name, study in run["studies"].items()}
+    machine = runs[0]["machine"] if len(runs) == 1 else \
+        f"{runs[0]['machine']}, {len(runs)} processes side by side"
+    wall = max(r["wall_s"] for r in runs)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "unlearning.json").write_text(json.dumps(
+        {"machine": machine, "args": runs[0]["args"], "studies": studies, "wall_s": wall},
+        indent=1))
+    write_report(out, studies, argparse.Namespace(**runs[0]["args"]), machine, wall)
 
 
 def main() -> None:
@@ -495,18 +516,20 @@ def main() -> None:
     ap.add_argument("--trigger", default="cf")
     ap.add_argument("--target", default="Sports", help="label the trigger flips texts to")
     ap.add_argument("--poison-fraction", type=float, default=0.5)
-    ap.add_argument("--poison-steps", type=int, default=10,
+    ap.add_argument("--poison-steps", type=int, default=40,
                     help="local steps per round of the backdoored device (an attacker may "
                          "train harder than the others' --local-steps)")
     ap.add_argument("--unlearn-rounds", type=int, default=2)
-    ap.add_argument("--recovery-rounds", type=int, default=2)
+    ap.add_argument("--recovery-rounds", type=int, default=3)
     ap.add_argument("--loss", default="fedosd", choices=["fedosd", "bounded-ce"])
-    ap.add_argument("--unlearn-lr", type=float, default=2.0)
+    ap.add_argument("--unlearn-lr", type=float, default=1.0)
     ap.add_argument("--grad-batches", type=int, default=4)
-    ap.add_argument("--variants", default="fedosd:1,fedosd:4,bounded-ce:2",
-                    help="other S4 runs to report, as loss:lr pairs ('' = none)")
-    ap.add_argument("--dp-variants", default="fedosd:0.2",
-                    help="the same for the DP study (DP noise dwarfs small gradients)")
+    ap.add_argument("--variants",
+                    default="fedosd:0.5,fedosd:0.75,fedosd:1:2:2,fedosd:2,bounded-ce:1",
+                    help="other S4 runs to report, as loss:lr[:unlearning rounds[:recovery "
+                         "rounds]] ('' = none)")
+    ap.add_argument("--dp-variants", default="fedosd:2",
+                    help="the same for the DP study")
     ap.add_argument("--mia-examples", type=int, default=1000)
     ap.add_argument("--test-examples", type=int, default=0,
                     help="clean test texts to measure on (0 = all 3,800)")
@@ -515,17 +538,31 @@ def main() -> None:
     ap.add_argument("--dp-batch-size", type=int, default=64,
                     help="train.batch-size of the DP study (DP-SGD's noise on the mean "
                          "gradient shrinks as 1 / batch size)")
-    ap.add_argument("--dp-lr", type=float, default=1e-3, help="train.lr of the DP study")
+    ap.add_argument("--dp-lr", type=float, default=3e-3,
+                    help="train.lr of the DP study (at 1e-3 the noisy federation did not "
+                         "leave chance level in 20 rounds)")
     ap.add_argument("--studies", default="plain,dp",
                     help="which studies to run: plain (no DP), dp, or both")
     ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--combine", nargs="+", metavar="DIR",
+                    help="only write one report into --out from the unlearning.json of "
+                         "runs in these folders")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args()
+    if args.combine:
+        return combine(Path(args.out), [Path(d) for d in args.combine])
     for name in ("variants", "dp_variants"):
-        pairs = [v.split(":") for v in getattr(args, name).split(",") if v.strip()]
-        if any(len(p) != 2 or p[0] not in ("fedosd", "bounded-ce") for p in pairs):
-            ap.error(f"--{name.replace('_', '-')} takes loss:lr pairs, e.g. fedosd:1,bounded-ce:2")
-        setattr(args, name, [(loss, float(lr)) for loss, lr in pairs])
+        specs = [v.split(":") for v in getattr(args, name).split(",") if v.strip()]
+        try:
+            parsed = [(p[0], float(p[1]), int(p[2]) if len(p) > 2 else None,
+                       int(p[3]) if len(p) > 3 else None) for p in specs
+                      if 2 <= len(p) <= 4 and p[0] in ("fedosd", "bounded-ce")]
+        except ValueError:
+            parsed = []
+        if len(parsed) != len(specs):
+            ap.error(f"--{name.replace('_', '-')} takes loss:lr[:unlearning rounds[:recovery "
+                     "rounds]] items, e.g. fedosd:1,fedosd:1:2:2,bounded-ce:2")
+        setattr(args, name, parsed)
     if not 0 <= args.forget_device < args.devices:
         ap.error(f"--forget-device {args.forget_device} is not one of the {args.devices} devices")
     out = Path(args.out)
@@ -565,7 +602,8 @@ def main() -> None:
         study["targets"] = targets(study["results"])
         studies[name] = study
         (out / "unlearning.json").write_text(json.dumps(
-            {"machine": machine, "args": vars(args), "studies": studies}, indent=1))
+            {"machine": machine, "args": vars(args), "studies": studies,
+             "wall_s": time.perf_counter() - started}, indent=1))
     write_report(out, studies, args, machine, time.perf_counter() - started)
 
 

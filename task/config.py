@@ -83,10 +83,10 @@ class RunConfig:
     unlearn_after_rounds: int = -1  # training rounds before the request; -1 = auto
     unlearn_from_adapter: str = ""  # start from results/<id>/adapter of an earlier run
     unlearn_rounds: int = 2
-    unlearn_recovery_rounds: int = 2
+    unlearn_recovery_rounds: int = 3
     unlearn_loss: str = "fedosd"
     unlearn_eps: float = 0.01  # floor of p_y in the bounded cross-entropy
-    unlearn_lr: float = 2.0  # server step eta of the S4 update
+    unlearn_lr: float = 1.0  # server step eta of the S4 update
     unlearn_grad_batches: int = 4  # batches each device averages its gradient over
     # differential privacy on devices (Opacus)
     dp_enabled: bool = False

@@ -41,3 +41,36 @@ def test_mia_auc_is_the_probability_members_have_lower_loss():
     assert bench.auc_members_lower_loss(np.zeros(3), np.ones(3)) == 1.0
     assert bench.auc_members_lower_loss(np.ones(4), np.ones(5)) == 0.5
 
+
+
+def test_benchmark_runs_end_to_end_on_a_tiny_model(tmp_path, agnews):
+    """The whole study (train with the backdoor, retrain, S4, baselines, variants) on a
+    2-layer random BERT: every setup is measured, costs add up, the report is written."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(Path(bench.__file__)), "--tiny", "--data", str(agnews),
+           "--rounds", "1", "--devices", "3", "--local-steps", "1", "--poison-steps", "2",
+           "--unlearn-rounds", "1", "--recovery-rounds", "1", "--forget-device", "1",
+           "--grad-batches", "1", "--test-examples", "40", "--mia-examples", "20",
+           "--max-length", "32", "--variants", "fedosd:0.5:1:0", "--studies", "plain",
+           "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    study = json.loads((out / "unlearning.json").read_text())["studies"][
+        "without differential privacy"]
+    results = study["results"]
+    assert set(results) == {"trained (with backdoor)", "retrain without it (a)",
+                            "S4 unlearning (ours)", "continue without it (b)",
+                            "gradient ascent (c)"}
+    assert results["S4 unlearning (ours)"]["rounds"] == 2  # 1 unlearning + 1 recovery
+    assert results["retrain without it (a)"]["rounds"] == 1
+    for row in results.values():
+        assert 0.0 <= row["asr"] <= 1.0 and 0.0 <= row["mia_auc"] <= 1.0
+        assert row["bytes"] > 0
+    assert [(v["unlearn_rounds"], v["recovery_rounds"]) for v in study["variants"]] == [(1, 0)]
+    assert set(study["targets"]) >= {"asr <= retrain + 0.05", "bytes <= 30% of retrain"}
+    assert (out / "unlearning.md").read_text().count("| S4 unlearning (ours) |") == 1
+    assert (out / "unlearning.png").stat().st_size > 0
