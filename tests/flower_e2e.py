@@ -95,3 +95,23 @@ def copy_app(dst: Path) -> Path:
         else:
             shutil.copy(src, dst / name)
     return dst
+
+
+def flwr_run_app(tmp_path: Path, env: dict, run_config: list[str],
+                 num_supernodes: int = 4) -> tuple[Path, str]:
+    """`flwr run --stream` a copy of the app in simulation; (its results/<run-id>/, output).
+
+    `run_config` lists `key=value` overrides; results go to tmp_path/results.
+    """
+    app = copy_app(tmp_path / "app")
+    results = tmp_path / "results"
+    proc = subprocess.run(
+        ["flwr", "run", str(app), "--stream", "--run-config",
+         " ".join([f"results-dir='{results}'", *run_config]),
+         "--federation-config", f"num-supernodes={num_supernodes}"],
+        env=env, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    runs = list(results.iterdir()) if results.exists() else []
+    assert len(runs) == 1, f"expected one results/<run-id>/ folder; flwr output:\n{out[-4000:]}"
+    return runs[0], out

@@ -9,29 +9,19 @@ import sys
 import pytest
 from safetensors import safe_open
 
-from flower_e2e import ROOT, copy_app
+from flower_e2e import ROOT, flwr_run_app
 
 
 @pytest.mark.e2e
 def test_two_round_fedkd_simulation(flower_env, tiny_bert, mixed_tasks, tmp_path):
-    app = copy_app(tmp_path / "app")
-    results, state_dir = tmp_path / "results", tmp_path / "device-state"
-    run_config = " ".join([
-        "strategy='fedkd'", f"model='{tiny_bert}'", f"results-dir='{results}'",
+    state_dir = tmp_path / "device-state"
+    run, out = flwr_run_app(tmp_path, flower_env, [
+        "strategy='fedkd'", f"model='{tiny_bert}'",
         f"fedkd.task.agnews.path='{mixed_tasks['agnews']}'",
         f"fedkd.task.sst2.path='{mixed_tasks['sst2']}'", f"fedkd.state-dir='{state_dir}'",
         "fedkd.compress=true", "fedkd.shared-rank=4", "fedkd.local-rank=8",
         "fedkd.device-eval-examples=16", "num-server-rounds=2", "train.local-steps=2",
         "train.batch-size=8", "eval.max-examples=32"])
-    proc = subprocess.run(
-        ["flwr", "run", str(app), "--stream", "--run-config", run_config,
-         "--federation-config", "num-supernodes=4"],
-        env=flower_env, capture_output=True, text=True, timeout=600)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
-    runs = list(results.iterdir()) if results.exists() else []
-    assert len(runs) == 1, f"expected one results/<run-id>/ folder; flwr output:\n{out[-4000:]}"
-    run = runs[0]
 
     config = json.loads((run / "config.json").read_text())
     assert config["strategy"] == "fedkd" and set(config["tasks"]) == {"agnews", "sst2"}

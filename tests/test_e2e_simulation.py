@@ -7,26 +7,15 @@ import subprocess
 import sys
 
 import pytest
-from flower_e2e import ROOT, copy_app
+from flower_e2e import ROOT, flwr_run_app
 
 
 @pytest.mark.e2e
 def test_two_round_hetlora_simulation(flower_env, tiny_bert, agnews, tmp_path):
-    app = copy_app(tmp_path / "app")
-    results = tmp_path / "results"
-    run_config = " ".join([
-        f"model='{tiny_bert}'", f"data.path='{agnews}'", f"results-dir='{results}'",
-        "num-server-rounds=2", "train.local-steps=2", "train.batch-size=8",
-        "eval.max-examples=64", "strategy='hetlora'"])
-    proc = subprocess.run(
-        ["flwr", "run", str(app), "--stream", "--run-config", run_config,
-         "--federation-config", "num-supernodes=4"],
-        env=flower_env, capture_output=True, text=True, timeout=600)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
-    runs = list(results.iterdir()) if results.exists() else []
-    assert len(runs) == 1, f"expected one results/<run-id>/ folder; flwr output:\n{out[-4000:]}"
-    run = runs[0]
+    run, out = flwr_run_app(tmp_path, flower_env, [
+        f"model='{tiny_bert}'", f"data.path='{agnews}'", "num-server-rounds=2",
+        "train.local-steps=2", "train.batch-size=8", "eval.max-examples=64",
+        "strategy='hetlora'"])
 
     config = json.loads((run / "config.json").read_text())
     assert config["strategy"] == "hetlora" and config["r_max"] == 16

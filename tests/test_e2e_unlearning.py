@@ -3,34 +3,22 @@
 from __future__ import annotations
 
 import json
-import subprocess
 
 import pytest
 
-from flower_e2e import copy_app
+from flower_e2e import flwr_run_app
 
 FORGET = 2  # partition id of the opting-out device (a jetson-orin-nano: rank 8)
 
 
 @pytest.mark.e2e
 def test_unlearn_simulation(flower_env, tiny_bert, agnews, tmp_path):
-    app = copy_app(tmp_path / "app")
-    results = tmp_path / "results"
-    run_config = " ".join([
-        f"model='{tiny_bert}'", f"data.path='{agnews}'", f"results-dir='{results}'",
+    run, out = flwr_run_app(tmp_path, flower_env, [
+        f"model='{tiny_bert}'", f"data.path='{agnews}'",
         "strategy='unlearn'", f"unlearn.clients='{FORGET}'", "num-server-rounds=1",
         "unlearn.rounds=2", "unlearn.recovery-rounds=1", "unlearn.grad-batches=1",
         "unlearn.loss='bounded-ce'", "train.local-steps=2", "train.batch-size=8",
         "eval.max-examples=32", "data.partitioner='iid'"])
-    proc = subprocess.run(
-        ["flwr", "run", str(app), "--stream", "--run-config", run_config,
-         "--federation-config", "num-supernodes=4"],
-        env=flower_env, capture_output=True, text=True, timeout=600)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
-    runs = list(results.iterdir()) if results.exists() else []
-    assert len(runs) == 1, f"expected one results/<run-id>/ folder; flwr output:\n{out[-4000:]}"
-    run = runs[0]
 
     request = json.loads((run / "unlearning.json").read_text())
     assert request["status"] == "done" and request["clients"] == [FORGET]
