@@ -106,23 +106,31 @@ class HeterogeneousLoRA(FedAvg):
         node_ids = self._train_node_ids(grid)
         self._learn_profiles(grid, node_ids)
         global_state = from_record(arrays)
+        messages = self._unicast(
+            node_ids, server_round, config, MessageType.TRAIN,
+            lambda node: ("arrays", *self._downlink(node, global_state, server_round)))
+        log.info("round %d: %s", server_round, ", ".join(
+            f"node {n} {self.profiles[n].device}@r{self.profiles[n].rank}" for n in self._sent))
+        return messages
+
+    def _unicast(self, node_ids: Iterable[int], server_round: int, config: ConfigRecord,
+                  message_type: str, downlink: Callable[[int], tuple[str, State, State, dict]]
+                  ) -> list[Message]:
+        """One message per node with a known profile. `downlink(node)` gives (record key,
+        payload, state the device will hold, extra config); what was sent is remembered
+        for validating replies and for mapping SuperLink error replies back to nodes."""
         self._sent.clear()
         messages = []
         for node in node_ids:
-            profile = self.profiles.get(node)
-            if profile is None:
+            if node not in self.profiles:
                 continue
-            payload, expected, extra = self._downlink(node, global_state, server_round)
+            key, payload, expected, extra = downlink(node)
             record = to_record(payload)
             self._sent[node] = (expected, record_nbytes(record))
-            content = RecordDict({"arrays": record,
-                                  "config": self._device_config(config, server_round, node,
-                                                                **extra)})
-            messages.append(Message(content, dst_node_id=node,
-                                    message_type=MessageType.TRAIN))
+            content = RecordDict({key: record, "config": self._device_config(
+                config, server_round, node, **extra)})
+            messages.append(Message(content, dst_node_id=node, message_type=message_type))
         self._outbox = messages
-        log.info("round %d: %s", server_round, ", ".join(
-            f"node {n} {self.profiles[n].device}@r{self.profiles[n].rank}" for n in self._sent))
         return messages
 
     def _downlink(self, node: int, global_state: State, server_round: int

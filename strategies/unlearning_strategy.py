@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
@@ -26,7 +26,7 @@ from strategies.lora_strategy import HeterogeneousLoRA, NodeProfile
 from strategies.unlearning_steps import remove_drift, unlearning_step
 from task.config import RunConfig
 from task.lora import State, truncate_lora
-from task.records import from_record, record_nbytes, to_record
+from task.records import from_record, to_record
 from task.logs import get_logger
 
 log = get_logger()
@@ -126,25 +126,18 @@ class FederatedUnlearning(HeterogeneousLoRA):
         opting-out devices (global module in their first unlearning round)."""
         nodes = [n for n in grid.get_node_ids() if n not in self.exhausted]
         self._learn_profiles(grid, nodes)
-        self._sent.clear()
-        messages = []
-        for node in nodes:
-            profile = self.profiles.get(node)
-            if profile is None:
-                continue
-            forget = node in self.forget_nodes
-            sent = truncate_lora(self._global, profile.rank)
+
+        def downlink(node: int) -> tuple[str, State, State, dict]:
+            rank, forget = self.profiles[node].rank, node in self.forget_nodes
+            sent = truncate_lora(self._global, rank)  # keys/shapes the reply must have
+            extra = {"objective": "unlearn" if forget else "task",
+                     "label-names": list(self.label_names)}
             update = self.projected.pop(node, None) if forget else None
-            key, payload = ("update", truncate_lora(update, profile.rank)) \
-                if update is not None else ("arrays", sent)
-            record = to_record(payload)
-            self._sent[node] = (sent, record_nbytes(record))  # keys/shapes replies must have
-            cfg = self._device_config(config, server_round, node,
-                                      objective="unlearn" if forget else "task",
-                                      **{"label-names": list(self.label_names)})
-            messages.append(Message(RecordDict({key: record, "config": cfg}),
-                                    dst_node_id=node, message_type=GRADIENT_MESSAGE))
-        self._outbox = messages  # SuperLink error replies map back through these
+            if update is None:
+                return "arrays", sent, sent, extra
+            return "update", truncate_lora(update, rank), sent, extra
+
+        messages = self._unicast(nodes, server_round, config, GRADIENT_MESSAGE, downlink)
         log.info("round %d (unlearning): gradients from %d remaining and %d opting-out devices",
                  server_round, len(self._sent) - len(self.forget_nodes & set(self._sent)),
                  len(self.forget_nodes & set(self._sent)))

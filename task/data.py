@@ -214,3 +214,11 @@ def batches(examples: Examples, batch_size: int, rng: np.random.Generator | None
     order = rng.permutation(len(examples)) if rng is not None else np.arange(len(examples))
     for start in range(0, len(order), batch_size):
         yield examples.subset(order[start:start + batch_size])
+
+
+def endless_batches(examples: Examples, batch_size: int, rng: np.random.Generator):
+    """Shuffled chunks without end: a new shuffle after every pass over the data."""
+    if len(examples) == 0:
+        raise ValueError("no examples to train on")
+    while True:
+        yield from batches(examples, batch_size, rng)

@@ -15,7 +15,7 @@ import torch
 
 from strategies.fedkd import mutual_kd_losses
 from task.config import ConfigError, RunConfig
-from task.data import Examples, batches, encode_batch
+from task.data import Examples, encode_batch, endless_batches
 from task.logs import get_logger
 from task.model import torch_device
 
@@ -58,12 +58,9 @@ def train_mutual(local_model, shared_model, local_tokenizer, shared_tokenizer,
                                                       "kd_to_local", "hidden_mse")}
     start = time.perf_counter()
     log_every = max(1, cfg.local_steps // 4)
-    stream = batches(examples, cfg.batch_size, rng)
+    stream = endless_batches(examples, cfg.batch_size, rng)
     for step in range(1, cfg.local_steps + 1):
-        chunk = next(stream, None)
-        if chunk is None:  # one pass done: reshuffle and go on
-            stream = batches(examples, cfg.batch_size, rng)
-            chunk = next(stream)
+        chunk = next(stream)
         shared_batch = {k: v.to(device) for k, v in
                         encode_batch(shared_tokenizer, chunk, cfg).items()}
         local_batch = shared_batch if local_tokenizer is shared_tokenizer else {

@@ -13,7 +13,7 @@ from peft import get_peft_model_state_dict
 
 from strategies.unlearning import bounded_ce_loss, fedosd_unlearning_loss
 from task.config import RunConfig
-from task.data import Examples, batches, encode_batch
+from task.data import Examples, batches, encode_batch, endless_batches
 from task.lora import State
 from task.model import torch_device
 from task.logs import get_logger
@@ -24,16 +24,10 @@ log = get_logger()
 def _shuffled_stream(examples: Examples, cfg: RunConfig, tokenizer, seed: int):
     """next_batch(): shuffled batches on the model's device, reshuffling after each pass."""
     device = torch_device()
-    rng = np.random.default_rng(seed)
-    stream = batches(examples, cfg.batch_size, rng)
+    stream = endless_batches(examples, cfg.batch_size, np.random.default_rng(seed))
 
     def next_batch() -> dict[str, torch.Tensor]:
-        nonlocal stream
-        chunk = next(stream, None)
-        if chunk is None:  # one pass done: reshuffle and go on
-            stream = batches(examples, cfg.batch_size, rng)
-            chunk = next(stream)
-        return {k: v.to(device) for k, v in encode_batch(tokenizer, chunk, cfg).items()}
+        return {k: v.to(device) for k, v in encode_batch(tokenizer, next(stream), cfg).items()}
 
     return next_batch
 
