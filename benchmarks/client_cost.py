@@ -1,9 +1,12 @@
 """Client cost: peak resident memory and seconds per local step of one device process.
 
 Trains all-MiniLM-L6-v2 with LoRA at rank 16 (batch 16, sequences padded to 128 tokens) in a
-fresh process, as a device would, and reports peak RSS and the median step time.
+fresh process, as a device would, and reports peak RSS (MiB = 2**20 bytes) and the median
+step time. Each run writes client_cost_r<rank>.json; client_cost.md is rendered from all of
+them (`--render`).
 
     python benchmarks/client_cost.py --rank 16 --steps 20
+    python benchmarks/client_cost.py --rank 2 --steps 20
 """
 
 from __future__ import annotations
@@ -19,15 +22,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import machine_line, provenance, read_json, write_json  # noqa: E402
 
-def measure(rank: int, steps: int, batch: int, seq: int, data: str) -> dict:
+
+def measure(rank: int, steps: int, batch: int, seq: int, data: str, model_name: str) -> dict:
     import torch
 
     from task.config import RunConfig
     from task.data import load_split_frames, resolve_columns, to_examples, label_names_of
     from task.model import get_lora_model, load_tokenizer, resolve_model_source
 
-    cfg = RunConfig.from_run_config({"strategy": "fedavg", "lora.fedavg-rank": rank})
+    cfg = RunConfig.from_run_config({"strategy": "fedavg", "lora.fedavg-rank": rank,
+                                     "model": model_name})
     frames = load_split_frames(str(Path(data).resolve()), "")
     cols = resolve_columns(frames["train"], cfg)
     labels = label_names_of(frames, cols)
@@ -53,8 +59,10 @@ def measure(rank: int, steps: int, batch: int, seq: int, data: str) -> dict:
     return {"rank": rank, "batch": batch, "seq": seq, "threads": torch.get_num_threads(),
             "cpus": os.cpu_count(), "trainable_params": trainable,
             "s_per_step_median": statistics.median(times), "s_per_step_mean": statistics.mean(times),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "rss_before_model_mb": rss_before_model / 1024}
+            "model": model_name,
+            # ru_maxrss is in KiB on Linux: / 1024 gives MiB
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "rss_before_model_mib": rss_before_model / 1024}
 
 
 def main() -> None:
@@ -64,13 +72,36 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--data", default="../shared/data/agnews")
+    ap.add_argument("--model", default="sentence-transformers/all-MiniLM-L6-v2")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--render", action="store_true",
+                    help="only write client_cost.md from --out/client_cost_r*.json")
     args = ap.parse_args()
-    res = measure(args.rank, args.steps, args.batch, args.seq, args.data)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"client_cost_r{args.rank}.json").write_text(json.dumps(res, indent=2))
-    print(json.dumps(res, indent=2))
+    if not args.render:
+        started = time.perf_counter()
+        res = measure(args.rank, args.steps, args.batch, args.seq, args.data, args.model)
+        write_json(out / f"client_cost_r{args.rank}.json", {**provenance(started), **res})
+        print(json.dumps(res, indent=2))
+    write_report(out)
+
+
+def write_report(out: Path) -> None:
+    """client_cost.md, from the client_cost_r*.json files alone."""
+    runs = sorted((read_json(p) for p in out.glob("client_cost_r*.json")),
+                  key=lambda r: r["rank"])
+    if not runs:
+        raise SystemExit(f"no client_cost_r*.json in {out}: run the benchmark first")
+    lines = ["| rank | batch x tokens (padded) | s per step (median) | peak RSS MiB | RSS before "
+             "model MiB | trainable params | torch threads | machine |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['rank']} | {r['batch']} x {r['seq']} | {r['s_per_step_median']:.2f} | "
+              f"{r['peak_rss_mib']:.0f} | {r['rss_before_model_mib']:.0f} | "
+              f"{r['trainable_params']:,} | {r['threads']} | {machine_line(r['machine'])} |"
+              for r in runs]
+    lines += ["", "Commands: " + "; ".join(f"`{r['command']}`" for r in runs) + "."]
+    (out / "client_cost.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ server_app.fedkd.FedKDServer), so it needs no Flower. Bytes are raw array bytes.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -34,6 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import machine_line, provenance, read_json, write_json  # noqa: E402
 from client_app.device import DeviceInfo  # noqa: E402
 from client_app.fedkd import DeviceStore, device_round, device_task, train_modules  # noqa: E402
 from server_app.fedkd import FedKDServer  # noqa: E402
@@ -184,9 +184,13 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="any other run-config override, e.g. --set fedkd.temperature=3")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--render", action="store_true",
+                    help="only write fedkd.md and fedkd.png from --out/fedkd.json")
     args = ap.parse_args()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if args.render:
+        return write_report(out)
+    started = time.perf_counter()
     root = Path(args.data_root)
     base = {"strategy": "fedkd", "model": args.model, "num-server-rounds": args.rounds,
             "train.local-steps": args.steps, "train.batch-size": args.batch_size,
@@ -199,9 +203,6 @@ def main() -> None:
     for item in args.set:
         key, _, value = item.partition("=")
         base[key] = parse_value(value)
-    import torch
-
-    machine = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
     num_devices = 2 * args.devices_per_task
     curves, walls = {}, {}
     for name in args.setups.split(","):
@@ -216,13 +217,17 @@ def main() -> None:
                                      lambda s: print(s, flush=True))
         walls[name] = time.perf_counter() - t0
         summary = summarise(curves, RunConfig.from_run_config(base).fedkd_task_names)
-        (out / "fedkd.json").write_text(json.dumps(
-            {"machine": machine, "args": vars(args), "run_config": base, "wall_s": walls,
-             "summary": summary, "curves": curves}, indent=1))
-    write_report(summary, curves, walls, machine, args, RunConfig.from_run_config(base), out)
+        write_json(out / "fedkd.json", {**provenance(started), "args": vars(args),
+                                        "run_config": base, "wall_s": walls,
+                                        "summary": summary, "curves": curves})
+    write_report(out)
 
 
-def write_report(summary, curves, walls, machine, args, cfg: RunConfig, out: Path) -> None:
+def write_report(out: Path) -> None:
+    """fedkd.md and fedkd.png, from fedkd.json alone."""
+    run = read_json(out / "fedkd.json")
+    summary, curves, walls = run["summary"], run["curves"], run["wall_s"]
+    args, cfg = argparse.Namespace(**run["args"]), RunConfig.from_run_config(run["run_config"])
     import matplotlib
 
     matplotlib.use("Agg")
@@ -234,15 +239,17 @@ def write_report(summary, curves, walls, machine, args, cfg: RunConfig, out: Pat
     lines = [
         f"{args.devices_per_task} AG News devices (Dirichlet alpha=0.5) + "
         f"{args.devices_per_task} SST-2 devices, {args.rounds} rounds x {args.steps} local "
-        f"steps (batch {args.batch_size}, lr {args.lr}), model {args.model}, on {machine}. "
+        f"steps (batch {args.batch_size}, lr {args.lr}, seed {cfg.seed}), model {args.model}. "
         f"Shared module: LoRA r={cfg.fedkd_shared_rank} + per-task head; local module: LoRA "
         f"r={cfg.fedkd_local_rank} + head; T={cfg.fedkd_temperature}, "
         f"lambda={cfg.fedkd_lambda}, adaptive={cfg.fedkd_adaptive}, "
         f"hidden-mse={cfg.fedkd_hidden_mse}; test sets capped at {args.eval_max or 'all'} "
         f"(shared module) and {args.device_eval_max or 'all'} (local modules, on device). "
         "Accuracy = mean over devices of the accuracy on the device's own task's test split; "
-        "bytes = raw array bytes up + down, all devices (Flower adds 128 bytes per array).",
-        "",
+        "bytes = payload bytes (raw arrays, as compressed) up + down, all devices.",
+        "", f"Machine: {machine_line(run['machine'])}.", "",
+        f"Command: `{run.get('command', '?')}`; {run.get('total_s', sum(walls.values())):.0f} s "
+        "in all.", "",
         "| setup | module evaluated | final avg acc | best avg acc | "
         + " | ".join(f"{t} acc" for t in tasks) + " | total bytes |",
         "|---|---|---|---|" + "---|" * len(tasks) + "---|",

@@ -3,22 +3,23 @@
 The federation is driven in-process with the very functions the Flower apps call
 (client_app.device.train_round, strategies.hetlora.AGGREGATORS, task.lora.truncate_lora,
 server_app.evaluation.ServerTask), so it runs anywhere torch runs (a GPU box without Flower
-installed, too). Bytes are the raw array bytes (Flower adds a 128-byte header per array).
+installed, too). Bytes are payload bytes (raw array bytes; see benchmarks/common.py).
 
     python benchmarks/quality.py --data ../shared/data/agnews --rounds 20 --devices 10
+    python benchmarks/quality.py --render      # quality.md + .png again from quality.json
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import machine_line, provenance, read_json, write_json  # noqa: E402
 from client_app.device import DeviceInfo, train_round  # noqa: E402
 from server_app.evaluation import ServerTask  # noqa: E402
 from strategies.hetlora import AGGREGATORS, aggregation_error  # noqa: E402
@@ -96,16 +97,20 @@ def main() -> None:
     ap.add_argument("--devices", type=int, default=10)
     ap.add_argument("--local-steps", type=int, default=10)
     ap.add_argument("--setups", default=",".join(SETUPS))
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--eval-max", type=int, default=0,
+                    help="test texts evaluated each round (0 = the whole test split)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--render", action="store_true",
+                    help="only write quality.md and quality.png from --out/quality.json")
     args = ap.parse_args()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if args.render:
+        return write_report(out)
+    started = time.perf_counter()
     base = {"model": args.model, "data.path": args.data, "num-server-rounds": args.rounds,
-            "train.local-steps": args.local_steps, "eval.max-examples": 0,
-            "data.partitioner": "dirichlet", "data.dirichlet-alpha": 0.5}
-    import torch
-
-    machine = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
+            "train.local-steps": args.local_steps, "eval.max-examples": args.eval_max,
+            "seed": args.seed, "data.partitioner": "dirichlet", "data.dirichlet-alpha": 0.5}
     results, curves = [], {}
     for name in args.setups.split(","):
         cfg = RunConfig.from_run_config({**base, **SETUPS[name]})
@@ -114,21 +119,30 @@ def main() -> None:
         rows = runner(cfg, args.devices, lambda s: print(s, flush=True))
         curves[name] = rows
         results.append(summarise(name, rows))
-        (out / "quality.json").write_text(json.dumps(
-            {"machine": machine, "args": vars(args), "summary": results, "curves": curves}))
-    write_report(results, curves, machine, args, out)
+        write_json(out / "quality.json", {**provenance(started), "args": vars(args),
+                                          "base_config": base, "summary": results,
+                                          "curves": curves})
+    write_report(out)
 
 
-def write_report(results, curves, machine, args, out: Path) -> None:
+def write_report(out: Path) -> None:
+    """quality.md and quality.png, from quality.json alone."""
+    run = read_json(out / "quality.json")
+    results, curves, args = run["summary"], run["curves"], argparse.Namespace(**run["args"])
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     lines = [f"AG News, {args.devices} devices, Dirichlet alpha=0.5, {args.rounds} rounds x "
-             f"{args.local_steps} local steps (batch 16), model {args.model}, on {machine}.", "",
-             "| setup | final acc | best acc | bytes up / round (all devices) | "
-             "bytes down / round | mean aggregation error |", "|---|---|---|---|---|---|"]
+             f"{args.local_steps} local steps (batch 16, seed "
+             f"{run.get('base_config', {}).get('seed', 42)}), model {args.model}.", "",
+             f"Machine: {machine_line(run['machine'])}.", "",
+             f"Command: `{run.get('command', '?')}`; {run.get('total_s', 0):.0f} s in all "
+             "(model loading included); per setup: " + ", ".join(
+                 f"{r['setup']} {r['wall_s']:.0f} s" for r in results) + ".", "",
+             "| setup | final acc | best acc | payload bytes up / round (all devices) | "
+             "payload bytes down / round | mean aggregation error |", "|---|---|---|---|---|---|"]
     for r in results:
         err = "n/a" if r["mean_agg_error"] is None else f"{r['mean_agg_error']:.3f}"
         up = f"{r['bytes_up_per_round'] / 1e6:.2f} MB" if r["bytes_up_per_round"] else "0 (central)"

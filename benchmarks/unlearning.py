@@ -46,6 +46,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import machine_line, provenance, read_json, write_json  # noqa: E402
 from client_app.device import DeviceInfo, gradient_round, local_examples, train_round  # noqa: E402
 from server_app.evaluation import ServerTask  # noqa: E402
 from strategies.hetlora import AGGREGATORS  # noqa: E402
@@ -318,6 +319,8 @@ def run_study(cfg: RunConfig, args, probe_seed: int, dp: bool, log) -> dict:
         curve.append({"round": rnd, **probe.quick(cfg, task, state)})
     trained, trained_privacy = state, {p: dict(v.ledger()) for p, v in fed.privacy.items()}
     finish("trained (with backdoor)", trained, cost, fed, curve)
+    if args.only_trained:  # does the backdoor take / does the federation learn at all?
+        return {"results": results, "curves": curves, "poisoned": poisoned, "variants": []}
 
     def branch() -> Federation:  # the trained federation, privacy spent so far included
         b = Federation(cfg, task, data, dp, local_steps={forget: args.poison_steps})
@@ -410,13 +413,14 @@ def targets(results: dict) -> dict:
 
 
 def table(results: dict) -> list[str]:
-    retrain = results["retrain without it (a)"]
+    retrain = results.get("retrain without it (a)")
     has_eps = any("epsilon_max" in r for r in results.values())
     head = "| setup | ASR | clean acc | MIA AUC | acc on forgotten data | rounds | MB | wall s " \
            "| cost vs retrain (bytes / time) |" + (" max epsilon |" if has_eps else "")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for name, r in results.items():
-        rel = "-" if "trained" in name else (f"{r['bytes'] / max(retrain['bytes'], 1):.0%} / "
+        rel = "-" if "trained" in name or retrain is None else (
+            f"{r['bytes'] / max(retrain['bytes'], 1):.0%} / "
                                             f"{r['wall_s'] / max(retrain['wall_s'], 1e-9):.0%}")
         line = (f"| {name} | {r['asr']:.3f} | {r['clean_acc']:.4f} | {r['mia_auc']:.3f} | "
                 f"{r['forget_device_acc']:.3f} | {r['rounds']} | {r['bytes'] / 1e6:.1f} | "
@@ -425,8 +429,18 @@ def table(results: dict) -> list[str]:
     return lines
 
 
-def write_report(out: Path, studies: dict, args, machine: str, wall: float) -> None:
-    lines = [f"# S4 unlearning of a backdoored device ({machine}, {wall:.0f} s in all)", "",
+def write_report(out: Path) -> None:
+    """unlearning.md and unlearning.png, from unlearning.json alone."""
+    run = read_json(out / "unlearning.json")
+    studies, args = run["studies"], argparse.Namespace(**run["args"])
+    wall = run.get("total_s", run.get("wall_s", 0.0))
+    commands = run.get("command", "?")
+    commands = commands if isinstance(commands, list) else [commands]
+    lines = [f"# S4 unlearning of a backdoored device ({wall:.0f} s in all)", "",
+             f"Machine: {machine_line(run['machine'])}"
+             + (f"; {len(commands)} processes side by side" if len(commands) > 1 else "") + ".",
+             "", "Command" + ("s" if len(commands) > 1 else "") + ": "
+             + "; ".join(f"`{c}`" for c in commands) + ".", "",
              f"AG News, {args.devices} devices (Dirichlet alpha={args.alpha}, "
              f"{args.strategy} ranks), model `{args.model}`, {args.rounds} training rounds x "
              f"{args.local_steps} local steps; device {args.forget_device} carries the backdoor "
@@ -439,6 +453,12 @@ def write_report(out: Path, studies: dict, args, machine: str, wall: float) -> N
              "(0.5 = chance). Cost: rounds, payload bytes both ways, in-process wall time.", ""]
     for name, study in studies.items():
         lines += [f"## {name}", "", *table(study["results"]), ""]
+        if "S4 unlearning (ours)" not in study["results"]:  # --only-trained
+            lines += ["Clean accuracy per round (500 test texts): " + ", ".join(
+                f"{c['clean_acc']:.3f}" for c in study["curves"]["trained (with backdoor)"])
+                + "; attack success per round: " + ", ".join(
+                f"{c['asr']:.3f}" for c in study["curves"]["trained (with backdoor)"]) + ".", ""]
+            continue
         lines += ["S4 against the issue's targets (vs retraining): " + ", ".join(
             f"{k}: {'yes' if v else 'NO'}" for k, v in study["targets"].items()), ""]
         ours = study["results"]["S4 unlearning (ours)"]
@@ -490,14 +510,12 @@ def combine(out: Path, parts: list[Path]) -> None:
     for run in runs:  # a combined report combined again: its first run's arguments
         run["args"] = run["args"][0] if isinstance(run["args"], list) else run["args"]
     studies = {name: study for run in runs for name, study in run["studies"].items()}
-    machine = runs[0]["machine"] if len(runs) == 1 else \
-        f"{runs[0]['machine']}, {len(runs)} processes side by side"
-    wall = max(r["wall_s"] for r in runs)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "unlearning.json").write_text(json.dumps(
-        {"machine": machine, "args": runs[0]["args"], "studies": studies, "wall_s": wall},
-        indent=1))
-    write_report(out, studies, argparse.Namespace(**runs[0]["args"]), machine, wall)
+    commands = [c for r in runs for c in (r["command"] if isinstance(r["command"], list)
+                                         else [r["command"]])]
+    write_json(out / "unlearning.json", {
+        "machine": runs[0]["machine"], "command": commands, "args": runs[0]["args"],
+        "studies": studies, "total_s": max(r["total_s"] for r in runs)})
+    write_report(out)
 
 
 def main() -> None:
@@ -544,11 +562,18 @@ def main() -> None:
     ap.add_argument("--studies", default="plain,dp",
                     help="which studies to run: plain (no DP), dp, or both")
     ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--only-trained", action="store_true",
+                    help="stop after training with the backdoor (does it take? does the "
+                         "federation learn?): no forgetting setups")
+    ap.add_argument("--render", action="store_true",
+                    help="only write unlearning.md and .png from --out/unlearning.json")
     ap.add_argument("--combine", nargs="+", metavar="DIR",
                     help="only write one report into --out from the unlearning.json of "
                          "runs in these folders")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args()
+    if args.render:
+        return write_report(Path(args.out))
     if args.combine:
         return combine(Path(args.out), [Path(d) for d in args.combine])
     for name in ("variants", "dp_variants"):
@@ -581,7 +606,6 @@ def main() -> None:
         "train.local-steps": args.local_steps, "eval.max-examples": 0, "seed": args.seed,
         "train.max-length": args.max_length,
         "data.partitioner": "dirichlet", "data.dirichlet-alpha": args.alpha}
-    machine = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
     started = time.perf_counter()
     studies = {}
     plans = []
@@ -599,12 +623,12 @@ def main() -> None:
         print(f"{name}:", flush=True)
         study = run_study(cfg, args, args.seed, cfg.dp_enabled,
                           lambda s: print(s, flush=True))
-        study["targets"] = targets(study["results"])
+        if not args.only_trained:
+            study["targets"] = targets(study["results"])
         studies[name] = study
-        (out / "unlearning.json").write_text(json.dumps(
-            {"machine": machine, "args": vars(args), "studies": studies,
-             "wall_s": time.perf_counter() - started}, indent=1))
-    write_report(out, studies, args, machine, time.perf_counter() - started)
+        write_json(out / "unlearning.json", {**provenance(started), "args": vars(args),
+                                             "studies": studies})
+    write_report(out)
 
 
 if __name__ == "__main__":

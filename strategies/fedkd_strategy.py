@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
-from strategies.fedkd import (aggregate_fedkd, decode_update, device_view, encode_update,
+from strategies.fedkd import (SEP, aggregate_fedkd, decode_update, device_view, encode_update,
                               energy_threshold, is_compressed)
 from strategies.lora_strategy import HeterogeneousLoRA, NodeProfile
 from task.config import RunConfig
@@ -27,6 +27,12 @@ from task.records import from_record
 from task.logs import get_logger
 
 log = get_logger()
+
+
+def svd_matrices(keys: Iterable[str]) -> int:
+    """How many matrices a payload carries as truncated SVD factors (`<key>::U`, `::s`,
+    `::Vt`) rather than whole (`::full`, or uncompressed)."""
+    return sum(1 for key in keys if key.endswith(f"{SEP}U"))
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,7 @@ class FedKDStrategy(HeterogeneousLoRA):
         self._held: dict[int, tuple[State, int]] = {}  # node -> (shared module it holds, round)
         self._global: State = {}
         self._compressed_down: dict[int, bool] = {}  # this round's downlink, per node
+        self._svd_down: dict[int, int] = {}  # matrices sent as SVD factors, per node
 
     def round_energy(self, server_round: int) -> float | None:
         """S3: T(t) rising linearly from fedkd.energy-start to fedkd.energy-end; None = off."""
@@ -73,6 +80,7 @@ class FedKDStrategy(HeterogeneousLoRA):
         held, held_round = self._held.get(node, (None, 0))
         payload = encode_update(view, held, energy)
         compressed = self._compressed_down[node] = is_compressed(payload)
+        self._svd_down[node] = svd_matrices(payload)
         expected = decode_update(payload, held)  # exactly what the device will reconstruct
         self._held[node] = (expected, server_round)
         return payload, expected, {"task": task, "label-names": list(self.task_labels[task]),
@@ -94,6 +102,8 @@ class FedKDStrategy(HeterogeneousLoRA):
         info["task"] = self.profiles[node].task
         info["compressed_up"] = is_compressed(msg.content["arrays"])
         info["compressed_down"] = self._compressed_down.get(node, False)
+        info["svd_up"] = svd_matrices(msg.content["arrays"].keys())
+        info["svd_down"] = self._svd_down.get(node, 0)
         info["local_loss"] = float(metrics.get("local-loss", float("nan")))
         if "local-accuracy" in metrics:
             info["local_accuracy"] = float(metrics["local-accuracy"])

@@ -173,6 +173,14 @@ class FederatedUnlearning(HeterogeneousLoRA):
                                                    "step-norm": step_info["step_norm"]})
 
     def _aggregate(self, states: list[State], counts: list[int], nodes: list[int]) -> State:
-        if self._phase == "recover" and self.before is not None:
-            states = remove_drift(states, self._global, self.before, self.cfg.r_max)
-        return super()._aggregate(states, counts, nodes)
+        if self._phase != "recover" or self.before is None:
+            return super()._aggregate(states, counts, nodes)
+        states = remove_drift(states, self._global, self.before, self.cfg.r_max)
+        aggregate = super()._aggregate(states, counts, nodes)
+        if self.cfg.aggregation == "flexlora":
+            # FlexLoRA re-factorises the mean of the products B A by SVD, which is not linear
+            # in the factors: its aggregate can regain a component along d (cos 0.08 seen in
+            # a second recovery round), so the aggregate's own update is stripped too. The
+            # weighted means of hetlora / fedavg keep the devices' orthogonality exactly.
+            aggregate = remove_drift([aggregate], self._global, self.before, self.cfg.r_max)[0]
+        return aggregate

@@ -44,6 +44,14 @@ def tiny_llama(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def learnable_llama(tmp_path_factory) -> Path:
+    """A tiny Llama initialised wide enough (std 0.2, seeded) for LoRA to memorise a few
+    instruction responses (see tiny_models.make_tiny_llama)."""
+    return make_tiny_llama(tmp_path_factory.mktemp("learnable-llama"), initializer_range=0.2,
+                           seed=0)
+
+
+@pytest.fixture(scope="session")
 def mixed_tasks(agnews, tmp_path_factory) -> dict[str, Path]:
     """Small AG News and SST-2 folders (the first rows of ../shared/data) for FedKD tests."""
     out = {}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -21,6 +22,11 @@ import time
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    PublicFormat,
+    load_ssh_public_key,
+)
 from flower_e2e import copy_app
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,6 +34,29 @@ DEPLOY = ROOT / "deploy"
 SERVER, CONTROL, FLEET_PORT, CONTROL_PORT = "10.77.0.1", "10.78.0.1", 9092, 9093
 DEVICES = {"d1": ("rpi4-a", "rpi4"), "d2": ("jetson-a", "jetson-orin-nano"),
            "d3": ("laptop-a", "laptop")}
+# extra device keys for the intruders: two are registered (for devices that stay offline, so
+# the SuperLink WOULD activate them), one is not
+SPARE_NO_CA, SPARE_PLAIN, ROGUE = "spare-noca", "spare-plain", "rogue"
+
+# Flower's own SuperNode connection code (what `flower-supernode` runs after parsing its flags)
+# with the SuperNode's client-side guard "--insecure + auth key => exit 303" left out: it puts a
+# registered key on the wire in plaintext (CA '-') or, as the control, over TLS with the CA.
+# It stays connected until SIGTERM, then deactivates its node like a SuperNode does.
+FLEET_CONNECT = r"""
+import signal, sys, time
+from pathlib import Path
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+from flwr.supernode.start_client_internal import _init_connection
+address, key, ca = sys.argv[1:4]
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+private = load_ssh_private_key(Path(key).read_bytes(), None)
+with _init_connection(transport="grpc-rere", server_address=address, insecure=ca == "-",
+                      root_certificates=None if ca == "-" else Path(ca).read_bytes(),
+                      authentication_keys=(private, private.public_key()),
+                      max_retries=2, max_wait_time=15) as conn:
+    print(f"JOINED node_id={conn[0]}", flush=True)
+    time.sleep(600)
+"""
 
 
 def sh(*cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
@@ -137,6 +166,18 @@ def reachable(h: Hosts, host: str, addr: str, port: int) -> str:
     return sh("ip", "netns", "exec", h.ns(host), "python3", "-c", code, addr, str(port)).stdout.strip()
 
 
+PLAINTEXT_PROBE = """
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+s.sendall(b"PRI * HTTP/2.0\\r\\n\\r\\nSM\\r\\n\\r\\n" + bytes(9))
+try:
+    data = s.recv(7)
+except ConnectionResetError:
+    data = b""
+print(data.hex() if data else "closed")
+"""
+
+
 def wait_for(what: str, predicate, timeout: float, h: Hosts, logs: list[str]) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -162,7 +203,7 @@ def test_tls_authenticated_deployment_over_grpc(hosts, tiny_bert, agnews, tmp_pa
     certs, laptop = tmp_path / "certs", tmp_path / "laptop"
     base_env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
                 "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
-    names = [DEVICES[d][0] for d in DEVICES] + ["rogue"]
+    names = [DEVICES[d][0] for d in DEVICES] + [SPARE_NO_CA, SPARE_PLAIN, ROGUE]
     sh(str(DEPLOY / "gen-certs.sh"), "--out", str(certs), "--server-address", SERVER,
        "--server-address", CONTROL, *[a for n in names for a in ("--device", n)])
 
@@ -176,13 +217,18 @@ def test_tls_authenticated_deployment_over_grpc(hosts, tiny_bert, agnews, tmp_pa
              ["superlink"])
     assert (tmp_path / "state" / "state.db").is_file()
 
-    # laptop: connection + registration of the three devices' public keys (not 'rogue')
+    # laptop: connection + registration of the three devices' public keys and of the two spare
+    # keys (devices that stay offline); 'rogue' is not registered
     env = {**os.environ, **base_env, "FLWR_HOME": str(laptop)}
     laptop.mkdir()
-    sh(str(DEPLOY / "connect.sh"), "--name", "edge", "--control", f"{CONTROL}:{CONTROL_PORT}",
-       "--ca", str(certs / "ca.crt"),
-       *[a for d in DEVICES for a in ("--register", str(certs / "devices" / f"{DEVICES[d][0]}.pub"))],
-       env=env)
+    registered = [DEVICES[d][0] for d in DEVICES] + [SPARE_NO_CA, SPARE_PLAIN]
+    out = sh(str(DEPLOY / "connect.sh"), "--name", "edge", "--control", f"{CONTROL}:{CONTROL_PORT}",
+             "--ca", str(certs / "ca.crt"),
+             *[a for n in registered for a in ("--register", str(certs / "devices" / f"{n}.pub"))],
+             env=env).stdout
+    ids = re.findall(r"SuperNode (\d+) registered successfully", out)
+    assert len(ids) == len(registered), out
+    node_id = dict(zip(registered, ids))
 
     # devices: SuperNodes with their profile and their share of the data
     def start_device(dev: str) -> None:
@@ -196,7 +242,8 @@ def test_tls_authenticated_deployment_over_grpc(hosts, tiny_bert, agnews, tmp_pa
 
     for dev in DEVICES:
         start_device(dev)
-    wait_for("three online SuperNodes", lambda: len(online_nodes(env)) == 3, 90, h,
+    devices_online = {node_id[DEVICES[d][0]] for d in DEVICES}
+    wait_for("three online SuperNodes", lambda: online_nodes(env) == devices_online, 90, h,
              ["superlink", *DEVICES])
 
     # only the Fleet API port of the server is reachable from devices
@@ -215,26 +262,103 @@ def test_tls_authenticated_deployment_over_grpc(hosts, tiny_bert, agnews, tmp_pa
                  for ln in conns.splitlines() if SERVER in ln}
         assert peers == {f"{SERVER}:{FLEET_PORT}"}, conns
 
-    # intruders cannot join: no CA certificate, plaintext, an unregistered key
+    # Intruders: each has exactly one defect, and the refusal's cause is asserted from the
+    # SuperNode's exit status / log and the SuperLink's log. The SuperLink activates only keys
+    # that are registered and offline, so (a) and (b) use registered keys of devices that are
+    # offline: without their defect they WOULD join, and the control after each shows that the
+    # same key does join (a 4th online node, its registered node ID) with the CA over TLS.
     key = certs / "devices"
-    bad = {
-        "no-ca": ["flower-supernode", "--superlink", f"{SERVER}:{FLEET_PORT}",
-                  "--auth-supernode-private-key", str(key / "rpi4-a"),
-                  "--auth-supernode-public-key", str(key / "rpi4-a.pub")],
-        "plaintext": ["flower-supernode", "--superlink", f"{SERVER}:{FLEET_PORT}", "--insecure"],
-        "rogue": [str(DEPLOY / "supernode.sh"), "--superlink", f"{SERVER}:{FLEET_PORT}",
-                  "--ca", str(certs / "ca.crt"), "--key", str(key / "rogue")],
-    }
-    for name, cmd in bad.items():
-        h.start(name, "d1", cmd + ["--max-retries", "2", "--max-wait-time", "15", "--port", "9195"],
-                {**base_env, "FLWR_HOME": str(tmp_path / f"home-{name}")})
-        proc = h.procs[name]
+    fleet = f"{SERVER}:{FLEET_PORT}"
+
+    def intruder_env(name: str) -> dict:
+        return {**base_env, "FLWR_HOME": str(tmp_path / f"home-{name}")}
+
+    def intrude(name: str, cmd: list[str], registered_as: str | None = None) -> tuple[str, str]:
+        """Run an intruder on d1 to its exit; return (its log, what the SuperLink logged)."""
+        mark = len(h.log("superlink"))
+        proc = h.start(name, "d1", cmd, intruder_env(name))
         try:
-            proc.wait(timeout=60)
+            proc.wait(timeout=90)
         except subprocess.TimeoutExpired:
-            pass
-        assert len(online_nodes(env)) == 3, f"{name} joined: {h.log(name)[-1500:]}"
+            pytest.fail(f"intruder {name} did not give up: {h.log(name)[-1500:]}")
+        log = h.log(name)
+        assert proc.returncode == 1, f"{name} exited {proc.returncode}: {log[-1500:]}"
+        assert online_nodes(env) == devices_online, f"{name} joined: {log[-1500:]}"
         h.stop(name)
+        server = h.log("superlink")[mark:]
+        if registered_as:  # the SuperLink never got as far as activating the key
+            assert f"Activated node_id={node_id[registered_as]}" not in server, server
+            assert "ApiError" not in server, server
+        return log, server
+
+    def control(name: str, cmd: list[str], spare: str) -> None:
+        """The same registered key with the CA over TLS is accepted, then leaves again."""
+        h.start(name, "d1", cmd, intruder_env(name))
+        wait_for(f"control {name} online", lambda: online_nodes(env) == devices_online
+                 | {node_id[spare]}, 90, h, [name, "superlink"])
+        h.stop(name)  # SIGTERM: the node deactivates itself
+        wait_for(f"control {name} offline", lambda: online_nodes(env) == devices_online, 90, h,
+                 [name, "superlink"])
+
+    # (a) a registered key, but no CA: the system trust store does not vouch for the server's
+    # certificate, so the SuperNode refuses the TLS handshake (no RPC reaches the SuperLink)
+    log, _ = intrude("no-ca", ["flower-supernode", "--superlink", fleet,
+                               "--auth-supernode-private-key", str(key / SPARE_NO_CA),
+                               "--max-retries", "2", "--max-wait-time", "15", "--port", "9195"],
+                     registered_as=SPARE_NO_CA)
+    assert "Using system certificates for TLS connection" in log, log
+    assert "SSL/TLS handshake error detected." in log, log
+    assert "Exit Code: 305" in log, log
+    assert re.search(rf"ipv4:{re.escape(fleet)}: Tls handshake failed \(TSI_PROTOCOL_FAILURE\): "
+                     r"SSL_ERROR_SSL: .*CERTIFICATE_VERIFY_FAILED", log), log
+    control("no-ca-control", [str(DEPLOY / "supernode.sh"), "--superlink", fleet,
+                              "--ca", str(certs / "ca.crt"), "--key", str(key / SPARE_NO_CA),
+                              "--port", "9195"], SPARE_NO_CA)
+
+    # (b) a registered key, but plaintext. `flower-supernode --insecure` with an auth key refuses
+    # to start (exit 303) before dialing; so the same key also goes on the wire in plaintext
+    # through Flower's connection code, and the SuperLink's TLS port refuses the handshake
+    log, server = intrude("plaintext-cli", ["flower-supernode", "--superlink", fleet, "--insecure",
+                                            "--auth-supernode-private-key", str(key / SPARE_PLAIN),
+                                            "--max-retries", "2", "--max-wait-time", "15",
+                                            "--port", "9195"], registered_as=SPARE_PLAIN)
+    assert "Exit Code: 303" in log and "SuperNode authentication requires a secure TLS " \
+        "connection with the SuperLink" in log, log
+    assert "WRONG_VERSION_NUMBER" not in server, server  # it did not dial
+    mark = len(h.log("superlink"))
+    log, _ = intrude("plaintext", ["python3", "-c", FLEET_CONNECT, fleet, str(key / SPARE_PLAIN),
+                                   "-"], registered_as=SPARE_PLAIN)
+    assert "Exit Code: 305" in log, log
+    assert re.search(rf"UNAVAILABLE: ipv4:{re.escape(fleet)}: (Socket closed|.*Connection reset)",
+                     log), log
+    assert "handshake" not in log.lower(), log  # the client spoke no TLS at all
+    # why it was refused: the Fleet port speaks only TLS. Plaintext HTTP/2 (what an insecure
+    # gRPC channel sends first) is answered with a TLS alert record (type 21) or a close, never
+    # with HTTP/2. (gRPC core's own "WRONG_VERSION_NUMBER" line in the SuperLink log is an
+    # INFO message it does not always print, so the test asks the port itself.)
+    answer = sh("ip", "netns", "exec", h.ns("d1"), "python3", "-c", PLAINTEXT_PROBE, SERVER,
+                str(FLEET_PORT)).stdout.strip()
+    assert answer == "closed" or answer.startswith("15"), answer
+    assert f"Activated node_id={node_id[SPARE_PLAIN]}" not in h.log("superlink")[mark:]
+    control("plaintext-control", ["python3", "-c", FLEET_CONNECT, fleet, str(key / SPARE_PLAIN),
+                                  str(certs / "ca.crt")], SPARE_PLAIN)
+    assert f"JOINED node_id={node_id[SPARE_PLAIN]}" in h.log("plaintext-control")
+
+    # (c) the CA and TLS, but an unregistered key: TLS succeeds, the SuperLink refuses to
+    # activate a public key it does not know
+    log, _ = intrude("rogue", [str(DEPLOY / "supernode.sh"), "--superlink", fleet,
+                               "--ca", str(certs / "ca.crt"), "--key", str(key / ROGUE),
+                               "--max-retries", "2", "--max-wait-time", "15", "--port", "9195"])
+    assert "Exit Code: 305" in log and "[code: 2004] Failed to activate SuperNode." in log, log
+    assert "handshake" not in log.lower(), log
+    rogue_pem = load_ssh_public_key((key / f"{ROGUE}.pub").read_bytes()).public_bytes(
+        Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+    refusal = (f"[/flwr.proto.Fleet/ActivateNode][ApiError:2004] Attempted to register SuperNode "
+               f"with public key: {rogue_pem!r}, exception: No SuperNode found with the given "
+               "public key.")
+    wait_for("the SuperLink's refusal of the rogue key", lambda: refusal in h.log("superlink"),
+             30, h, ["superlink", "rogue"])
+    assert online_nodes(env) == devices_online
 
     # the job: 4 hetlora rounds, at least 2 devices a round
     app = copy_app(tmp_path / "app")

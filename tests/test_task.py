@@ -1,6 +1,8 @@
 """Device-side work in-process: classification and causal-LM training, one model per process."""
 
 import numpy as np
+import pytest
+import torch
 
 from client_app.device import DeviceInfo, local_examples, train_round
 from server_app.evaluation import ServerTask
@@ -30,21 +32,63 @@ def test_device_trains_at_its_rank_and_shares_one_base_model(tiny_bert, agnews):
     assert m4 is m16 and {"rank-4", "rank-16"} <= set(m16.peft_config)
 
 
-def test_causal_lm_instruction_tuning(tiny_llama, tmp_path):
-    rows = ["prompt\tresponse"] + [f"Add {i} and {i}.\t{2 * i}" for i in range(40)]
+def response_token_metrics(model_dir, state, scaling, examples):
+    """Next-token accuracy and mean cross-entropy over response tokens (and the final eos),
+    computed without the app: LoRA merged into a plain LlamaForCausalLM by hand
+    (W + scaling * B @ A), each example run alone (no padding), position t predicting t+1."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = LlamaForCausalLM.from_pretrained(str(model_dir)).eval()
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for key, a in state.items():
+            if ".lora_A." in key:
+                module = key.removeprefix("base_model.model.").split(".lora_A.")[0]
+                b = state[key.replace(".lora_A.", ".lora_B.")]
+                params[f"{module}.weight"] += scaling * torch.from_numpy(b @ a)
+    correct = count = 0
+    loss_sum = 0.0
+    for prompt, response in examples:
+        p = tokenizer(prompt)["input_ids"]
+        r = tokenizer(response + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logits = model(torch.tensor([p + r])).logits[0].double()
+        pred = logits[len(p) - 1:-1]  # the positions whose next token is a response token
+        target = torch.tensor(r)
+        correct += int((pred.argmax(-1) == target).sum())
+        loss_sum += torch.nn.functional.cross_entropy(pred, target, reduction="sum").item()
+        count += len(r)
+    return {"accuracy": correct / count, "loss": loss_sum / count}
+
+
+def test_causal_lm_instruction_tuning(learnable_llama, tmp_path):
+    pairs = [(f"Add {i} and {i}.", str(2 * i)) for i in range(8)]
+    rows = ["prompt\tresponse"] + [f"{p}\t{r}" for p, r in pairs]
+    # a small set it can memorise: the test split is the training split
     (tmp_path / "train.tsv").write_text("\n".join(rows) + "\n")
-    (tmp_path / "test.tsv").write_text("\n".join(rows[:11]) + "\n")
+    (tmp_path / "test.tsv").write_text("\n".join(rows) + "\n")
     cfg = RunConfig.from_run_config({
-        "model": str(tiny_llama), "task": "causal-lm", "data.path": str(tmp_path),
-        "lora.target-modules": "q_proj,v_proj", "strategy": "fedavg", "lora.fedavg-rank": 4,
-        "train.local-steps": 5, "train.lr": 0.01, "data.partitioner": "iid"})
+        "model": str(learnable_llama), "task": "causal-lm", "data.path": str(tmp_path),
+        "lora.target-modules": "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+        "strategy": "fedavg", "lora.fedavg-rank": 8, "train.local-steps": 60,
+        "train.lr": 0.01, "train.batch-size": 8, "data.partitioner": "iid"})
     task = ServerTask.prepare(cfg)
     assert task.label_names == ()
     state = task.initial_state()
     assert all("lora_" in k for k in state)  # no head in a causal LM adapter
     before = task.evaluate(state)
-    new, n, metrics = train_round(cfg, DeviceInfo(partition_id=0, num_partitions=2), (), 4,
+    new, n, metrics = train_round(cfg, DeviceInfo(partition_id=0, num_partitions=1), (), 8,
                                   state, server_round=1)
     after = task.evaluate(new)
-    assert n == 20 and 0 <= after["accuracy"] <= 1
-    assert after["loss"] < before["loss"]  # it learned something about the responses
+    assert n == 8 and metrics["steps"] == 60
+    # none of the 16 response tokens (a number + eos each) predicted before training, at
+    # least 15 after (all 16 with this seed); the loss on them fell to under half (about
+    # 10.3 -> 4.6: the frozen output layer bounds how low it can go)
+    assert before["accuracy"] == 0.0 and after["accuracy"] >= 15 / 16
+    assert after["loss"] < 0.5 * before["loss"]
+    # the app's batched, padded evaluation = a per-example computation on a hand-merged model
+    for got, weights in ((before, state), (after, new)):
+        mine = response_token_metrics(learnable_llama, weights, cfg.lora_scaling, pairs)
+        assert got["accuracy"] == mine["accuracy"]
+        assert got["loss"] == pytest.approx(mine["loss"], rel=1e-5)

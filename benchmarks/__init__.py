@@ -1,0 +1,1 @@
+"""Benchmarks of edge-lam: each script writes benchmarks/results/<name>.{json,md}."""

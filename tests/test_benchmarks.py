@@ -1,0 +1,166 @@
+"""Every benchmark script runs end to end on a tiny model (CPU, seconds), writes the files
+README quotes, records where it ran, and renders its markdown from its JSON alone."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flower_e2e import ROOT
+
+BENCH = ROOT / "benchmarks"
+
+
+def run_bench(script: str, *args: str, env: dict | None = None, timeout: int = 600) -> str:
+    done = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT, env=env)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    return done.stdout
+
+
+def check_provenance(result: dict, script: str) -> None:
+    machine = result["machine"]
+    assert machine["cores"] >= 1 and machine["cpu"] and machine["python"]
+    assert machine["versions"]["torch"] and machine["versions"]["transformers"]
+    assert script in result["command"] and result["total_s"] > 0
+
+
+def check_render(script: str, out: Path, *files: str) -> None:
+    """Deleting the markdown and rendering it from the JSON gives the very same text."""
+    before = {f: (out / f).read_text() for f in files}
+    for f in files:
+        (out / f).unlink()
+    run_bench(script, "--render", "--out", str(out))
+    assert {f: (out / f).read_text() for f in files} == before
+
+
+def test_quality_benchmark(tiny_bert, agnews, tmp_path):
+    out = tmp_path / "quality"
+    run_bench("quality.py", "--model", str(tiny_bert), "--data", str(agnews), "--rounds", "1",
+              "--devices", "4", "--local-steps", "1", "--eval-max", "40",
+              "--setups", "fedavg-r2,hetlora,central-r16", "--out", str(out))
+    res = json.loads((out / "quality.json").read_text())
+    check_provenance(res, "quality.py")
+    assert [s["setup"] for s in res["summary"]] == ["fedavg-r2", "hetlora", "central-r16"]
+    fedavg, hetlora, central = res["summary"]
+    # 4 devices at rank 2 move less than the 2/4/8/16 mix; centralised moves nothing
+    assert 0 < fedavg["bytes_up_per_round"] < hetlora["bytes_up_per_round"]
+    assert central["bytes_up_per_round"] == 0 and central["mean_agg_error"] is None
+    assert fedavg["mean_agg_error"] >= 0 and hetlora["mean_agg_error"] > 0
+    for name, rows in res["curves"].items():
+        assert [r["round"] for r in rows] == [0, 1]
+        assert res["summary"][[s["setup"] for s in res["summary"]].index(name)][
+            "final_acc"] == rows[-1]["accuracy"]
+    md = (out / "quality.md").read_text()
+    assert "| hetlora |" in md and res["machine"]["cpu"] in md
+    assert (out / "quality.png").stat().st_size > 1000
+    check_render("quality.py", out, "quality.md")
+
+
+def test_fedkd_benchmark(tiny_bert, mixed_tasks, tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    for name, path in mixed_tasks.items():
+        (root / name).symlink_to(path)
+    out = tmp_path / "fedkd"
+    run_bench("fedkd.py", "--model", str(tiny_bert), "--data-root", str(root),
+              "--devices-per-task", "1", "--rounds", "2", "--steps", "1", "--eval-max", "16",
+              "--device-eval-max", "16", "--setups", "fedkd-svd,fedavg,local", "--out", str(out))
+    res = json.loads((out / "fedkd.json").read_text())
+    check_provenance(res, "fedkd.py")
+    assert set(res["wall_s"]) == {"fedkd-svd", "fedavg", "local"}
+    by = {(s["setup"], s["module"]): s for s in res["summary"]}
+    assert by[("local", "local")]["total_bytes"] == 0
+    # the bytes in the table are the sum over the curve's devices, both ways
+    for setup in ("fedkd-svd", "fedavg"):
+        total = sum(d["bytes_up"] + d["bytes_down"] for r in res["curves"][setup][1:]
+                    for d in r["devices"])
+        assert by[(setup, "shared")]["total_bytes"] == total > 0
+    check_render("fedkd.py", out, "fedkd.md")
+
+
+def test_communication_benchmark(tiny_bert, tmp_path):
+    out = tmp_path / "comm"
+    run_bench("communication.py", "--model", str(tiny_bert), "--ranks", "2,4", "--out", str(out))
+    res = json.loads((out / "communication.json").read_text())
+    check_provenance(res, "communication.py")
+    r2, r4 = res["rows"]
+    # tiny BERT: 2 layers x (query, value) x (A, B) LoRA + a 4-class head on hidden 32
+    lora = lambda r: 2 * 2 * (r * 32 + 32 * r) * 4  # noqa: E731  float32 bytes
+    head = (32 * 4 + 4) * 4  # the classifier: weight 4 x 32 + bias 4
+    assert r4["payload_bytes"] - r2["payload_bytes"] == lora(4) - lora(2)
+    assert r2["payload_bytes"] == lora(2) + head
+    # on the wire every array carries a small header: wire > payload, same count of arrays
+    assert r2["arrays"] == r4["arrays"]
+    per_array = (r2["wire_bytes"] - r2["payload_bytes"]) / r2["arrays"]
+    assert 64 <= per_array <= 256
+    assert r4["wire_bytes"] - r4["payload_bytes"] == r2["wire_bytes"] - r2["payload_bytes"]
+    check_render("communication.py", out, "communication.md")
+
+
+def test_client_cost_benchmark(tiny_bert, agnews, tmp_path):
+    out = tmp_path / "cost"
+    for rank in ("2", "4"):
+        run_bench("client_cost.py", "--model", str(tiny_bert), "--data", str(agnews),
+                  "--rank", rank, "--steps", "2", "--batch", "4", "--seq", "32",
+                  "--out", str(out))
+    r2 = json.loads((out / "client_cost_r2.json").read_text())
+    r4 = json.loads((out / "client_cost_r4.json").read_text())
+    check_provenance(r2, "client_cost.py")
+    assert r2["peak_rss_mib"] >= r2["rss_before_model_mib"] > 50  # MiB, not KiB or bytes
+    assert r4["trainable_params"] - r2["trainable_params"] == 2 * 2 * (2 * 32 + 32 * 2)
+    md = (out / "client_cost.md").read_text()
+    assert md.count("| 2 | 4 x 32 |") == 1 and md.count("| 4 | 4 x 32 |") == 1
+    check_render("client_cost.py", out, "client_cost.md")
+
+
+@pytest.mark.e2e
+def test_default_run_benchmark(flower_env, tiny_bert, agnews, tmp_path):
+    """README's quick start measured through a real `flwr run`, here with a tiny model."""
+    out = tmp_path / "default"
+    run_bench("default_run.py", "--run-config",
+              f"model='{tiny_bert}' data.path='{agnews}' num-server-rounds=2 "
+              "train.local-steps=1 train.batch-size=4 eval.max-examples=32",
+              "--federation-config", "num-supernodes=3", "--out", str(out), env=flower_env)
+    res = json.loads((out / "default_run.json").read_text())
+    check_provenance(res, "default_run.py")
+    rows = [json.loads(x) for x in (out / "default_run_metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert [c["accuracy"] for c in res["curve"]] == [r["accuracy"] for r in rows]
+    assert res["flwr_run_s"] >= sum(r["wall_s"] for r in rows)
+    for over, row in zip(res["overhead"], rows[1:]):
+        assert over["devices"] == 3
+        assert over["overhead_s"] == pytest.approx(
+            row["wall_s"] - sum(c["train_s"] for c in row["clients"]) - row["eval_s"])
+    check_render("default_run.py", out, "default_run.md")
+    # the overhead CLI reads any run's metrics.jsonl and prints the same table
+    printed = run_bench("overhead.py", str(out / "default_run_metrics.jsonl"))
+    assert printed.strip().splitlines()[2:] == \
+        (out / "default_run.md").read_text().strip().splitlines()[-2:]
+
+
+def test_committed_results_render_from_their_json(tmp_path):
+    """The markdown in benchmarks/results is what its JSON renders to, byte for byte."""
+    results = BENCH / "results"
+    for script, files in (("quality.py", ["quality.json"]), ("fedkd.py", ["fedkd.json"]),
+                          ("unlearning.py", ["unlearning.json"]),
+                          ("unlearning.py", ["unlearning-poison10/unlearning.json"]),
+                          ("unlearning.py", ["unlearning-dp-b16/unlearning.json"]),
+                          ("communication.py", ["communication.json"]),
+                          ("client_cost.py", ["client_cost_r2.json", "client_cost_r16.json"]),
+                          ("default_run.py", ["default_run.json"])):
+        sub = Path(files[0]).parent  # a study kept in its own folder of results/
+        out = tmp_path / script / sub
+        out.mkdir(parents=True)
+        for f in files:
+            (out / Path(f).name).write_text((results / f).read_text())
+        run_bench(script, "--render", "--out", str(out))
+        md = sub / script.replace(".py", ".md")
+        assert (out / md.name).read_text() == (results / md).read_text(), \
+            f"{md} was edited by hand"
+        result = json.loads((results / files[0]).read_text())
+        assert isinstance(result["machine"], dict) and result["total_s"] > 0, script
