@@ -13,8 +13,8 @@ Each device's accuracy is measured on its own task's test split: the global shar
 its task's head (server side), and the device's own local module where it has one.
 
 The federation runs in-process with the functions the Flower apps call
-(client_app.fedkd.device_round / train_modules, strategies.fedkd encode/decode/aggregate,
-server_app.fedkd.FedKDServer), so it needs no Flower. Bytes are raw array bytes.
+(strategies.fedkd.device.device_round / train_modules, strategies.fedkd.math encode/decode/aggregate,
+strategies.fedkd.evaluation.FedKDServer), so it needs no Flower. Bytes are raw array bytes.
 
     python benchmarks/fedkd.py --model .device/minilm-fp16 --data-root .device
     python benchmarks/fedkd.py --model /tmp/tiny-bert --rounds 1 --steps 2 --eval-max 32 \
@@ -34,10 +34,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import machine_line, provenance, read_json, write_json  # noqa: E402
-from client_app.device import DeviceInfo  # noqa: E402
-from client_app.fedkd import DeviceStore, device_round, device_task, train_modules  # noqa: E402
-from server_app.fedkd import FedKDServer  # noqa: E402
-from strategies.fedkd import (aggregate_fedkd, decode_update, device_view,  # noqa: E402
+from task.device import DeviceInfo  # noqa: E402
+from strategies.fedkd.device import DeviceStore, device_round, device_task, train_modules  # noqa: E402
+from strategies.fedkd.evaluation import FedKDServer  # noqa: E402
+from strategies.fedkd.math import (aggregate_fedkd, decode_update, device_view,  # noqa: E402
                               encode_update, energy_threshold, payload_nbytes)
 from task.config import RunConfig  # noqa: E402
 
@@ -64,8 +64,8 @@ def run_setup(cfg: RunConfig, mode: str, num_devices: int, state_root: Path, log
         {"task": t, "shared_accuracy": shared.get(t, {}).get("accuracy")} for t in tasks]}]
     for rnd in range(1, cfg.num_rounds + 1):
         t0 = time.perf_counter()
-        energy = (energy_threshold(rnd, cfg.num_rounds, cfg.fedkd_energy_start,
-                                   cfg.fedkd_energy_end) if cfg.fedkd_compress else None)
+        energy = (energy_threshold(rnd, cfg.num_rounds, cfg.fedkd.energy_start,
+                                   cfg.fedkd.energy_end) if cfg.fedkd.compress else None)
         replies, counts, rows_dev = [], [], []
         for k, (info, task, store) in enumerate(zip(devices, tasks, stores)):
             labels = server.label_names[task]
@@ -207,7 +207,7 @@ def main() -> None:
     curves, walls = {}, {}
     for name in args.setups.split(","):
         mode, overrides = SETUPS[name]
-        local_rank = RunConfig.from_run_config(base).fedkd_local_rank
+        local_rank = RunConfig.from_run_config(base).fedkd.local_rank
         overrides = {k: local_rank if v == "local-rank" else v for k, v in overrides.items()}
         cfg = RunConfig.from_run_config({**base, **overrides})
         print(f"{name}: {num_devices} devices, mode {mode}", flush=True)
@@ -216,7 +216,7 @@ def main() -> None:
             curves[name] = run_setup(cfg, mode, num_devices, Path(tmp),
                                      lambda s: print(s, flush=True))
         walls[name] = time.perf_counter() - t0
-        summary = summarise(curves, RunConfig.from_run_config(base).fedkd_task_names)
+        summary = summarise(curves, RunConfig.from_run_config(base).fedkd.task_names)
         write_json(out / "fedkd.json", {**provenance(started), "args": vars(args),
                                         "run_config": base, "wall_s": walls,
                                         "summary": summary, "curves": curves})
@@ -235,15 +235,15 @@ def write_report(out: Path) -> None:
 
     mb = lambda b: "-" if b is None else f"{b / 1e6:.2f} MB"  # noqa: E731
     pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"  # noqa: E731
-    tasks = cfg.fedkd_task_names
+    tasks = cfg.fedkd.task_names
     lines = [
         f"{args.devices_per_task} AG News devices (Dirichlet alpha=0.5) + "
         f"{args.devices_per_task} SST-2 devices, {args.rounds} rounds x {args.steps} local "
         f"steps (batch {args.batch_size}, lr {args.lr}, seed {cfg.seed}), model {args.model}. "
-        f"Shared module: LoRA r={cfg.fedkd_shared_rank} + per-task head; local module: LoRA "
-        f"r={cfg.fedkd_local_rank} + head; T={cfg.fedkd_temperature}, "
-        f"lambda={cfg.fedkd_lambda}, adaptive={cfg.fedkd_adaptive}, "
-        f"hidden-mse={cfg.fedkd_hidden_mse}; test sets capped at {args.eval_max or 'all'} "
+        f"Shared module: LoRA r={cfg.fedkd.shared_rank} + per-task head; local module: LoRA "
+        f"r={cfg.fedkd.local_rank} + head; T={cfg.fedkd.temperature}, "
+        f"lambda={cfg.fedkd.lambda_}, adaptive={cfg.fedkd.adaptive}, "
+        f"hidden-mse={cfg.fedkd.hidden_mse}; test sets capped at {args.eval_max or 'all'} "
         f"(shared module) and {args.device_eval_max or 'all'} (local modules, on device). "
         "Accuracy = mean over devices of the accuracy on the device's own task's test split; "
         "bytes = payload bytes (raw arrays, as compressed) up + down, all devices.",

@@ -1,8 +1,8 @@
 """Quality of fedavg (r=2, r=16), hetlora, flexlora and centralised LoRA (r=16) on AG News.
 
 The federation is driven in-process with the very functions the Flower apps call
-(client_app.device.train_round, strategies.hetlora.AGGREGATORS, task.lora.truncate_lora,
-server_app.evaluation.ServerTask), so it runs anywhere torch runs (a GPU box without Flower
+(task.device.train_round, strategies.lora.math.AGGREGATORS, task.lora.truncate_lora,
+task.evaluation.ServerTask), so it runs anywhere torch runs (a GPU box without Flower
 installed, too). Bytes are payload bytes (raw array bytes; see benchmarks/common.py).
 
     python benchmarks/quality.py --data ../shared/data/agnews --rounds 20 --devices 10
@@ -12,7 +12,6 @@ installed, too). Bytes are payload bytes (raw array bytes; see benchmarks/common
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -20,9 +19,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import machine_line, provenance, read_json, write_json  # noqa: E402
-from client_app.device import DeviceInfo, train_round  # noqa: E402
-from server_app.evaluation import ServerTask  # noqa: E402
-from strategies.hetlora import AGGREGATORS, aggregation_error  # noqa: E402
+from task.device import DeviceInfo, train_round  # noqa: E402
+from task.evaluation import ServerTask  # noqa: E402
+from strategies.lora.math import AGGREGATORS, aggregation_error  # noqa: E402
 from task.config import RunConfig  # noqa: E402
 from task.lora import state_nbytes, truncate_lora  # noqa: E402
 
@@ -66,10 +65,10 @@ def centralised(cfg: RunConfig, num_devices: int, log) -> list[dict]:
     task = ServerTask.prepare(cfg)
     state = task.initial_state()
     rows = [{"round": 0, **task.evaluate(state), "wall_s": 0.0}]
-    steps = dataclasses.replace(cfg, local_steps=cfg.local_steps * num_devices)
+    steps = cfg.updated("train", local_steps=cfg.train.local_steps * num_devices)
     for rnd in range(1, cfg.num_rounds + 1):
         t0 = time.perf_counter()
-        state, n, m = train_round(steps, DeviceInfo(), task.label_names, cfg.fedavg_rank,
+        state, n, m = train_round(steps, DeviceInfo(), task.label_names, cfg.lora.fedavg_rank,
                                   state, rnd)
         rows.append({"round": rnd, **task.evaluate(state), "wall_s": time.perf_counter() - t0})
         log(f"  round {rnd}: acc {rows[-1]['accuracy']:.4f}")

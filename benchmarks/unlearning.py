@@ -17,8 +17,8 @@ Measured: backdoor attack success rate (triggered test texts of other classes pr
 the target), clean test accuracy, membership-inference AUC (loss threshold) on the forgotten
 device's training texts vs unseen texts, and cost (rounds, bytes, wall time) vs retraining.
 
-Runs in-process with the functions the Flower apps call (client_app.device.train_round /
-gradient_round, strategies.hetlora.AGGREGATORS, strategies.unlearning_steps, ServerTask,
+Runs in-process with the functions the Flower apps call (task.device.train_round /
+gradient_round, strategies.lora.math.AGGREGATORS, strategies.unlearn.steps, ServerTask,
 task.privacy.DevicePrivacy), so it needs torch, not a Flower deployment:
 
     python benchmarks/unlearning.py --model .device/minilm-fp16 --data .device/agnews
@@ -33,7 +33,6 @@ study on a CPU.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import tempfile
@@ -47,11 +46,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import machine_line, provenance, read_json, write_json  # noqa: E402
-from client_app.device import DeviceInfo, gradient_round, local_examples, train_round  # noqa: E402
-from server_app.evaluation import ServerTask  # noqa: E402
-from strategies.hetlora import AGGREGATORS  # noqa: E402
-from strategies.unlearning import flatten_state, pad_for_projection, unflatten  # noqa: E402
-from strategies.unlearning_steps import remove_drift, unlearning_step  # noqa: E402
+from task.device import DeviceInfo, gradient_round, local_examples, train_round  # noqa: E402
+from task.evaluation import ServerTask  # noqa: E402
+from strategies.lora.math import AGGREGATORS  # noqa: E402
+from strategies.unlearn.math import flatten_state, pad_for_projection, unflatten  # noqa: E402
+from strategies.unlearn.math import unlearning_objective  # noqa: E402
+from strategies.unlearn.steps import remove_drift, unlearning_step  # noqa: E402
 from task.config import RunConfig  # noqa: E402
 from task.data import Examples, encode_batch  # noqa: E402
 from task.lora import State, state_nbytes, truncate_lora  # noqa: E402
@@ -98,8 +98,8 @@ class Batches:
         tokenizer = load_tokenizer(resolve_model_source(cfg.model))
         self.labels = np.array(examples.labels)
         self.batches = [encode_batch(tokenizer, examples.subset(
-            range(i, min(i + cfg.eval_batch_size, len(examples)))), cfg)
-            for i in range(0, len(examples), cfg.eval_batch_size)]
+            range(i, min(i + cfg.eval.batch_size, len(examples)))), cfg)
+            for i in range(0, len(examples), cfg.eval.batch_size)]
 
 
 @torch.no_grad()
@@ -183,7 +183,7 @@ class Federation:
         """The run config as device `pid` sees it (the backdoored one may train longer)."""
         if pid not in self.local_steps:
             return self.cfg
-        return dataclasses.replace(self.cfg, local_steps=self.local_steps[pid])
+        return self.cfg.updated("train", local_steps=self.local_steps[pid])
 
     def _info(self, pid: int) -> DeviceInfo:
         return DeviceInfo(partition_id=pid, num_partitions=len(self.data))
@@ -218,9 +218,12 @@ class Federation:
                   ) -> State | None:
         """The device's gradient, or None once its privacy budget is spent."""
         sent = truncate_lora(state, self.ranks[pid])
+        loss = unlearning_objective(self.cfg.unlearn.loss, self.cfg.unlearn.eps) \
+            if objective == "unlearn" else None
         grad, _, m = gradient_round(self.cfg, self._info(pid), self.task.label_names,
-                                    self.ranks[pid], sent, rnd, objective,
-                                    examples=self.data[pid], privacy=self.privacy.get(pid))
+                                    self.ranks[pid], sent, rnd, self.cfg.unlearn.grad_batches,
+                                    loss, examples=self.data[pid],
+                                    privacy=self.privacy.get(pid))
         cost["bytes"] += state_nbytes(sent) + state_nbytes(grad)
         if m.get("budget_exhausted"):
             self.stopped.add(pid)
@@ -240,7 +243,7 @@ class Federation:
             cost["rounds"] += 1
             return state, {"max_abs_cos_projected_vs_retained": float("nan")}
         new_state, projected, info = unlearning_step(state, retained, [forget_grad],
-                                                     self.cfg.r_max, self.cfg.unlearn_lr)
+                                                     self.cfg.r_max, self.cfg.unlearn.lr)
         # next round's downlink to the opting-out device: the projected update, at r_max here
         # (its truncation to the device's rank is what crosses the network)
         self.own = {k: own[k] + projected[k] for k in own}
@@ -258,7 +261,7 @@ class Federation:
         grad = pad_for_projection([grad], self.cfg.r_max)[0]
         keys = sorted(state)
         theta, spec = flatten_state(state, keys)
-        new = unflatten(theta + self.cfg.unlearn_lr * flatten_state(grad, keys)[0], spec)
+        new = unflatten(theta + self.cfg.unlearn.lr * flatten_state(grad, keys)[0], spec)
         cost["rounds"] += 1
         cost["wall_s"] += time.perf_counter() - t0
         return new
@@ -294,7 +297,7 @@ def run_study(cfg: RunConfig, args, probe_seed: int, dp: bool, log) -> dict:
         f": {len(data[forget])} texts, {poisoned} with trigger '{args.trigger}' -> "
         f"'{labels[target]}'")
     results, curves = {}, {}
-    U, R_rec = cfg.unlearn_rounds, cfg.unlearn_recovery_rounds
+    U, R_rec = cfg.unlearn.rounds, cfg.unlearn.recovery_rounds
 
     def finish(name: str, state: State, cost: dict, fed: Federation, curve: list) -> None:
         row = {"setup": name, **probe.measure(cfg, task, state), **cost}
@@ -341,7 +344,7 @@ def run_study(cfg: RunConfig, args, probe_seed: int, dp: bool, log) -> dict:
     def s4(lr: float, loss: str, U: int = U, R_rec: int = R_rec
            ) -> tuple[State, dict, Federation, list]:
         fed_s = branch()
-        fed_s.cfg = dataclasses.replace(cfg, unlearn_lr=lr, unlearn_loss=loss)
+        fed_s.cfg = cfg.updated("unlearn", lr=lr, loss=loss)
         state, cost, curve = trained, new_cost(), []
         for rnd in range(R + 1, R + U + 1):
             state, info = fed_s.unlearn_round(state, rnd, forget, cost)
@@ -371,7 +374,7 @@ def run_study(cfg: RunConfig, args, probe_seed: int, dp: bool, log) -> dict:
                 f"unlearning: ASR {after['asr']:.3f}, clean acc {after['clean_acc']:.3f})")
         return rows
 
-    state, cost, fed_s, curve = s4(cfg.unlearn_lr, cfg.unlearn_loss)
+    state, cost, fed_s, curve = s4(cfg.unlearn.lr, cfg.unlearn.loss)
     finish("S4 unlearning (ours)", state, cost, fed_s, curve)
     results["S4 unlearning (ours)"].update(asr_after_unlearning=curve[U - 1]["asr"],
                                            clean_acc_after_unlearning=curve[U - 1]["clean_acc"])
@@ -621,7 +624,7 @@ def main() -> None:
     for name, extra in plans:
         cfg = RunConfig.from_run_config({**run_config, **extra})
         print(f"{name}:", flush=True)
-        study = run_study(cfg, args, args.seed, cfg.dp_enabled,
+        study = run_study(cfg, args, args.seed, cfg.dp.enabled,
                           lambda s: print(s, flush=True))
         if not args.only_trained:
             study["targets"] = targets(study["results"])

@@ -1,13 +1,13 @@
-"""`edge-lam` command line: evaluate a saved global adapter on any labelled file or folder.
+"""`edge-lam` command line: evaluate a saved global adapter; print the run-config keys.
 
     edge-lam evaluate --adapter results/<run-id>/adapter --data ../shared/data/agnews
     edge-lam evaluate --adapter ... --data test.tsv --rank 2 --json
+    edge-lam config --markdown      # README's key tables, from the section dataclasses
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -33,7 +33,7 @@ def load_adapter(adapter: Path) -> tuple[RunConfig, tuple[str, ...], dict]:
 def evaluate_adapter(adapter: Path, data: Path, rank: int | None = None,
                      batch_size: int | None = None) -> dict:
     """Accuracy and loss of a saved adapter (or its rank-`rank` truncation) on `data`."""
-    from server_app.evaluation import truncated
+    from task.evaluation import truncated
     from task.data import load_split_frames, resolve_columns, to_examples
     from task.lora import lora_rank
     from task.model import get_lora_model, load_tokenizer, resolve_model_source, \
@@ -42,7 +42,7 @@ def evaluate_adapter(adapter: Path, data: Path, rank: int | None = None,
 
     cfg, labels, state = load_adapter(adapter)
     if batch_size:
-        cfg = dataclasses.replace(cfg, eval_batch_size=batch_size)
+        cfg = cfg.updated("eval", batch_size=batch_size)
     if not data.exists():
         raise ConfigError(f"--data {data} does not exist: give a .tsv/.csv/.jsonl file or a "
                           "folder with test.tsv")
@@ -60,6 +60,40 @@ def evaluate_adapter(adapter: Path, data: Path, rank: int | None = None,
             "data": str(data)}
 
 
+def config_rows() -> list[tuple[str, list[tuple[str, str, str]]]]:
+    """(section title, [(key, default, meaning)]) for every section, core then plug-ins."""
+    from task.config import RunConfig, sections, strategy_names
+    from task.options import section_rows
+
+    top = section_rows(RunConfig, "")
+    top = [(k, d, f"{m}: {', '.join(f'`{n}`' for n in strategy_names())}"
+            if k == "strategy" else m) for k, d, m in top]
+    out = [("top level", top)]
+    for name, cls in sections().items():
+        rows = section_rows(cls, name)
+        if name == "devices":
+            rows.append(("devices.rank.<profile>", "rpi4=2, rpi5=4, jetson-orin-nano=8, "
+                         "laptop=16", "rank of each profile (a new profile: a new line in "
+                         "pyproject.toml)"))
+        if hasattr(cls, "extra_rows"):
+            rows += cls.extra_rows(name)
+        out.append((f"`{name}.*`: {(cls.__doc__ or '').strip().splitlines()[0]}", rows))
+    return out
+
+
+def config_markdown() -> str:
+    lines = []
+    for title, rows in config_rows():
+        lines += [f"**{title}**", "", "| key | default | meaning |", "|---|---|---|"]
+        lines += [f"| `{k}` | {d if '`' in d else f'`{d}`'} | {m} |" for k, d, m in rows]
+        lines.append("")
+    return "\n".join(lines).rstrip("\n")
+
+
+def config_text() -> str:
+    return "\n".join(f"{k} = {d}    # {m}" for _, rows in config_rows() for k, d, m in rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="edge-lam", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -72,7 +106,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="evaluate the truncation a device of this rank would receive")
     ev.add_argument("--batch-size", type=int, default=None)
     ev.add_argument("--json", action="store_true", help="print one JSON object")
+    conf = sub.add_parser("config", help="the run-config keys, their defaults and meaning")
+    conf.add_argument("--markdown", action="store_true", help="as README's tables")
     args = parser.parse_args(argv)
+    if args.command == "config":
+        print(config_markdown() if args.markdown else config_text())
+        return 0
     try:
         result = evaluate_adapter(args.adapter, args.data, args.rank, args.batch_size)
     except ConfigError as err:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from task.families import family
 from task.config import ConfigError, RunConfig
 
 SUFFIXES = (".tsv", ".csv", ".jsonl", ".json")
@@ -48,7 +49,7 @@ def _find_split(folder: Path, names: tuple[str, ...]) -> Path | None:
 
 def resolve_data_path(cfg: RunConfig, override: str = "") -> Path | None:
     """The local data path to use, or None to fall back to the hub dataset."""
-    raw = override or cfg.data_path
+    raw = override or cfg.data.path
     if not raw:
         return None
     path = Path(raw).expanduser()
@@ -105,17 +106,17 @@ def resolve_columns(frame, cfg: RunConfig) -> Columns:
                               f"{', '.join(have)}: set {key} to one of them")
         return name
 
-    if cfg.task == "causal-lm":
-        return Columns(prompt=need("data.prompt-column", cfg.prompt_column),
-                       response=need("data.response-column", cfg.response_column))
-    text = cfg.text_column
+    if not family(cfg).labelled:
+        return Columns(prompt=need("data.prompt-column", cfg.data.prompt_column),
+                       response=need("data.response-column", cfg.data.response_column))
+    text = cfg.data.text_column
     if text == "auto":
         text = next((c for c in TEXT_CANDIDATES if c in have), "")
         if not text:
             raise ConfigError(f"data.text-column='auto' found none of {TEXT_CANDIDATES} among "
                               f"the columns {', '.join(have)}: set data.text-column")
     return Columns(text=need("data.text-column", text),
-                   label=need("data.label-column", cfg.label_column))
+                   label=need("data.label-column", cfg.data.label_column))
 
 
 def label_names_of(frames: dict, columns: Columns) -> tuple[str, ...]:
@@ -170,14 +171,14 @@ def partition_indices(examples: Examples, cfg: RunConfig, partition_id: int,
         raise ConfigError(f"partition-id={partition_id} is outside [0, {num_partitions})")
     labels = examples.labels or [0] * len(examples)
     ds = Dataset.from_dict({"row": list(range(len(examples))), "label": labels})
-    if cfg.partitioner == "iid" or cfg.task == "causal-lm":
+    if cfg.data.partitioner == "iid" or not family(cfg).labelled:
         part = IidPartitioner(num_partitions)
-    elif cfg.partitioner == "dirichlet":
-        part = DirichletPartitioner(num_partitions, "label", cfg.dirichlet_alpha,
+    elif cfg.data.partitioner == "dirichlet":
+        part = DirichletPartitioner(num_partitions, "label", cfg.data.dirichlet_alpha,
                                     min_partition_size=min(10, len(ds) // num_partitions),
                                     seed=cfg.seed)
     else:
-        part = PathologicalPartitioner(num_partitions, "label", cfg.classes_per_device,
+        part = PathologicalPartitioner(num_partitions, "label", cfg.data.classes_per_device,
                                        class_assignment_mode="deterministic", seed=cfg.seed)
     part.dataset = ds
     return list(part.load_partition(partition_id)["row"])
@@ -187,7 +188,7 @@ def partition_indices(examples: Examples, cfg: RunConfig, partition_id: int,
 def encode_batch(tokenizer, examples: Examples, cfg: RunConfig) -> dict[str, torch.Tensor]:
     """Tokenize a list of examples into one padded batch with `labels`."""
     if not examples.responses:
-        batch = tokenizer(examples.texts, truncation=True, max_length=cfg.max_length,
+        batch = tokenizer(examples.texts, truncation=True, max_length=cfg.train.max_length,
                           padding=True, return_tensors="pt")
         batch["labels"] = torch.tensor(examples.labels, dtype=torch.long)
         return dict(batch)
@@ -197,8 +198,8 @@ def encode_batch(tokenizer, examples: Examples, cfg: RunConfig) -> dict[str, tor
     for prompt, response in zip(examples.texts, examples.responses):
         p = tokenizer(prompt, add_special_tokens=True)["input_ids"]
         r = tokenizer(response + eos, add_special_tokens=False)["input_ids"]
-        ids = (p + r)[: cfg.max_length]
-        lab = ([-100] * len(p) + r)[: cfg.max_length]
+        ids = (p + r)[: cfg.train.max_length]
+        lab = ([-100] * len(p) + r)[: cfg.train.max_length]
         rows.append(ids)
         labels.append(lab)
     width = max(len(r) for r in rows)

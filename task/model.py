@@ -13,9 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
+from task.families import family
 from task.config import ConfigError, RunConfig
 from task.logs import get_logger
 
@@ -67,20 +68,9 @@ def load_tokenizer(source: str):
 
 
 def _load_base(cfg: RunConfig, source: str, label_names: tuple[str, ...]):
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
     torch.manual_seed(cfg.seed)  # same head initialisation on the server and every device
     try:
-        if cfg.task == "seq-cls":
-            model = AutoModelForSequenceClassification.from_pretrained(
-                source,
-                num_labels=len(label_names),
-                id2label=dict(enumerate(label_names)),
-                label2id={name: i for i, name in enumerate(label_names)},
-                dtype=torch.float32,
-            )
-        else:
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+        model = family(cfg).load(source, label_names)
     except OSError as err:
         raise ConfigError(
             f"model='{cfg.model}' could not be loaded ({err}): give a local model folder "
@@ -107,7 +97,7 @@ def _adaptable_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
 def check_lora_targets(model: torch.nn.Module, cfg: RunConfig, ranks: list[int]) -> None:
     """Every target module name matches Linear layers at least as large as every rank."""
     layers = _adaptable_layers(model)
-    for target in cfg.target_modules:
+    for target in cfg.lora.target_modules:
         hits = [m for n, m in layers.items() if n == target or n.endswith("." + target)]
         if not hits:
             suffixes = sorted({n.rsplit(".", 1)[-1] for n in layers})
@@ -123,14 +113,14 @@ def check_lora_targets(model: torch.nn.Module, cfg: RunConfig, ranks: list[int])
             )
 
 
-def lora_config(cfg: RunConfig, rank: int) -> LoraConfig:
+def lora_config(cfg: RunConfig, rank: int, scaling: float) -> LoraConfig:
     """LoRA at `rank` with scaling alpha/r_max for every rank (alpha_r = scaling * r)."""
     return LoraConfig(
-        task_type=TaskType.SEQ_CLS if cfg.task == "seq-cls" else TaskType.CAUSAL_LM,
+        task_type=family(cfg).peft_task,
         r=rank,
-        lora_alpha=cfg.lora_scaling * rank,
-        lora_dropout=cfg.lora_dropout,
-        target_modules=list(cfg.target_modules),
+        lora_alpha=scaling * rank,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=list(cfg.lora.target_modules),
     )
 
 
@@ -143,29 +133,31 @@ _INITIAL: dict[tuple, dict[str, np.ndarray]] = {}  # (model key, rank) -> state 
 
 
 def get_lora_model(cfg: RunConfig, label_names: tuple[str, ...], rank: int,
-                   copy: str = "") -> PeftModel:
+                   copy: str = "", r_max: int | None = None) -> PeftModel:
     """The process's PEFT model with the adapter for `rank` active (created on first use).
 
     `copy` names a separate copy of the base model (FedKD's private local module lives on
-    its own copy, so training it never touches the shared module's model).
+    its own copy, so training it never touches the shared module's model). `r_max` is the
+    global adapter's rank the server sent (scaling alpha / r_max); None: the config's.
     """
     source = resolve_model_source(cfg.model)
-    key = (source, cfg.task, label_names, cfg.target_modules, cfg.lora_dropout,
-           cfg.lora_scaling, cfg.seed, copy)
+    scaling = cfg.lora.alpha / (r_max or cfg.r_max)
+    key = (source, cfg.task, label_names, cfg.lora.target_modules, cfg.lora.dropout,
+           scaling, cfg.seed, copy)
     model = _MODELS.get(key)
     name = adapter_name(rank)
     if model is None:
         base = _load_base(cfg, source, label_names)
         check_lora_targets(base, cfg, [rank])
         torch.manual_seed(cfg.seed)
-        model = get_peft_model(base, lora_config(cfg, rank), adapter_name=name)
+        model = get_peft_model(base, lora_config(cfg, rank, scaling), adapter_name=name)
         model.to(torch_device())
         _MODELS[key] = model
         log.info("loaded %s (%s) once for this process%s", cfg.model, source,
                  f" (copy '{copy}')" if copy else "")
     elif name not in model.peft_config:
         torch.manual_seed(cfg.seed + rank)
-        model.add_adapter(name, lora_config(cfg, rank))
+        model.add_adapter(name, lora_config(cfg, rank, scaling))
         model.to(torch_device())
     model.set_adapter(name)
     if (key, rank) not in _INITIAL:

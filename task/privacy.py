@@ -28,7 +28,6 @@ from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis import rdp as rdp_analysis
 from torch.utils.data import DataLoader, Dataset
 
-from strategies.unlearning import noise_multiplier_for_budget
 from task.config import RunConfig
 from task.data import Examples, encode_batch
 from task.model import torch_device
@@ -64,17 +63,17 @@ class DevicePrivacy:
         self.cfg = cfg
         self.num_examples = num_examples
         # Opacus's Poisson loader samples each example with q = 1 / len(loader)
-        self.sample_rate = 1.0 / math.ceil(num_examples / cfg.batch_size)
+        self.sample_rate = 1.0 / math.ceil(num_examples / cfg.train.batch_size)
         self.accountant = RDPAccountant()
         if ledger:
             self.accountant.load_state_dict({"history": [tuple(h) for h in ledger["history"]],
                                              "mechanism": "rdp"})
             self.noise_multiplier = float(ledger["noise_multiplier"])
-        elif cfg.dp_noise_multiplier > 0:
-            self.noise_multiplier = cfg.dp_noise_multiplier
+        elif cfg.dp.noise_multiplier > 0:
+            self.noise_multiplier = cfg.dp.noise_multiplier
         else:
             self.noise_multiplier = noise_multiplier_for_budget(
-                cfg.dp_target_epsilon, cfg.dp_delta, self.sample_rate,
+                cfg.dp.target_epsilon, cfg.dp.delta, self.sample_rate,
                 cfg.planned_private_steps)
 
     # ------------------------------------------------------------------ budget
@@ -86,7 +85,7 @@ class DevicePrivacy:
         """Epsilon spent so far at dp.delta, from Opacus's RDP accountant."""
         if not self.accountant.history:
             return 0.0
-        return float(self.accountant.get_epsilon(self.cfg.dp_delta))
+        return float(self.accountant.get_epsilon(self.cfg.dp.delta))
 
     def steps_left(self, most: int) -> int:
         """How many more releases (at most `most`) keep epsilon within dp.target-epsilon.
@@ -104,8 +103,8 @@ class DevicePrivacy:
                 warnings.simplefilter("ignore", UserWarning)
                 eps, _ = rdp_analysis.get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS,
                                                         rdp=spent + k * step,
-                                                        delta=self.cfg.dp_delta)
-            return eps <= self.cfg.dp_target_epsilon
+                                                        delta=self.cfg.dp.delta)
+            return eps <= self.cfg.dp.target_epsilon
 
         lo, hi = 0, most  # within(lo) holds (or nothing is left); find the largest such k
         if within(hi):
@@ -128,9 +127,9 @@ class DevicePrivacy:
                 "noise_multiplier": self.noise_multiplier, "sample_rate": self.sample_rate}
 
     def report(self) -> dict[str, float]:
-        return {"epsilon": self.epsilon(), "delta": self.cfg.dp_delta,
+        return {"epsilon": self.epsilon(), "delta": self.cfg.dp.delta,
                 "noise_multiplier": self.noise_multiplier, "private_steps": self.steps,
-                "target_epsilon": self.cfg.dp_target_epsilon}
+                "target_epsilon": self.cfg.dp.target_epsilon}
 
     # ------------------------------------------------------------------ Opacus
     @contextmanager
@@ -146,7 +145,7 @@ class DevicePrivacy:
             idx = [int(r[0]) for r in rows]
             return encode_batch(tokenizer, examples.subset(idx), cfg)
 
-        loader = DataLoader(_Rows(len(examples)), batch_size=cfg.batch_size,
+        loader = DataLoader(_Rows(len(examples)), batch_size=cfg.train.batch_size,
                             collate_fn=collate)
         torch.manual_seed(seed)
         with warnings.catch_warnings():
@@ -154,7 +153,7 @@ class DevicePrivacy:
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             hooks, dp_optimizer, dp_loader = engine.make_private(
                 module=model, optimizer=optimizer, data_loader=loader,
-                noise_multiplier=self.noise_multiplier, max_grad_norm=cfg.dp_max_grad_norm,
+                noise_multiplier=self.noise_multiplier, max_grad_norm=cfg.dp.max_grad_norm,
                 poisson_sampling=True, wrap_model=False,
                 rand_on_empty=True)  # an empty Poisson draw still makes a (noise) release
             stream = iter(dp_loader)
@@ -174,3 +173,17 @@ class DevicePrivacy:
             finally:
                 dp_optimizer.zero_grad(set_to_none=True)
                 hooks.cleanup()
+
+
+def noise_multiplier_for_budget(target_epsilon: float, target_delta: float,
+                                sample_rate: float, steps: int) -> float:
+    """Noise multiplier sigma / C reaching (epsilon, delta) after `steps` subsampled releases.
+
+    Delegates to Opacus's RDP accountant (S4: over many steps use an accountant).
+    """
+    from opacus.accountants.utils import get_noise_multiplier
+
+    if steps < 1 or not 0.0 < sample_rate <= 1.0:
+        raise ValueError(f"need steps >= 1 and sample_rate in (0, 1], got {steps}, {sample_rate}")
+    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=target_delta,
+                                      sample_rate=sample_rate, steps=steps, accountant="rdp"))

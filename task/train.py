@@ -1,9 +1,11 @@
-"""Local training, gradient and evaluation loops (task loss; S4 unlearning losses; Opacus DP)."""
+"""The device's local loop (`run_steps`: training, gradients, FedKD's mutual distillation all
+run through it), its Opacus wrapping, and evaluation."""
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import numpy as np
@@ -11,7 +13,7 @@ import torch
 
 from peft import get_peft_model_state_dict
 
-from strategies.unlearning import bounded_ce_loss, fedosd_unlearning_loss
+from task.families import family
 from task.config import RunConfig
 from task.data import Examples, batches, encode_batch, endless_batches
 from task.lora import State
@@ -20,11 +22,13 @@ from task.logs import get_logger
 
 log = get_logger()
 
+LossFn = Callable[[dict], tuple[torch.Tensor, dict]]
+
 
 def _shuffled_stream(examples: Examples, cfg: RunConfig, tokenizer, seed: int):
     """next_batch(): shuffled batches on the model's device, reshuffling after each pass."""
     device = torch_device()
-    stream = endless_batches(examples, cfg.batch_size, np.random.default_rng(seed))
+    stream = endless_batches(examples, cfg.train.batch_size, np.random.default_rng(seed))
 
     def next_batch() -> dict[str, torch.Tensor]:
         return {k: v.to(device) for k, v in encode_batch(tokenizer, next(stream), cfg).items()}
@@ -32,9 +36,62 @@ def _shuffled_stream(examples: Examples, cfg: RunConfig, tokenizer, seed: int):
     return next_batch
 
 
+def run_steps(steps: int, next_batch: Callable[[], dict], loss_fn: LossFn, optimizer,
+              tag: str, describe: Callable[[dict[str, float]], str],
+              accumulate: dict | None = None, private: bool = False) -> list[dict[str, float]]:
+    """The one local loop of every algorithm: `steps` times, a batch, its loss, backward.
+
+    `loss_fn(batch)` gives (the loss to differentiate, the named parts to report). Without
+    `accumulate` the optimizer steps (training); with it the gradients are summed into it,
+    parameter by parameter, and nothing is updated (S4 gradients; `private`: Opacus clips
+    and noises each batch's gradient first, as for a DP-SGD step). Returns each step's parts.
+    """
+    parts: list[dict[str, float]] = []
+    log_every = max(1, steps // 4)
+    for step in range(1, steps + 1):
+        loss, named = loss_fn(next_batch())
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{tag} local loss became {loss.item()} at step {step}: "
+                                     "lower train.lr")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if accumulate is None:
+            optimizer.step()
+        else:
+            if private:
+                optimizer.pre_step()  # clip per example, add noise, count the release
+            for p, total in accumulate.items():
+                if p.grad is not None:
+                    total += p.grad
+        parts.append({k: v.item() if torch.is_tensor(v) else v for k, v in named.items()})
+        if accumulate is None and (step % log_every == 0 or step == steps):
+            log.info("%s step %d/%d %s", tag, step, steps, describe(parts[-1]))
+    return parts
+
+
+def task_loss(model) -> LossFn:
+    """The model family's own loss (cross-entropy; response tokens only for a causal LM)."""
+    def loss_fn(batch: dict) -> tuple[torch.Tensor, dict]:
+        loss = model(**batch).loss
+        return loss, {"loss": loss}
+
+    return loss_fn
+
+
+def logits_loss(model, objective: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+                ) -> LossFn:
+    """`objective(logits, labels)` in place of the model's loss (e.g. S4's unlearning loss)."""
+    def loss_fn(batch: dict) -> tuple[torch.Tensor, dict]:
+        labels = batch.pop("labels")
+        loss = objective(model(**batch).logits.float(), labels)
+        return loss, {"loss": loss}
+
+    return loss_fn
+
+
 def train_local(model, tokenizer, examples: Examples, cfg: RunConfig, seed: int,
                 tag: str = "", privacy=None) -> dict[str, float]:
-    """`cfg.local_steps` AdamW steps on shuffled batches (cycling the data as needed).
+    """`cfg.train.local_steps` AdamW steps on shuffled batches (cycling the data as needed).
 
     With `privacy` (task.privacy.DevicePrivacy) every step is an Opacus DP-SGD step on a
     Poisson batch, and training stops early, flagged `budget_exhausted`, before a step that
@@ -42,29 +99,20 @@ def train_local(model, tokenizer, examples: Examples, cfg: RunConfig, seed: int,
     training seconds (and the privacy report).
     """
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=0.0)
     torch.manual_seed(seed)
     model.train()
-    losses: list[float] = []
     start = time.perf_counter()
-    log_every = max(1, cfg.local_steps // 4)
-    steps = cfg.local_steps if privacy is None else privacy.steps_left(cfg.local_steps)
+    wanted = cfg.train.local_steps
+    steps = wanted if privacy is None else privacy.steps_left(wanted)
     with _batch_source(model, optimizer, examples, tokenizer, cfg, seed, privacy) as (
             optimizer, next_batch):
-        for step in range(1, steps + 1):
-            loss = model(**next_batch()).loss
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{tag} local loss became {loss.item()} at step "
-                                         f"{step}: lower train.lr")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-            if step % log_every == 0 or step == cfg.local_steps:
-                log.info("%s step %d/%d loss %.4f", tag, step, cfg.local_steps, loss.item())
+        parts = run_steps(steps, next_batch, task_loss(model), optimizer, tag,
+                          lambda p: f"loss {p['loss']:.4f}")
+    losses = [p["loss"] for p in parts]
     out = {"train_loss": float(np.mean(losses)) if losses else math.nan,
            "steps": len(losses), "train_s": time.perf_counter() - start}
-    return out | _privacy_report(privacy, len(losses) < cfg.local_steps)
+    return out | _privacy_report(privacy, len(losses) < wanted)
 
 
 def _privacy_report(privacy, stopped_early: bool) -> dict:
@@ -83,17 +131,6 @@ def _batch_source(model, optimizer, examples, tokenizer, cfg, seed, privacy):
         yield private
 
 
-# --------------------------------------------------------------------------- S4 gradients
-def unlearning_objective(logits: torch.Tensor, labels: torch.Tensor,
-                         cfg: RunConfig) -> torch.Tensor:
-    """S4 loss an opting-out device *descends* to forget: FedOSD's -log(1 - p_y / 2), or
-    the bounded cross-entropy ascended, i.e. log(max(p_y, eps)) (no gradient once p_y < eps,
-    so nothing explodes)."""
-    if cfg.unlearn_loss == "fedosd":
-        return fedosd_unlearning_loss(logits, labels)
-    return -bounded_ce_loss(logits, labels, eps=cfg.unlearn_eps)
-
-
 def _state_keys(model) -> dict[torch.nn.Parameter, str]:
     """Trainable parameter -> its key in the adapter state (PEFT names, adapter-free)."""
     by_pointer = {t.data_ptr(): k for k, t in
@@ -104,52 +141,37 @@ def _state_keys(model) -> dict[torch.nn.Parameter, str]:
     return keys
 
 
-def compute_gradient(model, tokenizer, examples: Examples, cfg: RunConfig, objective: str,
-                     seed: int, tag: str = "", privacy=None) -> tuple[State, dict]:
-    """S4 step 1 on a device: mean gradient of `objective` ('task' = cross-entropy of the
-    remaining devices, 'unlearn' = `unlearning_objective` of the opting-out ones) over
-    `unlearn.grad-batches` batches, w.r.t. the shared trainable parameters (state keys).
+def compute_gradient(model, tokenizer, examples: Examples, cfg: RunConfig, batches_: int,
+                     seed: int, objective=None, tag: str = "", what: str = "task",
+                     privacy=None) -> tuple[State, dict]:
+    """Mean gradient over `batches_` batches of the task loss, or of `objective(logits,
+    labels)` (S4's unlearning loss), w.r.t. the trainable parameters (as a state: same keys).
 
     With `privacy` each batch's gradient is Opacus's clipped + noised one (DP optimizer
     pre_step: the same release as a DP-SGD step, counted by the accountant; no update).
     """
-    if objective not in ("task", "unlearn"):
-        raise ValueError(f"objective must be 'task' or 'unlearn', got {objective!r}")
     keys = _state_keys(model)
     sums = {p: torch.zeros_like(p) for p in keys}
     torch.manual_seed(seed)
     model.train()
-    losses: list[float] = []
     start = time.perf_counter()
     dummy = torch.optim.SGD(list(keys), lr=0.0)  # never stepped: Opacus needs an optimizer
-    wanted = cfg.unlearn_grad_batches
-    steps = wanted if privacy is None else privacy.steps_left(wanted)
+    steps = batches_ if privacy is None else privacy.steps_left(batches_)
+    loss_fn = task_loss(model) if objective is None else logits_loss(model, objective)
     with _batch_source(model, dummy, examples, tokenizer, cfg, seed, privacy) as (
             optimizer, next_batch):
-        for _ in range(steps):
-            batch = next_batch()
-            if objective == "task":
-                loss = model(**batch).loss
-            else:
-                labels = batch.pop("labels")
-                loss = unlearning_objective(model(**batch).logits.float(), labels, cfg)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if privacy is not None:
-                optimizer.pre_step()  # clip per example, add noise, count the release
-            for p in keys:
-                if p.grad is not None:
-                    sums[p] += p.grad
-            losses.append(loss.item())
+        parts = run_steps(steps, next_batch, loss_fn, optimizer, tag, str, accumulate=sums,
+                          private=privacy is not None)
         optimizer.zero_grad(set_to_none=True)
+    losses = [p["loss"] for p in parts]
     count = max(len(losses), 1)
     grads = {keys[p]: (s / count).detach().float().cpu().numpy() for p, s in sums.items()}
     metrics = {"loss": float(np.mean(losses)) if losses else math.nan,
                "batches": len(losses), "grad_s": time.perf_counter() - start}
     if tag:
-        log.info("%s %s gradient over %d batches, loss %.4f", tag, objective, len(losses),
+        log.info("%s %s gradient over %d batches, loss %.4f", tag, what, len(losses),
                  metrics["loss"])
-    return grads, metrics | _privacy_report(privacy, len(losses) < cfg.unlearn_grad_batches)
+    return grads, metrics | _privacy_report(privacy, len(losses) < batches_)
 
 
 @torch.no_grad()
@@ -157,22 +179,14 @@ def evaluate(model, tokenizer, examples: Examples, cfg: RunConfig) -> dict[str, 
     """Accuracy and mean loss: per example for classification, per response token for LM."""
     device = torch_device()
     model.eval()
+    score = family(cfg).score
     loss_sum, correct, count = 0.0, 0, 0
-    for chunk in batches(examples, cfg.eval_batch_size):
+    for chunk in batches(examples, cfg.eval.batch_size):
         batch = {k: v.to(device) for k, v in encode_batch(tokenizer, chunk, cfg).items()}
         labels = batch.pop("labels")
-        logits = model(**batch).logits.float()
-        if logits.dim() == 2:  # classification: one label per example
-            loss_sum += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
-            correct += (logits.argmax(-1) == labels).sum().item()
-            count += labels.numel()
-        else:  # causal LM: token t predicts token t+1, response tokens only
-            logits, labels = logits[:, :-1], labels[:, 1:]
-            mask = labels != -100
-            loss_sum += torch.nn.functional.cross_entropy(
-                logits[mask], labels[mask], reduction="sum").item()
-            correct += (logits.argmax(-1)[mask] == labels[mask]).sum().item()
-            count += mask.sum().item()
+        batch_loss, batch_correct, batch_count = score(model(**batch).logits.float(), labels)
+        loss_sum, correct, count = loss_sum + batch_loss, correct + batch_correct, \
+            count + batch_count
     if count == 0:
         return {"accuracy": math.nan, "loss": math.nan, "examples": len(examples)}
     return {"accuracy": correct / count, "loss": loss_sum / count, "examples": len(examples)}

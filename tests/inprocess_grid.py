@@ -1,18 +1,20 @@
 """A Flower Grid that delivers messages to the real ClientApp in this process.
 
 Each node has its own Context (node_config with its partition, persistent `state`), so the
-ServerApp logic (`server_app.app.federate`) and the ClientApp handlers run unchanged, and a
-test can read every message that was sent.
+ServerApp logic (the algorithm's `prepare_run` / `federate`, found through the registry)
+and the ClientApp handlers run unchanged, and a test can read every message that was sent.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Iterable
 
 from flwr.app import Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from client_app.app import app as client_app
+from strategies import registry
 
 SERVER = 0
 
@@ -49,3 +51,16 @@ class InProcessGrid:
                 TaskIdentity.node_id = SERVER
         self.replies.extend(replies)
         return replies
+
+
+def _server(cfg):
+    """The server module of the run's algorithm (where its `run` lives)."""
+    return importlib.import_module(registry.get(cfg.strategy).run.__module__)
+
+
+def prepare_run(cfg, run_id: int):
+    return _server(cfg).prepare_run(cfg, run_id)
+
+
+def federate(grid, plan):
+    return _server(plan.cfg).federate(grid, plan)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from server_app.evaluation import ServerTask
+from task.evaluation import ServerTask
 from task.config import ConfigError, RunConfig
 
 
@@ -100,12 +100,12 @@ def test_unlearning_rounds_and_private_steps():
                                      "num-server-rounds": 4, "unlearn.rounds": 2,
                                      "unlearn.recovery-rounds": 1, "train.local-steps": 10,
                                      "unlearn.grad-batches": 3})
-    assert cfg.unlearn_clients == (3, 5) and cfg.aggregation == "hetlora"
+    assert cfg.unlearn.clients == (3, 5) and cfg.aggregation == "hetlora"
     assert (cfg.training_rounds, cfg.total_rounds) == (4, 7)
     assert cfg.planned_private_steps == (4 + 1) * 10 + 2 * 3
     from_adapter = RunConfig.from_run_config({"strategy": "unlearn", "unlearn.clients": 3,
                                               "unlearn.from-adapter": "results/1/adapter"})
-    assert from_adapter.training_rounds == 0 and from_adapter.unlearn_clients == (3,)
+    assert from_adapter.training_rounds == 0 and from_adapter.unlearn.clients == (3,)
     fed = RunConfig.from_run_config({"strategy": "unlearn", "unlearn.clients": "1",
                                      "unlearn.aggregation": "fedavg", "lora.fedavg-rank": 4})
     assert fed.r_max == 4 and fed.rank_for("laptop") == 4
@@ -127,3 +127,59 @@ def test_unlearning_rounds_and_private_steps():
 def test_bad_unlearning_and_privacy_values(raw, message):
     with pytest.raises(ConfigError, match=message):
         RunConfig.from_run_config(raw)
+
+
+# ------------------------------------------------------------------ one source for every key
+def _pyproject_keys() -> dict:
+    import tomllib
+    from pathlib import Path
+
+    from flwr.common.config import flatten_dict
+
+    return flatten_dict(tomllib.loads((Path(__file__).parents[1] / "pyproject.toml")
+                                      .read_text())["tool"]["flwr"]["app"]["config"])
+
+
+def test_readme_pyproject_and_sections_declare_the_same_keys():
+    """README's table is what `edge-lam config --markdown` prints from the section
+    dataclasses, and pyproject.toml has exactly the declared keys (Flower only overrides
+    keys that exist there), each at the dataclass's default."""
+    from pathlib import Path
+
+    from task.cli import config_markdown, config_rows
+    from task.options import format_default
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    start = readme.index("<!-- config-table: generated")
+    block = readme[readme.index("\n", start) + 1:readme.index("<!-- config-table: end -->")]
+    assert block.strip() == config_markdown().strip(), \
+        "README's key table is stale: paste `edge-lam config --markdown` into it"
+    declared = {k: d for _, rows in config_rows() for k, d, _ in rows if "<" not in k}
+    dynamic = ("devices.rank.", "fedkd.task.")
+    in_pyproject = {k: v for k, v in _pyproject_keys().items() if not k.startswith(dynamic)}
+    assert set(in_pyproject) == set(declared)
+    for key, value in in_pyproject.items():
+        shown = format_default(tuple(value.split(",")) if "," in str(value) else value)
+        assert shown.strip("`") == declared[key].strip("`") or \
+            format_default(value) == declared[key], key
+
+
+def test_results_files_of_earlier_releases_still_load():
+    """config.json / edge_lam.json keep their flat field names; older files load back."""
+    cfg = RunConfig.from_run_config({"strategy": "unlearn", "unlearn.clients": "3,5",
+                                     "train.lr": 0.02, "devices.rank.phone": 6,
+                                     "fedkd.lambda": 0.5})
+    flat = cfg.to_dict()
+    assert flat["unlearn_clients"] == [3, 5] and flat["lr"] == 0.02
+    assert flat["fedkd_lambda"] == 0.5 and flat["profile_ranks"]["phone"] == 6
+    assert flat["r_max"] == 16 and flat["fedkd_tasks"]["sst2"]["text_column"] == "sentence"
+    assert RunConfig.from_dict(flat) == cfg
+
+
+def test_a_renamed_key_keeps_working_with_a_deprecation_warning(monkeypatch):
+    from task import config
+
+    monkeypatch.setitem(config.RENAMED, "train.steps", "train.local-steps")
+    with pytest.warns(FutureWarning, match="train.steps is deprecated: use train.local-steps"):
+        cfg = RunConfig.from_run_config({"train.steps": 7})
+    assert cfg.train.local_steps == 7

@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.numpy import load_file
 
 from flower_e2e import ROOT, flwr_run_app
-from strategies.fedkd import NPY_HEADER_BYTES
+from strategies.fedkd.math import NPY_HEADER_BYTES
 
 SHARED_RANK = 16  # 16 x 32 LoRA matrices: a truncated SVD of their updates is smaller
 LORA_MATRICES = 8  # query, value x A, B x 2 layers of the tiny BERT

@@ -15,7 +15,7 @@ import torch
 from safetensors.numpy import load_file
 
 from flower_e2e import ROOT, flwr_run_app
-from strategies.fedkd import NPY_HEADER_BYTES
+from strategies.fedkd.math import NPY_HEADER_BYTES
 
 EVAL_EXAMPLES = 64
 
@@ -135,5 +135,7 @@ def test_two_round_hetlora_simulation(flower_env, tiny_bert, agnews, tmp_path):
         mine = independent_eval(tiny_bert, adapter, data / "test.tsv", rank)
         assert result["accuracy"] == mine["accuracy"], rank
         assert result["loss"] == pytest.approx(mine["loss"], rel=1e-6), rank
-    # (train.lr=0.02 so that ranks 3..16 matter: the two losses differ by about 1e-4)
-    assert low["loss"] != pytest.approx(full["loss"], rel=1e-5)
+    # --rank takes effect: every round trains 2 distinct devices, so one of rank >= 4, whose
+    # components 3.. the truncation drops (the tiny model is random per session and Flower's
+    # sampling unseeded, so the gap varies, 1e-6 to 1e-4 relative: the values are exact above)
+    assert low["loss"] != full["loss"]

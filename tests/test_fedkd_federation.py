@@ -9,10 +9,11 @@ import pytest
 from flwr.app import Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from strategies.fedkd import (aggregate_fedkd, decode_update, device_view, encode_update,
+from strategies.fedkd.math import (aggregate_fedkd, decode_update, device_view, encode_update,
                               energy_threshold, global_state, is_compressed, payload_nbytes,
                               task_names)
-from strategies.fedkd_strategy import FedKDProfile, FedKDStrategy
+from strategies.fedkd.strategy import FedKDProfile, FedKDStrategy
+from strategies.fedkd.config import local_module_config, task_config
 from task.config import ConfigError, RunConfig
 from task.lora import state_nbytes
 from task.records import from_record, record_nbytes, to_record
@@ -123,7 +124,8 @@ LABELS = {"news": ("a", "b", "c", "d"), "senti": ("neg", "pos")}
 @pytest.fixture
 def strategy():
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    cfg = RunConfig(strategy="fedkd", fedkd_compress=True, num_rounds=3, fedkd_shared_rank=8)
+    cfg = RunConfig.from_run_config({"strategy": "fedkd", "fedkd.compress": True,
+                                     "num-server-rounds": 3, "fedkd.shared-rank": 8})
     s = FedKDStrategy(cfg, LABELS)
     for node, task in ((1, "news"), (2, "senti"), (3, "news")):
         s.profiles[node] = FedKDProfile(node, "rpi4", node - 1, 8, task)
@@ -202,7 +204,8 @@ def test_strategy_rejects_a_reply_with_the_wrong_head(strategy):
     s, g = strategy
     infos = []
     s.on_train_round = lambda rnd, info: infos.append(info)
-    s.cfg = RunConfig(strategy="fedkd", fedkd_compress=False, num_rounds=3)
+    s.cfg = RunConfig.from_run_config({"strategy": "fedkd", "fedkd.compress": False,
+                                       "num-server-rounds": 3})
     sent = _round(s, g, 1)
     wrong = dict(sent[2][1])
     wrong[W] = np.zeros((4, 128), np.float32)  # a 4-label head from a 2-label device
@@ -232,15 +235,15 @@ def test_bad_fedkd_values_name_the_key(raw, message):
 def test_task_mix_assigns_tasks_and_partitions_within_each_task():
     cfg = RunConfig.from_run_config({"strategy": "fedkd", "fedkd.task.news.path": "/data/news",
                                      "fedkd.task-mix": "news,sst2,sst2"})
-    assert cfg.fedkd_task_names == ("news", "sst2") and cfg.r_max == cfg.fedkd_shared_rank == 8
-    assert [cfg.fedkd_task_partition(k, 6) for k in range(6)] == [
+    assert cfg.fedkd.task_names == ("news", "sst2") and cfg.r_max == cfg.fedkd.shared_rank == 8
+    assert [cfg.fedkd.task_partition(k, 6) for k in range(6)] == [
         ("news", 0, 2), ("sst2", 0, 4), ("sst2", 1, 4), ("news", 1, 2), ("sst2", 2, 4),
         ("sst2", 3, 4)]
-    assert cfg.task_config("news").data_path == "/data/news"
-    assert cfg.task_config("news").text_column == "auto"
-    local = cfg.local_module_config("sst2")
-    assert local.r_max == 16 and local.model == cfg.model and local.text_column == "sentence"
-    assert cfg.fedkd_task_for(0, reported="sst2") == "sst2"
+    assert task_config(cfg, "news").data.path == "/data/news"
+    assert task_config(cfg, "news").data.text_column == "auto"
+    local = local_module_config(cfg, "sst2")
+    assert local.r_max == 16 and local.model == cfg.model and local.data.text_column == "sentence"
+    assert cfg.fedkd.task_for(0, reported="sst2") == "sst2"
     with pytest.raises(ConfigError, match="not in fedkd.task-mix"):
-        cfg.fedkd_task_for(0, reported="agnews")
+        cfg.fedkd.task_for(0, reported="agnews")
     assert RunConfig.from_dict(json.loads(cfg.to_json())) == cfg

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from strategies.fedkd import (compress_update, decompress_update, energy_threshold, kd_loss,
+from strategies.fedkd.math import (compress_update, decompress_update, energy_threshold, kd_loss,
                               mutual_kd_losses, payload_nbytes, svd_compress, svd_decompress,
                               temperature_softmax)
 

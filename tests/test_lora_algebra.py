@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from strategies.hetlora import (aggregation_error, example_weights, factorize,
+from strategies.lora.math import (aggregation_error, example_weights, factorize,
                                 flexlora_aggregate, hetlora_aggregate, weighted_products)
 from task.lora import lora_products, lora_rank, pad_lora, truncate_lora
 
@@ -127,7 +127,7 @@ def test_mixed_ranks_in_one_state_are_refused():
 
 def test_initial_state_is_fresh_even_after_training(tiny_bert, agnews):
     """A process that trained an adapter still hands out the untrained initial state."""
-    from server_app.evaluation import ServerTask
+    from task.evaluation import ServerTask
     from task.config import RunConfig
     from task.model import get_lora_model, get_trainable_state, set_trainable_state
 

@@ -16,10 +16,11 @@ import torch
 from opacus.accountants import RDPAccountant
 
 from client_app.app import app as client_app
-from client_app.device import DeviceInfo, gradient_round, local_examples
+from strategies.unlearn.math import unlearning_objective
+from task.device import DeviceInfo, gradient_round, local_examples
 from inprocess_grid import InProcessGrid
-from server_app.app import federate, prepare_run
-from server_app.evaluation import ServerTask
+from inprocess_grid import federate, prepare_run
+from task.evaluation import ServerTask
 from task.config import RunConfig
 from task.lora import truncate_lora
 from task.model import get_lora_model
@@ -47,14 +48,15 @@ def test_opacus_clips_per_example_on_trainable_lora_params_only(tiny_bert, agnew
     privacy = DevicePrivacy(cfg, len(local_examples(cfg, info, task.label_names)))
     state = truncate_lora(task.initial_state(), 4)
     state["base_model.model.classifier.weight"] *= 50  # large plain gradients
-    grads, _, metrics = gradient_round(cfg, info, task.label_names, 4, state, 1, "task",
-                                       privacy=privacy)
-    plain, _, _ = gradient_round(cfg, info, task.label_names, 4, state, 1, "task")
+    grads, _, metrics = gradient_round(cfg, info, task.label_names, 4, state, 1,
+                                       cfg.unlearn.grad_batches, privacy=privacy)
+    plain, _, _ = gradient_round(cfg, info, task.label_names, 4, state, 1,
+                                 cfg.unlearn.grad_batches)
     norm = np.sqrt(sum(float((g.astype(np.float64) ** 2).sum()) for g in grads.values()))
     plain_norm = np.sqrt(sum(float((g.astype(np.float64) ** 2).sum()) for g in plain.values()))
     # mean of per-example gradients clipped to C = 1e-3 (Poisson batch ~ 8 examples), plus
     # noise of std 0.3 C / 8 per entry, averaged over 4 batches
-    assert metrics["batches"] == metrics["private_steps"] == cfg.unlearn_grad_batches
+    assert metrics["batches"] == metrics["private_steps"] == cfg.unlearn.grad_batches
     assert plain_norm > 0.1 and 0 < norm < 3e-3, (norm, plain_norm)
     assert metrics["epsilon"] > 0
     # frozen weights untouched, Opacus hooks gone: the cached model is plain again
@@ -73,7 +75,9 @@ def test_unlearning_gradients_carry_noise_of_scale_z_times_c(tiny_bert, agnews):
     info = DeviceInfo(partition_id=2, num_partitions=4)
     privacy = DevicePrivacy(cfg, len(local_examples(cfg, info, task.label_names)))
     state = truncate_lora(task.initial_state(), 8)
-    grads, _, _ = gradient_round(cfg, info, task.label_names, 8, state, 1, "unlearn",
+    grads, _, _ = gradient_round(cfg, info, task.label_names, 8, state, 1,
+                                 cfg.unlearn.grad_batches,
+                                 unlearning_objective(cfg.unlearn.loss, cfg.unlearn.eps),
                                  privacy=privacy)
     flat = np.concatenate([g.ravel() for g in grads.values()])  # (p,)
     # S4: g~ = g + N(0, sigma^2 I), sigma = z C on the sum of a batch of expected size B;

@@ -17,10 +17,10 @@ import pytest
 from opacus.accountants import RDPAccountant
 from torch.utils.data import DataLoader
 
-from client_app.device import DeviceInfo, local_examples
+from task.device import DeviceInfo, local_examples
 from inprocess_grid import InProcessGrid
-from server_app.app import federate, prepare_run
-from server_app.evaluation import ServerTask
+from inprocess_grid import federate, prepare_run
+from task.evaluation import ServerTask
 from task.config import RunConfig
 from task.privacy import DevicePrivacy
 
@@ -71,7 +71,7 @@ def test_derived_noise_multiplier_spends_the_budget_over_the_planned_steps(targe
         assert planned == cfg.num_rounds * 10
     privacy = DevicePrivacy(cfg, num_examples)
     z, q = privacy.noise_multiplier, privacy.sample_rate
-    assert q == loader_sample_rate(num_examples, cfg.batch_size)
+    assert q == loader_sample_rate(num_examples, cfg.train.batch_size)
     spent = opacus_epsilon([(z, q, planned)])
     assert target - TOLERANCE <= spent <= target, (z, spent)
     # the device's own look-ahead agrees: every planned step fits, and (for these budgets,
@@ -109,7 +109,7 @@ def test_devices_end_the_planned_rounds_at_the_derived_budget(tiny_bert, agnews,
         partition = context.node_config["partition-id"]
         n = len(local_examples(cfg, DeviceInfo(partition_id=partition,
                                                num_partitions=PARTITIONS), label_names))
-        q = loader_sample_rate(n, cfg.batch_size)
+        q = loader_sample_rate(n, cfg.train.batch_size)
         ledger = json.loads(str(context.state["privacy"]["ledger"]))
         z = ledger["noise_multiplier"]
         # what Opacus itself recorded, step by step, during the run
@@ -163,7 +163,7 @@ def test_privacy_ledger_carries_epsilon_and_the_budget_across_runs(tiny_bert, ag
     label_names = ServerTask.prepare(cfg).label_names
     q, q_1 = (loader_sample_rate(len(local_examples(
         cfg, DeviceInfo(partition_id=p, num_partitions=PARTITIONS), label_names)),
-        cfg.batch_size) for p in (0, 1))
+        cfg.train.batch_size) for p in (0, 1))
     assert q == q_1 == 1 / 13
 
     first, _ = run(raw, 1)

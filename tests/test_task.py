@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from client_app.device import DeviceInfo, local_examples, train_round
-from server_app.evaluation import ServerTask
+from task.device import DeviceInfo, local_examples, train_round
+from task.evaluation import ServerTask
 from task.config import RunConfig
 from task.lora import lora_rank, truncate_lora
 from task.model import get_lora_model

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from inprocess_grid import InProcessGrid
-from server_app.app import federate, prepare_run
-from strategies.unlearning_steps import unlearning_step
-from strategies.unlearning_strategy import GRADIENT_MESSAGE, UnlearningTargetsMissing
+from inprocess_grid import federate, prepare_run
+from strategies.unlearn.steps import unlearning_step
+from strategies.unlearn.strategy import GRADIENT_MESSAGE, UnlearningTargetsMissing
 from task.config import ConfigError, RunConfig
 from task.lora import truncate_lora
 from task.records import from_record
@@ -83,7 +83,7 @@ def test_request_first_then_unicast_projected_update(tiny_bert, agnews, tmp_path
               if r.metadata.src_node_id == forget_node]
     assert len(grads) == 4 and len(forget) == 1
     global_3, projected, _ = unlearning_step(global_2, retained, forget, 16,
-                                             plan.cfg.unlearn_lr)
+                                             plan.cfg.unlearn.lr)
     got_update = from_record(sent[(3, forget_node)].content["update"])
     for key, value in truncate_lora(projected, 4).items():  # the rpi5 is at rank 4
         np.testing.assert_allclose(got_update[key], value, rtol=1e-5, atol=1e-7)

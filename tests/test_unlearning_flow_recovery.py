@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 from inprocess_grid import InProcessGrid
-from server_app.app import federate, prepare_run
-from strategies.hetlora import AGGREGATORS, example_weights
-from strategies.unlearning import flatten_state
-from strategies.unlearning_strategy import FederatedUnlearning
+from inprocess_grid import federate, prepare_run
+from strategies.lora.math import AGGREGATORS, example_weights
+from strategies.unlearn.math import flatten_state
+from strategies.unlearn.strategy import FederatedUnlearning
 from task.config import RunConfig
 from task.lora import pad_lora
 from task.records import from_record

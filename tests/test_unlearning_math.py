@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from strategies.unlearning import (
+from task.privacy import noise_multiplier_for_budget
+from strategies.unlearn.math import (
     add_gaussian_noise,
     bounded_ce_loss,
     fedosd_unlearning_loss,
     flatten_state,
     gaussian_sigma,
-    noise_multiplier_for_budget,
     pad_for_projection,
     project_orthogonal,
     remove_drift_component,

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from strategies.unlearning_steps import remove_drift, unlearning_step
+from strategies.unlearn.steps import remove_drift, unlearning_step
 from task.lora import pad_lora, truncate_lora
 
 L = "m.layer.0.query"

@@ -5,8 +5,8 @@ import pytest
 from flwr.app import Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from strategies.hetlora import check_reply
-from strategies.lora_strategy import HeterogeneousLoRA, NodeProfile
+from strategies.lora.math import check_reply
+from strategies.lora.strategy import HeterogeneousLoRA, NodeProfile
 from task.config import RunConfig
 from task.lora import truncate_lora
 from task.records import from_record, to_record

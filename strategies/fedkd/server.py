@@ -9,11 +9,11 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid
 
-from server_app.fedkd import FedKDServer
-from server_app.results import RunRecorder, write_plots
-from strategies.fedkd import device_view
-from strategies.fedkd_strategy import FedKDStrategy
-from task.config import ConfigError, RunConfig
+from strategies.fedkd.evaluation import FedKDServer
+from task.results import RunRecorder, write_plots
+from strategies.fedkd.math import device_view
+from strategies.fedkd.strategy import FedKDStrategy
+from task.config import RunConfig
 from task.lora import state_nbytes
 from task.records import from_record, to_record
 from task.logs import get_logger
@@ -21,13 +21,9 @@ from task.logs import get_logger
 log = get_logger()
 
 
-def run_fedkd(grid: Grid, context: Context, cfg: RunConfig) -> None:
-    try:
-        server = FedKDServer.prepare(cfg)
-    except ConfigError as err:
-        log.error("configuration error, nothing was trained: %s", err)
-        raise SystemExit(f"edge-lam: configuration error: {err}") from err
-
+def run(grid: Grid, context: Context, cfg: RunConfig) -> Path:
+    """The ServerApp's FedKD run; a ConfigError before the first round means nothing ran."""
+    server = FedKDServer.prepare(cfg)
     run_dir = (Path(cfg.results_dir) / str(context.run_id)).resolve()
     initial = server.initial_state()
     tasks = {name: {"label_names": list(t.label_names), "data_source": t.data_source,
@@ -37,9 +33,9 @@ def run_fedkd(grid: Grid, context: Context, cfg: RunConfig) -> None:
         "run_id": context.run_id, "tasks": tasks, "global_state_bytes": state_nbytes(initial),
         "shared_module_bytes": state_nbytes(device_view(initial, first))})
     log.info("fedkd: tasks %s over devices %s, shared rank %d, local rank %d, compression %s, "
-             "%d rounds; results in %s", ", ".join(tasks), ",".join(cfg.fedkd_task_mix),
-             cfg.fedkd_shared_rank, cfg.fedkd_local_rank,
-             "on" if cfg.fedkd_compress else "off", cfg.num_rounds, run_dir)
+             "%d rounds; results in %s", ", ".join(tasks), ",".join(cfg.fedkd.task_mix),
+             cfg.fedkd.shared_rank, cfg.fedkd.local_rank,
+             "on" if cfg.fedkd.compress else "off", cfg.num_rounds, run_dir)
 
     final = {"state": initial}
     pending: dict[int, dict] = {}  # round -> training info, completed with accuracies below
@@ -74,3 +70,4 @@ def run_fedkd(grid: Grid, context: Context, cfg: RunConfig) -> None:
     server.save_adapters(final["state"], run_dir / "adapter")
     write_plots(recorder.rows, run_dir / "plots")
     log.info("done in %.1fs: %s", time.perf_counter() - started, run_dir)
+    return run_dir

@@ -22,8 +22,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
-from strategies.lora_strategy import HeterogeneousLoRA, NodeProfile
-from strategies.unlearning_steps import remove_drift, unlearning_step
+from strategies.lora.strategy import HeterogeneousLoRA, NodeProfile
+from strategies.registry import RunAborted
+from strategies.unlearn.steps import remove_drift, unlearning_step
 from task.config import RunConfig
 from task.lora import State, truncate_lora
 from task.records import from_record, to_record
@@ -34,7 +35,7 @@ log = get_logger()
 GRADIENT_MESSAGE = f"{MessageType.TRAIN}.gradient"
 
 
-class UnlearningTargetsMissing(RuntimeError):
+class UnlearningTargetsMissing(RunAborted):
     """A device named in unlearn.clients is not connected; the request stays on disk."""
 
 
@@ -49,7 +50,7 @@ class FederatedUnlearning(HeterogeneousLoRA):
                  on_phase: Callable[[str, int], None] | None = None,
                  query_timeout: float = 120.0):
         super().__init__(cfg, label_names, on_train_round, query_timeout)
-        self.forget_ids = tuple(cfg.unlearn_clients if forget_ids is None else forget_ids)
+        self.forget_ids = tuple(cfg.unlearn.clients if forget_ids is None else forget_ids)
         self.on_unlearning_start = on_unlearning_start or (lambda state, found, missing: None)
         self.on_phase = on_phase or (lambda phase, rnd: None)
         self.forget_nodes: set[int] = set()
@@ -61,7 +62,7 @@ class FederatedUnlearning(HeterogeneousLoRA):
     def phase(self, server_round: int) -> str:
         if server_round <= self.cfg.training_rounds:
             return "train"
-        if server_round <= self.cfg.training_rounds + self.cfg.unlearn_rounds:
+        if server_round <= self.cfg.training_rounds + self.cfg.unlearn.rounds:
             return "unlearn"
         return "recover"
 
@@ -116,9 +117,11 @@ class FederatedUnlearning(HeterogeneousLoRA):
             f"node {p.node_id} (partition {p.partition_id}, {p.device}@r{p.rank})"
             for p in found))
 
-    def _train_node_ids(self, grid: Grid) -> list[int]:
+    def _train_node_ids(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> list[int]:
         """Recovery rounds train the remaining devices only."""
-        return [n for n in super()._train_node_ids(grid) if n not in self.forget_nodes]
+        return [n for n in super()._train_node_ids(server_round, arrays, config, grid)
+                if n not in self.forget_nodes]
 
     def _gradient_messages(self, server_round: int, config: ConfigRecord,
                            grid: Grid) -> list[Message]:
@@ -161,7 +164,7 @@ class FederatedUnlearning(HeterogeneousLoRA):
             self.on_train_round(server_round, info)
             return None, None
         new_state, projected, step_info = unlearning_step(
-            self._global, retained, forget, self.cfg.r_max, self.cfg.unlearn_lr)
+            self._global, retained, forget, self.cfg.r_max, self.cfg.unlearn.lr)
         for node in self.forget_nodes:
             self.projected[node] = projected
         info["unlearning"] = step_info

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from strategies.lora_strategy import NodeProfile
+from strategies.lora.strategy import NodeProfile
 from task.config import ConfigError, RunConfig
 
 REQUEST_FILE = "unlearning.json"
@@ -82,8 +82,8 @@ def honour_unfinished(cfg: RunConfig, results_dir: Path) -> Unfinished | None:
         raise ConfigError(f"{what}: run strategy='unlearn' unlearn.clients="
                           f"'{','.join(map(str, unfinished.clients))}' to finish it (it resumes "
                           "from its saved adapter), or set its \"status\" to \"cancelled\"")
-    if set(cfg.unlearn_clients) != set(unfinished.clients):
-        raise ConfigError(f"{what}, and unlearn.clients='{','.join(map(str, cfg.unlearn_clients))}'"
+    if set(cfg.unlearn.clients) != set(unfinished.clients):
+        raise ConfigError(f"{what}, and unlearn.clients='{','.join(map(str, cfg.unlearn.clients))}'"
                           f" differs: set unlearn.clients='{','.join(map(str, unfinished.clients))}'"
                           " to finish it first, or set its \"status\" to \"cancelled\"")
     if not unfinished.adapter.is_dir():
@@ -103,17 +103,17 @@ class UnlearningRecord:
         self._t0 = 0.0
         self.data = {
             "status": "pending", "run_id": run_id, "requested_at": None,
-            "clients": list(cfg.unlearn_clients),
+            "clients": list(cfg.unlearn.clients),
             "clients_are": "partition ids (simulation) or node ids (deployment)",
             "forgotten": [], "not_connected": [],
-            "loss": cfg.unlearn_loss, "eps": cfg.unlearn_eps, "lr": cfg.unlearn_lr,
-            "unlearning_rounds": cfg.unlearn_rounds,
-            "recovery_rounds": cfg.unlearn_recovery_rounds,
+            "loss": cfg.unlearn.loss, "eps": cfg.unlearn.eps, "lr": cfg.unlearn.lr,
+            "unlearning_rounds": cfg.unlearn.rounds,
+            "recovery_rounds": cfg.unlearn.recovery_rounds,
             "aggregation": cfg.aggregation, "r_max": cfg.r_max,
-            "differential_privacy": ({"target_epsilon": cfg.dp_target_epsilon,
-                                      "delta": cfg.dp_delta,
-                                      "max_grad_norm": cfg.dp_max_grad_norm}
-                                     if cfg.dp_enabled else None),
+            "differential_privacy": ({"target_epsilon": cfg.dp.target_epsilon,
+                                      "delta": cfg.dp.delta,
+                                      "max_grad_norm": cfg.dp.max_grad_norm}
+                                     if cfg.dp.enabled else None),
             "source": source | ({"resumes": str(resumes.path)} if resumes else {}),
             "before_adapter": BEFORE_ADAPTER, "history": [],
         }

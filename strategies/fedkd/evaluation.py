@@ -10,8 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from server_app.evaluation import ServerTask
-from strategies.fedkd import device_view, global_state
+from task.evaluation import ServerTask
+from strategies.fedkd.math import device_view, global_state
+from strategies.fedkd.config import local_module_config, task_config
 from task.config import ConfigError, RunConfig
 from task.data import resolve_data_path
 from task.lora import State
@@ -27,10 +28,10 @@ class FedKDServer:
     def prepare(cls, cfg: RunConfig) -> FedKDServer:
         """Load every task's data and check both modules fit: config errors surface here."""
         tasks = {}
-        for name in cfg.fedkd_task_names:
-            task_cfg = cfg.task_config(name)
+        for name in cfg.fedkd.task_names:
+            task_cfg = task_config(cfg, name)
             if resolve_data_path(task_cfg) is None:
-                raise ConfigError(f"fedkd.task.{name}.path='{task_cfg.data_path}' does not "
+                raise ConfigError(f"fedkd.task.{name}.path='{task_cfg.data.path}' does not "
                                   "exist: point it at a folder with train.tsv and test.tsv")
             try:
                 tasks[name] = ServerTask.prepare(task_cfg)
@@ -39,13 +40,13 @@ class FedKDServer:
                 for key in ("path", "text-column", "label-column"):
                     message = message.replace(f"data.{key}", f"fedkd.task.{name}.{key}")
                 raise ConfigError(message) from err
-            local_cfg = cfg.local_module_config(name)
+            local_cfg = local_module_config(cfg, name)
             labels = tasks[name].label_names
-            local = (get_lora_model(local_cfg, labels, cfg.fedkd_local_rank, copy="local")
+            local = (get_lora_model(local_cfg, labels, cfg.fedkd.local_rank, copy="local")
                      if local_cfg.model != cfg.model else get_lora_model(task_cfg, labels,
                                                                          cfg.r_max))
             try:
-                check_lora_targets(local, local_cfg, [cfg.fedkd_local_rank])
+                check_lora_targets(local, local_cfg, [cfg.fedkd.local_rank])
             except ConfigError as err:
                 raise ConfigError(f"fedkd.local-rank / fedkd.local-model: {err}") from err
         return cls(cfg, tasks)

@@ -59,7 +59,7 @@ def local_examples(cfg: RunConfig, info: DeviceInfo, label_names: tuple[str, ...
     if info.data_dir and path is None:
         raise ConfigError(f"data-dir='{info.data_dir}' does not exist on this device: fix "
                           "--node-config data-dir")
-    frames = load_split_frames(str(path) if path else None, cfg.hub_dataset)
+    frames = load_split_frames(str(path) if path else None, cfg.data.hub_dataset)
     examples = to_examples(frames["train"], resolve_columns(frames["train"], cfg), label_names)
     if info.partition_id >= 0 and info.num_partitions > 0:
         examples = examples.subset(
@@ -75,14 +75,15 @@ def _seed(cfg: RunConfig, info: DeviceInfo, server_round: int) -> int:
 
 def train_round(cfg: RunConfig, info: DeviceInfo, label_names: tuple[str, ...], rank: int,
                 state: State, server_round: int, tag: str = "", examples: Examples | None = None,
-                privacy=None) -> tuple[State, int, dict]:
+                privacy=None, r_max: int | None = None) -> tuple[State, int, dict]:
     """Load `state` (at `rank`) into the model, train locally, return (state, n_k, metrics).
 
     `examples` replaces the device's own data (benchmarks); `privacy` (a
-    task.privacy.DevicePrivacy) makes every step an Opacus DP-SGD step.
+    task.privacy.DevicePrivacy) makes every step an Opacus DP-SGD step; `r_max` is the
+    global rank the server sent (None: the config's).
     """
     examples = examples if examples is not None else local_examples(cfg, info, label_names)
-    model = get_lora_model(cfg, label_names, rank)
+    model = get_lora_model(cfg, label_names, rank, r_max=r_max)
     set_trainable_state(model, state)
     tokenizer = load_tokenizer(resolve_model_source(cfg.model))
     metrics = train_local(model, tokenizer, examples, cfg, seed=_seed(cfg, info, server_round),
@@ -91,15 +92,17 @@ def train_round(cfg: RunConfig, info: DeviceInfo, label_names: tuple[str, ...], 
 
 
 def gradient_round(cfg: RunConfig, info: DeviceInfo, label_names: tuple[str, ...], rank: int,
-                   state: State, server_round: int, objective: str, tag: str = "",
-                   examples: Examples | None = None, privacy=None) -> tuple[State, int, dict]:
-    """S4 step 1: the gradient of `objective` ('task' or 'unlearn') at `state`, as a state
-    of the same keys and shapes (rank `rank`), with n_k and metrics."""
+                   state: State, server_round: int, batches: int, objective=None,
+                   tag: str = "", examples: Examples | None = None, privacy=None,
+                   r_max: int | None = None, what: str = "task") -> tuple[State, int, dict]:
+    """The mean gradient over `batches` batches of the task loss, or of `objective(logits,
+    labels)`, at `state`, as a state of the same keys and shapes (rank `rank`), with n_k
+    and metrics (S4 step 1)."""
     examples = examples if examples is not None else local_examples(cfg, info, label_names)
-    model = get_lora_model(cfg, label_names, rank)
+    model = get_lora_model(cfg, label_names, rank, r_max=r_max)
     set_trainable_state(model, state)
     tokenizer = load_tokenizer(resolve_model_source(cfg.model))
-    grads, metrics = compute_gradient(model, tokenizer, examples, cfg, objective,
-                                      seed=_seed(cfg, info, server_round) + 7, tag=tag,
-                                      privacy=privacy)
+    grads, metrics = compute_gradient(model, tokenizer, examples, cfg, batches,
+                                      seed=_seed(cfg, info, server_round) + 7,
+                                      objective=objective, tag=tag, what=what, privacy=privacy)
     return grads, len(examples), metrics

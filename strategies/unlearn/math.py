@@ -15,7 +15,7 @@ from each retained gradient its component along (theta - theta_before_unlearning
 `remove_drift_component`.
 
 Privacy (S4): `gaussian_sigma` is the one-release Gaussian-mechanism bound (epsilon < 1 only);
-over many steps use `noise_multiplier_for_budget`, which asks Opacus's RDP accountant.
+over many steps use `task.privacy.noise_multiplier_for_budget` (Opacus's RDP accountant).
 """
 
 from __future__ import annotations
@@ -248,7 +248,7 @@ def gaussian_sigma(clip_norm: float, epsilon: float, delta: float) -> float:
         raise ValueError(f"epsilon must be positive, got {epsilon}")
     if epsilon >= 1:
         raise ValueError(f"the classic Gaussian bound holds only for epsilon < 1 (got {epsilon}); "
-                         "use an accountant: noise_multiplier_for_budget (Opacus RDP)")
+                         "use an accountant: task.privacy.noise_multiplier_for_budget (Opacus RDP)")
     return clip_norm * math.sqrt(2.0 * math.log(1.25 / delta)) / epsilon
 
 
@@ -260,15 +260,10 @@ def add_gaussian_noise(g: np.ndarray, sigma: float, rng: np.random.Generator) ->
     return g + rng.normal(0.0, sigma, size=g.shape)
 
 
-def noise_multiplier_for_budget(target_epsilon: float, target_delta: float,
-                                sample_rate: float, steps: int) -> float:
-    """Noise multiplier sigma / C reaching (epsilon, delta) after `steps` subsampled releases.
-
-    Delegates to Opacus's RDP accountant (S4: over many steps use an accountant).
-    """
-    from opacus.accountants.utils import get_noise_multiplier
-
-    if steps < 1 or not 0.0 < sample_rate <= 1.0:
-        raise ValueError(f"need steps >= 1 and sample_rate in (0, 1], got {steps}, {sample_rate}")
-    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=target_delta,
-                                      sample_rate=sample_rate, steps=steps, accountant="rdp"))
+def unlearning_objective(loss: str, eps: float):
+    """The loss an opting-out device *descends* to forget (`unlearn.loss`): FedOSD's
+    -log(1 - p_y / 2), or the bounded cross-entropy ascended, i.e. log(max(p_y, eps)) (no
+    gradient once p_y < eps, so nothing explodes). A function of (logits, labels)."""
+    if loss == "fedosd":
+        return fedosd_unlearning_loss
+    return lambda logits, labels: -bounded_ce_loss(logits, labels, eps=eps)

@@ -4,7 +4,7 @@ Plain functions over {name: ndarray} (the strategy and the benchmark both call t
 - `unlearning_step`: zero-pads every device's gradient to r_max (S1 `pad_lora`, so every
   rank lives in one p-dimensional space), flattens, applies the S4 update
   theta <- theta - eta (mean_{K_r} g_k + mean_{K_o} (I - U U^T) g_k) of
-  `strategies.unlearning.unlearning_update`, and returns the new global state together with
+  `strategies.unlearn.math.unlearning_update`, and returns the new global state together with
   the projected update -eta mean_{K_o} g_k^proj that opting-out devices receive (S4 step 5).
 - `remove_drift`: FedOSD recovery (S4): each remaining device's update x_k - theta loses its
   component along theta - theta_before_unlearning before the usual aggregation.
@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from strategies.unlearning import (flatten_state, pad_for_projection, remove_drift_component,
+from strategies.unlearn.math import (flatten_state, pad_for_projection, remove_drift_component,
                                    unflatten, unlearning_update)
 from task.lora import State
 

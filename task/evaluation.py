@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from task.families import family
 from task.config import ConfigError, RunConfig
 from task.data import (Examples, label_names_of, load_split_frames, resolve_columns,
                        resolve_data_path, to_examples)
@@ -37,24 +38,23 @@ class ServerTask:
         """Load data and model and check every rank fits: all config errors surface here."""
         path = resolve_data_path(cfg)
         if path is None:
-            log.info("data.path '%s' not found; trying hub dataset '%s'", cfg.data_path,
-                     cfg.hub_dataset)
-        frames = load_split_frames(str(path) if path else None, cfg.hub_dataset)
+            log.info("data.path '%s' not found; trying hub dataset '%s'", cfg.data.path,
+                     cfg.data.hub_dataset)
+        frames = load_split_frames(str(path) if path else None, cfg.data.hub_dataset)
         columns = resolve_columns(frames["train"], cfg)
         resolve_columns(frames["test"], cfg)
         labels = label_names_of(frames, columns)
-        if cfg.task == "seq-cls" and len(labels) < 2:
-            raise ConfigError(f"data.label-column='{cfg.label_column}' has {len(labels)} "
+        if len(labels) < family(cfg).min_labels:
+            raise ConfigError(f"data.label-column='{cfg.data.label_column}' has {len(labels)} "
                               "distinct value(s): a classifier needs at least 2")
         test = to_examples(frames["test"], columns, labels)
-        if cfg.eval_max_examples and len(test) > cfg.eval_max_examples:
+        if cfg.eval.max_examples and len(test) > cfg.eval.max_examples:
             rng = np.random.default_rng(cfg.seed)
-            test = test.subset(sorted(rng.choice(len(test), cfg.eval_max_examples,
+            test = test.subset(sorted(rng.choice(len(test), cfg.eval.max_examples,
                                                  replace=False)))
-        task = cls(cfg, labels, test, str(path) if path else f"hub:{cfg.hub_dataset}")
+        task = cls(cfg, labels, test, str(path) if path else f"hub:{cfg.data.hub_dataset}")
         model = get_lora_model(cfg, labels, cfg.r_max)
-        ranks = ([cfg.r_max] if cfg.aggregation in ("fedavg", "fedkd")
-                 else list(cfg.ranks.values()))
+        ranks = sorted({cfg.rank_for(d) for d in cfg.devices.ranks} | {cfg.r_max})
         check_lora_targets(model, cfg, ranks)
         return task
 

@@ -6,7 +6,7 @@
 - The shared module (LoRA at fedkd.shared-rank + the head of the device's task) arrives from
   the server, as a whole or as an SVD-compressed update against the copy the device holds
   (also kept in the state folder), and goes back the same way (`device_round`).
-- Training is the mutual distillation of `task.distill.train_mutual`.
+- Training is the mutual distillation of `strategies.fedkd.distill.train_mutual`.
 """
 
 from __future__ import annotations
@@ -17,18 +17,24 @@ import os
 from pathlib import Path
 
 import numpy as np
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from client_app.device import DeviceInfo, local_examples
-from strategies.fedkd import decode_update, encode_update, is_compressed
+from task.device import DeviceInfo, local_examples
+from strategies.fedkd.math import decode_update, encode_update, is_compressed
+from strategies.fedkd.config import local_module_config, task_config
 from task.config import ConfigError, RunConfig
 from task.data import Examples, load_split_frames, resolve_columns, resolve_data_path, to_examples
-from task.distill import train_mutual
+from strategies.fedkd.distill import train_mutual
+from task.logs import get_logger
 from task.lora import State
+from task.records import from_record, to_record
 from task.model import (get_lora_model, get_trainable_state, initial_lora_state, load_tokenizer,
                         resolve_model_source, set_trainable_state)
 from task.train import evaluate, train_local
+
+log = get_logger()
 
 LOCAL, SHARED = "local", "shared"  # file names in the state folder (and the model copy name)
 MODES = ("fedkd", "fedavg", "local")  # mutual KD | shared module alone | local module alone
@@ -50,7 +56,7 @@ class DeviceStore:
         if info.state_dir:
             return cls(Path(info.state_dir).expanduser() / f"run-{run_id}")
         who = f"partition-{info.partition_id}" if info.partition_id >= 0 else f"node-{node_id}"
-        return cls(Path(cfg.fedkd_state_dir).expanduser() / f"run-{run_id}" / who)
+        return cls(Path(cfg.fedkd.state_dir).expanduser() / f"run-{run_id}" / who)
 
     def path(self, name: str) -> Path:
         return self.root / f"{name}.safetensors"
@@ -77,15 +83,15 @@ def device_task(cfg: RunConfig, info: DeviceInfo) -> tuple[str, DeviceInfo]:
     """The device's task and the DeviceInfo selecting its share of that task's data: a
     simulated device k gets task mix[k % len] and a partition among that task's devices."""
     if info.task or info.partition_id < 0 or info.num_partitions <= 0:
-        return cfg.fedkd_task_for(info.partition_id, info.task), info
-    task, index, count = cfg.fedkd_task_partition(info.partition_id, info.num_partitions)
+        return cfg.fedkd.task_for(info.partition_id, info.task), info
+    task, index, count = cfg.fedkd.task_partition(info.partition_id, info.num_partitions)
     return task, dataclasses.replace(info, partition_id=index, num_partitions=count)
 
 
 def _data_path(task_cfg: RunConfig, task: str, info: DeviceInfo) -> Path:
     path = resolve_data_path(task_cfg, info.data_dir)
     if path is None:
-        wanted = info.data_dir or task_cfg.data_path
+        wanted = info.data_dir or task_cfg.data.path
         raise ConfigError(f"data of FedKD task '{task}' not found at '{wanted}': set "
                           f"fedkd.task.{task}.path (or the device's --node-config data-dir)")
     return path
@@ -104,19 +110,19 @@ def task_test_examples(task_cfg: RunConfig, task: str, label_names: tuple[str, .
 
 # ---------------------------------------------------------------------------- modules
 def _local_identity(cfg: RunConfig, task: str, label_names: tuple[str, ...]) -> dict[str, str]:
-    local_cfg = cfg.local_module_config(task)
+    local_cfg = local_module_config(cfg, task)
     return {"task": task, "labels": json.dumps(list(label_names)), "model": local_cfg.model,
-            "rank": str(cfg.fedkd_local_rank)}
+            "rank": str(cfg.fedkd.local_rank)}
 
 
 def load_local_module(cfg: RunConfig, task: str, label_names: tuple[str, ...],
                       store: DeviceStore):
     """The private module on its own base-model copy: the stored one, else a fresh one."""
-    local_cfg = cfg.local_module_config(task)
-    model = get_lora_model(local_cfg, label_names, cfg.fedkd_local_rank, copy=LOCAL)
+    local_cfg = local_module_config(cfg, task)
+    model = get_lora_model(local_cfg, label_names, cfg.fedkd.local_rank, copy=LOCAL)
     stored = store.load(LOCAL)
     if stored is None:
-        state = initial_lora_state(local_cfg, label_names, cfg.fedkd_local_rank, copy=LOCAL)
+        state = initial_lora_state(local_cfg, label_names, cfg.fedkd.local_rank, copy=LOCAL)
     else:
         state, meta = stored
         want = _local_identity(cfg, task, label_names)
@@ -140,17 +146,17 @@ def train_modules(cfg: RunConfig, info: DeviceInfo, store: DeviceStore, task: st
     if own_task != task:
         raise ConfigError(f"the server assigned task '{task}' but this device's "
                           f"fedkd.task-mix / --node-config task says '{own_task}'")
-    task_cfg = cfg.task_config(task)
+    task_cfg = task_config(cfg, task)
     _data_path(task_cfg, task, part)
     examples = local_examples(task_cfg, part, label_names)
     seed = cfg.seed * 100_003 + server_round * 1_009 + max(info.partition_id, 0)
     shared_tok = load_tokenizer(resolve_model_source(cfg.model))
-    local_tok = load_tokenizer(resolve_model_source(cfg.local_module_config(task).model))
+    local_tok = load_tokenizer(resolve_model_source(local_module_config(cfg, task).model))
     local = shared = None
     if mode != "local":
         if shared_state is None:
             raise ValueError(f"mode '{mode}' trains the shared module: give its state")
-        shared = get_lora_model(task_cfg, label_names, cfg.fedkd_shared_rank)
+        shared = get_lora_model(task_cfg, label_names, cfg.fedkd.shared_rank)
         set_trainable_state(shared, shared_state)
     if mode != "fedavg":
         local = load_local_module(cfg, task, label_names, store)
@@ -164,9 +170,9 @@ def train_modules(cfg: RunConfig, info: DeviceInfo, store: DeviceStore, task: st
         metrics["local_loss"] = metrics["train_loss"] if mode == "local" else metrics["local_loss"]
         store.save(LOCAL, get_trainable_state(local), {**_local_identity(cfg, task, label_names),
                                                        "round": server_round})
-        if cfg.fedkd_device_eval_examples:
+        if cfg.fedkd.device_eval_examples:
             test = task_test_examples(task_cfg, task, label_names,
-                                      cfg.fedkd_device_eval_examples, part)
+                                      cfg.fedkd.device_eval_examples, part)
             result = evaluate(local, local_tok, test, task_cfg)
             metrics.update(local_accuracy=result["accuracy"], local_eval_loss=result["loss"])
     return (get_trainable_state(shared) if shared is not None else None), len(examples), metrics
@@ -205,3 +211,25 @@ def device_round(cfg: RunConfig, info: DeviceInfo, store: DeviceStore, task: str
     new, num_examples, metrics = train_modules(cfg, info, store, task, label_names, start,
                                                server_round, mode, tag)
     return encode_update(new, start, energy), num_examples, metrics
+
+
+def train(msg: Message, context: Context, cfg: RunConfig) -> Message:
+    """S3 round: the reply holds the shared module (or its update) and metrics; the private
+    local module stays in this device's state folder."""
+    info = DeviceInfo.from_node_config(context.node_config)
+    config = msg.content["config"]
+    task, server_round = str(config["task"]), int(config["server-round"])
+    energy = float(config["energy"]) or None  # 0.0: compression off
+    store = DeviceStore.for_device(cfg, info, context.run_id, context.node_id)
+    tag = f"[round {server_round}] {task} device (node {context.node_id}):"
+    log.info("%s FedKD, %d local steps, state in %s", tag, cfg.train.local_steps, store.root)
+    payload, num_examples, metrics = device_round(
+        cfg, info, store, task, tuple(config["label-names"]), from_record(msg.content["arrays"]),
+        int(config["base-round"]), server_round, energy, tag=tag)
+    reply_metrics = {"num-examples": num_examples, "train-loss": metrics["train_loss"],
+                     "train-s": metrics["train_s"], "rank": cfg.fedkd.shared_rank,
+                     "local-loss": metrics["local_loss"]}
+    if "local_accuracy" in metrics:
+        reply_metrics["local-accuracy"] = metrics["local_accuracy"]
+    reply = RecordDict({"arrays": to_record(payload), "metrics": MetricRecord(reply_metrics)})
+    return Message(reply, reply_to=msg)

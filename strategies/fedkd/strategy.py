@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
-from strategies.fedkd import (SEP, aggregate_fedkd, decode_update, device_view, encode_update,
+from strategies.fedkd.math import (SEP, aggregate_fedkd, decode_update, device_view, encode_update,
                               energy_threshold, is_compressed)
-from strategies.lora_strategy import HeterogeneousLoRA, NodeProfile
+from strategies.lora.strategy import HeterogeneousLoRA, NodeProfile
 from task.config import RunConfig
 from task.lora import State
 from task.records import from_record
@@ -55,15 +55,15 @@ class FedKDStrategy(HeterogeneousLoRA):
 
     def round_energy(self, server_round: int) -> float | None:
         """S3: T(t) rising linearly from fedkd.energy-start to fedkd.energy-end; None = off."""
-        if not self.cfg.fedkd_compress:
+        if not self.cfg.fedkd.compress:
             return None
         return energy_threshold(min(server_round, self.cfg.num_rounds), self.cfg.num_rounds,
-                                self.cfg.fedkd_energy_start, self.cfg.fedkd_energy_end)
+                                self.cfg.fedkd.energy_start, self.cfg.fedkd.energy_end)
 
     # ----------------------------------------------------------------- who is who
     def _make_profile(self, node: int, p: ConfigRecord) -> FedKDProfile:
         base = super()._make_profile(node, p)
-        task = self.cfg.fedkd_task_for(base.partition_id, str(p.get("task", "")))
+        task = self.cfg.fedkd.task_for(base.partition_id, str(p.get("task", "")))
         return FedKDProfile(node, base.device, base.partition_id, base.rank, task)
 
     # ----------------------------------------------------------------- downlink

@@ -1,14 +1,25 @@
 """The Flower Strategy for heterogeneous-rank LoRA (S1): fedavg, hetlora and flexlora.
 
-A thin layer over FedAvg: it keeps FedAvg's node sampling and round loop and only changes
-what differs for heterogeneous ranks:
-- devices are asked once (QUERY) who they are, and so which rank r_k they train at;
-- `configure_train` unicasts each device the global adapter truncated to r_k (S1 step 1);
+A thin layer over FedAvg: FedAvg's `start` drives the rounds and evaluation, and FedAvg's own
+`configure_train` samples the nodes of a round; this class changes only what differs for
+heterogeneous ranks:
+- devices are asked once (QUERY, `task.fleet.query_profiles`) who they are, and so which
+  rank r_k they train at;
+- `configure_train` unicasts each sampled device the global adapter truncated to r_k (S1
+  step 1), with its rank and r_max in the message's config (the only place they travel);
 - `aggregate_train` validates each reply, rejects bad ones (logged, counted) and hands the
-  accepted states to the pure aggregation function of `strategies.hetlora`.
+  accepted states to the pure aggregation function of `strategies.lora.math`.
 The global state is always LoRA factors at r_max (plus the head). A device that replies
 `budget-exhausted` (its differential-privacy budget is spent) is logged and not asked again.
-Subclasses hook in through `_downlink` / `_decode_uplink` (what travels) and `_aggregate`.
+
+Contract for subclasses (FedKD, unlearning): override only these hooks.
+- `_downlink(node, global_state, server_round)` -> (payload, state the device will hold,
+  extra config): what one device receives;
+- `_decode_uplink(node, payload)` -> the state a reply's arrays stand for;
+- `_aggregate(states, counts, nodes)` -> the new global state;
+- `_client_info(...)` -> the device's row in metrics.jsonl (call super and add keys);
+- `_make_profile(node, record)` -> NodeProfile (what rank a device gets).
+`configure_train` / `aggregate_train` may be wrapped (call super) to add phases.
 """
 
 from __future__ import annotations
@@ -20,10 +31,10 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
-from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
-from strategies.hetlora import AGGREGATORS, aggregation_error, check_reply
-from task.config import ConfigError, RunConfig
+from strategies.lora.math import AGGREGATORS, aggregation_error, check_reply
+from task.config import RunConfig
+from task.fleet import origin, query_profiles, unicast
 from task.lora import State, truncate_lora
 from task.records import from_record, record_nbytes, to_record
 from task.logs import get_logger
@@ -61,20 +72,8 @@ class HeterogeneousLoRA(FedAvg):
     def _learn_profiles(self, grid: Grid, node_ids: Iterable[int]) -> None:
         """Ask devices we have not met yet for their profile (one QUERY each)."""
         unknown = [n for n in node_ids if n not in self.profiles]
-        if not unknown:
-            return
-        queries = [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n,
-                           message_type=MessageType.QUERY) for n in unknown]
-        for reply in grid.send_and_receive(queries, timeout=self.query_timeout):
-            node = reply.metadata.src_node_id
-            if reply.has_error():
-                log.error("node %d did not describe itself: %s", node, reply.error.reason)
-                continue
-            try:
-                profile = self._make_profile(node, reply.content["profile"])
-            except ConfigError as err:
-                log.error("node %d is left out: %s", node, err)
-                continue
+        met = query_profiles(grid, unknown, self.query_timeout, self._make_profile)
+        for node, profile in met.items():
             self.profiles[node] = profile
             log.info("node %d is a '%s' device (partition %d): LoRA rank %d",
                      node, profile.device, profile.partition_id, profile.rank)
@@ -86,24 +85,29 @@ class HeterogeneousLoRA(FedAvg):
         return NodeProfile(node, device, int(p["partition-id"]), rank)
 
     # ----------------------------------------------------------------- downlink
-    def _train_node_ids(self, grid: Grid) -> list[int]:
-        """FedAvg's sample of connected nodes, less those whose privacy budget is spent."""
-        num_nodes = int(len(list(grid.get_node_ids())) * self.fraction_train)
-        node_ids, _ = sample_nodes(grid, self.min_available_nodes,
-                                   max(num_nodes, self.min_train_nodes))
-        return [n for n in node_ids if n not in self.exhausted]
+    def _train_node_ids(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> list[int]:
+        """FedAvg's own sample of the round's nodes (its configure_train; the broadcast
+        messages it builds are dropped: each device gets its own content below), less
+        those whose privacy budget is spent."""
+        sampled = super().configure_train(server_round, arrays, ConfigRecord(dict(config)),
+                                          grid)
+        return [m.metadata.dst_node_id for m in sampled
+                if m.metadata.dst_node_id not in self.exhausted]
 
     def _device_config(self, config: ConfigRecord, server_round: int, node: int,
                        **extra) -> ConfigRecord:
+        """The round, the device's rank and r_max: sent once, in every message."""
         profile = self.profiles[node]
         return ConfigRecord({**dict(config), "server-round": server_round,
-                             "rank": profile.rank, "device": profile.device, **extra})
+                             "rank": profile.rank, "r-max": self.cfg.r_max,
+                             "device": profile.device, **extra})
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         if self.fraction_train == 0.0:
             return []
-        node_ids = self._train_node_ids(grid)
+        node_ids = self._train_node_ids(server_round, arrays, config, grid)
         self._learn_profiles(grid, node_ids)
         global_state = from_record(arrays)
         messages = self._unicast(
@@ -114,24 +118,23 @@ class HeterogeneousLoRA(FedAvg):
         return messages
 
     def _unicast(self, node_ids: Iterable[int], server_round: int, config: ConfigRecord,
-                  message_type: str, downlink: Callable[[int], tuple[str, State, State, dict]]
-                  ) -> list[Message]:
+                 message_type: str, downlink: Callable[[int], tuple[str, State, State, dict]]
+                 ) -> list[Message]:
         """One message per node with a known profile. `downlink(node)` gives (record key,
         payload, state the device will hold, extra config); what was sent is remembered
         for validating replies and for mapping SuperLink error replies back to nodes."""
         self._sent.clear()
-        messages = []
-        for node in node_ids:
-            if node not in self.profiles:
-                continue
+
+        def content(node: int) -> RecordDict:
             key, payload, expected, extra = downlink(node)
             record = to_record(payload)
             self._sent[node] = (expected, record_nbytes(record))
-            content = RecordDict({key: record, "config": self._device_config(
+            return RecordDict({key: record, "config": self._device_config(
                 config, server_round, node, **extra)})
-            messages.append(Message(content, dst_node_id=node, message_type=message_type))
-        self._outbox = messages
-        return messages
+
+        self._outbox = unicast([n for n in node_ids if n in self.profiles], message_type,
+                               content)
+        return self._outbox
 
     def _downlink(self, node: int, global_state: State, server_round: int
                   ) -> tuple[State, State, dict]:
@@ -141,12 +144,8 @@ class HeterogeneousLoRA(FedAvg):
 
     # ----------------------------------------------------------------- uplink
     def _origin(self, msg: Message) -> int:
-        """The device a reply is about. An error the SuperLink writes for a device that went
-        away (no heartbeat) comes from the SuperLink itself: match it by the message it
-        answers."""
-        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in self._outbox
-                if m.metadata.message_id}
-        return sent.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+        """The device a reply is about (SuperLink error replies included)."""
+        return origin(msg, self._outbox)
 
     def _decode_uplink(self, node: int, payload: State) -> State:
         """The state a reply's arrays stand for (here: the arrays themselves)."""
@@ -180,7 +179,7 @@ class HeterogeneousLoRA(FedAvg):
         self.exhausted[node] = float(metrics.get("epsilon", float("nan")))
         log.warning("round %d: node %d stopped: privacy budget exhausted (epsilon %.3f of "
                     "dp.target-epsilon=%g)%s", server_round, node, self.exhausted[node],
-                    self.cfg.dp_target_epsilon,
+                    self.cfg.dp.target_epsilon,
                     "" if self._has_payload(msg) else "; nothing to aggregate from it")
         return True
 

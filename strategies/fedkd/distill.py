@@ -13,11 +13,12 @@ import time
 import numpy as np
 import torch
 
-from strategies.fedkd import mutual_kd_losses
+from strategies.fedkd.math import mutual_kd_losses
 from task.config import ConfigError, RunConfig
 from task.data import Examples, encode_batch, endless_batches
 from task.logs import get_logger
 from task.model import torch_device
+from task.train import run_steps
 
 log = get_logger()
 
@@ -39,34 +40,14 @@ def _paired_hidden(local_out, shared_out, mask: torch.Tensor
     return [h * keep for h, _ in pairs], [h * keep for _, h in pairs]
 
 
-def train_mutual(local_model, shared_model, local_tokenizer, shared_tokenizer,
-                 examples: Examples, cfg: RunConfig, seed: int, tag: str = ""
-                 ) -> dict[str, float]:
-    """`cfg.local_steps` AdamW steps of S3 mutual distillation on shuffled batches.
+def mutual_objective(local_model, shared_model, cfg: RunConfig):
+    """S3's loss on one batch pair: each module's task loss plus distillation from the other
+    (their sum: one backward pass moves each module by its own loss only)."""
+    hidden = cfg.fedkd.hidden_mse
 
-    Returns the shared module's mean task loss as `train_loss` (what FedAvg reports), the
-    local module's as `local_loss`, the mean distillation terms and `train_s`.
-    """
-    device = torch_device()
-    params = [p for m in (local_model, shared_model) for p in m.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    rng = np.random.default_rng(seed)
-    torch.manual_seed(seed)
-    local_model.train()
-    shared_model.train()
-    parts: dict[str, list[float]] = {k: [] for k in ("task_shared", "task_local", "kd_to_shared",
-                                                      "kd_to_local", "hidden_mse")}
-    start = time.perf_counter()
-    log_every = max(1, cfg.local_steps // 4)
-    stream = endless_batches(examples, cfg.batch_size, rng)
-    for step in range(1, cfg.local_steps + 1):
-        chunk = next(stream)
-        shared_batch = {k: v.to(device) for k, v in
-                        encode_batch(shared_tokenizer, chunk, cfg).items()}
-        local_batch = shared_batch if local_tokenizer is shared_tokenizer else {
-            k: v.to(device) for k, v in encode_batch(local_tokenizer, chunk, cfg).items()}
+    def loss_fn(batches: tuple[dict, dict]) -> tuple[torch.Tensor, dict]:
+        local_batch, shared_batch = batches
         labels = shared_batch["labels"]
-        hidden = cfg.fedkd_hidden_mse
         local_out = local_model(**{k: v for k, v in local_batch.items() if k != "labels"},
                                 output_hidden_states=hidden)
         shared_out = shared_model(**{k: v for k, v in shared_batch.items() if k != "labels"},
@@ -76,24 +57,53 @@ def train_mutual(local_model, shared_model, local_tokenizer, shared_tokenizer,
             h_local, h_shared = _paired_hidden(local_out, shared_out,
                                                shared_batch["attention_mask"])
         losses = mutual_kd_losses(local_out.logits.float(), shared_out.logits.float(), labels,
-                                  T=cfg.fedkd_temperature, lam=cfg.fedkd_lambda,
-                                  adaptive=cfg.fedkd_adaptive, hidden_local=h_local,
+                                  T=cfg.fedkd.temperature, lam=cfg.fedkd.lambda_,
+                                  adaptive=cfg.fedkd.adaptive, hidden_local=h_local,
                                   hidden_shared=h_shared)
-        total = losses["local"] + losses["shared"]  # S3: each term moves its own module
-        if not torch.isfinite(total):
-            raise FloatingPointError(f"{tag} FedKD loss became {total.item()} at step {step}: "
-                                     "lower train.lr or fedkd.temperature")
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        optimizer.step()
-        for key in parts:
-            parts[key].append(losses[key].item())
-        if step % log_every == 0 or step == cfg.local_steps:
-            log.info("%s step %d/%d shared CE %.4f local CE %.4f KD->shared %.4f", tag, step,
-                     cfg.local_steps, parts["task_shared"][-1], parts["task_local"][-1],
-                     parts["kd_to_shared"][-1])
-    mean = {k: float(np.mean(v)) for k, v in parts.items()}
+        return losses["local"] + losses["shared"], {k: losses[k] for k in PARTS}
+
+    return loss_fn
+
+
+PARTS = ("task_shared", "task_local", "kd_to_shared", "kd_to_local", "hidden_mse")
+
+
+def train_mutual(local_model, shared_model, local_tokenizer, shared_tokenizer,
+                 examples: Examples, cfg: RunConfig, seed: int, tag: str = ""
+                 ) -> dict[str, float]:
+    """`cfg.train.local_steps` AdamW steps of S3 mutual distillation on shuffled batches,
+    through the device's one local loop (`task.train.run_steps`).
+
+    Returns the shared module's mean task loss as `train_loss` (what FedAvg reports), the
+    local module's as `local_loss`, the mean distillation terms and `train_s`.
+    """
+    device = torch_device()
+    params = [p for m in (local_model, shared_model) for p in m.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=0.0)
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    local_model.train()
+    shared_model.train()
+    start = time.perf_counter()
+    stream = endless_batches(examples, cfg.train.batch_size, rng)
+
+    def next_batch() -> tuple[dict, dict]:
+        chunk = next(stream)
+        shared_batch = {k: v.to(device) for k, v in
+                        encode_batch(shared_tokenizer, chunk, cfg).items()}
+        local_batch = shared_batch if local_tokenizer is shared_tokenizer else {
+            k: v.to(device) for k, v in encode_batch(local_tokenizer, chunk, cfg).items()}
+        return local_batch, shared_batch
+
+    def describe(p: dict[str, float]) -> str:
+        return (f"shared CE {p['task_shared']:.4f} local CE {p['task_local']:.4f} "
+                f"KD->shared {p['kd_to_shared']:.4f}")
+
+    parts = run_steps(cfg.train.local_steps, next_batch,
+                      mutual_objective(local_model, shared_model, cfg), optimizer, tag,
+                      describe)
+    mean = {k: float(np.mean([p[k] for p in parts])) for k in PARTS}
     return {"train_loss": mean["task_shared"], "local_loss": mean["task_local"],
             "kd_to_shared": mean["kd_to_shared"], "kd_to_local": mean["kd_to_local"],
-            "hidden_mse": mean["hidden_mse"], "steps": cfg.local_steps,
+            "hidden_mse": mean["hidden_mse"], "steps": cfg.train.local_steps,
             "train_s": time.perf_counter() - start}

@@ -1,0 +1,66 @@
+"""Talking to devices, for every app mode: who is who (QUERY), one message per device.
+
+- `query_profiles`: ask devices (one Flower QUERY each, no model attached) to describe
+  themselves: profile, partition, explicit LoRA rank, task; devices reply from their
+  `--node-config` (client_app.app's default query handler).
+- `unicast`: one message per device, each with its own content (a per-rank truncation, a
+  projected update, a batch of prompts...).
+- `origin`: which device a reply is about, also for error replies the SuperLink writes itself
+  for a device that vanished (they come from the SuperLink's node id).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from task.logs import get_logger
+from task.options import ConfigError
+
+log = get_logger()
+
+def profile_reply(node_config: Mapping, msg: Message) -> Message:
+    """A device's answer to a profile QUERY, from its `--node-config` (defaults if absent)."""
+    from task.device import DeviceInfo
+
+    info = DeviceInfo.from_node_config(node_config)
+    profile = ConfigRecord({"device": info.device, "partition-id": info.partition_id,
+                            "num-partitions": info.num_partitions, "lora-rank": info.lora_rank,
+                            "task": info.task})
+    return Message(RecordDict({"profile": profile}), reply_to=msg)
+
+
+def query_profiles(grid: Grid, node_ids: Iterable[int], timeout: float,
+                   make: Callable[[int, ConfigRecord], object]) -> dict[int, object]:
+    """{node: make(node, its profile record)} for the devices that answered in time; a
+    device whose profile `make` refuses (ConfigError) is logged and left out."""
+    queries = [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n,
+                       message_type=MessageType.QUERY) for n in node_ids]
+    out = {}
+    for reply in grid.send_and_receive(queries, timeout=timeout) if queries else []:
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            log.error("node %d did not describe itself: %s", node, reply.error.reason)
+            continue
+        try:
+            out[node] = make(node, reply.content["profile"])
+        except ConfigError as err:
+            log.error("node %d is left out: %s", node, err)
+    return out
+
+
+def unicast(node_ids: Iterable[int], message_type: str,
+            content: Callable[[int], RecordDict]) -> list[Message]:
+    """One message per node, each with its own content."""
+    return [Message(content(node), dst_node_id=node, message_type=message_type)
+            for node in node_ids]
+
+
+def origin(msg: Message, sent: Iterable[Message]) -> int:
+    """The device a reply is about: its sender, or, for an error the SuperLink wrote itself
+    (no heartbeat), the destination of the message it answers."""
+    by_id = {m.metadata.message_id: m.metadata.dst_node_id for m in sent
+             if m.metadata.message_id}
+    return by_id.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)

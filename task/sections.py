@@ -1,0 +1,125 @@
+"""The core sections of the run config: `lora.*`, `devices.*`, `data.*`, `train.*`, `eval.*`,
+`dp.*`. Each key is declared once, with its documentation and checks (`task.options`);
+algorithm plug-ins declare their own sections in their packages."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from task.options import ConfigError, Reader, Section, option, parse_section
+
+PARTITIONERS = ("iid", "dirichlet", "pathological")
+
+
+@dataclass(frozen=True)
+class LoraSection(Section):
+    """LoRA adapters: where they go and how they scale."""
+
+    target_modules: tuple[str, ...] = option(
+        ("query", "value"), "Linear layers that get LoRA (`q_proj,v_proj` for Llama)",
+        kind="names", legacy="target_modules")
+    alpha: float = option(16.0, "scaling is alpha / r_max on every device, so B@A means the "
+                          "same at every rank", lo=1e-9, legacy="lora_alpha")
+    dropout: float = option(0.05, "LoRA dropout", lo=0.0, hi=0.99, legacy="lora_dropout")
+    fedavg_rank: int = option(8, "the single rank of `strategy='fedavg'`", lo=1,
+                              legacy="fedavg_rank")
+
+
+@dataclass(frozen=True)
+class DevicesSection(Section):
+    """Device profiles: the simulated mix and each profile's LoRA rank."""
+
+    mix: tuple[str, ...] = option(("rpi4", "rpi5", "jetson-orin-nano", "laptop"),
+                                  "simulated device k gets profile mix[k % len]",
+                                  kind="names", legacy="device_mix")
+    # (profile, rank) pairs, sorted; `devices.rank.<profile>` keys (a tuple: hashable)
+    profile_ranks: tuple[tuple[str, int], ...] = (
+        ("jetson-orin-nano", 8), ("laptop", 16), ("rpi4", 2), ("rpi5", 4))
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        """Default LoRA rank of each device profile."""
+        return dict(self.profile_ranks)
+
+    @classmethod
+    def parse(cls, section: str, r: Reader) -> DevicesSection:
+        ranks = cls().ranks
+        for key in list(r.raw):
+            if key.startswith("devices.rank."):
+                ranks[key.removeprefix("devices.rank.")] = r.int(key, 0, lo=1)
+        return parse_section(cls, section, r, profile_ranks=tuple(sorted(ranks.items())))
+
+    def validate(self) -> None:
+        for device in self.mix:
+            if device not in self.ranks:
+                raise ConfigError(f"devices.mix names '{device}', which has no rank: add "
+                                  f"devices.rank.{device}=<rank> or remove it from devices.mix")
+
+
+@dataclass(frozen=True)
+class DataSection(Section):
+    """Where each device's data comes from and how it is split in simulation."""
+
+    path: str = option("../shared/data/agnews", "folder with `train.*` and "
+                       "`test.*`/`validation.*` (.tsv/.csv/.jsonl), or one file",
+                       allow_empty=True, legacy="data_path")
+    hub_dataset: str = option("fancyzhx/ag_news", "used when `data.path` does not exist",
+                              allow_empty=True, legacy="hub_dataset")
+    text_column: str = option("auto", "text column (`auto`: first of "
+                              "text/sentence/content/document)", legacy="text_column")
+    label_column: str = option("label", "label column (strings or integers)",
+                               legacy="label_column")
+    prompt_column: str = option("prompt", "prompt column, for `task='causal-lm'`",
+                                legacy="prompt_column")
+    response_column: str = option("response", "response column, for `task='causal-lm'`",
+                                  legacy="response_column")
+    partitioner: str = option("dirichlet", "`iid`, `dirichlet`, `pathological`",
+                              choices=PARTITIONERS, legacy="partitioner")
+    dirichlet_alpha: float = option(0.5, "Dirichlet concentration (smaller = more skewed)",
+                                    lo=1e-6, legacy="dirichlet_alpha")
+    classes_per_device: int = option(2, "labels per device for `pathological`", lo=1,
+                                     legacy="classes_per_device")
+
+
+@dataclass(frozen=True)
+class TrainSection(Section):
+    """Local training on a device."""
+
+    local_steps: int = option(10, "local optimizer steps per round", lo=1,
+                              legacy="local_steps")
+    batch_size: int = option(16, "local batch size", lo=1, legacy="batch_size")
+    lr: float = option(1e-3, "AdamW learning rate", lo=1e-12, legacy="lr")
+    max_length: int = option(128, "max tokens per example", lo=8, legacy="max_length")
+
+
+@dataclass(frozen=True)
+class EvalSection(Section):
+    """The server's evaluation after every round."""
+
+    max_examples: int = option(500, "test examples the server evaluates each round (0 = all)",
+                               lo=0, legacy="eval_max_examples")
+    batch_size: int = option(64, "evaluation batch size", lo=1, legacy="eval_batch_size")
+
+
+@dataclass(frozen=True)
+class DPSection(Section):
+    """Differential privacy on devices (Opacus), for every algorithm that trains."""
+
+    enabled: bool = option(False, "differential privacy on devices through Opacus",
+                           legacy="dp_enabled")
+    target_epsilon: float = option(8.0, "each device's budget for the run, at `dp.delta`; it "
+                                   "never spends more", lo=1e-6, legacy="dp_target_epsilon")
+    delta: float = option(1e-5, "the delta of (epsilon, delta)-DP", lo=1e-12, hi=0.5,
+                          legacy="dp_delta")
+    max_grad_norm: float = option(1.0, "per-example clipping norm C", lo=1e-9,
+                                  legacy="dp_max_grad_norm")
+    noise_multiplier: float = option(0.0, "sigma / C; 0 = derived from `dp.target-epsilon` "
+                                     "and `dp.delta` for the run's planned steps", lo=0.0,
+                                     legacy="dp_noise_multiplier")
+
+
+CORE_SECTIONS: dict[str, type] = {"lora": LoraSection, "devices": DevicesSection,
+                                  "data": DataSection, "train": TrainSection,
+                                  "eval": EvalSection, "dp": DPSection}
+
+
