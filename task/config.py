@@ -29,7 +29,7 @@ from task.sections import (CORE_SECTIONS, DataSection, DevicesSection, DPSection
 
 __all__ = ["ConfigError", "RunConfig", "Traits", "register_algorithm", "strategy_names"]
 
-TASKS = ("seq-cls", "causal-lm")  # the model families (task.families) by name
+TASKS = ("seq-cls", "causal-lm", "lm-cls")  # the model families (task.families) by name
 
 
 # ---------------------------------------------------------------------------- plug-ins
@@ -131,8 +131,10 @@ class RunConfig:
                                   legacy="round_timeout")
     model: str = option("sentence-transformers/all-MiniLM-L6-v2", "hub id or local folder",
                         legacy="model")
-    task: str = option("seq-cls", "model family: `seq-cls` or `causal-lm` (instruction "
-                       "tuning on prompt/response)", choices=TASKS, legacy="task")
+    task: str = option("seq-cls", "model family: `seq-cls`, `causal-lm` (instruction tuning on "
+                       "prompt/response) or `lm-cls` (classification posed to a causal LM "
+                       "through `data.template`, answered by label-word likelihood)",
+                       choices=TASKS, legacy="task")
     seed: int = option(42, "seeds partitions, initialisation and local shuffling",
                        legacy="seed")
     results_dir: str = option("results", "where `<run-id>/` is written", legacy="results_dir")

@@ -136,6 +136,7 @@ class Examples:
     texts: list[str]
     labels: list[int]  # empty for causal-lm
     responses: list[str]  # empty for seq-cls
+    label_names: tuple[str, ...] = ()  # what the label ids stand for
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -144,7 +145,8 @@ class Examples:
         idx = list(idx)
         return Examples([self.texts[i] for i in idx],
                         [self.labels[i] for i in idx] if self.labels else [],
-                        [self.responses[i] for i in idx] if self.responses else [])
+                        [self.responses[i] for i in idx] if self.responses else [],
+                        self.label_names)
 
 
 def to_examples(frame, columns: Columns, label_names: tuple[str, ...]) -> Examples:
@@ -157,7 +159,8 @@ def to_examples(frame, columns: Columns, label_names: tuple[str, ...]) -> Exampl
     if unknown:
         raise ConfigError(f"labels {unknown[:5]} are not in the federation's label set "
                           f"{list(label_names)}: every device must use the same label names")
-    return Examples(frame[columns.text].astype(str).tolist(), [index[v] for v in raw], [])
+    return Examples(frame[columns.text].astype(str).tolist(), [index[v] for v in raw], [],
+                    tuple(label_names))
 
 
 def partition_indices(examples: Examples, cfg: RunConfig, partition_id: int,
@@ -185,8 +188,30 @@ def partition_indices(examples: Examples, cfg: RunConfig, partition_id: int,
 
 
 # ---------------------------------------------------------------------------- batching
+def label_token_ids(tokenizer, cfg: RunConfig, label_names: tuple[str, ...]) -> list[int]:
+    """`task='lm-cls'`: the first token of each label word (with its leading space), which
+    the model scores right after the prompt; they must differ."""
+    words = cfg.data.label_words or label_names
+    if len(words) != len(label_names):
+        raise ConfigError(f"data.label-words lists {len(words)} words for {len(label_names)} "
+                          f"labels {list(label_names)}: give one word per label, in that order")
+    ids = [tokenizer(" " + w.strip(), add_special_tokens=False)["input_ids"][0] for w in words]
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"data.label-words {list(words)} do not all start with different "
+                          "tokens: pick words whose first token differs")
+    return ids
+
+
 def encode_batch(tokenizer, examples: Examples, cfg: RunConfig) -> dict[str, torch.Tensor]:
     """Tokenize a list of examples into one padded batch with `labels`."""
+    if family(cfg).label_words:  # the prompt; the label words' first tokens to score
+        batch = tokenizer([cfg.data.template.format(text=t) for t in examples.texts],
+                          truncation=True, max_length=cfg.train.max_length, padding=True,
+                          return_tensors="pt")
+        batch["labels"] = torch.tensor(examples.labels, dtype=torch.long)
+        batch["label_token_ids"] = torch.tensor(
+            label_token_ids(tokenizer, cfg, examples.label_names), dtype=torch.long)
+        return dict(batch)
     if not examples.responses:
         batch = tokenizer(examples.texts, truncation=True, max_length=cfg.train.max_length,
                           padding=True, return_tensors="pt")

@@ -11,7 +11,7 @@ import numpy as np
 
 from task.families import family
 from task.config import ConfigError, RunConfig
-from task.data import (Examples, label_names_of, load_split_frames, resolve_columns,
+from task.data import (label_token_ids, Examples, label_names_of, load_split_frames, resolve_columns,
                        resolve_data_path, to_examples)
 from task.lora import State, lora_rank, truncate_lora
 from task.model import (adapter_name, check_lora_targets, get_lora_model, initial_lora_state,
@@ -53,6 +53,8 @@ class ServerTask:
             test = test.subset(sorted(rng.choice(len(test), cfg.eval.max_examples,
                                                  replace=False)))
         task = cls(cfg, labels, test, str(path) if path else f"hub:{cfg.data.hub_dataset}")
+        if family(cfg).label_words:  # a bad data.label-words fails here, before training
+            label_token_ids(load_tokenizer(resolve_model_source(cfg.model)), cfg, labels)
         model = get_lora_model(cfg, labels, cfg.r_max)
         ranks = sorted({cfg.rank_for(d) for d in cfg.devices.ranks} | {cfg.r_max})
         check_lora_targets(model, cfg, ranks)

@@ -43,6 +43,32 @@ def _score_response_tokens(logits: torch.Tensor, labels: torch.Tensor
     return loss, (logits.argmax(-1)[mask] == labels[mask]).sum().item(), mask.sum().item()
 
 
+def _model_outputs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, labels) of a batch; the model's own head (classes or next tokens)."""
+    labels = batch.pop("labels")
+    return model(**batch).logits.float(), labels
+
+
+def _label_word_outputs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(class logits, labels): the LM's next-token logits after the prompt, at the first
+    token of each label word (B x C). Works with left or right padding."""
+    labels, words = batch.pop("labels"), batch.pop("label_token_ids")
+    logits = model(**batch).logits  # B x T x V
+    mask = batch["attention_mask"]
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    last = (mask * positions).argmax(dim=1)  # the last real token of each prompt
+    return logits[torch.arange(len(last), device=last.device), last][:, words].float(), labels
+
+
+def _own_loss(model, batch: dict) -> torch.Tensor:
+    return model(**batch).loss
+
+
+def _label_word_loss(model, batch: dict) -> torch.Tensor:
+    logits, labels = _label_word_outputs(model, dict(batch))
+    return F.cross_entropy(logits, labels)
+
+
 @dataclass(frozen=True)
 class Family:
     name: str
@@ -51,6 +77,10 @@ class Family:
     labelled: bool  # examples carry class labels (text + label columns), else prompt/response
     score: Callable[[torch.Tensor, torch.Tensor], tuple[float, int, int]]  # per eval batch
     min_labels: int = 0  # distinct labels the data must have
+    outputs: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, torch.Tensor]] = \
+        _model_outputs  # (logits, labels); pops labels from the batch
+    loss: Callable[[torch.nn.Module, dict], torch.Tensor] = _own_loss  # training loss
+    label_words: bool = False  # a causal LM scoring label words after a prompt template
 
 
 FAMILIES: dict[str, Family] = {
@@ -58,6 +88,11 @@ FAMILIES: dict[str, Family] = {
                       score=_score_classes, min_labels=2),
     "causal-lm": Family("causal-lm", TaskType.CAUSAL_LM, _load_causal_lm, labelled=False,
                         score=_score_response_tokens),
+    # classification posed to a causal LM as an instruction (data.template), answered by the
+    # most likely label word (data.label-words): accuracy by label-word likelihood
+    "lm-cls": Family("lm-cls", TaskType.CAUSAL_LM, _load_causal_lm, labelled=True,
+                     score=_score_classes, min_labels=2, outputs=_label_word_outputs,
+                     loss=_label_word_loss, label_words=True),
 }
 
 

@@ -109,10 +109,11 @@ class Reader:
             raise ConfigError(f"{key}='{value}' must list distinct non-negative ids")
         return ids
 
-    def names(self, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
-        value = self.str(key, ",".join(default))
+    def names(self, key: str, default: tuple[str, ...], allow_empty: bool = False
+              ) -> tuple[str, ...]:
+        value = self.str(key, ",".join(default), allow_empty)
         names = tuple(n.strip() for n in value.split(",") if n.strip())
-        if not names:
+        if not names and not allow_empty:
             raise ConfigError(f"{key} lists no names: give a comma-separated list")
         return names
 
@@ -128,7 +129,7 @@ def read_option(r: Reader, key: str, field: dataclasses.Field) -> Any:
     """One declared key, typed from its default and checked as its option says."""
     m, default = field.metadata, field.default
     if m.get("kind") == "names":
-        return r.names(key, default)
+        return r.names(key, default, m.get("allow_empty", False))
     if m.get("kind") == "ids":
         return r.ids(key, default)
     if isinstance(default, bool):
@@ -161,7 +162,7 @@ def format_default(value: Any) -> str:
     if isinstance(value, tuple):
         return ",".join(map(str, value)) if value else '""'
     if isinstance(value, str):
-        return value if value else '""'
+        return value.replace("\n", "\\n") if value else '""'
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 

@@ -73,6 +73,13 @@ class DataSection(Section):
                                 legacy="prompt_column")
     response_column: str = option("response", "response column, for `task='causal-lm'`",
                                   legacy="response_column")
+    template: str = option("{text}\nAnswer:", "`task='lm-cls'`: the prompt, `{text}` replaced "
+                           "by the example's text; the label word follows it",
+                           legacy="data_template")
+    label_words: tuple[str, ...] = option(
+        (), "`task='lm-cls'`: one word per label, in the sorted label order (empty = the label "
+        "names); each must start with a different token", kind="names", allow_empty=True,
+        legacy="data_label_words")
     partitioner: str = option("dirichlet", "`iid`, `dirichlet`, `pathological`",
                               choices=PARTITIONERS, legacy="partitioner")
     dirichlet_alpha: float = option(0.5, "Dirichlet concentration (smaller = more skewed)",

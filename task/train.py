@@ -69,21 +69,25 @@ def run_steps(steps: int, next_batch: Callable[[], dict], loss_fn: LossFn, optim
     return parts
 
 
-def task_loss(model) -> LossFn:
-    """The model family's own loss (cross-entropy; response tokens only for a causal LM)."""
+def task_loss(model, cfg: RunConfig) -> LossFn:
+    """The model family's own loss (cross-entropy over classes, label words, or response
+    tokens)."""
+    fam = family(cfg)
+
     def loss_fn(batch: dict) -> tuple[torch.Tensor, dict]:
-        loss = model(**batch).loss
+        loss = fam.loss(model, batch)
         return loss, {"loss": loss}
 
     return loss_fn
 
 
-def logits_loss(model, objective: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-                ) -> LossFn:
+def logits_loss(model, cfg: RunConfig,
+                objective: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> LossFn:
     """`objective(logits, labels)` in place of the model's loss (e.g. S4's unlearning loss)."""
+    fam = family(cfg)
+
     def loss_fn(batch: dict) -> tuple[torch.Tensor, dict]:
-        labels = batch.pop("labels")
-        loss = objective(model(**batch).logits.float(), labels)
+        loss = objective(*fam.outputs(model, batch))
         return loss, {"loss": loss}
 
     return loss_fn
@@ -107,7 +111,7 @@ def train_local(model, tokenizer, examples: Examples, cfg: RunConfig, seed: int,
     steps = wanted if privacy is None else privacy.steps_left(wanted)
     with _batch_source(model, optimizer, examples, tokenizer, cfg, seed, privacy) as (
             optimizer, next_batch):
-        parts = run_steps(steps, next_batch, task_loss(model), optimizer, tag,
+        parts = run_steps(steps, next_batch, task_loss(model, cfg), optimizer, tag,
                           lambda p: f"loss {p['loss']:.4f}")
     losses = [p["loss"] for p in parts]
     out = {"train_loss": float(np.mean(losses)) if losses else math.nan,
@@ -157,7 +161,8 @@ def compute_gradient(model, tokenizer, examples: Examples, cfg: RunConfig, batch
     start = time.perf_counter()
     dummy = torch.optim.SGD(list(keys), lr=0.0)  # never stepped: Opacus needs an optimizer
     steps = batches_ if privacy is None else privacy.steps_left(batches_)
-    loss_fn = task_loss(model) if objective is None else logits_loss(model, objective)
+    loss_fn = task_loss(model, cfg) if objective is None else \
+        logits_loss(model, cfg, objective)
     with _batch_source(model, dummy, examples, tokenizer, cfg, seed, privacy) as (
             optimizer, next_batch):
         parts = run_steps(steps, next_batch, loss_fn, optimizer, tag, str, accumulate=sums,
@@ -179,12 +184,11 @@ def evaluate(model, tokenizer, examples: Examples, cfg: RunConfig) -> dict[str, 
     """Accuracy and mean loss: per example for classification, per response token for LM."""
     device = torch_device()
     model.eval()
-    score = family(cfg).score
+    fam = family(cfg)
     loss_sum, correct, count = 0.0, 0, 0
     for chunk in batches(examples, cfg.eval.batch_size):
         batch = {k: v.to(device) for k, v in encode_batch(tokenizer, chunk, cfg).items()}
-        labels = batch.pop("labels")
-        batch_loss, batch_correct, batch_count = score(model(**batch).logits.float(), labels)
+        batch_loss, batch_correct, batch_count = fam.score(*fam.outputs(model, batch))
         loss_sum, correct, count = loss_sum + batch_loss, correct + batch_correct, \
             count + batch_count
     if count == 0:
