@@ -113,3 +113,13 @@ def provenance(started: float) -> dict:
 
     return {"machine": machine_info(), "command": command_line(),
             "total_s": time.perf_counter() - started}
+
+
+def parse_value(text: str):
+    """A --set value as the run config would read it (int, float, bool or string)."""
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)

@@ -33,7 +33,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import machine_line, provenance, read_json, write_json  # noqa: E402
+from benchmarks.common import (machine_line, parse_value, provenance, read_json,  # noqa: E402
+                               write_json)
 from task.device import DeviceInfo  # noqa: E402
 from strategies.fedkd.device import DeviceStore, device_round, device_task, train_modules  # noqa: E402
 from strategies.fedkd.evaluation import FedKDServer  # noqa: E402
@@ -153,15 +154,6 @@ def summarise(curves: dict[str, list[dict]], task_names: tuple[str, ...]) -> lis
             if reach["bytes"] is not None and ref_bytes:
                 reach["saving"] = 1.0 - reach["bytes"] / ref_bytes
     return out
-
-
-def parse_value(text: str):
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(text.lower(), text)
 
 
 def main() -> None:

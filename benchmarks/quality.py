@@ -18,7 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import machine_line, provenance, read_json, write_json  # noqa: E402
+from benchmarks.common import (machine_line, parse_value, provenance, read_json,  # noqa: E402
+                               write_json)
 from task.device import DeviceInfo, train_round  # noqa: E402
 from task.evaluation import ServerTask  # noqa: E402
 from strategies.lora.math import AGGREGATORS, aggregation_error  # noqa: E402
@@ -99,17 +100,27 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--eval-max", type=int, default=0,
                     help="test texts evaluated each round (0 = the whole test split)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="any other run-config override, e.g. --set task=lm-cls")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--render", action="store_true",
                     help="only write quality.md and quality.png from --out/quality.json")
+    ap.add_argument("--combine", nargs="+", metavar="DIR",
+                    help="only write one report into --out from the quality.json of runs in "
+                         "these folders (setups run as processes side by side)")
     args = ap.parse_args()
     out = Path(args.out)
     if args.render:
         return write_report(out)
+    if args.combine:
+        return combine(out, [Path(d) for d in args.combine])
     started = time.perf_counter()
     base = {"model": args.model, "data.path": args.data, "num-server-rounds": args.rounds,
             "train.local-steps": args.local_steps, "eval.max-examples": args.eval_max,
             "seed": args.seed, "data.partitioner": "dirichlet", "data.dirichlet-alpha": 0.5}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        base[key] = parse_value(value)
     results, curves = [], {}
     for name in args.setups.split(","):
         cfg = RunConfig.from_run_config({**base, **SETUPS[name]})
@@ -121,6 +132,19 @@ def main() -> None:
         write_json(out / "quality.json", {**provenance(started), "args": vars(args),
                                           "base_config": base, "summary": results,
                                           "curves": curves})
+    write_report(out)
+
+
+def combine(out: Path, parts: list[Path]) -> None:
+    """One quality.json (and report) from setups run as separate processes."""
+    runs = [read_json(p / "quality.json") for p in parts]
+    summary = [s for r in runs for s in r["summary"]]
+    curves = {k: v for r in runs for k, v in r["curves"].items()}
+    commands = [r["command"] for r in runs]
+    write_json(out / "quality.json", {
+        "machine": runs[0]["machine"], "command": commands,
+        "total_s": max(r["total_s"] for r in runs), "args": runs[0]["args"],
+        "base_config": runs[0]["base_config"], "summary": summary, "curves": curves})
     write_report(out)
 
 
@@ -137,7 +161,13 @@ def write_report(out: Path) -> None:
              f"{args.local_steps} local steps (batch 16, seed "
              f"{run.get('base_config', {}).get('seed', 42)}), model {args.model}.", "",
              f"Machine: {machine_line(run['machine'])}.", "",
-             f"Command: `{run.get('command', '?')}`; {run.get('total_s', 0):.0f} s in all "
+             *([f"Run-config overrides: `{' '.join(args.set)}`.", ""]
+               if getattr(args, "set", None) else []),
+             "Command" + ("s (side by side): " if isinstance(run.get("command"), list) else ": ")
+             + "; ".join(f"`{c}`" for c in (run["command"] if isinstance(run.get("command"),
+                                                                            list)
+                                            else [run.get("command", "?")]))
+             + f"; {run.get('total_s', 0):.0f} s in all "
              "(model loading included); per setup: " + ", ".join(
                  f"{r['setup']} {r['wall_s']:.0f} s" for r in results) + ".", "",
              "| setup | final acc | best acc | payload bytes up / round (all devices) | "
