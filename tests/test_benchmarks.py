@@ -147,6 +147,7 @@ def test_committed_results_render_from_their_json(tmp_path):
     """The markdown in benchmarks/results is what its JSON renders to, byte for byte."""
     results = BENCH / "results"
     for script, files in (("quality.py", ["quality.json"]), ("fedkd.py", ["fedkd.json"]),
+                          ("quality.py", ["smollm2-agnews/quality.json"]),
                           ("unlearning.py", ["unlearning.json"]),
                           ("unlearning.py", ["unlearning-poison10/unlearning.json"]),
                           ("unlearning.py", ["unlearning-dp-b16/unlearning.json"]),
