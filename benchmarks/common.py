@@ -24,6 +24,8 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+from task.options import parse_value  # noqa: F401  (re-exported for the scripts' --set)
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
 LIBRARIES = ("torch", "transformers", "peft", "flwr", "opacus", "numpy", "flwr-datasets")
@@ -114,12 +116,3 @@ def provenance(started: float) -> dict:
     return {"machine": machine_info(), "command": command_line(),
             "total_s": time.perf_counter() - started}
 
-
-def parse_value(text: str):
-    """A --set value as the run config would read it (int, float, bool or string)."""
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(text.lower(), text)

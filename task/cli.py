@@ -1,7 +1,11 @@
-"""`edge-lam` command line: evaluate a saved global adapter; print the run-config keys.
+"""`edge-lam` command line: evaluate or prompt a saved adapter (or a base model, zero-shot);
+print the run-config keys.
 
     edge-lam evaluate --adapter results/<run-id>/adapter --data ../shared/data/agnews
     edge-lam evaluate --adapter ... --data test.tsv --rank 2 --json
+    edge-lam evaluate --model smollm2-135m-instruct --task lm-cls --data ../shared/data/agnews \
+        --set "data.template=Topic of: {text}\nAnswer:"          # zero-shot base model
+    edge-lam generate --adapter results/<run-id>/adapter --prompt "What is 12 * 7?"
     edge-lam config --markdown      # README's key tables, from the section dataclasses
 """
 
@@ -14,7 +18,10 @@ from pathlib import Path
 
 from safetensors.numpy import load_file
 
+from peft import TaskType
+
 from task.config import ConfigError, RunConfig
+from task.families import family
 
 
 def load_adapter(adapter: Path) -> tuple[RunConfig, tuple[str, ...], dict]:
@@ -60,6 +67,83 @@ def evaluate_adapter(adapter: Path, data: Path, rank: int | None = None,
             "data": str(data)}
 
 
+def base_config(model: str, task: str, sets: list[str]) -> RunConfig:
+    """A run config for a base model alone (`--set key=value` as in `flwr run`)."""
+    from task.options import parse_value
+
+    from task.families import FAMILIES
+
+    if task not in FAMILIES:
+        raise ConfigError(f"--task {task} is not known: use one of {', '.join(FAMILIES)}")
+    raw = {"model": model, "task": task, "strategy": "fedavg", "lora.fedavg-rank": 1,
+           "eval.max-examples": 0,  # a zero LoRA update on the family's usual layers
+           "lora.target-modules": ",".join(FAMILIES[task].targets)}
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r} must look like key=value")
+        raw[key] = parse_value(value)
+    return RunConfig.from_run_config(raw)
+
+
+def load_model(adapter: Path | None, model: str | None, task: str, sets: list[str]):
+    """(config, label names, PEFT model): a saved adapter's, or the base model with a zero
+    LoRA update (exactly the base model's outputs)."""
+    from task.lora import lora_rank
+    from task.model import get_lora_model, initial_lora_state, set_trainable_state
+
+    if (adapter is None) == (model is None):
+        raise ConfigError("give exactly one of --adapter (a saved adapter) or --model (a base "
+                          "model, zero-shot)")
+    if adapter is not None:
+        cfg, labels, state = load_adapter(adapter)
+    else:
+        cfg, labels = base_config(model, task, sets), ()
+        if family(cfg).labelled:
+            raise ConfigError("a base model alone has no labels to score: evaluate it with "
+                              "--data (classification), or use a causal LM task")
+        state = initial_lora_state(cfg, labels, 1)
+    net = get_lora_model(cfg, labels, lora_rank(state))
+    set_trainable_state(net, state)
+    return cfg, labels, net
+
+
+def evaluate_model(model: str, task: str, data: Path, sets: list[str]) -> dict:
+    """Zero-shot accuracy and loss of a base model on `data`'s test split."""
+    from task.evaluation import ServerTask
+    from task.model import initial_lora_state
+
+    if not data.exists():
+        raise ConfigError(f"--data {data} does not exist: give a .tsv/.csv/.jsonl file or a "
+                          "folder with test.tsv")
+    cfg = base_config(model, task, [f"data.path={data}", *sets])
+    server = ServerTask.prepare(cfg)  # B = 0: the LoRA update is zero, the base model speaks
+    return {**server.evaluate(initial_lora_state(cfg, server.label_names, 1)), "rank": 0,
+            "model": model, "data": str(data)}
+
+
+def generate(cfg: RunConfig, net, prompt: str, max_new_tokens: int, raw: bool) -> str:
+    """Greedy answer to `prompt`, through the tokenizer's chat template unless `raw`."""
+    import torch
+
+    from task.model import load_tokenizer, resolve_model_source, torch_device
+
+    if family(cfg).peft_task != TaskType.CAUSAL_LM:
+        raise ConfigError(f"task='{cfg.task}' has a classification head: generate needs a "
+                          "causal LM (task='causal-lm' or 'lm-cls')")
+    tokenizer = load_tokenizer(resolve_model_source(cfg.model))
+    if tokenizer.chat_template and not raw:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                               tokenize=False, add_generation_prompt=True)
+    ids = {k: v.to(torch_device()) for k, v in tokenizer(prompt, return_tensors="pt").items()
+           if k in ("input_ids", "attention_mask")}
+    net.eval()
+    with torch.no_grad():
+        out = net.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
+                           pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
 def config_rows() -> list[tuple[str, list[tuple[str, str, str]]]]:
     """(section title, [(key, default, meaning)]) for every section, core then plug-ins."""
     from task.config import RunConfig, sections, strategy_names
@@ -98,14 +182,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="edge-lam", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    ev = sub.add_parser("evaluate", help="evaluate a saved adapter on labelled data")
-    ev.add_argument("--adapter", required=True, type=Path, help="results/<run-id>/adapter")
+    ev = sub.add_parser("evaluate", help="evaluate a saved adapter (or a base model) on data")
+    ev.add_argument("--adapter", type=Path, help="results/<run-id>/adapter")
+    ev.add_argument("--model", help="a base model instead (hub id, folder, .gguf, known name)")
+    ev.add_argument("--task", default="causal-lm", help="with --model: the model family")
+    ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="with --model: run-config keys (data columns, template, ...)")
     ev.add_argument("--data", required=True, type=Path,
                     help="a .tsv/.csv/.jsonl file, or a folder with test.* (else validation.*)")
     ev.add_argument("--rank", type=int, default=None,
                     help="evaluate the truncation a device of this rank would receive")
     ev.add_argument("--batch-size", type=int, default=None)
     ev.add_argument("--json", action="store_true", help="print one JSON object")
+    gen = sub.add_parser("generate", help="answer a prompt with a saved adapter or a model")
+    gen.add_argument("--adapter", type=Path, help="results/<run-id>/adapter")
+    gen.add_argument("--model", help="a base model instead (hub id, folder, .gguf, known name)")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--raw", action="store_true", help="no chat template")
     conf = sub.add_parser("config", help="the run-config keys, their defaults and meaning")
     conf.add_argument("--markdown", action="store_true", help="as README's tables")
     args = parser.parse_args(argv)
@@ -113,7 +207,17 @@ def main(argv: list[str] | None = None) -> int:
         print(config_markdown() if args.markdown else config_text())
         return 0
     try:
-        result = evaluate_adapter(args.adapter, args.data, args.rank, args.batch_size)
+        if args.command == "generate":
+            cfg, _, net = load_model(args.adapter, args.model, "causal-lm", [])
+            print(generate(cfg, net, args.prompt, args.max_new_tokens, args.raw))
+            return 0
+        if args.model is not None and args.adapter is None:
+            result = evaluate_model(args.model, args.task, args.data, args.set)
+            result["adapter_rank"] = 0
+        elif args.adapter is None:
+            raise ConfigError("give --adapter (a saved adapter) or --model (a base model)")
+        else:
+            result = evaluate_adapter(args.adapter, args.data, args.rank, args.batch_size)
     except ConfigError as err:
         print(f"edge-lam: error: {err}", file=sys.stderr)
         return 2

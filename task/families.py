@@ -81,18 +81,19 @@ class Family:
         _model_outputs  # (logits, labels); pops labels from the batch
     loss: Callable[[torch.nn.Module, dict], torch.Tensor] = _own_loss  # training loss
     label_words: bool = False  # a causal LM scoring label words after a prompt template
+    targets: tuple[str, ...] = ("query", "value")  # LoRA targets of a typical model of it
 
 
 FAMILIES: dict[str, Family] = {
     "seq-cls": Family("seq-cls", TaskType.SEQ_CLS, _load_classifier, labelled=True,
                       score=_score_classes, min_labels=2),
     "causal-lm": Family("causal-lm", TaskType.CAUSAL_LM, _load_causal_lm, labelled=False,
-                        score=_score_response_tokens),
+                        score=_score_response_tokens, targets=("q_proj", "v_proj")),
     # classification posed to a causal LM as an instruction (data.template), answered by the
     # most likely label word (data.label-words): accuracy by label-word likelihood
     "lm-cls": Family("lm-cls", TaskType.CAUSAL_LM, _load_causal_lm, labelled=True,
                      score=_score_classes, min_labels=2, outputs=_label_word_outputs,
-                     loss=_label_word_loss, label_words=True),
+                     loss=_label_word_loss, label_words=True, targets=("q_proj", "v_proj")),
 }
 
 

@@ -156,6 +156,16 @@ def parse_section(cls, section: str, r: Reader, **extra: Any):
     return out
 
 
+def parse_value(text: str) -> Any:
+    """A KEY=VALUE value typed on a command line, as the run config reads it."""
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
 def format_default(value: Any) -> str:
     if isinstance(value, bool):
         return str(value).lower()
