@@ -76,8 +76,7 @@ def base_config(model: str, task: str, sets: list[str]) -> RunConfig:
     if task not in FAMILIES:
         raise ConfigError(f"--task {task} is not known: use one of {', '.join(FAMILIES)}")
     raw = {"model": model, "task": task, "strategy": "fedavg", "lora.fedavg-rank": 1,
-           "eval.max-examples": 0,  # a zero LoRA update on the family's usual layers
-           "lora.target-modules": ",".join(FAMILIES[task].targets)}
+           "eval.max-examples": 0}  # a zero LoRA update on the family's usual layers
     for item in sets:
         key, sep, value = item.partition("=")
         if not sep:

@@ -84,18 +84,28 @@ class Family:
     targets: tuple[str, ...] = ("query", "value")  # LoRA targets of a typical model of it
 
 
+# attention and MLP projections of Llama / Gemma / Qwen-style decoders
+LLM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
 FAMILIES: dict[str, Family] = {
     "seq-cls": Family("seq-cls", TaskType.SEQ_CLS, _load_classifier, labelled=True,
                       score=_score_classes, min_labels=2),
     "causal-lm": Family("causal-lm", TaskType.CAUSAL_LM, _load_causal_lm, labelled=False,
-                        score=_score_response_tokens, targets=("q_proj", "v_proj")),
+                        score=_score_response_tokens, targets=LLM_TARGETS),
     # classification posed to a causal LM as an instruction (data.template), answered by the
     # most likely label word (data.label-words): accuracy by label-word likelihood
     "lm-cls": Family("lm-cls", TaskType.CAUSAL_LM, _load_causal_lm, labelled=True,
                      score=_score_classes, min_labels=2, outputs=_label_word_outputs,
-                     loss=_label_word_loss, label_words=True, targets=("q_proj", "v_proj")),
+                     loss=_label_word_loss, label_words=True, targets=LLM_TARGETS),
 }
 
 
 def family(cfg) -> Family:
     return FAMILIES[cfg.task]
+
+
+def lora_targets(cfg) -> tuple[str, ...]:
+    """The layers that get LoRA: `lora.target-modules`, or the family's usual ones for
+    'auto'."""
+    targets = cfg.lora.target_modules
+    return family(cfg).targets if targets == ("auto",) else targets

@@ -16,7 +16,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-from task.families import family
+from task.families import family, lora_targets
 from task.model_sources import KNOWN, gguf_folder, known_model_source
 from task.config import ConfigError, RunConfig
 from task.logs import get_logger
@@ -103,7 +103,7 @@ def _adaptable_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
 def check_lora_targets(model: torch.nn.Module, cfg: RunConfig, ranks: list[int]) -> None:
     """Every target module name matches Linear layers at least as large as every rank."""
     layers = _adaptable_layers(model)
-    for target in cfg.lora.target_modules:
+    for target in lora_targets(cfg):
         hits = [m for n, m in layers.items() if n == target or n.endswith("." + target)]
         if not hits:
             suffixes = sorted({n.rsplit(".", 1)[-1] for n in layers})
@@ -126,7 +126,7 @@ def lora_config(cfg: RunConfig, rank: int, scaling: float) -> LoraConfig:
         r=rank,
         lora_alpha=scaling * rank,
         lora_dropout=cfg.lora.dropout,
-        target_modules=list(cfg.lora.target_modules),
+        target_modules=list(lora_targets(cfg)),
     )
 
 
@@ -148,7 +148,7 @@ def get_lora_model(cfg: RunConfig, label_names: tuple[str, ...], rank: int,
     """
     source = resolve_model_source(cfg.model)
     scaling = cfg.lora.alpha / (r_max or cfg.r_max)
-    key = (source, cfg.task, label_names, cfg.lora.target_modules, cfg.lora.dropout,
+    key = (source, cfg.task, label_names, lora_targets(cfg), cfg.lora.dropout,
            scaling, cfg.seed, copy)
     model = _MODELS.get(key)
     name = adapter_name(rank)

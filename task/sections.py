@@ -16,8 +16,9 @@ class LoraSection(Section):
     """LoRA adapters: where they go and how they scale."""
 
     target_modules: tuple[str, ...] = option(
-        ("query", "value"), "Linear layers that get LoRA (`q_proj,v_proj` for Llama)",
-        kind="names", legacy="target_modules")
+        ("auto",), "Linear layers that get LoRA; `auto` = the model family's usual ones "
+        "(`query,value` for `seq-cls`; q,k,v,o and the MLP's gate,up,down projections for "
+        "the causal-LM families)", kind="names", legacy="target_modules")
     alpha: float = option(16.0, "scaling is alpha / r_max on every device, so B@A means the "
                           "same at every rank", lo=1e-9, legacy="lora_alpha")
     dropout: float = option(0.05, "LoRA dropout", lo=0.0, hi=0.99, legacy="lora_dropout")
