@@ -19,8 +19,10 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
+import time
 from importlib import metadata
 from pathlib import Path
 
@@ -28,6 +30,8 @@ from task.options import parse_value  # noqa: F401  (re-exported for the scripts
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
+# What `flwr run` needs of the checkout (it rewrites pyproject.toml: runs get a copy).
+APP_FILES = ("pyproject.toml", "README.md", "task", "strategies", "client_app", "server_app")
 LIBRARIES = ("torch", "transformers", "peft", "flwr", "opacus", "numpy", "flwr-datasets")
 
 
@@ -109,10 +113,21 @@ def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def copy_app(dst: Path) -> Path:
+    """A copy of the Flower app to `flwr run` (Flower moves the federations out of its
+    pyproject.toml, so the checkout's own is never run)."""
+    dst.mkdir(parents=True)
+    for name in APP_FILES:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, dst / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(src, dst / name)
+    return dst
+
+
 def provenance(started: float) -> dict:
     """`machine`, `command`, `total_s` for a result file; `started` is a perf_counter()."""
-    import time
-
     return {"machine": machine_info(), "command": command_line(),
             "total_s": time.perf_counter() - started}
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -30,23 +29,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (ROOT, RESULTS, machine_line, provenance, read_json,  # noqa: E402
-                               write_json)
+from benchmarks.common import (ROOT, RESULTS, copy_app, machine_line, provenance,  # noqa: E402
+                               read_json, write_json)
 from benchmarks.overhead import overhead_rows, overhead_table  # noqa: E402
 
-APP_FILES = ("pyproject.toml", "README.md", "task", "strategies", "client_app", "server_app")
 ENV_FLAGS = ("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "HF_HUB_OFFLINE", "FLWR_HOME")
-
-
-def copy_app(dst: Path) -> Path:
-    dst.mkdir(parents=True)
-    for name in APP_FILES:
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, dst / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(src, dst / name)
-    return dst
 
 
 def run(run_config: str, federation_config: str, out: Path) -> None:

@@ -18,18 +18,20 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
-from task.options import ConfigError, Reader, declared, key_of, option, parse_section
+from task.families import FAMILIES
+from task.options import (ConfigError, Reader, declared, key_of, option, parse_section,
+                          read_option)
 from task.sections import (CORE_SECTIONS, DataSection, DevicesSection, DPSection, EvalSection,
                            LoraSection, TrainSection)
 
 __all__ = ["ConfigError", "RunConfig", "Traits", "register_algorithm", "strategy_names"]
 
-TASKS = ("seq-cls", "causal-lm", "lm-cls")  # the model families (task.families) by name
 
 
 # ---------------------------------------------------------------------------- plug-ins
@@ -134,7 +136,7 @@ class RunConfig:
     task: str = option("seq-cls", "model family: `seq-cls`, `causal-lm` (instruction tuning on "
                        "prompt/response) or `lm-cls` (classification posed to a causal LM "
                        "through `data.template`, answered by label-word likelihood)",
-                       choices=TASKS, legacy="task")
+                       choices=tuple(FAMILIES), legacy="task")
     seed: int = option(42, "seeds partitions, initialisation and local shuffling",
                        legacy="seed")
     results_dir: str = option("results", "where `<run-id>/` is written", legacy="results_dir")
@@ -253,7 +255,8 @@ class RunConfig:
         """Parse Flower's flattened run config (unknown keys are an error: typos bite)."""
         r = Reader(_renamed(raw))
         strategy = r.choice("strategy", "hetlora", strategy_names())
-        top = {f.name: _read_top(r, f) for f in declared(cls) if f.name != "strategy"}
+        top = {f.name: read_option(r, key_of("", f), f) for f in declared(cls)
+               if f.name != "strategy"}
         parsed = {}
         for name, sec_cls in sections().items():
             parse = getattr(sec_cls, "parse", None)
@@ -264,12 +267,6 @@ class RunConfig:
         for traits in dict.fromkeys(_TRAITS.values()):  # each algorithm's cross-checks
             traits.check(cfg)
         return cfg
-
-
-def _read_top(r: Reader, f: dataclasses.Field) -> Any:
-    from task.options import read_option
-
-    return read_option(r, key_of("", f), f)
 
 
 def _plain(value: Any) -> Any:
@@ -284,8 +281,6 @@ def _renamed(raw: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(raw)
     for old, new in RENAMED.items():
         if old in out:
-            import warnings
-
             warnings.warn(f"run-config key {old} is deprecated: use {new}", FutureWarning)
             out.setdefault(new, out.pop(old))
     return out

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Mapping
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from task.device import DeviceInfo
 from task.logs import get_logger
 from task.options import ConfigError
 
@@ -23,8 +24,6 @@ log = get_logger()
 
 def profile_reply(node_config: Mapping, msg: Message) -> Message:
     """A device's answer to a profile QUERY, from its `--node-config` (defaults if absent)."""
-    from task.device import DeviceInfo
-
     info = DeviceInfo.from_node_config(node_config)
     profile = ConfigRecord({"device": info.device, "partition-id": info.partition_id,
                             "num-partitions": info.num_partitions, "lora-rank": info.lora_rank,

@@ -52,8 +52,10 @@ KNOWN = {
 }
 
 
+@functools.lru_cache(maxsize=8)
 def _packaged_gguf(known: KnownModel) -> Path | None:
-    """The GGUF file a package ships, or assembles (into the cache) from chunk packages."""
+    """The GGUF file a package ships, or assembles (into the cache) from chunk packages;
+    once per process: assembling re-hashes the whole file (resolving a model is frequent)."""
     spec = importlib.util.find_spec(known.package)  # finds it without importing it
     if spec is None or not spec.submodule_search_locations:
         return None

@@ -18,8 +18,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from benchmarks.common import copy_app
+
 ROOT = Path(__file__).resolve().parents[1]
-APP_FILES = ("pyproject.toml", "README.md", "task", "strategies", "client_app", "server_app")
 LOCK_FILE = "/tmp/flwr-e2e.lock"
 
 
@@ -83,18 +84,6 @@ def local_superlink(home: Path):
             except subprocess.TimeoutExpired:
                 link.kill()
             log.close()
-
-
-def copy_app(dst: Path) -> Path:
-    """flwr run rewrites pyproject.toml (moves federations out): run a copy."""
-    dst.mkdir(parents=True)
-    for name in APP_FILES:
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, dst / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(src, dst / name)
-    return dst
 
 
 def flwr_run_app(tmp_path: Path, env: dict, run_config: list[str],

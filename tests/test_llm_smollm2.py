@@ -133,11 +133,13 @@ def test_a_package_that_assembles_its_gguf_from_chunks(tmp_path, monkeypatch):
         "org/fake", "fake_chunked_gguf", "pip install fake-chunked-gguf", ""))
     converted = []
     monkeypatch.setattr(model_sources, "gguf_folder", lambda p: converted.append(p) or "DIR")
+    model_sources._packaged_gguf.cache_clear()
     assert resolve_model_source("fake-chunked") == "DIR"
     assert converted == [tmp_path / "cache" / "gguf" / "fake.gguf"]
     assert converted[0].read_bytes() == b"GGUF-bytes"
     import fake_chunked_gguf
 
     monkeypatch.setattr(fake_chunked_gguf, "MISSING", True)
+    model_sources._packaged_gguf.cache_clear()
     with pytest.raises(ConfigError, match="part2: run `pip install fake-chunked-gguf`"):
         resolve_model_source("fake-chunked")

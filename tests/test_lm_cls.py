@@ -9,6 +9,7 @@ import torch
 from task.config import ConfigError, RunConfig
 from task.device import DeviceInfo, train_round
 from task.evaluation import ServerTask
+from tiny_models import merged_llama
 
 ROWS = [("the team won the cup final", "Sports"), ("shares fell on the stock market", "Business"),
         ("a new chip doubles the speed", "Sci/Tech"), ("the minister met the president", "World"),
@@ -21,17 +22,7 @@ def label_word_metrics(model_dir, state, scaling, rows, words):
     """Accuracy and mean cross-entropy over the label words' first tokens after the prompt,
     without the app: LoRA merged by hand into a plain LlamaForCausalLM, one example at a
     time (no padding)."""
-    from transformers import AutoTokenizer, LlamaForCausalLM
-
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    model = LlamaForCausalLM.from_pretrained(str(model_dir)).eval()
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for key, a in state.items():
-            if ".lora_A." in key:
-                module = key.removeprefix("base_model.model.").split(".lora_A.")[0]
-                b = state[key.replace(".lora_A.", ".lora_B.")]
-                params[f"{module}.weight"] += scaling * torch.from_numpy(b @ a)
+    tokenizer, model = merged_llama(model_dir, state, scaling)
     ids = [tokenizer(" " + w, add_special_tokens=False)["input_ids"][0] for w in words]
     names = sorted(words)
     correct, loss = 0, 0.0

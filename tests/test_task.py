@@ -9,6 +9,7 @@ from task.evaluation import ServerTask
 from task.config import RunConfig
 from task.lora import lora_rank, truncate_lora
 from task.model import get_lora_model
+from tiny_models import merged_llama
 
 
 def test_device_trains_at_its_rank_and_shares_one_base_model(tiny_bert, agnews):
@@ -36,17 +37,7 @@ def response_token_metrics(model_dir, state, scaling, examples):
     """Next-token accuracy and mean cross-entropy over response tokens (and the final eos),
     computed without the app: LoRA merged into a plain LlamaForCausalLM by hand
     (W + scaling * B @ A), each example run alone (no padding), position t predicting t+1."""
-    from transformers import AutoTokenizer, LlamaForCausalLM
-
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    model = LlamaForCausalLM.from_pretrained(str(model_dir)).eval()
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for key, a in state.items():
-            if ".lora_A." in key:
-                module = key.removeprefix("base_model.model.").split(".lora_A.")[0]
-                b = state[key.replace(".lora_A.", ".lora_B.")]
-                params[f"{module}.weight"] += scaling * torch.from_numpy(b @ a)
+    tokenizer, model = merged_llama(model_dir, state, scaling)
     correct = count = 0
     loss_sum = 0.0
     for prompt, response in examples:

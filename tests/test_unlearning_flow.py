@@ -111,17 +111,24 @@ def test_request_first_then_unicast_projected_update(tiny_bert, agnews, tmp_path
     assert done["training_in_this_run"]["rounds"] == 1
 
 
-def test_unfinished_request_is_honoured_after_a_restart(tiny_bert, agnews, tmp_path):
-    results = tmp_path / "results"
-    # first server: the opting-out device (partition 5) is not connected -> request stays
+def _pending_request(tiny_bert, agnews, results, timeout: float) -> dict:
+    """Run 1 asks to forget partition 5, which never connects: the request stays pending
+    under `results`. Returns that run's raw config."""
     raw = _run_config(tiny_bert, agnews, results, **{"unlearn.clients": "5",
                                                       "unlearn.aggregation": "fedavg",
                                                       "lora.fedavg-rank": 4,
                                                       "unlearn.rounds": 1,
-                                                      "round-timeout": 2.0})
+                                                      "round-timeout": timeout})
     plan = prepare_run(RunConfig.from_run_config(raw), run_id=1)
     with pytest.raises(UnlearningTargetsMissing, match=r"\[5\]"):
         federate(InProcessGrid(raw, num_nodes=3), plan)
+    return raw
+
+
+def test_unfinished_request_is_honoured_after_a_restart(tiny_bert, agnews, tmp_path):
+    results = tmp_path / "results"
+    # first server: the opting-out device (partition 5) is not connected -> request stays
+    raw = _pending_request(tiny_bert, agnews, results, timeout=2.0)
     first = json.loads((results / "1" / "unlearning.json").read_text())
     assert first["status"] == "pending" and first["not_connected"] == [5]
 
@@ -147,14 +154,7 @@ def test_unfinished_request_is_honoured_after_a_restart(tiny_bert, agnews, tmp_p
 def test_cancelled_request_lets_training_go_ahead(tiny_bert, agnews, tmp_path):
     results = tmp_path / "results"
     # an unfinished request: the opting-out device (partition 5) never connects
-    raw = _run_config(tiny_bert, agnews, results, **{"unlearn.clients": "5",
-                                                      "unlearn.aggregation": "fedavg",
-                                                      "lora.fedavg-rank": 4,
-                                                      "unlearn.rounds": 1,
-                                                      "round-timeout": 1.0})
-    with pytest.raises(UnlearningTargetsMissing):
-        federate(InProcessGrid(raw, num_nodes=3),
-                 prepare_run(RunConfig.from_run_config(raw), run_id=1))
+    raw = _pending_request(tiny_bert, agnews, results, timeout=1.0)
     request_file = results / "1" / "unlearning.json"
     assert json.loads(request_file.read_text())["status"] == "pending"
 

@@ -45,3 +45,21 @@ def make_tiny_llama(path: Path, initializer_range: float = 0.02,
     model.save_pretrained(str(path))
     tokenizer.save_pretrained(str(path))
     return path
+
+
+def merged_llama(model_dir: Path, state: dict, scaling: float):
+    """(tokenizer, plain LlamaForCausalLM) with a LoRA state merged in by hand,
+    W + scaling * B @ A: an app-free reference for the LLM tests."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = LlamaForCausalLM.from_pretrained(str(model_dir)).eval()
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for key, a in state.items():
+            if ".lora_A." in key:
+                module = key.removeprefix("base_model.model.").split(".lora_A.")[0]
+                b = state[key.replace(".lora_A.", ".lora_B.")]
+                params[f"{module}.weight"] += scaling * torch.from_numpy(b @ a)
+    return tokenizer, model
