@@ -12,6 +12,7 @@ installed, too). Bytes are payload bytes (raw array bytes; see benchmarks/common
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
@@ -105,6 +106,16 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--render", action="store_true",
                     help="only write quality.md and quality.png from --out/quality.json")
+    ap.add_argument("--zero-shot", type=float, default=None,
+                    help="with --from-logs: the base model's accuracy on the same test texts")
+    ap.add_argument("--machine-from", type=Path, default=None,
+                    help="with --from-logs: a finished run's quality.json of the same batch "
+                         "(its machine and total time)")
+    ap.add_argument("--commands", nargs="*", default=[],
+                    help="with --from-logs: the commands that wrote the logs")
+    ap.add_argument("--from-logs", nargs="+", metavar="SETUP=LOG",
+                    help="only write one report into --out from the printed logs of runs cut "
+                         "short (accuracy and aggregation error per finished round)")
     ap.add_argument("--combine", nargs="+", metavar="DIR",
                     help="only write one report into --out from the quality.json of runs in "
                          "these folders (setups run as processes side by side)")
@@ -112,6 +123,8 @@ def main() -> None:
     out = Path(args.out)
     if args.render:
         return write_report(out)
+    if args.from_logs:  # with --combine: finished runs and runs cut short in one report
+        return from_logs(out, args, dict(item.split("=", 1) for item in args.from_logs))
     if args.combine:
         return combine(out, [Path(d) for d in args.combine])
     started = time.perf_counter()
@@ -132,6 +145,50 @@ def main() -> None:
         write_json(out / "quality.json", {**provenance(started), "args": vars(args),
                                           "base_config": base, "summary": results,
                                           "curves": curves})
+    write_report(out)
+
+
+ROUND_LINE = re.compile(r"^  round (\d+): acc ([\d.]+)(?: agg\.err ([\d.]+))?")
+
+
+def from_logs(out: Path, args, logs: dict[str, str]) -> None:
+    """quality.json (and report) from the logs of runs stopped before their last round (a
+    GPU lease ran out): rounds, accuracy and aggregation error as printed; no bytes or
+    times (those are written only when a run finishes). With --combine, the finished runs
+    of the same batch come first, as written."""
+    finished = [read_json(Path(d) / "quality.json") for d in args.combine or []]
+    summary = [dict(s, rounds_done=args.rounds) for r in finished for s in r["summary"]]
+    curves = {k: v for r in finished for k, v in r["curves"].items()}
+    zero_shot = args.zero_shot
+    if zero_shot is None and curves:
+        zero_shot = next(iter(curves.values()))[0]["accuracy"]
+    for name, log in logs.items():
+        rows = [{"round": 0, "accuracy": zero_shot, "wall_s": 0.0,
+                 "aggregation_error": None}] if zero_shot is not None else []
+        for line in Path(log).read_text().splitlines():
+            hit = ROUND_LINE.match(line)
+            if hit:
+                err = float(hit.group(3)) if hit.group(3) else None
+                rows.append({"round": int(hit.group(1)), "accuracy": float(hit.group(2)),
+                             "wall_s": 0.0, "aggregation_error": err})
+        curves[name] = rows
+        errs = [r["aggregation_error"] for r in rows if r["aggregation_error"] is not None]
+        summary.append({"setup": name, "final_acc": rows[-1]["accuracy"],
+                        "best_acc": max(r["accuracy"] for r in rows),
+                        "rounds_done": rows[-1]["round"], "bytes_up_per_round": None,
+                        "bytes_down_per_round": None,
+                        "mean_agg_error": sum(errs) / len(errs) if errs else None,
+                        "wall_s": 0.0})
+    source = finished[0] if finished else read_json(args.machine_from)
+    write_json(out / "quality.json", {
+        "machine": source["machine"], "command": [r["command"] for r in finished] +
+        args.commands, "total_s": max([r["total_s"] for r in finished] or
+                                      [source["total_s"]]),
+        "args": (finished[0]["args"] if finished else
+                 {k: v for k, v in vars(args).items() if k not in ("machine_from", "combine")})
+        | {"from_logs": logs, "rounds": args.rounds},
+        "base_config": finished[0].get("base_config", {}) if finished else {},
+        "summary": summary, "curves": curves, "from_logs": True, "zero_shot": zero_shot})
     write_report(out)
 
 
@@ -167,23 +224,36 @@ def write_report(out: Path) -> None:
              + "; ".join(f"`{c}`" for c in (run["command"] if isinstance(run.get("command"),
                                                                             list)
                                             else [run.get("command", "?")]))
-             + f"; {run.get('total_s', 0):.0f} s in all "
-             "(model loading included); per setup: " + ", ".join(
-                 f"{r['setup']} {r['wall_s']:.0f} s" for r in results) + ".", "",
-             "| setup | final acc | best acc | payload bytes up / round (all devices) | "
-             "payload bytes down / round | mean aggregation error |", "|---|---|---|---|---|---|"]
+             + f"; {run.get('total_s', 0):.0f} s in all (model loading included)"
+             + ("" if not any(r["wall_s"] for r in results) else "; per setup: " + ", ".join(
+                 f"{r['setup']} {r['wall_s']:.0f} s" for r in results if r["wall_s"])) + ".",
+             "",
+             *([f"Zero-shot (round 0, the base model): {run['zero_shot']:.4f}.", ""]
+               if run.get("zero_shot") is not None else []),
+             *([f"Setups with fewer than {args.rounds} `rounds done` were stopped when the GPU "
+                "lease ran out: their rows and curves are read from the runs' logs (accuracy "
+                "and aggregation error per finished round; no byte counts or times there).",
+                ""] if run.get("from_logs") else []),
+             "| setup | rounds done | final acc | best acc | payload bytes up / round (all "
+             "devices) | payload bytes down / round | mean aggregation error |",
+             "|---|---|---|---|---|---|---|"]
     for r in results:
         err = "n/a" if r["mean_agg_error"] is None else f"{r['mean_agg_error']:.3f}"
-        up = f"{r['bytes_up_per_round'] / 1e6:.2f} MB" if r["bytes_up_per_round"] else "0 (central)"
-        down = f"{r['bytes_down_per_round'] / 1e6:.2f} MB" if r["bytes_down_per_round"] else "-"
-        lines.append(f"| {r['setup']} | {r['final_acc']:.4f} | {r['best_acc']:.4f} | {up} | "
-                     f"{down} | {err} |")
+        up, down = r["bytes_up_per_round"], r["bytes_down_per_round"]
+        central = r["setup"].startswith("central")
+        up = "n/a" if up is None else f"{up / 1e6:.2f} MB" if up else "0 (central)"
+        down = "n/a" if down is None else f"{down / 1e6:.2f} MB" if down else "-"
+        done = r.get("rounds_done", args.rounds)
+        lines.append(f"| {r['setup']} | {done} | {r['final_acc']:.4f} | {r['best_acc']:.4f} | "
+                     f"{'0 (central)' if central else up} | {'-' if central else down} | "
+                     f"{err} |")
     (out / "quality.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, rows in curves.items():
         ax.plot([r["round"] for r in rows], [r["accuracy"] for r in rows], label=name)
-    ax.set(xlabel="round", ylabel="test accuracy", title="AG News, LoRA on MiniLM-L6")
+    title = "MiniLM-L6" if "minilm" in args.model.lower() else Path(args.model).name
+    ax.set(xlabel="round", ylabel="test accuracy", title=f"AG News, LoRA on {title}")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -122,25 +122,18 @@ def evaluate_model(model: str, task: str, data: Path, sets: list[str]) -> dict:
 
 
 def generate(cfg: RunConfig, net, prompt: str, max_new_tokens: int, raw: bool) -> str:
-    """Greedy answer to `prompt`, through the tokenizer's chat template unless `raw`."""
-    import torch
-
-    from task.model import load_tokenizer, resolve_model_source, torch_device
+    """Greedy answer to `prompt`, posed as in training (`data.format`: the chat template when
+    the model has one), or as it is with `raw`."""
+    from task.generation import answers
+    from task.model import load_tokenizer, resolve_model_source
 
     if family(cfg).peft_task != TaskType.CAUSAL_LM:
         raise ConfigError(f"task='{cfg.task}' has a classification head: generate needs a "
                           "causal LM (task='causal-lm' or 'lm-cls')")
+    if raw:
+        cfg = cfg.updated("data", format="raw")
     tokenizer = load_tokenizer(resolve_model_source(cfg.model))
-    if tokenizer.chat_template and not raw:
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                               tokenize=False, add_generation_prompt=True)
-    ids = {k: v.to(torch_device()) for k, v in tokenizer(prompt, return_tensors="pt").items()
-           if k in ("input_ids", "attention_mask")}
-    net.eval()
-    with torch.no_grad():
-        out = net.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
-                           pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    return answers(net, tokenizer, cfg, [prompt], max_new_tokens)[0]
 
 
 def config_rows() -> list[tuple[str, list[tuple[str, str, str]]]]:
@@ -223,7 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"accuracy {result['accuracy']:.4f}  loss {result['loss']:.4f}  "
+        extra = "".join(f"  {k} {result[k]:.4f}" for k in ("perplexity", "exact_match")
+                        if k in result)
+        print(f"accuracy {result['accuracy']:.4f}  loss {result['loss']:.4f}{extra}  "
               f"({result['examples']} examples, rank {result['rank']} of "
               f"{result['adapter_rank']})")
     return 0

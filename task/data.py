@@ -22,6 +22,9 @@ from task.config import ConfigError, RunConfig
 SUFFIXES = (".tsv", ".csv", ".jsonl", ".json")
 TEST_NAMES = ("test", "validation", "valid", "dev")
 TEXT_CANDIDATES = ("text", "sentence", "content", "document")
+PROMPT_CANDIDATES = ("prompt", "question", "instruction")
+RESPONSE_CANDIDATES = ("response", "answer", "output", "completion")
+PLAIN_PROMPT = "### Instruction:\n{prompt}\n\n### Response:\n"
 
 
 def _read_table(path: Path):
@@ -94,6 +97,7 @@ class Columns:
     label: str = ""
     prompt: str = ""
     response: str = ""
+    input: str = ""  # appended to the prompt after a blank line when not empty
 
 
 def resolve_columns(frame, cfg: RunConfig) -> Columns:
@@ -106,16 +110,23 @@ def resolve_columns(frame, cfg: RunConfig) -> Columns:
                               f"{', '.join(have)}: set {key} to one of them")
         return name
 
+    def pick(key: str, name: str, candidates: tuple[str, ...]) -> str:
+        if name == "auto":
+            name = next((c for c in candidates if c in have), "")
+            if not name:
+                raise ConfigError(f"{key}='auto' found none of {candidates} among the columns "
+                                  f"{', '.join(have)}: set {key}")
+        return need(key, name)
+
     if not family(cfg).labelled:
-        return Columns(prompt=need("data.prompt-column", cfg.data.prompt_column),
-                       response=need("data.response-column", cfg.data.response_column))
-    text = cfg.data.text_column
-    if text == "auto":
-        text = next((c for c in TEXT_CANDIDATES if c in have), "")
-        if not text:
-            raise ConfigError(f"data.text-column='auto' found none of {TEXT_CANDIDATES} among "
-                              f"the columns {', '.join(have)}: set data.text-column")
-    return Columns(text=need("data.text-column", text),
+        extra = cfg.data.input_column
+        extra = ("input" if "input" in have else "") if extra == "auto" else \
+            ("" if extra == "none" else need("data.input-column", extra))
+        return Columns(prompt=pick("data.prompt-column", cfg.data.prompt_column,
+                                   PROMPT_CANDIDATES),
+                       response=pick("data.response-column", cfg.data.response_column,
+                                     RESPONSE_CANDIDATES), input=extra)
+    return Columns(text=pick("data.text-column", cfg.data.text_column, TEXT_CANDIDATES),
                    label=need("data.label-column", cfg.data.label_column))
 
 
@@ -151,8 +162,11 @@ class Examples:
 
 def to_examples(frame, columns: Columns, label_names: tuple[str, ...]) -> Examples:
     if columns.prompt:
-        return Examples(frame[columns.prompt].astype(str).tolist(), [],
-                        frame[columns.response].astype(str).tolist())
+        prompts = frame[columns.prompt].astype(str).tolist()
+        if columns.input:
+            prompts = [f"{p}\n\n{x}" if x.strip() else p
+                       for p, x in zip(prompts, frame[columns.input].astype(str).tolist())]
+        return Examples(prompts, [], frame[columns.response].astype(str).tolist())
     index = {name: i for i, name in enumerate(label_names)}
     raw = [str(v) for v in frame[columns.label]]
     unknown = sorted(set(raw) - set(index))
@@ -195,44 +209,107 @@ def label_token_ids(tokenizer, cfg: RunConfig, label_names: tuple[str, ...]) -> 
     if len(words) != len(label_names):
         raise ConfigError(f"data.label-words lists {len(words)} words for {len(label_names)} "
                           f"labels {list(label_names)}: give one word per label, in that order")
-    ids = [tokenizer(" " + w.strip(), add_special_tokens=False)["input_ids"][0] for w in words]
+    ids = [_first_token(tokenizer, w.strip()) for w in words]
     if len(set(ids)) != len(ids):
         raise ConfigError(f"data.label-words {list(words)} do not all start with different "
                           "tokens: pick words whose first token differs")
     return ids
 
 
+def _first_token(tokenizer, word: str) -> int:
+    """The first token of " word" that is not whitespace alone (some SentencePiece
+    tokenizers encode the leading space as a token of its own)."""
+    ids = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+    while len(ids) > 1 and not tokenizer.decode(ids[:1]).strip():
+        ids = ids[1:]
+    return ids[0]
+
+
 def encode_batch(tokenizer, examples: Examples, cfg: RunConfig) -> dict[str, torch.Tensor]:
     """Tokenize a list of examples into one padded batch with `labels`."""
     if family(cfg).label_words:  # the prompt; the label words' first tokens to score
-        batch = tokenizer([cfg.data.template.format(text=t) for t in examples.texts],
-                          truncation=True, max_length=cfg.train.max_length, padding=True,
-                          return_tensors="pt")
+        prompts = tokenizer([cfg.data.template.format(text=t) for t in examples.texts])
+        batch = _right_padded([cut_middle(ids, cfg.train.max_length)
+                               for ids in prompts["input_ids"]], tokenizer.pad_token_id)
         batch["labels"] = torch.tensor(examples.labels, dtype=torch.long)
         batch["label_token_ids"] = torch.tensor(
             label_token_ids(tokenizer, cfg, examples.label_names), dtype=torch.long)
-        return dict(batch)
+        return batch
     if not examples.responses:
         batch = tokenizer(examples.texts, truncation=True, max_length=cfg.train.max_length,
                           padding=True, return_tensors="pt")
         batch["labels"] = torch.tensor(examples.labels, dtype=torch.long)
         return dict(batch)
-    # causal LM: loss on the response tokens only (prompt tokens get label -100)
+    return encode_pairs(tokenizer, examples.texts, examples.responses, cfg)
+
+
+def prompt_format(tokenizer, cfg: RunConfig) -> str:
+    """`data.format` resolved: 'auto' is 'chat' when the tokenizer has a chat template."""
+    wanted = cfg.data.format
+    if wanted == "auto":
+        return "chat" if getattr(tokenizer, "chat_template", None) else "plain"
+    if wanted == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(f"data.format='chat' but {cfg.model} has no chat template (a base "
+                          "model): use data.format='plain' or 'auto'")
+    return wanted
+
+
+def pose(tokenizer, cfg: RunConfig, prompt: str) -> list[int]:
+    """The token ids of `prompt` as the model is asked it (`data.format`), ending where the
+    answer starts: a chat template's assistant turn, or '### Response:'."""
+    fmt = prompt_format(tokenizer, cfg)
+    if fmt == "chat":
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                             tokenize=False, add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    text = PLAIN_PROMPT.format(prompt=prompt) if fmt == "plain" else prompt + "\n"
+    return tokenizer(text, add_special_tokens=True)["input_ids"]
+
+
+def cut_middle(ids: list[int], length: int) -> list[int]:
+    """`ids` cut to `length` tokens by dropping its middle: the first quarter of the budget
+    (the instruction) and the end (the question, 'Answer:', an assistant turn) stay."""
+    if len(ids) <= length:
+        return ids
+    head = length // 4
+    return ids[:head] + ids[len(ids) - (length - head):]
+
+
+def _right_padded(rows: list[list[int]], pad: int, labels: list[list[int]] | None = None
+                  ) -> dict[str, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    out = {"input_ids": torch.tensor([r + [pad] * (width - len(r)) for r in rows]),
+           "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r))
+                                           for r in rows])}
+    if labels is not None:
+        out["labels"] = torch.tensor([lab + [-100] * (width - len(lab)) for lab in labels])
+    return out
+
+
+def fit(prompt: list[int], response: list[int], max_length: int) -> tuple[list[int], list[int]]:
+    """Cut a (prompt, response) pair to `max_length` tokens without ever losing the whole
+    response: the response keeps at least half the budget (all of it if shorter) and is cut at
+    its end; the prompt gives up its middle, keeping its first quarter and its end (where the
+    question and the assistant turn's header are)."""
+    if len(prompt) + len(response) <= max_length:
+        return prompt, response
+    keep_response = min(len(response), max(max_length - len(prompt), max_length // 2))
+    return cut_middle(prompt, max_length - keep_response), response[:keep_response]
+
+
+def encode_pairs(tokenizer, prompts: list[str], responses: list[str], cfg: RunConfig
+                 ) -> dict[str, torch.Tensor]:
+    """Prompt/response pairs as one right-padded batch; labels are -100 except on the
+    response tokens (and the end-of-sequence token that closes each response)."""
     eos = tokenizer.eos_token or ""
     rows, labels = [], []
-    for prompt, response in zip(examples.texts, examples.responses):
-        p = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    for prompt, response in zip(prompts, responses):
+        p = pose(tokenizer, cfg, prompt)
         r = tokenizer(response + eos, add_special_tokens=False)["input_ids"]
-        ids = (p + r)[: cfg.train.max_length]
-        lab = ([-100] * len(p) + r)[: cfg.train.max_length]
-        rows.append(ids)
-        labels.append(lab)
-    width = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id
-    input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
-    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
-    label_t = torch.tensor([lab + [-100] * (width - len(lab)) for lab in labels])
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": label_t}
+        p, r = fit(p, r, cfg.train.max_length)
+        rows.append(p + r)
+        labels.append([-100] * len(p) + r)
+    return _right_padded(rows, tokenizer.pad_token_id, labels)
 
 
 def batches(examples: Examples, batch_size: int, rng: np.random.Generator | None = None):

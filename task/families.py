@@ -14,72 +14,112 @@ import torch.nn.functional as F
 from peft import TaskType
 
 
-def _load_classifier(source: str, label_names: tuple[str, ...]):
+def _load_classifier(source: str, label_names: tuple[str, ...], dtype=torch.float32):
     from transformers import AutoModelForSequenceClassification
 
     return AutoModelForSequenceClassification.from_pretrained(
         source, num_labels=len(label_names), id2label=dict(enumerate(label_names)),
-        label2id={name: i for i, name in enumerate(label_names)}, dtype=torch.float32)
+        label2id={name: i for i, name in enumerate(label_names)}, dtype=dtype)
 
 
-def _load_causal_lm(source: str, label_names: tuple[str, ...]):
+def _load_causal_lm(source: str, label_names: tuple[str, ...], dtype=torch.float32):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
 
 
 def _score_classes(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int, int]:
-    """(loss sum, correct, count): one label per example."""
+    """(loss sum, correct, count) of N x K logits against N labels: one row per example
+    (classes, label words) or per response token (next tokens)."""
     loss = F.cross_entropy(logits, labels, reduction="sum").item()
     return loss, (logits.argmax(-1) == labels).sum().item(), labels.numel()
 
 
-def _score_response_tokens(logits: torch.Tensor, labels: torch.Tensor
-                           ) -> tuple[float, int, int]:
-    """(loss sum, correct, count) over response tokens: token t predicts token t+1."""
-    logits, labels = logits[:, :-1], labels[:, 1:]
-    mask = labels != -100
-    loss = F.cross_entropy(logits[mask], labels[mask], reduction="sum").item()
-    return loss, (logits.argmax(-1)[mask] == labels[mask]).sum().item(), mask.sum().item()
+def _lm_logits(model, batch: dict, keep: torch.Tensor) -> torch.Tensor:
+    """B x len(keep) x V: the LM's logits at sequence positions `keep` only (the full
+    B x T x V tensor is never built when the model supports `logits_to_keep`)."""
+    try:
+        return model(**batch, logits_to_keep=keep).logits
+    except TypeError:  # an architecture without logits_to_keep: all positions, then select
+        return model(**batch).logits[:, keep]
 
 
 def _model_outputs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, labels) of a batch; the model's own head (classes or next tokens)."""
+    """(B x C class logits, B labels) from a classification head."""
     labels = batch.pop("labels")
     return model(**batch).logits.float(), labels
 
 
+def _response_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
+                                                        torch.Tensor]:
+    """(keep, mask, targets): position t predicts token t+1; `keep` lists the positions any
+    row needs (a response token follows), `mask` (B x len(keep)) those of each row and
+    `targets` the tokens they predict (B x len(keep))."""
+    targets = labels[:, 1:]
+    needed = targets != -100
+    keep = needed.any(0).nonzero().squeeze(1)
+    return keep, needed[:, keep], targets[:, keep]
+
+
+def _response_outputs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N x V next-token logits, N targets) at the N response tokens of the batch (prompt and
+    padding carry label -100): logits are computed at those positions only."""
+    keep, mask, targets = _response_positions(batch.pop("labels"))
+    return _lm_logits(model, batch, keep)[mask].float(), targets[mask]
+
+
 def _label_word_outputs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(class logits, labels): the LM's next-token logits after the prompt, at the first
-    token of each label word (B x C). Works with left or right padding."""
+    """(B x C class logits, labels): the LM's next-token logits after the prompt, at the first
+    token of each label word. Works with left or right padding; logits only at the prompts'
+    last positions."""
     labels, words = batch.pop("labels"), batch.pop("label_token_ids")
-    logits = model(**batch).logits  # B x T x V
     mask = batch["attention_mask"]
     positions = torch.arange(mask.shape[1], device=mask.device)
     last = (mask * positions).argmax(dim=1)  # the last real token of each prompt
-    return logits[torch.arange(len(last), device=last.device), last][:, words].float(), labels
+    keep = torch.unique(last)  # sorted
+    logits = _lm_logits(model, batch, keep)  # B x len(keep) x V
+    column = torch.searchsorted(keep, last)
+    return logits[torch.arange(len(last), device=last.device), column][:, words].float(), \
+        labels
 
 
-def _own_loss(model, batch: dict) -> torch.Tensor:
-    return model(**batch).loss
+def chunked_response_loss(model, batch: dict, chunk: int) -> torch.Tensor:
+    """Mean next-token cross-entropy over the response tokens, the vocabulary projection done
+    `chunk` tokens at a time and recomputed in the backward pass (activation checkpointing):
+    at most chunk x V logits exist at once instead of N x V, same value and gradient."""
+    from torch.utils.checkpoint import checkpoint
 
+    batch = dict(batch)
+    keep, mask, targets = _response_positions(batch.pop("labels"))
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = base.get_decoder()(**batch).last_hidden_state[:, keep][mask]  # N x H
+    targets = targets[mask]
+    head = base.get_output_embeddings()
+    cap = getattr(base.config, "final_logit_softcapping", None)
 
-def _label_word_loss(model, batch: dict) -> torch.Tensor:
-    logits, labels = _label_word_outputs(model, dict(batch))
-    return F.cross_entropy(logits, labels)
+    def part(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = head(h).float()
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return F.cross_entropy(logits, y, reduction="sum")
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, len(targets), chunk):
+        total = total + checkpoint(part, hidden[start:start + chunk],
+                                   targets[start:start + chunk], use_reentrant=False)
+    return total / max(len(targets), 1)
 
 
 @dataclass(frozen=True)
 class Family:
     name: str
     peft_task: TaskType
-    load: Callable[[str, tuple[str, ...]], torch.nn.Module]  # (source, label names) -> model
+    load: Callable[..., torch.nn.Module]  # (source, label names, dtype) -> model
     labelled: bool  # examples carry class labels (text + label columns), else prompt/response
-    score: Callable[[torch.Tensor, torch.Tensor], tuple[float, int, int]]  # per eval batch
+    # (N x K logits, N labels) of a batch: one row per example or per response token; every
+    # loss (training, FedKD's distillation, S4's unlearning objectives) and score uses it
+    outputs: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, torch.Tensor]]
     min_labels: int = 0  # distinct labels the data must have
-    outputs: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, torch.Tensor]] = \
-        _model_outputs  # (logits, labels); pops labels from the batch
-    loss: Callable[[torch.nn.Module, dict], torch.Tensor] = _own_loss  # training loss
     label_words: bool = False  # a causal LM scoring label words after a prompt template
     targets: tuple[str, ...] = ("query", "value")  # LoRA targets of a typical model of it
 
@@ -89,15 +129,29 @@ LLM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 
 FAMILIES: dict[str, Family] = {
     "seq-cls": Family("seq-cls", TaskType.SEQ_CLS, _load_classifier, labelled=True,
-                      score=_score_classes, min_labels=2),
+                      outputs=_model_outputs, min_labels=2),
+    # instruction tuning: prompt/response pairs, loss on the response tokens only
     "causal-lm": Family("causal-lm", TaskType.CAUSAL_LM, _load_causal_lm, labelled=False,
-                        score=_score_response_tokens, targets=LLM_TARGETS),
+                        outputs=_response_outputs, targets=LLM_TARGETS),
     # classification posed to a causal LM as an instruction (data.template), answered by the
     # most likely label word (data.label-words): accuracy by label-word likelihood
     "lm-cls": Family("lm-cls", TaskType.CAUSAL_LM, _load_causal_lm, labelled=True,
-                     score=_score_classes, min_labels=2, outputs=_label_word_outputs,
-                     loss=_label_word_loss, label_words=True, targets=LLM_TARGETS),
+                     outputs=_label_word_outputs, min_labels=2, label_words=True,
+                     targets=LLM_TARGETS),
 }
+
+
+def score(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int, int]:
+    """Evaluation of one batch's outputs: (loss sum, correct, count)."""
+    return _score_classes(logits, labels)
+
+
+def task_loss(cfg, model, batch: dict) -> torch.Tensor:
+    """The training loss of a batch: mean cross-entropy of the family's outputs, or, for
+    `task='causal-lm'` with `train.loss-chunk` > 0, the same loss computed chunk by chunk."""
+    if cfg.task == "causal-lm" and cfg.train.loss_chunk:
+        return chunked_response_loss(model, batch, cfg.train.loss_chunk)
+    return F.cross_entropy(*family(cfg).outputs(model, dict(batch)))
 
 
 def family(cfg) -> Family:

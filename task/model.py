@@ -76,7 +76,7 @@ def load_tokenizer(source: str):
 def _load_base(cfg: RunConfig, source: str, label_names: tuple[str, ...]):
     torch.manual_seed(cfg.seed)  # same head initialisation on the server and every device
     try:
-        model = family(cfg).load(source, label_names)
+        model = family(cfg).load(source, label_names, getattr(torch, cfg.train.dtype))
     except OSError as err:
         raise ConfigError(
             f"model='{cfg.model}' could not be loaded ({err}): give a local model folder "
@@ -84,6 +84,12 @@ def _load_base(cfg: RunConfig, source: str, label_names: tuple[str, ...]):
         ) from err
     if model.config.pad_token_id is None:
         model.config.pad_token_id = load_tokenizer(source).pad_token_id
+    if cfg.train.gradient_checkpointing:
+        if not model.supports_gradient_checkpointing:
+            raise ConfigError(f"train.gradient-checkpointing=true: {cfg.model} does not "
+                              "support it; set it to false")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
+            "use_reentrant": False})
     return model
 
 
@@ -149,7 +155,7 @@ def get_lora_model(cfg: RunConfig, label_names: tuple[str, ...], rank: int,
     source = resolve_model_source(cfg.model)
     scaling = cfg.lora.alpha / (r_max or cfg.r_max)
     key = (source, cfg.task, label_names, lora_targets(cfg), cfg.lora.dropout,
-           scaling, cfg.seed, copy)
+           scaling, cfg.seed, cfg.train.dtype, cfg.train.gradient_checkpointing, copy)
     model = _MODELS.get(key)
     name = adapter_name(rank)
     if model is None:

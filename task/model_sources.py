@@ -123,6 +123,25 @@ def gguf_folder(path: Path) -> str:
     return str(folder)
 
 
+PROBE = " The weather in Paris is sunny today, and the markets are open."
+
+
+def check_tokenizer(tokenizer, name: str) -> None:
+    """Refuse a GGUF tokenizer that came out character by character. transformers 5.17
+    converts Gemma-3's GGUF tokenizer without its merges (' Business' -> ' ', 'B', 'u', ...;
+    seen on the GPU machine; 5.24 converts it right): training on it would be silently
+    meaningless."""
+    import transformers
+
+    pieces = len(tokenizer(PROBE, add_special_tokens=False)["input_ids"])
+    if pieces > 0.6 * len(PROBE):
+        raise ConfigError(
+            f"{name}: this transformers ({transformers.__version__}) converts the GGUF file's "
+            f"tokenizer character by character ({pieces} tokens for {len(PROBE)} characters): "
+            "upgrade transformers (5.24 converts it correctly), or give model= a Hugging Face "
+            "folder with a proper tokenizer.json")
+
+
 def _convert(path: Path, folder: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -131,6 +150,7 @@ def _convert(path: Path, folder: Path) -> None:
              "cached in %s", path.name, folder)
     started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    check_tokenizer(tokenizer, path.name)
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                  dtype=torch.float32)
     # save_pretrained refuses a model it believes is still quantised; its weights are floats

@@ -4,11 +4,15 @@ algorithm plug-ins declare their own sections in their packages."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from task.options import ConfigError, Reader, Section, option, parse_section
 
 PARTITIONERS = ("iid", "dirichlet", "pathological")
+PROMPT_FORMATS = ("auto", "chat", "plain", "raw")
+DTYPES = ("float32", "bfloat16", "float16")
+EVAL_METRICS = ("auto", "nll", "exact-match")
 
 
 @dataclass(frozen=True)
@@ -70,12 +74,21 @@ class DataSection(Section):
                               "text/sentence/content/document)", legacy="text_column")
     label_column: str = option("label", "label column (strings or integers)",
                                legacy="label_column")
-    prompt_column: str = option("prompt", "prompt column, for `task='causal-lm'`",
-                                legacy="prompt_column")
-    response_column: str = option("response", "response column, for `task='causal-lm'`",
+    prompt_column: str = option("auto", "`task='causal-lm'`: prompt column (`auto`: first of "
+                                "prompt/question/instruction)", legacy="prompt_column")
+    response_column: str = option("auto", "`task='causal-lm'`: response column (`auto`: "
+                                  "first of response/answer/output/completion)",
                                   legacy="response_column")
+    input_column: str = option("auto", "`task='causal-lm'`: a column appended to the prompt "
+                               "after a blank line when not empty (Alpaca's `input`; `auto`: "
+                               "`input` if the data has it, `none`: never)")
+    format: str = option("auto", "`task='causal-lm'`: how prompts are posed: `chat` (the "
+                         "tokenizer's chat template), `plain` (`### Instruction:` / `### "
+                         "Response:`), `raw` (the prompt and a newline); `auto`: chat when the "
+                         "model has a template, else plain", choices=PROMPT_FORMATS)
     template: str = option("{text}\nAnswer:", "`task='lm-cls'`: the prompt, `{text}` replaced "
-                           "by the example's text; the label word follows it",
+                           "by the example's text (`\\n`: a line break); the label word "
+                           "follows it",
                            legacy="data_template")
     label_words: tuple[str, ...] = option(
         (), "`task='lm-cls'`: one word per label, in the sorted label order (empty = the label "
@@ -88,6 +101,12 @@ class DataSection(Section):
     classes_per_device: int = option(2, "labels per device for `pathological`", lo=1,
                                      legacy="classes_per_device")
 
+    @classmethod
+    def parse(cls, section: str, r: Reader) -> DataSection:
+        out = parse_section(cls, section, r)
+        # a two-character `\n` typed in a single-quoted run-config value is a line break
+        return dataclasses.replace(out, template=out.template.replace("\\n", "\n"))
+
 
 @dataclass(frozen=True)
 class TrainSection(Section):
@@ -97,7 +116,17 @@ class TrainSection(Section):
                               legacy="local_steps")
     batch_size: int = option(16, "local batch size", lo=1, legacy="batch_size")
     lr: float = option(1e-3, "AdamW learning rate", lo=1e-12, legacy="lr")
-    max_length: int = option(128, "max tokens per example", lo=8, legacy="max_length")
+    max_length: int = option(128, "max tokens per example (`causal-lm`: the prompt is cut in "
+                             "its middle first; the response keeps at least half)", lo=8,
+                             legacy="max_length")
+    dtype: str = option("float32", "dtype of the frozen base weights (LoRA stays float32): "
+                        "`bfloat16` halves the model's memory where the CPU/GPU supports it",
+                        choices=DTYPES)
+    loss_chunk: int = option(0, "`task='causal-lm'`: vocabulary projection + cross-entropy in "
+                             "chunks of this many response tokens, recomputed in backward "
+                             "(0 = all at once)", lo=0)
+    gradient_checkpointing: bool = option(False, "recompute the decoder's activations in "
+                                          "backward: less memory, about a third more time")
 
 
 @dataclass(frozen=True)
@@ -107,6 +136,14 @@ class EvalSection(Section):
     max_examples: int = option(500, "test examples the server evaluates each round (0 = all)",
                                lo=0, legacy="eval_max_examples")
     batch_size: int = option(64, "evaluation batch size", lo=1, legacy="eval_batch_size")
+    metric: str = option("auto", "`task='causal-lm'`: `nll` (loss, perplexity and token "
+                         "accuracy on the responses), `exact-match` (also greedy answers "
+                         "compared on the number after `####`, GSM8K's metric); `auto`: "
+                         "exact-match when the responses end in `#### <number>`",
+                         choices=EVAL_METRICS)
+    generate_examples: int = option(100, "`exact-match`: test examples answered by greedy "
+                                    "generation each evaluation (0 = all)", lo=0)
+    max_new_tokens: int = option(256, "`exact-match`: the longest answer generated", lo=1)
 
 
 @dataclass(frozen=True)

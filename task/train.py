@@ -13,7 +13,8 @@ import torch
 
 from peft import get_peft_model_state_dict
 
-from task.families import family
+from task.families import family, score
+from task.families import task_loss as family_loss
 from task.config import RunConfig
 from task.data import Examples, batches, encode_batch, endless_batches
 from task.lora import State
@@ -72,10 +73,9 @@ def run_steps(steps: int, next_batch: Callable[[], dict], loss_fn: LossFn, optim
 def task_loss(model, cfg: RunConfig) -> LossFn:
     """The model family's own loss (cross-entropy over classes, label words, or response
     tokens)."""
-    fam = family(cfg)
 
     def loss_fn(batch: dict) -> tuple[torch.Tensor, dict]:
-        loss = fam.loss(model, batch)
+        loss = family_loss(cfg, model, batch)
         return loss, {"loss": loss}
 
     return loss_fn
@@ -87,7 +87,7 @@ def logits_loss(model, cfg: RunConfig,
     fam = family(cfg)
 
     def loss_fn(batch: dict) -> tuple[torch.Tensor, dict]:
-        loss = objective(*fam.outputs(model, batch))
+        loss = objective(*fam.outputs(model, dict(batch)))
         return loss, {"loss": loss}
 
     return loss_fn
@@ -181,16 +181,34 @@ def compute_gradient(model, tokenizer, examples: Examples, cfg: RunConfig, batch
 
 @torch.no_grad()
 def evaluate(model, tokenizer, examples: Examples, cfg: RunConfig) -> dict[str, float]:
-    """Accuracy and mean loss: per example for classification, per response token for LM."""
+    """Accuracy and mean loss: per example for classification (label-likelihood accuracy
+    for `lm-cls`), per response token for `causal-lm` (plus its perplexity, and GSM8K's
+    exact match on greedy answers when `eval.metric` asks for it)."""
     device = torch_device()
     model.eval()
     fam = family(cfg)
     loss_sum, correct, count = 0.0, 0, 0
     for chunk in batches(examples, cfg.eval.batch_size):
         batch = {k: v.to(device) for k, v in encode_batch(tokenizer, chunk, cfg).items()}
-        batch_loss, batch_correct, batch_count = fam.score(*fam.outputs(model, batch))
+        batch_loss, batch_correct, batch_count = score(*fam.outputs(model, batch))
         loss_sum, correct, count = loss_sum + batch_loss, correct + batch_correct, \
             count + batch_count
     if count == 0:
         return {"accuracy": math.nan, "loss": math.nan, "examples": len(examples)}
-    return {"accuracy": correct / count, "loss": loss_sum / count, "examples": len(examples)}
+    out = {"accuracy": correct / count, "loss": loss_sum / count, "examples": len(examples)}
+    if not fam.labelled:
+        out["perplexity"] = math.exp(min(out["loss"], 50.0))
+        if eval_metric(cfg, examples) == "exact-match":
+            from task.generation import exact_match
+
+            out |= exact_match(model, tokenizer, examples, cfg)
+    return out
+
+
+def eval_metric(cfg: RunConfig, examples: Examples) -> str:
+    """`eval.metric` resolved for these examples ('auto': exact-match on GSM8K-like data)."""
+    if cfg.eval.metric != "auto":
+        return cfg.eval.metric
+    from task.generation import has_final_numbers
+
+    return "exact-match" if has_final_numbers(examples.responses) else "nll"

@@ -155,6 +155,59 @@ def test_model_load_benchmark(tmp_path):
     check_render("model_load.py", out, "model_load.md")
 
 
+def test_mixed_domain_benchmark(tiny_llama, agnews, tmp_path):
+    out = tmp_path / "mixed"
+    run_bench("mixed_domain.py", "--model", str(tiny_llama), "--data-root", str(agnews.parent),
+              "--rounds", "2", "--per-domain", "1", "--local-steps", "1", "--eval-every", "2",
+              "--eval-max", "4", "--generate", "2", "--set", "eval.max-new-tokens=4",
+              "--setups", "federated,alone-code", "--out", str(out))
+    res = json.loads((out / "mixed_domain.json").read_text())
+    check_provenance(res, "mixed_domain.py")
+    fed, alone = res["curves"]["federated"], res["curves"]["alone-code"]
+    assert [r["round"] for r in fed if "domains" in r] == [0, 2]  # evaluated every 2 rounds
+    assert {c["domain"] for c in fed[1]["clients"]} == {"gsm8k", "code", "agnews"}
+    assert {c["domain"] for c in alone[1]["clients"]} == {"code"}
+    last = fed[-1]["domains"]
+    assert {"exact_match", "loss"} <= set(last["gsm8k"]) and "exact_match" not in last["code"]
+    assert 0 <= last["agnews"]["accuracy"] <= 1
+    assert "| gsm8k: exact match |" in (out / "mixed_domain.md").read_text()
+    check_render("mixed_domain.py", out, "mixed_domain.md")
+
+
+def test_llm_cost_benchmark(tiny_llama, agnews, tmp_path):
+    line = run_bench("llm_cost.py", "--option", "bf16", "--rank", "2", "--steps", "1",
+                     "--seq", "64", "--model", str(tiny_llama), "--data",
+                     str(agnews.parent / "gsm8k"))
+    row = json.loads(line.strip().splitlines()[-1])
+    assert row["overrides"]["train.dtype"] == "bfloat16" and row["seq"] == 64
+    assert row["peak_rss_mib"] >= row["rss_before_model_mib"] > 0
+    assert len(row["step_s"]) == 1 and row["response_tokens_per_batch"] > 0
+
+
+def test_quality_report_from_the_logs_of_runs_cut_short(tmp_path):
+    finished = tmp_path / "done"
+    finished.mkdir()
+    (finished / "quality.json").write_text(json.dumps({
+        "machine": {"gpu": "", "cpu": "test cpu", "cores": 1, "python": "3", "versions": {}},
+        "total_s": 12.0}))
+    log = tmp_path / "hetlora.log"
+    log.write_text("INFO noise\n  round 1: acc 0.6000 agg.err 0.100\n"
+                   "  round 2: acc 0.7000 agg.err 0.050\n")
+    out = tmp_path / "report"
+    run_bench("quality.py", "--from-logs", f"hetlora={log}", "--zero-shot", "0.5",
+              "--machine-from", str(finished / "quality.json"), "--rounds", "20",
+              "--commands", "python benchmarks/quality.py ...", "--out", str(out))
+    res = json.loads((out / "quality.json").read_text())
+    assert [r["accuracy"] for r in res["curves"]["hetlora"]] == [0.5, 0.6, 0.7]
+    (row,) = res["summary"]
+    assert row["rounds_done"] == 2 and row["final_acc"] == 0.7
+    assert row["mean_agg_error"] == pytest.approx(0.075)
+    md = (out / "quality.md").read_text()
+    assert "| hetlora | 2 | 0.7000 | 0.7000 | n/a | n/a | 0.075 |" in md
+    assert "fewer than 20 `rounds done` were stopped" in md and "Zero-shot (round 0, the base model): 0.5000" in md
+    check_render("quality.py", out, "quality.md")
+
+
 def test_committed_results_render_from_their_json(tmp_path):
     """The markdown in benchmarks/results is what its JSON renders to, byte for byte."""
     results = BENCH / "results"

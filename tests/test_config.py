@@ -119,7 +119,6 @@ def test_unlearning_rounds_and_private_steps():
     ({"strategy": "unlearn", "unlearn.clients": "1", "unlearn.after-rounds": 0},
      "unlearn.from-adapter"),
     ({"strategy": "unlearn", "unlearn.clients": "1", "unlearn.loss": "kl"}, "unlearn.loss"),
-    ({"strategy": "unlearn", "unlearn.clients": "1", "task": "causal-lm"}, "task='seq-cls'"),
     ({"dp.enabled": "yes"}, r"dp\.enabled must be true or false"),
     ({"dp.delta": 0.9}, r"dp\.delta"),
     ({"dp.max-grad-norm": 0}, r"dp\.max-grad-norm"),

@@ -225,7 +225,8 @@ def test_strategy_rejects_a_reply_with_the_wrong_head(strategy):
     ({"fedkd.task.bad name.path": "/x"}, r"fedkd\.task\.bad name: task names"),
     ({"fedkd.energy-start": 1.5}, r"fedkd\.energy-start"),
     ({"fedkd.local-rank": 0}, r"fedkd\.local-rank"),
-    ({"strategy": "fedkd", "task": "causal-lm"}, r"needs task='seq-cls'"),
+    ({"strategy": "fedkd", "task": "lm-cls", "fedkd.hidden-mse": True},
+     r"fedkd\.hidden-mse=true pairs encoder layers: it needs task='seq-cls', not 'lm-cls'"),
 ])
 def test_bad_fedkd_values_name_the_key(raw, message):
     with pytest.raises(ConfigError, match=message):

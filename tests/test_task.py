@@ -36,12 +36,14 @@ def test_device_trains_at_its_rank_and_shares_one_base_model(tiny_bert, agnews):
 def response_token_metrics(model_dir, state, scaling, examples):
     """Next-token accuracy and mean cross-entropy over response tokens (and the final eos),
     computed without the app: LoRA merged into a plain LlamaForCausalLM by hand
-    (W + scaling * B @ A), each example run alone (no padding), position t predicting t+1."""
+    (W + scaling * B @ A), each example run alone (no padding), position t predicting t+1.
+    The prompt is posed in the plain instruction format (the tiny model has no chat
+    template)."""
     tokenizer, model = merged_llama(model_dir, state, scaling)
     correct = count = 0
     loss_sum = 0.0
     for prompt, response in examples:
-        p = tokenizer(prompt)["input_ids"]
+        p = tokenizer(f"### Instruction:\n{prompt}\n\n### Response:\n")["input_ids"]
         r = tokenizer(response + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
         with torch.no_grad():
             logits = model(torch.tensor([p + r])).logits[0].double()

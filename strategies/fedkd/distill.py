@@ -16,6 +16,7 @@ import torch
 from strategies.fedkd.math import mutual_kd_losses
 from task.config import ConfigError, RunConfig
 from task.data import Examples, encode_batch, endless_batches
+from task.families import family
 from task.logs import get_logger
 from task.model import torch_device
 from task.train import run_steps
@@ -42,21 +43,35 @@ def _paired_hidden(local_out, shared_out, mask: torch.Tensor
 
 def mutual_objective(local_model, shared_model, cfg: RunConfig):
     """S3's loss on one batch pair: each module's task loss plus distillation from the other
-    (their sum: one backward pass moves each module by its own loss only)."""
+    (their sum: one backward pass moves each module by its own loss only).
+
+    What is distilled is the model family's output distribution (`task.families`): class
+    probabilities (`seq-cls`), label-word probabilities (`lm-cls`) or next-token
+    distributions at the response tokens (`causal-lm`)."""
     hidden = cfg.fedkd.hidden_mse
+    fam = family(cfg)
 
     def loss_fn(batches: tuple[dict, dict]) -> tuple[torch.Tensor, dict]:
         local_batch, shared_batch = batches
-        labels = shared_batch["labels"]
-        local_out = local_model(**{k: v for k, v in local_batch.items() if k != "labels"},
-                                output_hidden_states=hidden)
-        shared_out = shared_model(**{k: v for k, v in shared_batch.items() if k != "labels"},
-                                  output_hidden_states=hidden)
         h_local = h_shared = None
-        if hidden:
+        if hidden:  # seq-cls only (checked with the config): the heads' own outputs
+            labels = shared_batch["labels"]
+            local_out = local_model(**{k: v for k, v in local_batch.items() if k != "labels"},
+                                    output_hidden_states=True)
+            shared_out = shared_model(**{k: v for k, v in shared_batch.items()
+                                         if k != "labels"}, output_hidden_states=True)
             h_local, h_shared = _paired_hidden(local_out, shared_out,
                                                shared_batch["attention_mask"])
-        losses = mutual_kd_losses(local_out.logits.float(), shared_out.logits.float(), labels,
+            local_logits, shared_logits = local_out.logits.float(), shared_out.logits.float()
+        else:
+            local_logits, _ = fam.outputs(local_model, dict(local_batch))
+            shared_logits, labels = fam.outputs(shared_model, dict(shared_batch))
+            if local_logits.shape != shared_logits.shape:
+                raise ConfigError(
+                    f"the local and shared modules' outputs differ in shape "
+                    f"({tuple(local_logits.shape)} vs {tuple(shared_logits.shape)}): "
+                    "fedkd.local-model must use the same tokenizer and vocabulary as `model`")
+        losses = mutual_kd_losses(local_logits, shared_logits, labels,
                                   T=cfg.fedkd.temperature, lam=cfg.fedkd.lambda_,
                                   adaptive=cfg.fedkd.adaptive, hidden_local=h_local,
                                   hidden_shared=h_shared)

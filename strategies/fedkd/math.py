@@ -264,10 +264,11 @@ def task_names(state: Mapping[str, np.ndarray]) -> list[str]:
 
 
 def device_view(state: Mapping[str, np.ndarray], task: str) -> State:
-    """What a device of `task` holds: the shared backbone adapter + that task's head."""
+    """What a device of `task` holds: the shared backbone adapter + that task's head (none on
+    a causal LM scoring label words: every task then shares the backbone alone)."""
     prefix = f"{HEAD_PREFIX}{task}/"
     head = {k[len(prefix):]: v.copy() for k, v in state.items() if k.startswith(prefix)}
-    if not head:
+    if not head and task_names(state):
         raise ValueError(f"the global state has no head for task {task!r} "
                          f"(tasks: {task_names(state)})")
     backbone = {k: v.copy() for k, v in state.items() if not k.startswith(HEAD_PREFIX)}

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from task.config import RunConfig, Traits
-from task.families import family
 from task.options import ConfigError, Section, option
 
 AGGREGATIONS = ("fedavg", "hetlora", "flexlora")
@@ -86,9 +85,6 @@ class UnlearnTraits(Traits):
                 "strategy='unlearn' needs unlearn.clients: name the devices that opt out, "
                 "e.g. unlearn.clients='3' or '3,5' (partition ids in simulation, node ids in "
                 "deployment)")
-        if not family(cfg).labelled:
-            raise ConfigError("strategy='unlearn' needs task='seq-cls': its unlearning losses "
-                              "(unlearn.loss) are defined on class labels")
         if self.training_rounds(cfg) == 0 and not u.from_adapter:
             raise ConfigError(
                 "unlearn.after-rounds=0 leaves nothing to unlearn: train first "

@@ -1,0 +1,77 @@
+"""Greedy answers from a causal LM, and GSM8K's exact-match metric on them.
+
+Prompts are posed exactly as in training (`task.data.pose`: chat template, plain
+'### Instruction' format, or raw), left-padded in batches, and answered greedily.
+GSM8K's metric: the number after '####' in the model's answer (else its last number) equals
+the number after '####' in the reference.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+
+from task.config import RunConfig
+from task.data import Examples, pose
+from task.model import torch_device
+
+_FINAL = re.compile(r"####\s*(-?[\d,]*\.?\d+)")
+_NUMBER = re.compile(r"-?[\d,]*\.?\d+")
+
+
+def final_number(text: str) -> str | None:
+    """The answer's number, normalised ('1,234.50' -> '1234.5'): the one after '####', else
+    the last number in the text; None when there is none."""
+    hit = _FINAL.search(text)
+    raw = hit.group(1) if hit else (_NUMBER.findall(text) or [None])[-1]
+    if raw is None:
+        return None
+    raw = raw.replace(",", "")
+    try:
+        value = float(raw)
+    except ValueError:
+        return None
+    return str(int(value)) if value == int(value) else repr(value)
+
+
+def has_final_numbers(responses: list[str], share: float = 0.9) -> bool:
+    """Whether the references look like GSM8K's ('#### <number>' in at least `share`)."""
+    return bool(responses) and sum(bool(_FINAL.search(r)) for r in responses) >= \
+        share * len(responses)
+
+
+@torch.no_grad()
+def answers(model, tokenizer, cfg: RunConfig, prompts: list[str], max_new_tokens: int,
+            batch_size: int = 16) -> list[str]:
+    """Greedy answers to `prompts`, posed as in training (`data.format`)."""
+    device = torch_device()
+    model.eval()
+    out: list[str] = []
+    pad = tokenizer.pad_token_id
+    for start in range(0, len(prompts), batch_size):
+        rows = [pose(tokenizer, cfg, p) for p in prompts[start:start + batch_size]]
+        width = max(len(r) for r in rows)
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows],
+                            device=device)
+        generated = model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
+                                   max_new_tokens=max_new_tokens, pad_token_id=pad)
+        out += tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
+    return out
+
+
+def exact_match(model, tokenizer, examples: Examples, cfg: RunConfig) -> dict[str, float]:
+    """GSM8K accuracy: share of `eval.generate-examples` test pairs (0 = all) whose greedy
+    answer's final number equals the reference's; also the mean answer length in tokens."""
+    n = cfg.eval.generate_examples or len(examples)
+    subset = examples.subset(range(min(n, len(examples))))
+    replies = answers(model, tokenizer, cfg, subset.texts, cfg.eval.max_new_tokens,
+                      cfg.eval.batch_size)
+    hits = [final_number(a) is not None and final_number(a) == final_number(r)
+            for a, r in zip(replies, subset.responses)]
+    lengths = [len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in replies]
+    return {"exact_match": sum(hits) / len(hits) if hits else math.nan,
+            "generated": len(hits),
+            "answer_tokens": sum(lengths) / len(lengths) if lengths else math.nan}
