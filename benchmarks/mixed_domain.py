@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (machine_line, parse_value, provenance, read_json,  # noqa: E402
                                write_json)
-from strategies.lora.math import AGGREGATORS  # noqa: E402
+from strategies.lora.math import aggregate  # noqa: E402
 from task.config import RunConfig  # noqa: E402
 from task.device import DeviceInfo, train_round  # noqa: E402
 from task.evaluation import ServerTask  # noqa: E402
@@ -71,18 +71,19 @@ def run(setup: str, cfgs: dict[str, RunConfig], per_domain: int, eval_every: int
     log(f"  round 0: {rows[-1]['domains']}")
     for rnd in range(1, any_cfg.num_rounds + 1):
         t0 = time.perf_counter()
-        states, counts, clients = [], [], []
+        states, counts, clients, sents = [], [], [], []
         for (domain, index), rank in zip(devices, ranks):
             sent = truncate_lora(state, rank)
             info = DeviceInfo(partition_id=index, num_partitions=per_domain)
             cfg = cfgs[domain]
             new, n, m = train_round(cfg, info, servers[domain].label_names, rank, sent, rnd)
             states.append(new)
+            sents.append(sent)
             counts.append(n)
             clients.append({"domain": domain, "rank": rank, "num_examples": n,
                             "train_loss": m["train_loss"], "train_s": m["train_s"],
                             "bytes_up": state_nbytes(new)})
-        state = AGGREGATORS[any_cfg.strategy](states, counts, any_cfg.r_max)
+        state = aggregate(any_cfg.strategy, state, sents, states, counts, any_cfg.r_max)
         row = {"round": rnd, "clients": clients, "train_wall_s": time.perf_counter() - t0}
         if rnd % eval_every == 0 or rnd == any_cfg.num_rounds:
             row["domains"] = evaluate_all(servers, state)

@@ -23,7 +23,7 @@ from benchmarks.common import (machine_line, parse_value, provenance, read_json,
                                write_json)
 from task.device import DeviceInfo, train_round  # noqa: E402
 from task.evaluation import ServerTask  # noqa: E402
-from strategies.lora.math import AGGREGATORS, aggregation_error  # noqa: E402
+from strategies.lora.math import aggregate, aggregation_error  # noqa: E402
 from task.config import RunConfig  # noqa: E402
 from task.lora import state_nbytes, truncate_lora  # noqa: E402
 
@@ -32,6 +32,9 @@ SETUPS = {  # name -> run-config overrides
     "fedavg-r16": {"strategy": "fedavg", "lora.fedavg-rank": 16},
     "hetlora": {"strategy": "hetlora"},
     "flexlora": {"strategy": "flexlora"},
+    "rankwise": {"strategy": "rankwise"},
+    "hetlora-sw": {"strategy": "hetlora-sw"},
+    "flexlora-delta": {"strategy": "flexlora-delta"},
     "central-r16": {"strategy": "fedavg", "lora.fedavg-rank": 16},
 }
 
@@ -43,17 +46,18 @@ def federated(cfg: RunConfig, num_devices: int, log) -> list[dict]:
     ranks = [cfg.rank_for(cfg.device_for(p)) for p in range(num_devices)]
     for rnd in range(1, cfg.num_rounds + 1):
         t0 = time.perf_counter()
-        states, counts, clients = [], [], []
+        states, counts, clients, sents = [], [], [], []
         for pid, rank in enumerate(ranks):
             sent = truncate_lora(state, rank)
             info = DeviceInfo(partition_id=pid, num_partitions=num_devices)
             new, n, m = train_round(cfg, info, task.label_names, rank, sent, rnd)
             states.append(new)
+            sents.append(sent)
             counts.append(n)
             clients.append({"partition_id": pid, "rank": rank, "num_examples": n,
                             "train_loss": m["train_loss"], "train_s": m["train_s"],
                             "bytes_down": state_nbytes(sent), "bytes_up": state_nbytes(new)})
-        state = AGGREGATORS[cfg.strategy](states, counts, cfg.r_max)
+        state = aggregate(cfg.strategy, state, sents, states, counts, cfg.r_max)
         row = {"round": rnd, **task.evaluate(state), "wall_s": time.perf_counter() - t0,
                "aggregation_error": aggregation_error(state, states, counts),
                "clients": clients}
@@ -97,7 +101,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--devices", type=int, default=10)
     ap.add_argument("--local-steps", type=int, default=10)
-    ap.add_argument("--setups", default=",".join(SETUPS))
+    ap.add_argument("--setups", default="fedavg-r2,fedavg-r16,hetlora,flexlora,central-r16",
+                    help=f"comma-separated, of {', '.join(SETUPS)}")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--eval-max", type=int, default=0,
                     help="test texts evaluated each round (0 = the whole test split)")

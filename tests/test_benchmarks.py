@@ -213,13 +213,16 @@ def test_committed_results_render_from_their_json(tmp_path):
     results = BENCH / "results"
     for script, files in (("quality.py", ["quality.json"]), ("fedkd.py", ["fedkd.json"]),
                           ("quality.py", ["smollm2-agnews/quality.json"]),
+                          ("quality.py", ["smollm2-agnews-20r/quality.json"]),
+                          ("quality.py", ["gemma-agnews/quality.json"]),
+                          ("llm_cost.py", ["llm_cost.json"]),
                           ("unlearning.py", ["unlearning.json"]),
                           ("unlearning.py", ["unlearning-poison10/unlearning.json"]),
                           ("unlearning.py", ["unlearning-dp-b16/unlearning.json"]),
                           ("communication.py", ["communication.json"]),
                           ("client_cost.py", ["client_cost_r2.json", "client_cost_r16.json"]),
                           ("default_run.py", ["default_run.json"]),
-                          ("default_run.py", ["smollm2-quickstart/default_run.json"]),
+                          ("default_run.py", ["smollm2-quickstart-agnews/default_run.json"]),
                           ("model_load.py", ["model_load.json"])):
         sub = Path(files[0]).parent  # a study kept in its own folder of results/
         out = tmp_path / script / sub

@@ -6,8 +6,21 @@
   factorisation at r_max, split as B = U_r S_r^{1/2}, A = S_r^{1/2} V_r^T. Because singular
   values are sorted, the S1 truncation of these factors to r_k *is* the best rank-r_k
   factorisation each device should receive (FlexLoRA).
+- `rankwise_aggregate`: zero-padding without the shrinkage: component j (column j of B, row j
+  of A) is averaged only over the devices whose rank exceeds j, weights renormalised.
+- `norm_weighted_aggregate`: HetLoRA's sparsity-weighted aggregation (Cho et al., EMNLP 2024):
+  per layer, device k weighs n_k ||B_k A_k||_F instead of n_k, then zero-pad and average.
+- `delta_aggregate` (`strategy='flexlora-delta'`): FlexLoRA on *updates*: the new global
+  product is the old one plus sum_k w_k (B_k' A_k' - B_k A_k), with B_k A_k what device k
+  received, refactorised at r_max. A rank-2 device then reports "no change" where it cannot
+  see, instead of zeros that pull the high-rank components down (the shrinkage of hetlora
+  and flexlora on models).
 - `aggregation_error`: ||Bbar Abar - sum_k w_k B_k A_k||_F / ||sum_k w_k B_k A_k||_F averaged over
-  adapted layers: the number that separates the two.
+  adapted layers: the number that separates them.
+
+FlexLoRA's SVD never forms the d_out x d_in product: sum_k w_k B_k A_k = B_cat A_cat with
+B_cat = [w_1 B_1 ... w_K B_K], A_cat = [A_1; ...; A_K] of inner size R = sum_k r_k, so two
+thin QR factorisations and the SVD of an R x R core give the same factors (`lowrank_svd`).
 
 Tensors that are not LoRA factors (the classification head) are averaged whole in both.
 """
@@ -18,7 +31,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from task.lora import State, factors, is_lora_key, lora_layers, lora_products, pad_lora
+from task.lora import (State, factors, is_lora_key, lora_layers, lora_products, lora_rank,
+                       pad_lora)
 
 
 def example_weights(num_examples: Sequence[int]) -> np.ndarray:
@@ -74,13 +88,121 @@ def factorize(delta: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
     return b, a
 
 
+def lowrank_svd(bs: Sequence[np.ndarray], as_: Sequence[np.ndarray], weights: np.ndarray,
+                rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """`factorize(sum_k w_k B_k A_k, rank)` without forming the d_out x d_in sum: with
+    B_cat = [w_k B_k]_k (d_out x R) = Q_b R_b and A_cat^T = [A_k]_k^T (d_in x R) = Q_a R_a,
+    the sum is Q_b (R_b R_a^T) Q_a^T, so the SVD of the R x R core U S V^T gives
+    B = Q_b U_r S_r^1/2 and A = S_r^1/2 V_r^T Q_a^T. O((d_out + d_in) R^2) instead of
+    O(d_out d_in min(d_out, d_in))."""
+    b_cat = np.concatenate([w * b.astype(np.float64) for w, b in zip(weights, bs)], axis=1)
+    a_cat = np.concatenate([a.astype(np.float64) for a in as_], axis=0)
+    if b_cat.shape[1] >= min(b_cat.shape[0], a_cat.shape[1]):  # no saving: dense SVD
+        return factorize(b_cat @ a_cat, rank)
+    q_b, r_b = np.linalg.qr(b_cat)
+    q_a, r_a = np.linalg.qr(a_cat.T)
+    u, s, vt = np.linalg.svd(r_b @ r_a.T)
+    root = np.sqrt(s[:rank])
+    b = (q_b @ u[:, :rank]) * root
+    a = root[:, None] * (vt[:rank, :] @ q_a.T)
+    if b.shape[1] < rank:  # fewer directions than the rank: pad with zeros
+        b = np.pad(b, ((0, 0), (0, rank - b.shape[1])))
+        a = np.pad(a, ((0, rank - a.shape[0]), (0, 0)))
+    return b, a
+
+
 def flexlora_aggregate(states: Sequence[State], num_examples: Sequence[int], r_max: int) -> State:
     """FlexLoRA: SVD of sum_k w_k B_k A_k, factors at r_max (truncate them to serve rank r_k)."""
     weights = example_weights(num_examples)
     out = _mean_non_lora(states, weights)
     dtype = next(v.dtype for k, v in states[0].items() if is_lora_key(k))
-    for prefix, delta in weighted_products(states, num_examples).items():
-        b, a = factorize(delta, r_max)
+    for prefix in lora_layers(states[0]):
+        pairs = [factors(s, prefix) for s in states]
+        b, a = lowrank_svd([b for b, _ in pairs], [a for _, a in pairs], weights, r_max)
+        out[prefix + ".lora_B.weight"] = b.astype(dtype)
+        out[prefix + ".lora_A.weight"] = a.astype(dtype)
+    return out
+
+
+def _rank_axis(key: str) -> int:
+    return 0 if key.endswith(".lora_A.weight") else 1  # A: r x d_in, B: d_out x r
+
+
+def rankwise_aggregate(states: Sequence[State], num_examples: Sequence[int],
+                       r_max: int) -> State:
+    """Component j of B and A = sum_{k: r_k > j} w_k X_k[j] / sum_{k: r_k > j} w_k.
+
+    HetLoRA's zero-padding averages component j with zeros from every device of rank <= j,
+    shrinking it by the share of those devices each round; renormalising over the devices that
+    trained it removes that shrinkage. A component no device trained this round is zero (as
+    zero-padding leaves it). With equal ranks this is FedAvg."""
+    weights = example_weights(num_examples)
+    ranks = np.array([lora_rank(s) for s in states])
+    padded = [pad_lora(s, r_max) for s in states]
+    out = _mean_non_lora(padded, weights)
+    # per component j: the weights of the devices that have it, renormalised
+    per_j = np.array([np.where(ranks > j, weights, 0.0) for j in range(r_max)])  # r_max x K
+    totals = per_j.sum(axis=1, keepdims=True)
+    per_j = np.divide(per_j, totals, out=np.zeros_like(per_j), where=totals > 0)
+    for key in padded[0]:
+        if not is_lora_key(key):
+            continue
+        stack = np.stack([p[key].astype(np.float64) for p in padded])  # K x ...
+        if _rank_axis(key) == 0:  # A: K x r x d_in
+            out[key] = np.einsum("jk,kjd->jd", per_j, stack).astype(padded[0][key].dtype)
+        else:  # B: K x d_out x r
+            out[key] = np.einsum("jk,kdj->dj", per_j, stack).astype(padded[0][key].dtype)
+    return out
+
+
+def norm_weighted_aggregate(states: Sequence[State], num_examples: Sequence[int],
+                            r_max: int) -> State:
+    """HetLoRA's sparsity-weighted aggregation (Cho et al., EMNLP 2024), per layer:
+    w_k proportional to n_k ||B_k A_k||_F, then zero-pad and average as `hetlora_aggregate`.
+    A device whose update is small (sparse, or pruned) counts less; a layer no device moved
+    falls back to the example weights. Non-LoRA tensors are averaged by examples."""
+    base = example_weights(num_examples)
+    padded = [pad_lora(s, r_max) for s in states]
+    out = _mean_non_lora(padded, base)
+    for prefix in lora_layers(padded[0]):
+        norms = np.array([np.linalg.norm(b.astype(np.float64) @ a.astype(np.float64))
+                          for b, a in (factors(s, prefix) for s in states)])
+        scores = base * norms
+        weights = scores / scores.sum() if scores.sum() > 0 else base
+        for suffix in (".lora_A.weight", ".lora_B.weight"):
+            out[prefix + suffix] = _weighted_mean([p[prefix + suffix] for p in padded], weights)
+    return out
+
+
+def delta_aggregate(previous: State, sent: Sequence[State], states: Sequence[State],
+                    num_examples: Sequence[int], r_max: int) -> State:
+    """W' = Bbar Abar + sum_k w_k (B_k' A_k' - B_k^0 A_k^0) per layer, as its best rank-r_max
+    factors (`lowrank_svd` over the stacked factors: inner size r_max + 2 sum_k r_k); other
+    tensors: previous + sum_k w_k (new_k - sent_k).
+
+    `previous` is the global state at r_max this round started from, `sent[k]` what device
+    k received (its truncation) and `states[k]` what it returned. With every device at r_max
+    this is FlexLoRA (sum_k w_k = 1); a device that returns what it got changes nothing."""
+    weights = example_weights(num_examples)
+    out: State = {}
+    for key, value in previous.items():
+        if not is_lora_key(key):
+            change = sum(w * (s[key].astype(np.float64) - r[key].astype(np.float64))
+                         for w, s, r in zip(weights, states, sent))
+            out[key] = (value.astype(np.float64) + change).astype(value.dtype)
+    dtype = next(v.dtype for k, v in previous.items() if is_lora_key(k))
+    for prefix in lora_layers(previous):
+        bs, as_, ws = [], [], []
+        b0, a0 = factors(previous, prefix)
+        bs.append(b0)
+        as_.append(a0)
+        ws.append(1.0)
+        for w, new, got in zip(weights, states, sent):
+            for (b, a), sign in ((factors(new, prefix), 1.0), (factors(got, prefix), -1.0)):
+                bs.append(b)
+                as_.append(a)
+                ws.append(sign * w)
+        b, a = lowrank_svd(bs, as_, np.asarray(ws), r_max)
         out[prefix + ".lora_B.weight"] = b.astype(dtype)
         out[prefix + ".lora_A.weight"] = a.astype(dtype)
     return out
@@ -107,11 +229,16 @@ def aggregation_error(global_state: State, states: Sequence[State],
 
 
 Aggregator = Callable[[Sequence[State], Sequence[int], int], State]
+# (previous global, states sent, states returned, example counts, r_max) -> new global
+DeltaAggregator = Callable[[State, Sequence[State], Sequence[State], Sequence[int], int], State]
+DELTA_AGGREGATORS: dict[str, DeltaAggregator] = {"flexlora-delta": delta_aggregate}
 
 AGGREGATORS: dict[str, Aggregator] = {
     "fedavg": hetlora_aggregate,  # every device at one rank: zero-padding is a no-op
     "hetlora": hetlora_aggregate,
     "flexlora": flexlora_aggregate,
+    "rankwise": rankwise_aggregate,
+    "hetlora-sw": norm_weighted_aggregate,
 }
 
 
@@ -136,3 +263,12 @@ def check_reply(state: State, expected: State, rank: int, num_examples: object) 
         if not np.all(np.isfinite(got)):
             return f"non-finite values (NaN/Inf) in {key}"
     return None
+
+
+def aggregate(name: str, previous: State, sent: Sequence[State], states: Sequence[State],
+              num_examples: Sequence[int], r_max: int) -> State:
+    """The aggregation `name` (a strategy or unlearn.aggregation value), of models or of
+    updates alike: what the in-process benchmarks call."""
+    if name in DELTA_AGGREGATORS:
+        return DELTA_AGGREGATORS[name](previous, sent, states, num_examples, r_max)
+    return AGGREGATORS[name](states, num_examples, r_max)

@@ -32,7 +32,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from strategies.lora.math import AGGREGATORS, aggregation_error, check_reply
+from strategies.lora.math import (AGGREGATORS, DELTA_AGGREGATORS, aggregation_error,
+                                  check_reply)
 from task.config import RunConfig
 from task.fleet import origin, query_profiles, unicast
 from task.lora import State, truncate_lora
@@ -61,6 +62,9 @@ class HeterogeneousLoRA(FedAvg):
         self.cfg = cfg
         self.label_names = label_names
         self.aggregate_fn = AGGREGATORS.get(cfg.aggregation)  # None: a subclass aggregates
+        # aggregations of updates need the round's starting global and what each got
+        self.delta_fn = DELTA_AGGREGATORS.get(cfg.aggregation)
+        self._round_start: State | None = None
         self.on_train_round = on_train_round or (lambda rnd, info: None)
         self.query_timeout = query_timeout
         self.profiles: dict[int, NodeProfile] = {}
@@ -110,6 +114,7 @@ class HeterogeneousLoRA(FedAvg):
         node_ids = self._train_node_ids(server_round, arrays, config, grid)
         self._learn_profiles(grid, node_ids)
         global_state = from_record(arrays)
+        self._round_start = global_state
         messages = self._unicast(
             node_ids, server_round, config, MessageType.TRAIN,
             lambda node: ("arrays", *self._downlink(node, global_state, server_round)))
@@ -252,4 +257,7 @@ class HeterogeneousLoRA(FedAvg):
 
     def _aggregate(self, states: list[State], counts: list[int], nodes: list[int]) -> State:
         """The new global state from the accepted replies (S1 math)."""
+        if self.delta_fn is not None:
+            sent = [self._sent[node][0] for node in nodes]
+            return self.delta_fn(self._round_start, sent, states, counts, self.cfg.r_max)
         return self.aggregate_fn(states, counts, self.cfg.r_max)
