@@ -2,7 +2,9 @@
 
 The mode (`server_app.modes`, today `train`) looks the algorithm up in the registry
 (`strategies.registry`); neither this file nor the modes know any algorithm by name. A bad
-configuration stops the run with one message that names the key.
+configuration stops the run with one message that names the key, and the run ends as
+failed: `flwr ls` shows it `finished:failed` with that message. (Flower catches
+`Exception` there; a `SystemExit` escaped it and the run was reported completed.)
 """
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ log = get_logger()
 app = ServerApp()
 
 
+class RunFailed(RuntimeError):
+    """The run could not go on (bad configuration, aborted); Flower records it as failed."""
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     try:
@@ -27,7 +33,7 @@ def main(grid: Grid, context: Context) -> None:
         modes.get(cfg.mode)(grid, context, cfg)
     except ConfigError as err:
         log.error("configuration error: %s", err)
-        raise SystemExit(f"edge-lam: configuration error: {err}") from err
+        raise RunFailed(f"edge-lam: configuration error: {err}") from err
     except RunAborted as err:
         log.error("%s", err)
-        raise SystemExit(f"edge-lam: {err}") from err
+        raise RunFailed(f"edge-lam: {err}") from err

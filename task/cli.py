@@ -33,12 +33,16 @@ def load_adapter(adapter: Path) -> tuple[RunConfig, tuple[str, ...], dict]:
                           "edge_lam.json and adapter_model.safetensors): pass "
                           "results/<run-id>/adapter")
     meta = json.loads(meta_path.read_text())
-    return (RunConfig.from_dict(meta["run_config"]), tuple(meta["label_names"]),
-            load_file(str(weights)))
+    try:
+        state = load_file(str(weights))
+    except Exception as err:  # safetensors raises its own error type for a damaged file
+        raise ConfigError(f"{weights} is damaged ({err.__class__.__name__}: {err}); copy it "
+                          "again from the run's results folder or re-run training") from err
+    return RunConfig.from_dict(meta["run_config"]), tuple(meta["label_names"]), state
 
 
 def evaluate_adapter(adapter: Path, data: Path, rank: int | None = None,
-                     batch_size: int | None = None) -> dict:
+                     batch_size: int | None = None, columns: dict | None = None) -> dict:
     """Accuracy and loss of a saved adapter (or its rank-`rank` truncation) on `data`."""
     from task.evaluation import truncated
     from task.data import load_split_frames, resolve_columns, to_examples
@@ -50,15 +54,18 @@ def evaluate_adapter(adapter: Path, data: Path, rank: int | None = None,
     cfg, labels, state = load_adapter(adapter)
     if batch_size:
         cfg = cfg.updated("eval", batch_size=batch_size)
+    if columns:  # --text-column / --label-column / ...: this data's own column names
+        cfg = cfg.updated("data", **columns)
     if not data.exists():
         raise ConfigError(f"--data {data} does not exist: give a .tsv/.csv/.jsonl file or a "
                           "folder with test.tsv")
     full_rank = lora_rank(state)
-    rank = rank or full_rank
-    if rank < 1:
-        raise ConfigError(f"--rank {rank} must be at least 1")
+    if rank is not None and rank < 1:
+        raise ConfigError(f"--rank {rank} must be at least 1 (leave it out for the adapter's "
+                          f"full rank, {full_rank})")
+    rank = full_rank if rank is None else rank
     state = truncated(state, rank)
-    frame = load_split_frames(str(data.resolve()), "")["test"]
+    frame = load_split_frames(str(data.resolve()), "", cfg.data.encoding)["test"]
     examples = to_examples(frame, resolve_columns(frame, cfg), labels)
     model = get_lora_model(cfg, labels, rank)
     set_trainable_state(model, state)
@@ -185,6 +192,10 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--rank", type=int, default=None,
                     help="evaluate the truncation a device of this rank would receive")
     ev.add_argument("--batch-size", type=int, default=None)
+    for option in ("text-column", "label-column", "prompt-column", "response-column"):
+        ev.add_argument(f"--{option}", default=None,
+                        help=f"this data's {option.replace('-', ' ')} (default: the adapter's "
+                             f"data.{option})")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     gen = sub.add_parser("generate", help="answer a prompt with a saved adapter or a model")
     gen.add_argument("--adapter", type=Path, help="results/<run-id>/adapter")
@@ -209,7 +220,12 @@ def main(argv: list[str] | None = None) -> int:
         elif args.adapter is None:
             raise ConfigError("give --adapter (a saved adapter) or --model (a base model)")
         else:
-            result = evaluate_adapter(args.adapter, args.data, args.rank, args.batch_size)
+            columns = {name: getattr(args, name) for name in ("text_column", "label_column",
+                                                               "prompt_column",
+                                                               "response_column")
+                       if getattr(args, name) is not None}
+            result = evaluate_adapter(args.adapter, args.data, args.rank, args.batch_size,
+                                      columns)
     except ConfigError as err:
         print(f"edge-lam: error: {err}", file=sys.stderr)
         return 2

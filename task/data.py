@@ -27,18 +27,43 @@ RESPONSE_CANDIDATES = ("response", "answer", "output", "completion")
 PLAIN_PROMPT = "### Instruction:\n{prompt}\n\n### Response:\n"
 
 
-def _read_table(path: Path):
-    """One file as a pandas DataFrame (TSV read verbatim: quotes are text, not quoting)."""
+def _read_table(path: Path, encoding: str = "utf-8"):
+    """One file as a pandas DataFrame (TSV read verbatim: quotes are text, not quoting);
+    a file that is not in `encoding`, or has no rows, is refused with its name and line."""
     import pandas as pd
 
     suffix = path.suffix.lower()
-    if suffix in (".tsv", ".csv"):
-        return pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype=str,
-                           keep_default_na=False,
-                           quoting=csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL)
-    if suffix in (".jsonl", ".json"):
-        return pd.read_json(path, lines=suffix == ".jsonl", dtype=False)
-    raise ConfigError(f"{path}: unsupported file type; use one of {', '.join(SUFFIXES)}")
+    if suffix not in SUFFIXES:
+        raise ConfigError(f"{path}: unsupported file type; use one of {', '.join(SUFFIXES)}")
+    try:
+        if suffix in (".tsv", ".csv"):
+            frame = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype=str,
+                                keep_default_na=False, encoding=encoding,
+                                quoting=csv.QUOTE_NONE if suffix == ".tsv" else
+                                csv.QUOTE_MINIMAL)
+        else:
+            frame = pd.read_json(path, lines=suffix == ".jsonl", dtype=False,
+                                 encoding=encoding)
+    except UnicodeDecodeError as err:
+        raise ConfigError(_encoding_error(path, encoding)) from err
+    except pd.errors.EmptyDataError as err:
+        raise ConfigError(f"{path} is empty: it needs a header line and rows") from err
+    if len(frame) == 0:
+        raise ConfigError(f"{path} has a header but no rows: add examples, or point "
+                          "data.path elsewhere")
+    return frame
+
+
+def _encoding_error(path: Path, encoding: str) -> str:
+    """Where the first byte that is not `encoding` sits: line and column."""
+    for number, line in enumerate(path.read_bytes().split(b"\n"), start=1):
+        try:
+            line.decode(encoding)
+        except UnicodeDecodeError as err:
+            return (f"{path}, line {number}, byte {err.start + 1}: 0x{line[err.start]:02x} is "
+                    f"not valid {encoding}: save the file as UTF-8, or set data.encoding to "
+                    "its encoding (e.g. data.encoding='latin-1')")
+    return f"{path} is not valid {encoding}: set data.encoding to its encoding"
 
 
 def _find_split(folder: Path, names: tuple[str, ...]) -> Path | None:
@@ -60,12 +85,13 @@ def resolve_data_path(cfg: RunConfig, override: str = "") -> Path | None:
 
 
 @functools.lru_cache(maxsize=8)
-def load_split_frames(path: str | None, hub_dataset: str):
+def load_split_frames(path: str | None, hub_dataset: str, encoding: str = "utf-8"):
     """{'train': DataFrame, 'test': DataFrame} from a local folder/file or the hub."""
     if path is not None:
         p = Path(path)
         if p.is_file():
-            return {"train": _read_table(p), "test": _read_table(p)}
+            frame = _read_table(p, encoding)
+            return {"train": frame, "test": frame}
         train = _find_split(p, ("train",))
         test = _find_split(p, TEST_NAMES)
         if train is None:
@@ -73,7 +99,8 @@ def load_split_frames(path: str | None, hub_dataset: str):
                 f"data.path={p} has no train{SUFFIXES[0]} (or .csv/.jsonl): put the training "
                 "split there as train.tsv with a header line"
             )
-        return {"train": _read_table(train), "test": _read_table(test or train)}
+        return {"train": _read_table(train, encoding),
+                "test": _read_table(test or train, encoding)}
     if not hub_dataset:
         raise ConfigError("no data: set data.path to a local folder with train.tsv and test.tsv")
     try:
@@ -107,7 +134,8 @@ def resolve_columns(frame, cfg: RunConfig) -> Columns:
     def need(key: str, name: str) -> str:
         if name not in have:
             raise ConfigError(f"{key}='{name}' is not a column of the data; columns are "
-                              f"{', '.join(have)}: set {key} to one of them")
+                              f"{', '.join(have)}: set {key} to one of them (edge-lam "
+                              f"evaluate: --{key.split('.', 1)[1]})")
         return name
 
     def pick(key: str, name: str, candidates: tuple[str, ...]) -> str:
@@ -115,7 +143,8 @@ def resolve_columns(frame, cfg: RunConfig) -> Columns:
             name = next((c for c in candidates if c in have), "")
             if not name:
                 raise ConfigError(f"{key}='auto' found none of {candidates} among the columns "
-                                  f"{', '.join(have)}: set {key}")
+                                  f"{', '.join(have)}: set {key} (edge-lam evaluate: "
+                                  f"--{key.split('.', 1)[1]})")
         return need(key, name)
 
     if not family(cfg).labelled:

@@ -59,7 +59,8 @@ def local_examples(cfg: RunConfig, info: DeviceInfo, label_names: tuple[str, ...
     if info.data_dir and path is None:
         raise ConfigError(f"data-dir='{info.data_dir}' does not exist on this device: fix "
                           "--node-config data-dir")
-    frames = load_split_frames(str(path) if path else None, cfg.data.hub_dataset)
+    frames = load_split_frames(str(path) if path else None, cfg.data.hub_dataset,
+                               cfg.data.encoding)
     examples = to_examples(frames["train"], resolve_columns(frames["train"], cfg), label_names)
     if info.partition_id >= 0 and info.num_partitions > 0:
         examples = examples.subset(

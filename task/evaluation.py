@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,10 +41,12 @@ class ServerTask:
         if path is None:
             log.info("data.path '%s' not found; trying hub dataset '%s'", cfg.data.path,
                      cfg.data.hub_dataset)
-        frames = load_split_frames(str(path) if path else None, cfg.data.hub_dataset)
+        frames = load_split_frames(str(path) if path else None, cfg.data.hub_dataset,
+                                   cfg.data.encoding)
         columns = resolve_columns(frames["train"], cfg)
         resolve_columns(frames["test"], cfg)
         labels = label_names_of(frames, columns)
+        warn_unseen_labels(frames, columns, task_source(path, cfg))
         if len(labels) < family(cfg).min_labels:
             raise ConfigError(f"data.label-column='{cfg.data.label_column}' has {len(labels)} "
                               "distinct value(s): a classifier needs at least 2")
@@ -103,13 +106,38 @@ class ServerTask:
         model.save_pretrained(str(tmp), selected_adapters=[adapter_name(rank)])
         # PEFT writes a non-default adapter into a sub-folder named after it: flatten it.
         saved = tmp / adapter_name(rank) if (tmp / adapter_name(rank)).is_dir() else tmp
-        shutil.rmtree(out_dir, ignore_errors=True)
-        shutil.move(str(saved), str(out_dir))
-        shutil.rmtree(tmp, ignore_errors=True)
         meta = {"model": self.cfg.model, "task": self.cfg.task, "rank": rank,
                 "label_names": list(self.label_names), "run_config": self.cfg.to_dict()}
-        (out_dir / METADATA_FILE).write_text(json.dumps(meta, indent=2))
+        (saved / METADATA_FILE).write_text(json.dumps(meta, indent=2))
+        # swap in the new folder whole: the old one stays until the new one is in place
+        old = out_dir.with_name(out_dir.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        if out_dir.exists():
+            os.replace(out_dir, old)
+        os.replace(saved, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
         return out_dir
+
+
+def task_source(path, cfg: RunConfig) -> str:
+    return str(path) if path else f"hub:{cfg.data.hub_dataset}"
+
+
+def warn_unseen_labels(frames: dict, columns, source: str) -> list[str]:
+    """Warn about labels of the test split that training never shows (the model cannot
+    learn them: they only lower the accuracy); returns them."""
+    if not columns.label:
+        return []
+    train = frames["train"][columns.label].astype(str).value_counts()
+    test = frames["test"][columns.label].astype(str).value_counts()
+    unseen = sorted(set(test.index) - set(train.index))
+    if unseen:
+        log.warning("%s: label(s) %s occur in the test split (%s examples) but never in the "
+                    "training split (%d examples): the model cannot learn them", source,
+                    unseen, ", ".join(f"{u}: {int(test[u])}" for u in unseen),
+                    int(train.sum()))
+    return unseen
 
 
 def truncated(state: State, rank: int) -> State:

@@ -1,13 +1,42 @@
-"""results/<run-id>/: config.json, metrics.jsonl (one line per round), plots/."""
+"""results/<run-id>/: config.json, metrics.jsonl (one line per round), plots/, and, where
+the `tensorboard` package is installed, TensorBoard event files of the same curves
+(`tensorboard --logdir results` follows runs while they train).
+
+Every file is written whole to a temporary name and renamed into place, so a run stopped at
+any moment leaves complete files (the rows of the rounds finished so far)."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
 from task.config import RunConfig
+from task.logs import get_logger
+
+log = get_logger()
+
+# metrics a round row carries besides accuracy and loss, when the evaluation gives them
+EXTRA_METRICS = ("perplexity", "exact_match")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """`path` holds the old content or the new, never a part of it."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _event_writer(run_dir: Path):
+    """A TensorBoard SummaryWriter on run_dir, or None without the tensorboard package."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        log.info("tensorboard is not installed: no event files (pip install tensorboard)")
+        return None
+    return SummaryWriter(log_dir=str(run_dir), flush_secs=5)
 
 
 def _clean(value):
@@ -27,11 +56,13 @@ class RunRecorder:
     def __init__(self, run_dir: Path, cfg: RunConfig, extra: dict | None = None):
         self.run_dir = run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(
-            json.dumps({**cfg.to_dict(), **(extra or {})}, indent=2, sort_keys=True))
+        atomic_write_text(run_dir / "config.json",
+                          json.dumps({**cfg.to_dict(), **(extra or {})}, indent=2,
+                                     sort_keys=True))
         self.metrics_path = run_dir / "metrics.jsonl"
-        self.metrics_path.write_text("")
+        atomic_write_text(self.metrics_path, "")
         self.rows: list[dict] = []
+        self.events = _event_writer(run_dir)
         self._train: dict[int, dict] = {}
         self._t_last = time.perf_counter()
 
@@ -59,13 +90,39 @@ class RunRecorder:
         for key in ("rejections", "budget_exhausted", "forget_nodes", "unlearning"):
             if train.get(key):
                 row[key] = train[key]
+        row.update({k: metrics[k] for k in EXTRA_METRICS if k in metrics})
         row.update(extra or {})
         self._t_last = now
         row = _clean(row)
         self.rows.append(row)
-        with self.metrics_path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in self.rows))
+        self._write_events(row)
         return row
+
+    def _write_events(self, row: dict) -> None:
+        if self.events is None:
+            return
+        step = row["round"]
+        scalars = {f"eval/{k}": row.get(k) for k in ("accuracy", "loss", *EXTRA_METRICS)}
+        scalars |= {"time/round_s": row["wall_s"], "time/eval_s": row.get("eval_s"),
+                    "train/aggregation_error": row.get("aggregation_error"),
+                    "train/devices": len(row["clients"]) if row["clients"] else None,
+                    "train/rejected": row.get("rejected")}
+        if row["clients"]:
+            scalars["train/loss"] = sum(c.get("train_loss") or 0.0 for c in row["clients"]) \
+                / len(row["clients"])
+            scalars["comm/bytes_up"] = sum(c.get("bytes_up", 0) for c in row["clients"])
+            scalars["comm/bytes_down"] = sum(c.get("bytes_down", 0) for c in row["clients"])
+        for task, values in (row.get("tasks") or {}).items():  # FedKD: one curve per task
+            scalars[f"tasks/{task}/accuracy"] = values.get("accuracy")
+        for tag, value in scalars.items():
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self.events.add_scalar(tag, value, step)
+        self.events.flush()
+
+    def close(self) -> None:
+        if self.events is not None:
+            self.events.close()
 
 
 def write_plots(rows: list[dict], plot_dir: Path) -> list[Path]:
@@ -89,7 +146,7 @@ def write_plots(rows: list[dict], plot_dir: Path) -> list[Path]:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     acc_path = plot_dir / "accuracy.png"
-    fig.savefig(acc_path, dpi=120)
+    _save(fig, acc_path)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -109,6 +166,12 @@ def write_plots(rows: list[dict], plot_dir: Path) -> list[Path]:
         ax.legend(fontsize=7)
     fig.tight_layout()
     comm_path = plot_dir / "communication.png"
-    fig.savefig(comm_path, dpi=120)
+    _save(fig, comm_path)
     plt.close(fig)
     return [acc_path, comm_path]
+
+
+def _save(fig, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, dpi=120, format="png")
+    os.replace(tmp, path)

@@ -70,6 +70,7 @@ class DataSection(Section):
                        allow_empty=True, legacy="data_path")
     hub_dataset: str = option("fancyzhx/ag_news", "used when `data.path` does not exist",
                               allow_empty=True, legacy="hub_dataset")
+    encoding: str = option("utf-8", "text encoding of the data files (e.g. `latin-1`)")
     text_column: str = option("auto", "text column (`auto`: first of "
                               "text/sentence/content/document)", legacy="text_column")
     label_column: str = option("label", "label column (strings or integers)",
@@ -101,6 +102,15 @@ class DataSection(Section):
     classes_per_device: int = option(2, "labels per device for `pathological`", lo=1,
                                      legacy="classes_per_device")
 
+    def validate(self) -> None:
+        import codecs
+
+        try:
+            codecs.lookup(self.encoding)
+        except LookupError as err:
+            raise ConfigError(f"data.encoding='{self.encoding}' is not a known encoding: use "
+                              "e.g. utf-8, latin-1, cp1252") from err
+
     @classmethod
     def parse(cls, section: str, r: Reader) -> DataSection:
         out = parse_section(cls, section, r)
@@ -115,7 +125,9 @@ class TrainSection(Section):
     local_steps: int = option(10, "local optimizer steps per round", lo=1,
                               legacy="local_steps")
     batch_size: int = option(16, "local batch size", lo=1, legacy="batch_size")
-    lr: float = option(1e-3, "AdamW learning rate", lo=1e-12, legacy="lr")
+    lr: float = option(1e-3, "AdamW learning rate of the LoRA factors", lo=1e-12, legacy="lr")
+    head_lr: float = option(0.0, "AdamW learning rate of a classification head (`seq-cls`); "
+                            "0 = `train.lr`", lo=0.0)
     max_length: int = option(128, "max tokens per example (`causal-lm`: the prompt is cut in "
                              "its middle first; the response keeps at least half)", lo=8,
                              legacy="max_length")

@@ -102,8 +102,7 @@ def train_local(model, tokenizer, examples: Examples, cfg: RunConfig, seed: int,
     would spend more than dp.target-epsilon. Returns mean train loss, steps taken, pure
     training seconds (and the privacy report).
     """
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=0.0)
+    optimizer = make_optimizer([model], cfg)
     torch.manual_seed(seed)
     model.train()
     start = time.perf_counter()
@@ -117,6 +116,20 @@ def train_local(model, tokenizer, examples: Examples, cfg: RunConfig, seed: int,
     out = {"train_loss": float(np.mean(losses)) if losses else math.nan,
            "steps": len(losses), "train_s": time.perf_counter() - start}
     return out | _privacy_report(privacy, len(losses) < wanted)
+
+
+def make_optimizer(models, cfg: RunConfig) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters of `models`: LoRA factors at `train.lr`, whole
+    trainable tensors (a classification head) at `train.head-lr` (0: the same)."""
+    lora, heads = [], []
+    for model in models:
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                (lora if "lora_" in name else heads).append(param)
+    groups = [{"params": lora, "lr": cfg.train.lr}]
+    if heads:
+        groups.append({"params": heads, "lr": cfg.train.head_lr or cfg.train.lr})
+    return torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=0.0)
 
 
 def _privacy_report(privacy, stopped_early: bool) -> dict:

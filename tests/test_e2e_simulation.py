@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
+from benchmarks.common import copy_app
 from flower_e2e import ROOT, flwr_run_app
 from strategies.fedkd.math import NPY_HEADER_BYTES
 
@@ -139,3 +140,23 @@ def test_two_round_hetlora_simulation(flower_env, tiny_bert, agnews, tmp_path):
     # components 3.. the truncation drops (the tiny model is random per session and Flower's
     # sampling unseeded, so the gap varies, 1e-6 to 1e-4 relative: the values are exact above)
     assert low["loss"] != full["loss"]
+
+
+@pytest.mark.e2e
+def test_a_configuration_error_ends_the_run_as_failed(flower_env, tiny_bert, agnews,
+                                                       tmp_path):
+    """`flwr run --stream` itself exits 0 whatever the run does (Flower 1.39); the run's
+    status is what a script can check: `flwr ls` must say failed, with our message."""
+    app = copy_app(tmp_path / "app")
+    proc = subprocess.run(
+        ["flwr", "run", str(app), "--stream", "--run-config",
+         f"model='{tiny_bert}' data.path='{agnews}' data.text-column='body' "
+         f"results-dir='{tmp_path / 'results'}'", "--federation-config", "num-supernodes=2"],
+        env=flower_env, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert "data.text-column='body' is not a column" in out, out[-3000:]
+    listed = subprocess.run(["flwr", "ls", "--format", "json"], env=flower_env, cwd=app,
+                            capture_output=True, text=True, timeout=60)
+    runs = json.loads(listed.stdout)["runs"]
+    newest = max(runs, key=lambda r: int(r["run-id"]))
+    assert newest["status"] == "finished:failed", newest

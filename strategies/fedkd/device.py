@@ -100,7 +100,8 @@ def _data_path(task_cfg: RunConfig, task: str, info: DeviceInfo) -> Path:
 def task_test_examples(task_cfg: RunConfig, task: str, label_names: tuple[str, ...],
                        max_examples: int, info: DeviceInfo = DeviceInfo()) -> Examples:
     """The task's test split, capped like ServerTask.prepare (same seed: same subset)."""
-    frames = load_split_frames(str(_data_path(task_cfg, task, info)), "")
+    frames = load_split_frames(str(_data_path(task_cfg, task, info)), "",
+                               task_cfg.data.encoding)
     test = to_examples(frames["test"], resolve_columns(frames["test"], task_cfg), label_names)
     if max_examples and len(test) > max_examples:
         rng = np.random.default_rng(task_cfg.seed)

@@ -19,7 +19,7 @@ from task.data import Examples, encode_batch, endless_batches
 from task.families import family
 from task.logs import get_logger
 from task.model import torch_device
-from task.train import run_steps
+from task.train import make_optimizer, run_steps
 
 log = get_logger()
 
@@ -93,8 +93,7 @@ def train_mutual(local_model, shared_model, local_tokenizer, shared_tokenizer,
     local module's as `local_loss`, the mean distillation terms and `train_s`.
     """
     device = torch_device()
-    params = [p for m in (local_model, shared_model) for p in m.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=0.0)
+    optimizer = make_optimizer([local_model, shared_model], cfg)
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     local_model.train()

@@ -69,5 +69,6 @@ def run(grid: Grid, context: Context, cfg: RunConfig) -> Path:
                    evaluate_fn=evaluate_fn)
     server.save_adapters(final["state"], run_dir / "adapter")
     write_plots(recorder.rows, run_dir / "plots")
+    recorder.close()
     log.info("done in %.1fs: %s", time.perf_counter() - started, run_dir)
     return run_dir

@@ -92,6 +92,7 @@ def federate(grid: Grid, plan: RunPlan,
     write_plots(recorder.rows, run_dir / "plots")
     if finish is not None:
         finish(recorder)
+    recorder.close()
     log.info("done in %.1fs: %s", time.perf_counter() - started, run_dir)
     return run_dir
 
