@@ -58,16 +58,21 @@ def evaluate_all(servers: dict[str, ServerTask], state) -> dict[str, dict]:
 
 
 def run(setup: str, cfgs: dict[str, RunConfig], per_domain: int, eval_every: int,
-        log) -> list[dict]:
+        log, zero_shot: dict | None = None, own_only: bool = False) -> list[dict]:
     """Rounds of a federation of `per_domain` devices per domain (setup 'federated') or of
     one domain's devices alone ('alone-<domain>'), evaluated on every domain's test set."""
     domains = list(cfgs) if setup == "federated" else [setup.removeprefix("alone-")]
     devices = [(d, i) for d in domains for i in range(per_domain)]
     any_cfg = cfgs[domains[0]]
     servers = {d: ServerTask.prepare(c) for d, c in cfgs.items()}
+    if setup != "federated" and own_only:  # a domain alone: scored on its own test set
+        servers = {d: s for d, s in servers.items() if d in domains}
     state = servers[domains[0]].initial_state()
     ranks = [any_cfg.rank_for(any_cfg.device_for(k)) for k in range(len(devices))]
-    rows = [{"round": 0, "domains": evaluate_all(servers, state), "wall_s": 0.0}]
+    # every setup starts from the same initial adapter (B = 0: the base model): evaluate once
+    rows = [{"round": 0, "domains": zero_shot or evaluate_all(servers, state), "wall_s": 0.0}]
+    if zero_shot is not None:
+        rows[0]["domains"] = {d: v for d, v in zero_shot.items() if d in servers}
     log(f"  round 0: {rows[-1]['domains']}")
     for rnd in range(1, any_cfg.num_rounds + 1):
         t0 = time.perf_counter()
@@ -106,6 +111,10 @@ def main() -> None:
     ap.add_argument("--generate", type=int, default=100,
                     help="GSM8K test questions answered greedily for exact match")
     ap.add_argument("--setups", default="federated,alone-gsm8k,alone-code,alone-agnews")
+    ap.add_argument("--alone-own-domain", action="store_true",
+                    help="score `alone-<domain>` setups on their own domain only (faster)")
+    ap.add_argument("--zero-shot-from", type=Path, default=None,
+                    help="a mixed_domain.json of the same settings whose round 0 to reuse")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--data-root", type=Path, default=SHARED,
                     help="folder holding gsm8k/, codealpaca/ and agnews/")
@@ -133,10 +142,15 @@ def main() -> None:
         base[key] = parse_value(value)
     cfgs = domain_configs(base, args.data_root)
     curves = {}
+    zero = None  # round 0 is the same base model for every setup: evaluated once
+    if args.zero_shot_from:
+        zero = next(iter(read_json(args.zero_shot_from)["curves"].values()))[0]["domains"]
     for setup in args.setups.split(","):
         print(f"{setup}:", flush=True)
         curves[setup] = run(setup, cfgs, args.per_domain, args.eval_every,
-                            lambda s: print(s, flush=True))
+                            lambda s: print(s, flush=True), zero, args.alone_own_domain)
+        if zero is None and set(curves[setup][0]["domains"]) == set(cfgs):
+            zero = curves[setup][0]["domains"]  # a full round 0: the next setups reuse it
         write_json(args.out / "mixed_domain.json", {
             **provenance(started), "args": {k: str(v) if isinstance(v, Path) else v
                                             for k, v in vars(args).items()},
@@ -151,8 +165,9 @@ def _fmt(metric: str, value: float) -> str:
 def write_report(out: Path) -> None:
     run = read_json(out / "mixed_domain.json")
     args, curves = run["args"], run["curves"]
-    any_curve = next(iter(curves.values()))
-    zero = any_curve[0]["domains"]
+    zero = {}  # round 0 of every setup is the base model: merge what each evaluated
+    for rows in curves.values():
+        zero |= rows[0]["domains"]
     cols = ["zero-shot", *curves]
     lines = [f"Mixed-domain federation: {args['per_domain']} devices per domain (GSM8K, Code "
              f"Alpaca, AG News as an instruction), model {args['model']}, strategy "
@@ -174,7 +189,7 @@ def write_report(out: Path) -> None:
             cells = [_fmt(metric, zero[domain][metric])]
             for rows in curves.values():
                 last = [r for r in rows if "domains" in r][-1]["domains"]
-                cells.append(_fmt(metric, last[domain][metric]))
+                cells.append(_fmt(metric, last[domain][metric]) if domain in last else "-")
             lines.append(f"| {domain}: {name} | " + " | ".join(cells) + " |")
     (out / "mixed_domain.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

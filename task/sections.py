@@ -126,8 +126,9 @@ class TrainSection(Section):
                               legacy="local_steps")
     batch_size: int = option(16, "local batch size", lo=1, legacy="batch_size")
     lr: float = option(1e-3, "AdamW learning rate of the LoRA factors", lo=1e-12, legacy="lr")
-    head_lr: float = option(0.0, "AdamW learning rate of a classification head (`seq-cls`); "
-                            "0 = `train.lr`", lo=0.0)
+    head_lr: float = option(0.01, "AdamW learning rate of a classification head (`seq-cls`; "
+                            "a fresh head needs a larger step than LoRA); 0 = `train.lr`",
+                            lo=0.0)
     max_length: int = option(128, "max tokens per example (`causal-lm`: the prompt is cut in "
                              "its middle first; the response keeps at least half)", lo=8,
                              legacy="max_length")

@@ -56,13 +56,29 @@ def _mean_non_lora(states: Sequence[State], weights: np.ndarray) -> State:
 
 
 def hetlora_aggregate(states: Sequence[State], num_examples: Sequence[int], r_max: int) -> State:
-    """S1 steps 4-5: Bbar = sum_k w_k [B_k, 0], Abar = sum_k w_k [A_k; 0]."""
+    """S1 steps 4-5: Bbar = sum_k w_k [B_k, 0], Abar = sum_k w_k [A_k; 0].
+
+    Streamed: each device's factors are added into a float64 running sum in place (its
+    first r_k rows of A / columns of B), never padded copies: memory is the inputs plus one
+    accumulator."""
     weights = example_weights(num_examples)
-    padded = [pad_lora(s, r_max) for s in states]
-    out = _mean_non_lora(padded, weights)
-    for key in padded[0]:
-        if is_lora_key(key):
-            out[key] = _weighted_mean([p[key] for p in padded], weights)
+    out: State = {}
+    for key, first in states[0].items():
+        if key.endswith(".lora_A.weight"):
+            acc = np.zeros((r_max, first.shape[1]), dtype=np.float64)
+            for w, state in zip(weights, states):
+                x = state[key]
+                acc[: x.shape[0]] += w * x
+        elif key.endswith(".lora_B.weight"):
+            acc = np.zeros((first.shape[0], r_max), dtype=np.float64)
+            for w, state in zip(weights, states):
+                x = state[key]
+                acc[:, : x.shape[1]] += w * x
+        else:
+            acc = np.zeros(first.shape, dtype=np.float64)
+            for w, state in zip(weights, states):
+                acc += w * state[key]
+        out[key] = acc.astype(first.dtype)
     return out
 
 
