@@ -184,6 +184,19 @@ def test_llm_cost_benchmark(tiny_llama, agnews, tmp_path):
     assert len(row["step_s"]) == 1 and row["response_tokens_per_batch"] > 0
 
 
+def test_aggregation_scale_benchmark(tmp_path):
+    out = tmp_path / "agg"
+    run_bench("aggregation_scale.py", "--devices", "4", "--layers", "1", "--out", str(out))
+    res = json.loads((out / "aggregation_scale.json").read_text())
+    check_provenance(res, "aggregation_scale.py")
+    hetlora, flexlora = res["rows"]
+    assert (hetlora["method"], flexlora["method"]) == ("hetlora", "flexlora")
+    # 4 devices at ranks 2/4/8/16 hold 30/16 of one rank-16 adapter
+    assert hetlora["input_bytes"] == pytest.approx(hetlora["adapter_bytes_r16"] * 30 / 16)
+    assert hetlora["seconds"] > 0 and hetlora["floor_s"] > 0
+    check_render("aggregation_scale.py", out, "aggregation_scale.md")
+
+
 def test_quality_report_from_the_logs_of_runs_cut_short(tmp_path):
     finished = tmp_path / "done"
     finished.mkdir()
@@ -216,6 +229,8 @@ def test_committed_results_render_from_their_json(tmp_path):
                           ("quality.py", ["smollm2-agnews-20r/quality.json"]),
                           ("quality.py", ["gemma-agnews/quality.json"]),
                           ("llm_cost.py", ["llm_cost.json"]),
+                          ("mixed_domain.py", ["mixed-domain/mixed_domain.json"]),
+                          ("aggregation_scale.py", ["aggregation_scale.json"]),
                           ("unlearning.py", ["unlearning.json"]),
                           ("unlearning.py", ["unlearning-poison10/unlearning.json"]),
                           ("unlearning.py", ["unlearning-dp-b16/unlearning.json"]),
