@@ -124,3 +124,20 @@ def test_a_damaged_adapter_file_is_named(adapter, tmp_path, capsys):
         cli.load_adapter(broken)
     assert cli.main(["evaluate", "--adapter", str(broken), "--data", str(tmp_path)]) == 2
     assert "is damaged" in capsys.readouterr().err
+
+
+def test_many_devices_at_a_small_dirichlet_alpha_all_get_data():
+    """100 devices, alpha 0.5, 4 classes: flwr-datasets gives up on its minimum of 10 rows
+    per device after 10 draws (seen with num-supernodes=100); the partition then asks for
+    fewer, on every device alike, and covers every row exactly once."""
+    import numpy as np
+
+    from task.data import Examples, partition_indices
+
+    cfg = RunConfig.from_run_config({})
+    labels = list(np.random.default_rng(0).integers(0, 4, 10_000))
+    examples = Examples(["x"] * 10_000, labels, [], ("a", "b", "c", "d"))
+    parts = [partition_indices(examples, cfg, p, 100) for p in range(100)]
+    assert min(len(p) for p in parts) >= 1
+    assert sorted(i for p in parts for i in p) == list(range(10_000))
+    assert partition_indices(examples, cfg, 7, 100) == parts[7]  # the same on every device

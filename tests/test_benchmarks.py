@@ -231,6 +231,8 @@ def test_committed_results_render_from_their_json(tmp_path):
                           ("llm_cost.py", ["llm_cost.json"]),
                           ("mixed_domain.py", ["mixed-domain/mixed_domain.json"]),
                           ("aggregation_scale.py", ["aggregation_scale.json"]),
+                          ("default_run.py", ["sim-scale-10/default_run.json"]),
+                          ("default_run.py", ["sim-scale-100/default_run.json"]),
                           ("unlearning.py", ["unlearning.json"]),
                           ("unlearning.py", ["unlearning-poison10/unlearning.json"]),
                           ("unlearning.py", ["unlearning-dp-b16/unlearning.json"]),
