@@ -243,7 +243,7 @@ def test_committed_results_render_from_their_json(tmp_path):
                           ("model_load.py", ["model_load.json"])):
         sub = Path(files[0]).parent  # a study kept in its own folder of results/
         out = tmp_path / script / sub
-        out.mkdir(parents=True)
+        out.mkdir(parents=True, exist_ok=True)
         for f in files:
             (out / Path(f).name).write_text((results / f).read_text())
         run_bench(script, "--render", "--out", str(out))
