@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (machine_info, machine_line, provenance, read_json,  # noqa: E402
-                               write_json)
+                               run_fresh, write_json)
 
 RESULTS = Path(__file__).parent / "results"
 HIDDEN, INTER, KV, LAYERS = 896, 4864, 128, 24
@@ -133,10 +132,8 @@ def main() -> None:
         return
     started, rows = time.perf_counter(), []
     for method in args.methods.split(","):
-        done = subprocess.run([sys.executable, __file__, "--one", method, "--devices",
-                               str(args.devices), "--layers", str(args.layers)],
-                              capture_output=True, text=True, check=True)
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        rows.append(run_fresh(__file__, "--one", method, "--devices", str(args.devices),
+                              "--layers", str(args.layers)))
         print(f"{method}: {rows[-1]['seconds']:.2f} s (floor {rows[-1]['floor_s']:.2f} s), "
               f"+{rows[-1]['peak_extra_adapters']:.1f} adapters", flush=True)
     write_json(args.out / "aggregation_scale.json", {"rows": rows, **provenance(started)})

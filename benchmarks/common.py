@@ -99,6 +99,14 @@ def command_line() -> str:
     return " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])
 
 
+def run_fresh(script: str, *args: str) -> dict:
+    """Run `python <script> <args>` in a fresh process (peak memory and timings of one case
+    alone) and return the JSON object it printed last."""
+    done = subprocess.run([sys.executable, script, *args], capture_output=True, text=True,
+                          check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def write_json(path: Path, payload: dict) -> None:
     """Write a result file atomically (a crash mid-write never leaves half a JSON)."""
     path.parent.mkdir(parents=True, exist_ok=True)

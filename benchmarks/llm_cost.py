@@ -21,7 +21,6 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (machine_info, machine_line, provenance,  # noqa: E402
-                               read_json, write_json)
+                               read_json, run_fresh, write_json)
 
 OPTIONS = {  # name -> run-config overrides (cumulative, as a device would turn them on)
     "naive": {},
@@ -51,7 +50,7 @@ def measure(option: str, rank: int, steps: int, batch: int, seq: int, data: str,
 
     from task.config import RunConfig
     from task.data import (encode_pairs, load_split_frames, resolve_columns, to_examples)
-    from task.families import task_loss
+    from task.families import training_loss
     from task.model import get_lora_model, load_tokenizer, resolve_model_source
 
     cfg = RunConfig.from_run_config({"model": model, "task": "causal-lm", "strategy": "fedavg",
@@ -78,7 +77,7 @@ def measure(option: str, rank: int, steps: int, batch: int, seq: int, data: str,
         if option == "naive":
             loss = net(**enc).loss
         else:
-            loss = task_loss(cfg, net, enc)
+            loss = training_loss(cfg, net, enc)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -144,11 +143,9 @@ def main() -> None:
     runs = [(o, 8) for o in OPTIONS] + [("bf16", 2), ("bf16", 16)]
     rows, started = [], time.perf_counter()
     for option, rank in runs:
-        cmd = [sys.executable, __file__, "--option", option, "--rank", str(rank),
-               "--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq),
-               "--data", args.data, "--model", args.model]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        rows.append(run_fresh(__file__, "--option", option, "--rank", str(rank), "--steps",
+                              str(args.steps), "--batch", str(args.batch), "--seq",
+                              str(args.seq), "--data", args.data, "--model", args.model))
         print(f"{option} r={rank}: {rows[-1]['step_s_median']:.2f} s/step, "
               f"{rows[-1]['peak_rss_mib']:.0f} MiB", flush=True)
     write_json(args.out / "llm_cost.json", {"rows": rows, **provenance(started)})

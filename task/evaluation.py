@@ -55,7 +55,7 @@ class ServerTask:
             rng = np.random.default_rng(cfg.seed)
             test = test.subset(sorted(rng.choice(len(test), cfg.eval.max_examples,
                                                  replace=False)))
-        task = cls(cfg, labels, test, str(path) if path else f"hub:{cfg.data.hub_dataset}")
+        task = cls(cfg, labels, test, task_source(path, cfg))
         if family(cfg).label_words:  # a bad data.label-words fails here, before training
             label_token_ids(load_tokenizer(resolve_model_source(cfg.model)), cfg, labels)
         model = get_lora_model(cfg, labels, cfg.r_max)

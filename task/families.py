@@ -146,7 +146,7 @@ def score(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int, int]:
     return _score_classes(logits, labels)
 
 
-def task_loss(cfg, model, batch: dict) -> torch.Tensor:
+def training_loss(cfg, model, batch: dict) -> torch.Tensor:
     """The training loss of a batch: mean cross-entropy of the family's outputs, or, for
     `task='causal-lm'` with `train.loss-chunk` > 0, the same loss computed chunk by chunk."""
     if cfg.task == "causal-lm" and cfg.train.loss_chunk:

@@ -69,8 +69,8 @@ def exact_match(model, tokenizer, examples: Examples, cfg: RunConfig) -> dict[st
     subset = examples.subset(range(min(n, len(examples))))
     replies = answers(model, tokenizer, cfg, subset.texts, cfg.eval.max_new_tokens,
                       cfg.eval.batch_size)
-    hits = [final_number(a) is not None and final_number(a) == final_number(r)
-            for a, r in zip(replies, subset.responses)]
+    got = [final_number(a) for a in replies]
+    hits = [g is not None and g == final_number(r) for g, r in zip(got, subset.responses)]
     lengths = [len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in replies]
     return {"exact_match": sum(hits) / len(hits) if hits else math.nan,
             "generated": len(hits),

@@ -14,7 +14,7 @@ import torch
 from peft import get_peft_model_state_dict
 
 from task.families import family, score
-from task.families import task_loss as family_loss
+from task.families import training_loss
 from task.config import RunConfig
 from task.data import Examples, batches, encode_batch, endless_batches
 from task.lora import State
@@ -75,7 +75,7 @@ def task_loss(model, cfg: RunConfig) -> LossFn:
     tokens)."""
 
     def loss_fn(batch: dict) -> tuple[torch.Tensor, dict]:
-        loss = family_loss(cfg, model, batch)
+        loss = training_loss(cfg, model, batch)
         return loss, {"loss": loss}
 
     return loss_fn

@@ -64,20 +64,16 @@ def hetlora_aggregate(states: Sequence[State], num_examples: Sequence[int], r_ma
     weights = example_weights(num_examples)
     out: State = {}
     for key, first in states[0].items():
-        if key.endswith(".lora_A.weight"):
-            acc = np.zeros((r_max, first.shape[1]), dtype=np.float64)
-            for w, state in zip(weights, states):
-                x = state[key]
-                acc[: x.shape[0]] += w * x
-        elif key.endswith(".lora_B.weight"):
-            acc = np.zeros((first.shape[0], r_max), dtype=np.float64)
-            for w, state in zip(weights, states):
-                x = state[key]
-                acc[:, : x.shape[1]] += w * x
-        else:
-            acc = np.zeros(first.shape, dtype=np.float64)
-            for w, state in zip(weights, states):
-                acc += w * state[key]
+        shape = list(first.shape)
+        axis = _rank_axis(key) if is_lora_key(key) else None
+        if axis is not None:
+            shape[axis] = r_max
+        acc = np.zeros(shape, dtype=np.float64)
+        for w, state in zip(weights, states):
+            x = state[key]
+            # a LoRA factor fills the first r_k entries of its rank axis; others fill all
+            view = acc if axis is None else acc[(slice(None),) * axis + (slice(x.shape[axis]),)]
+            view += w * x
         out[key] = acc.astype(first.dtype)
     return out
 
