@@ -33,11 +33,19 @@ def load_adapter(adapter: Path) -> tuple[RunConfig, tuple[str, ...], dict]:
                           "edge_lam.json and adapter_model.safetensors): pass "
                           "results/<run-id>/adapter")
     meta = json.loads(meta_path.read_text())
-    try:
-        state = load_file(str(weights))
-    except Exception as err:  # safetensors raises its own error type for a damaged file
-        raise ConfigError(f"{weights} is damaged ({err.__class__.__name__}: {err}); copy it "
-                          "again from the run's results folder or re-run training") from err
+    files = [weights]
+    if "base_delta" in meta:  # flora / fedex: the update merged into the frozen weights
+        files.append(adapter / meta["base_delta"]["file"])
+    state = {}
+    for path in files:
+        if not path.is_file():
+            raise ConfigError(f"{path} is missing: the adapter was saved with it; copy the "
+                              "whole results/<run-id>/adapter folder")
+        try:
+            state.update(load_file(str(path)))
+        except Exception as err:  # safetensors raises its own error type for a damaged file
+            raise ConfigError(f"{path} is damaged ({err.__class__.__name__}: {err}); copy it "
+                              "again from the run's results folder or re-run training") from err
     return RunConfig.from_dict(meta["run_config"]), tuple(meta["label_names"]), state
 
 

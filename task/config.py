@@ -72,6 +72,10 @@ class Traits:
                 f"run config, or use one of {', '.join(sorted(cfg.devices.ranks))}")
         return cfg.devices.ranks[device]
 
+    def merges_into_base(self, cfg: RunConfig) -> bool:
+        """Does the global state carry per-layer frozen base deltas (`task.lora.BASE_DELTA`)?"""
+        return False
+
     def check(self, cfg: RunConfig) -> None:
         """Raise ConfigError when the config does not suit this algorithm."""
 
@@ -184,6 +188,10 @@ class RunConfig:
     def r_max(self) -> int:
         """Rank of the global adapter the server keeps (S1: r_max = max_k r_k)."""
         return self.traits.r_max(self)
+
+    @property
+    def merges_into_base(self) -> bool:
+        return self.traits.merges_into_base(self)
 
     @property
     def lora_scaling(self) -> float:

@@ -14,7 +14,8 @@ from task.families import family
 from task.config import ConfigError, RunConfig
 from task.data import (label_token_ids, Examples, label_names_of, load_split_frames, resolve_columns,
                        resolve_data_path, to_examples)
-from task.lora import State, lora_rank, truncate_lora
+from task.lora import (BASE_DELTA, State, factors, is_base_delta_key, lora_layers, lora_rank,
+                       truncate_lora)
 from task.model import (adapter_name, check_lora_targets, get_lora_model, initial_lora_state,
                         load_tokenizer, resolve_model_source, set_trainable_state)
 from task.train import evaluate
@@ -64,8 +65,14 @@ class ServerTask:
         return task
 
     def initial_state(self) -> State:
-        """Fresh global adapter at r_max (PEFT init: A random, B zero) and head."""
-        return initial_lora_state(self.cfg, self.label_names, self.cfg.r_max)
+        """Fresh global adapter at r_max (PEFT init: A random, B zero) and head; zero base
+        deltas for strategies that merge updates into the frozen weights."""
+        state = initial_lora_state(self.cfg, self.label_names, self.cfg.r_max)
+        if self.cfg.merges_into_base:
+            for prefix in lora_layers(state):
+                b, a = factors(state, prefix)
+                state[prefix + BASE_DELTA] = np.zeros((b.shape[0], a.shape[1]), np.float32)
+        return state
 
     def load_state(self, adapter: Path, key: str) -> State:
         """The global state saved in `adapter` (results/<run-id>/adapter of an earlier run),
@@ -108,6 +115,14 @@ class ServerTask:
         saved = tmp / adapter_name(rank) if (tmp / adapter_name(rank)).is_dir() else tmp
         meta = {"model": self.cfg.model, "task": self.cfg.task, "rank": rank,
                 "label_names": list(self.label_names), "run_config": self.cfg.to_dict()}
+        deltas = {k: v for k, v in state.items() if is_base_delta_key(k)}
+        if deltas:  # flora / fedex: the update merged into the frozen weights, beside it
+            from safetensors.numpy import save_file
+
+            save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in deltas.items()},
+                      str(saved / BASE_DELTA_FILE))
+            meta["base_delta"] = {"file": BASE_DELTA_FILE, "scaling": self.cfg.lora_scaling,
+                                  "apply": "W = W0 + scaling * base_delta per layer"}
         (saved / METADATA_FILE).write_text(json.dumps(meta, indent=2))
         # swap in the new folder whole: the old one stays until the new one is in place
         old = out_dir.with_name(out_dir.name + ".old")
@@ -118,6 +133,9 @@ class ServerTask:
         shutil.rmtree(old, ignore_errors=True)
         shutil.rmtree(tmp, ignore_errors=True)
         return out_dir
+
+
+BASE_DELTA_FILE = "base_delta.safetensors"
 
 
 def task_source(path, cfg: RunConfig) -> str:

@@ -3,6 +3,10 @@
 A state holds, for every adapted Linear layer, `<prefix>.lora_A.weight` (r x d_in) and
 `<prefix>.lora_B.weight` (d_out x r), plus whole trainable tensors that are not LoRA
 factors (a classification head, say). Names are PEFT's (`get_peft_model_state_dict`).
+
+Strategies that merge updates into the frozen weights (`flora`, `fedex`) add, per adapted
+layer, `<prefix>.base_delta` (d_out x d_in, in the units of B @ A): the device's model is then
+W0 + scaling * (base_delta + B @ A). Devices never train or return it.
 """
 
 from __future__ import annotations
@@ -14,10 +18,20 @@ import numpy as np
 State = dict[str, np.ndarray]
 
 _A, _B = ".lora_A.weight", ".lora_B.weight"
+BASE_DELTA = ".base_delta"
 
 
 def is_lora_key(key: str) -> bool:
     return key.endswith(_A) or key.endswith(_B)
+
+
+def is_base_delta_key(key: str) -> bool:
+    return key.endswith(BASE_DELTA)
+
+
+def trainable_part(state: Mapping[str, np.ndarray]) -> State:
+    """The state without its frozen base deltas: what a device trains and returns."""
+    return {k: v for k, v in state.items() if not is_base_delta_key(k)}
 
 
 def lora_layers(state: Mapping[str, np.ndarray]) -> list[str]:
@@ -44,9 +58,19 @@ def lora_rank(state: Mapping[str, np.ndarray]) -> int:
 
 
 def truncate_lora(state: Mapping[str, np.ndarray], rank: int) -> State:
-    """S1 step 1: B_k = Bbar[:, :r_k], A_k = Abar[:r_k, :]; other tensors are copied whole."""
+    """S1 step 1: B_k = Bbar[:, :r_k], A_k = Abar[:r_k, :]; other tensors are copied whole.
+
+    A state with base deltas loses nothing: the dropped components' product
+    Bbar[:, r_k:] Abar[r_k:, :] moves into the device's base delta, so its model is exactly
+    the global one."""
     out: State = {}
     for key, value in state.items():
+        if is_base_delta_key(key):
+            prefix = key[: -len(BASE_DELTA)]
+            b, a = state[prefix + _B], state[prefix + _A]
+            tail = b[:, rank:].astype(np.float64) @ a[rank:, :].astype(np.float64)
+            out[key] = (value.astype(np.float64) + tail).astype(value.dtype)
+            continue
         if key.endswith(_A):
             out[key] = np.ascontiguousarray(value[:rank, :])
         elif key.endswith(_B):

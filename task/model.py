@@ -17,6 +17,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
 from task.families import family, lora_targets
+from task.lora import BASE_DELTA, is_base_delta_key, trainable_part
 from task.model_sources import KNOWN, gguf_folder, known_model_source
 from task.config import ConfigError, RunConfig
 from task.logs import get_logger
@@ -186,6 +187,41 @@ def initial_lora_state(cfg: RunConfig, label_names: tuple[str, ...], rank: int,
     return {k: v.copy() for k, v in _INITIAL[(key, rank)].items()}
 
 
+_PRISTINE = "_edge_lam_w0"  # attribute on a LoRA layer: its base weight W0 while a delta is on
+
+
+def set_base_deltas(model: PeftModel, deltas: dict[str, np.ndarray]) -> None:
+    """Base weight of layer `prefix` := W0 + scaling * deltas[prefix] (units of B @ A); layers
+    not named go back to W0. W0 is kept aside only while a delta is applied (one copy of the
+    adapted layers' weights), so the process's shared model is never left altered."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, layer in model.named_modules():
+        if not isinstance(layer, LoraLayer):
+            continue
+        weight = layer.get_base_layer().weight
+        delta = deltas.pop(name, None)
+        w0 = getattr(layer, _PRISTINE, None)
+        if delta is None:
+            if w0 is not None:  # undo the last delta
+                with torch.no_grad():
+                    weight.copy_(w0)
+                delattr(layer, _PRISTINE)
+            continue
+        if tuple(delta.shape) != tuple(weight.shape):
+            raise ValueError(f"base delta of {name} is {tuple(delta.shape)}, the layer's "
+                             f"weight {tuple(weight.shape)}")
+        if w0 is None:
+            w0 = weight.detach().clone()
+            setattr(layer, _PRISTINE, w0)
+        scaling = layer.scaling[model.active_adapter]
+        with torch.no_grad():
+            weight.copy_((w0.float() + scaling * torch.from_numpy(
+                np.asarray(delta, dtype=np.float32)).to(w0.device)).to(weight.dtype))
+    if deltas:
+        raise ValueError(f"base deltas for layers the model lacks: {sorted(deltas)[:3]}")
+
+
 def get_trainable_state(model: PeftModel) -> dict[str, np.ndarray]:
     """The active adapter's LoRA factors and head as float32 numpy arrays (PEFT key names)."""
     state = get_peft_model_state_dict(model, adapter_name=model.active_adapter)
@@ -194,6 +230,11 @@ def get_trainable_state(model: PeftModel) -> dict[str, np.ndarray]:
 
 
 def set_trainable_state(model: PeftModel, state: dict[str, np.ndarray]) -> None:
+    """Load the LoRA factors and head; set each adapted layer's frozen weight to
+    W0 + scaling * base_delta where the state has one (`flora`, `fedex`), else back to W0."""
+    set_base_deltas(model, {k[: -len(BASE_DELTA)]: v for k, v in state.items()
+                            if is_base_delta_key(k)})
+    state = trainable_part(state)
     tensors = {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in state.items()}
     result = set_peft_model_state_dict(model, tensors, adapter_name=model.active_adapter)
     unexpected = getattr(result, "unexpected_keys", [])

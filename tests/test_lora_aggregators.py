@@ -11,10 +11,11 @@ import pytest
 
 from inprocess_grid import InProcessGrid
 from strategies.lora.math import (AGGREGATORS, DELTA_AGGREGATORS, delta_aggregate, factorize,
-                                  flexlora_aggregate, hetlora_aggregate, lowrank_svd,
+                                  fedex_aggregate, flexlora_aggregate, flora_aggregate,
+                                  hetlora_aggregate, lowrank_svd,
                                   norm_weighted_aggregate, rankwise_aggregate,
                                   weighted_products)
-from task.lora import lora_products, truncate_lora
+from task.lora import BASE_DELTA, lora_products, trainable_part, truncate_lora
 from strategies.lora.server import federate, prepare_run
 from task.config import RunConfig
 
@@ -128,16 +129,115 @@ def test_delta_aggregation_at_full_rank_is_flexlora():
     np.testing.assert_allclose(got, want, atol=1e-4)
 
 
-@pytest.mark.parametrize("strategy", ["rankwise", "hetlora-sw", "flexlora-delta"])
+def _effective(state):
+    """base_delta + B A: the weight update a state stands for."""
+    return lora_products(state)[L] + state.get(L + BASE_DELTA, 0.0)
+
+
+def test_truncation_moves_the_dropped_components_into_the_base_delta():
+    rng = np.random.default_rng(5)
+    state = _state(rng.normal(size=(6, 4)), rng.normal(size=(4, 5)))
+    state[L + BASE_DELTA] = rng.normal(size=(6, 5)).astype(np.float32)
+    for rank in (1, 2, 4):
+        view = truncate_lora(state, rank)
+        assert view[f"{L}.lora_A.weight"].shape == (rank, 5)
+        np.testing.assert_allclose(_effective(view), _effective(state), atol=1e-5)
+    assert L + BASE_DELTA not in trainable_part(state)
+
+
+def test_fedex_makes_every_devices_model_the_exact_weighted_mean():
+    rng = np.random.default_rng(6)
+    previous = _state(rng.normal(size=(6, 4)), rng.normal(size=(4, 5)), head=[1.0])
+    previous[L + BASE_DELTA] = rng.normal(size=(6, 5)).astype(np.float32)
+    ranks, counts = [1, 2, 4], [1, 2, 5]
+    sent = [truncate_lora(previous, r) for r in ranks]
+    new = [{k: v + 0.3 * rng.normal(size=v.shape).astype(np.float32)
+            for k, v in trainable_part(s).items()} for s in sent]
+    out = fedex_aggregate(previous, sent, new, counts, r_max=4)
+    w = np.array(counts) / sum(counts)
+    # each device's model after training: its base delta (incl. its dropped tail) + B' A'
+    target = sum(wk * (s[L + BASE_DELTA] + lora_products(n)[L])
+                 for wk, s, n in zip(w, sent, new))
+    np.testing.assert_allclose(_effective(out), target, atol=1e-4)
+    for r in ranks:  # and every device receives exactly that model next round
+        np.testing.assert_allclose(_effective(truncate_lora(out, r)), target, atol=1e-4)
+    # the factors are hetlora's zero-pad mean of the returned ones
+    het = hetlora_aggregate(new, counts, 4)
+    np.testing.assert_allclose(out[f"{L}.lora_A.weight"], het[f"{L}.lora_A.weight"])
+    np.testing.assert_allclose(out["head.weight"], [sum(wk * n["head.weight"][0]
+                                                        for wk, n in zip(w, new))], rtol=1e-6)
+
+
+def test_flora_stacks_the_products_into_the_base_and_restarts_the_adapters():
+    rng = np.random.default_rng(7)
+    a0 = rng.normal(size=(4, 5)).astype(np.float32)
+    previous = _state(np.zeros((6, 4)), a0)
+    previous[L + BASE_DELTA] = np.ones((6, 5), np.float32)
+    sent = [truncate_lora(previous, r) for r in (2, 4)]
+    new = [{k: v + rng.normal(size=v.shape).astype(np.float32)
+            for k, v in trainable_part(s).items()} for s in sent]
+    out = flora_aggregate(previous, sent, new, [3, 1], r_max=4)
+    stacked = 0.75 * lora_products(new[0])[L] + 0.25 * lora_products(new[1])[L]
+    np.testing.assert_allclose(out[L + BASE_DELTA], 1.0 + stacked, atol=1e-5)
+    np.testing.assert_array_equal(out[f"{L}.lora_B.weight"], 0.0)  # fresh adapter: B = 0,
+    np.testing.assert_array_equal(out[f"{L}.lora_A.weight"], a0)  # A as initialised
+
+
+def test_a_base_delta_sets_the_frozen_weight_and_is_undone(tiny_bert):
+    import torch
+    from task.model import get_lora_model, get_trainable_state, set_trainable_state
+
+    cfg = RunConfig.from_run_config({"model": str(tiny_bert), "strategy": "fedex"})
+    model = get_lora_model(cfg, ("a", "b"), 4)
+    state = get_trainable_state(model)
+    prefix = sorted(k for k in state if k.endswith(".lora_A.weight"))[0][: -len(".lora_A.weight")]
+    layer = model.get_submodule(prefix)
+    w0 = layer.get_base_layer().weight.detach().clone()
+    delta = np.full(tuple(w0.shape), 0.5, np.float32)
+    set_trainable_state(model, {**state, prefix + BASE_DELTA: delta})
+    scaling = layer.scaling[model.active_adapter]
+    torch.testing.assert_close(layer.get_base_layer().weight, w0 + scaling * 0.5)
+    assert set(get_trainable_state(model)) == set(state)  # never sent back
+    set_trainable_state(model, state)  # a state without deltas: W0 again, exactly
+    assert torch.equal(layer.get_base_layer().weight, w0)
+    with pytest.raises(ValueError, match="base delta"):
+        set_trainable_state(model, {**state, prefix + BASE_DELTA: delta[:1]})
+
+
+@pytest.mark.parametrize("strategy", ["rankwise", "hetlora-sw", "flexlora-delta", "flora",
+                                      "fedex"])
 def test_new_aggregations_run_end_to_end(strategy, tiny_bert, agnews, tmp_path):
-    raw = {"model": str(tiny_bert), "data.path": str(agnews), "strategy": strategy,
+    data = tmp_path / "data"  # AG News with a 40-text test split the server evaluates whole
+    data.mkdir()
+    (data / "train.tsv").symlink_to(agnews / "train.tsv")
+    lines = (agnews / "test.tsv").read_text().splitlines()
+    (data / "test.tsv").write_text("\n".join(lines[:41]) + "\n")
+    raw = {"model": str(tiny_bert), "data.path": str(data), "strategy": strategy,
            "results-dir": str(tmp_path), "num-server-rounds": 2, "train.local-steps": 2,
-           "train.batch-size": 8, "eval.max-examples": 32, "data.partitioner": "iid"}
+           "train.batch-size": 8, "eval.max-examples": 0, "data.partitioner": "iid"}
     assert strategy in AGGREGATORS or strategy in DELTA_AGGREGATORS
     grid = InProcessGrid(raw, num_nodes=4)
     run_dir = federate(grid, prepare_run(RunConfig.from_run_config(raw), run_id=3))
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert sorted(c["rank"] for c in rows[1]["clients"]) == [2, 4, 8, 16]
-    assert all(0 <= r["accuracy"] <= 1 for r in rows) and rows[2]["aggregation_error"] >= 0
-    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    assert all(0 <= r["accuracy"] <= 1 for r in rows)
+    adapter = run_dir / "adapter"
+    assert (adapter / "adapter_model.safetensors").is_file()
+    if strategy in ("flora", "fedex"):  # exact by construction: no approximation error
+        assert rows[2]["aggregation_error"] is None
+        # the merged update is saved beside the adapter and comes back with it
+        from task.cli import evaluate_adapter, load_adapter
+        _, _, state = load_adapter(adapter)
+        assert any(k.endswith(BASE_DELTA) for k in state)
+        assert np.abs(np.concatenate([v.ravel() for k, v in state.items()
+                                      if k.endswith(BASE_DELTA)])).max() > 0
+        # the downlink carries the dense merged weights: far more than the uplink
+        assert rows[2]["clients"][0]["bytes_down"] > 2 * rows[2]["clients"][0]["bytes_up"]
+        # the saved adapter + base delta is the model the server evaluated
+        merged = evaluate_adapter(adapter, data / "test.tsv")
+        assert merged["loss"] == pytest.approx(rows[2]["loss"], abs=1e-6)
+        if strategy == "flora":  # the adapter restarts each round: B = 0, all is merged
+            assert all(not v.any() for k, v in state.items() if k.endswith("lora_B.weight"))
+    else:
+        assert rows[2]["aggregation_error"] >= 0

@@ -1,5 +1,5 @@
 """LoRA aggregation across heterogeneous ranks (S1): fedavg, hetlora, flexlora, rankwise,
-hetlora-sw, flexlora-delta.
+hetlora-sw, flexlora-delta, flora, fedex.
 
 - `math`: the aggregations as pure functions; `strategy`: the Flower strategy (unicast
   per-rank payloads, validated replies); `server`: the run driver; `device`: the TRAIN handler.
@@ -21,8 +21,17 @@ class FedAvgTraits(Traits):
         return cfg.lora.fedavg_rank
 
 
+class MergingTraits(Traits):
+    """Each device at its profile's rank; the global state also holds the update merged into
+    the frozen weights (`<layer>.base_delta`)."""
+
+    def merges_into_base(self, cfg: RunConfig) -> bool:
+        return True
+
+
 TRAITS = {"fedavg": FedAvgTraits(), "hetlora": Traits(), "flexlora": Traits(),
-          "rankwise": Traits(), "hetlora-sw": Traits(), "flexlora-delta": Traits()}
+          "rankwise": Traits(), "hetlora-sw": Traits(), "flexlora-delta": Traits(),
+          "flora": MergingTraits(), "fedex": MergingTraits()}
 
 for _name, _summary in (
         ("fedavg", "every device at lora.fedavg-rank, plain FedAvg (the baseline)"),
@@ -33,6 +42,10 @@ for _name, _summary in (
         ("hetlora-sw", "S1, HetLoRA's sparsity-weighted aggregation: per layer, device k "
                        "weighs n_k ||B_k A_k||_F"),
         ("flexlora-delta", "S1: FlexLoRA on updates: old product + weighted mean of each "
-                           "device's change B'A' - BA, SVD to r_max")):
+                           "device's change B'A' - BA, SVD to r_max"),
+        ("flora", "S1, FLoRA's exact stacking: sum_k w_k B_k A_k merged into the frozen "
+                  "weights each round, fresh adapters (downlink: dense merged weights)"),
+        ("fedex", "S1, exact mixed-rank FedEx-LoRA: factors averaged as hetlora, the exact "
+                  "remainder and each device's dropped components in the frozen weights")):
     register(Algorithm(_name, _summary, TRAITS[_name], run=server.run,
                        handlers={"train": device.train}))

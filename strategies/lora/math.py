@@ -15,6 +15,15 @@
   received, refactorised at r_max. A rank-2 device then reports "no change" where it cannot
   see, instead of zeros that pull the high-rank components down (the shrinkage of hetlora
   and flexlora on models).
+- `flora_aggregate` (FLoRA, Wang et al., NeurIPS 2024: exact stacking): the weighted sum of
+  the devices' products B_k A_k is merged into the frozen weights (`<layer>.base_delta`) and
+  every device restarts from the fresh adapter (B = 0) each round. Exact; the downlink carries
+  the merged weights (dense, d_out x d_in per layer).
+- `fedex_aggregate` (after FedEx-LoRA, Singhal et al., 2024, here for mixed ranks): the
+  factors are averaged as hetlora does, and what that average misses of the exact update,
+  old model + sum_k w_k (B_k' A_k' - B_k A_k), goes into the frozen base delta; truncation to
+  r_k moves the dropped components there too (`task.lora.truncate_lora`), so every device
+  trains from exactly the global model and nothing shrinks or is lost over rounds.
 - `aggregation_error`: ||Bbar Abar - sum_k w_k B_k A_k||_F / ||sum_k w_k B_k A_k||_F averaged over
   adapted layers: the number that separates them.
 
@@ -31,8 +40,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from task.lora import (State, factors, is_lora_key, lora_layers, lora_products, lora_rank,
-                       pad_lora)
+from task.lora import (BASE_DELTA, State, factors, is_base_delta_key, is_lora_key, lora_layers,
+                       lora_products, lora_rank, pad_lora, trainable_part)
 
 
 def example_weights(num_examples: Sequence[int]) -> np.ndarray:
@@ -220,13 +229,69 @@ def delta_aggregate(previous: State, sent: Sequence[State], states: Sequence[Sta
     return out
 
 
+def _exact_update(previous: State, sent: Sequence[State], states: Sequence[State],
+                  weights: np.ndarray, prefix: str) -> np.ndarray:
+    """base_delta + Bbar Abar + sum_k w_k (B_k' A_k' - B_k A_k) of one layer (float64): the
+    global model's new weight update, every device's change counted exactly. (Each device
+    started from exactly the global model: its base delta holds what its truncation left.)"""
+    b0, a0 = factors(previous, prefix)
+    total = b0.astype(np.float64) @ a0.astype(np.float64)
+    if prefix + BASE_DELTA in previous:
+        total += previous[prefix + BASE_DELTA]
+    for w, new, got in zip(weights, states, sent):
+        (b1, a1), (b, a) = factors(new, prefix), factors(got, prefix)
+        total += w * (b1.astype(np.float64) @ a1.astype(np.float64)
+                      - b.astype(np.float64) @ a.astype(np.float64))
+    return total
+
+
+def _merged(previous: State, sent: Sequence[State], states: Sequence[State],
+            num_examples: Sequence[int], factors_of: Callable[[str], tuple]) -> State:
+    """The new global state: non-LoRA tensors moved by the weighted mean change, per layer the
+    factors `factors_of(prefix)` and base_delta = exact update - B A."""
+    weights = example_weights(num_examples)
+    out: State = {}
+    for key, value in previous.items():
+        if not is_lora_key(key) and not is_base_delta_key(key):
+            change = sum(w * (s[key].astype(np.float64) - r[key].astype(np.float64))
+                         for w, s, r in zip(weights, states, sent))
+            out[key] = (value.astype(np.float64) + change).astype(value.dtype)
+    for prefix in lora_layers(previous):
+        b, a = factors_of(prefix)
+        exact = _exact_update(previous, sent, states, weights, prefix)
+        exact -= b.astype(np.float64) @ a.astype(np.float64)
+        out[prefix + ".lora_B.weight"], out[prefix + ".lora_A.weight"] = b, a
+        out[prefix + BASE_DELTA] = exact.astype(np.float32)
+    return out
+
+
+def flora_aggregate(previous: State, sent: Sequence[State], states: Sequence[State],
+                    num_examples: Sequence[int], r_max: int) -> State:
+    """FLoRA's exact stacking: base_delta' = base_delta + sum_k w_k B_k' A_k' (each device
+    started from B = 0), and the factors go back to the fresh adapter of `previous` (B = 0, A
+    as initialised), so next round every device starts a new adapter on the merged weights."""
+    return _merged(previous, sent, states, num_examples,
+                   lambda prefix: factors(previous, prefix))
+
+
+def fedex_aggregate(previous: State, sent: Sequence[State], states: Sequence[State],
+                    num_examples: Sequence[int], r_max: int) -> State:
+    """Factors: hetlora's zero-pad weighted mean of what devices returned; base delta: exact
+    update - Bbar' Abar' (FedEx-LoRA's residual, here also holding the components beyond each
+    device's rank). The global model is the exact weighted mean of the devices' models."""
+    averaged = hetlora_aggregate([trainable_part(s) for s in states], num_examples, r_max)
+    return _merged(previous, sent, states, num_examples,
+                   lambda prefix: factors(averaged, prefix))
+
+
 def aggregation_error(global_state: State, states: Sequence[State],
                       num_examples: Sequence[int]) -> float | None:
     """S1: mean over layers of ||Bbar Abar - sum w_k B_k A_k||_F / ||sum w_k B_k A_k||_F.
 
-    None when undefined (no replies, or every target product is zero).
+    None when undefined (no replies, every target product is zero, or a global state with
+    base deltas: `flora`/`fedex` merge the exact update, tested in tests/test_lora_aggregators).
     """
-    if not states:
+    if not states or any(is_base_delta_key(k) for k in global_state):
         return None
     target = weighted_products(states, num_examples)
     errors = []
@@ -243,7 +308,9 @@ def aggregation_error(global_state: State, states: Sequence[State],
 Aggregator = Callable[[Sequence[State], Sequence[int], int], State]
 # (previous global, states sent, states returned, example counts, r_max) -> new global
 DeltaAggregator = Callable[[State, Sequence[State], Sequence[State], Sequence[int], int], State]
-DELTA_AGGREGATORS: dict[str, DeltaAggregator] = {"flexlora-delta": delta_aggregate}
+DELTA_AGGREGATORS: dict[str, DeltaAggregator] = {"flexlora-delta": delta_aggregate,
+                                                  "flora": flora_aggregate,
+                                                  "fedex": fedex_aggregate}
 
 AGGREGATORS: dict[str, Aggregator] = {
     "fedavg": hetlora_aggregate,  # every device at one rank: zero-padding is a no-op
@@ -257,8 +324,10 @@ AGGREGATORS: dict[str, Aggregator] = {
 def check_reply(state: State, expected: State, rank: int, num_examples: object) -> str | None:
     """Why a device's reply must be rejected, or None if it is sound.
 
-    `expected` is the truncated state that device was sent (keys and shapes at its rank).
+    `expected` is the truncated state that device was sent (keys and shapes at its rank;
+    its frozen base deltas are not sent back).
     """
+    expected = trainable_part(expected)
     if isinstance(num_examples, bool) or not isinstance(num_examples, (int, float)) \
             or num_examples <= 0 or num_examples != int(num_examples):
         return f"missing or invalid num-examples ({num_examples!r})"
