@@ -37,6 +37,11 @@ SETUPS = {  # name -> run-config overrides
     "flexlora-delta": {"strategy": "flexlora-delta"},
     "flora": {"strategy": "flora"},
     "fedex": {"strategy": "fedex"},
+    # lora.rank-matched-lr: each device learns as standalone LoRA at its own rank's scaling
+    "hetlora-rlr": {"strategy": "hetlora", "lora.rank-matched-lr": True},
+    "fedex-rlr": {"strategy": "fedex", "lora.rank-matched-lr": True},
+    "flora-rlr": {"strategy": "flora", "lora.rank-matched-lr": True},
+    "rankwise-rlr": {"strategy": "rankwise", "lora.rank-matched-lr": True},
     "central-r16": {"strategy": "fedavg", "lora.fedavg-rank": 16},
 }
 

@@ -7,6 +7,7 @@ each partition, so a device (or a simulation worker playing many devices) loads 
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 from task.config import ConfigError, RunConfig
@@ -88,8 +89,17 @@ def train_round(cfg: RunConfig, info: DeviceInfo, label_names: tuple[str, ...], 
     set_trainable_state(model, state)
     tokenizer = load_tokenizer(resolve_model_source(cfg.model))
     metrics = train_local(model, tokenizer, examples, cfg, seed=_seed(cfg, info, server_round),
-                          tag=tag, privacy=privacy)
+                          tag=tag, privacy=privacy,
+                          lora_lr_scale=lora_lr_scale(cfg, rank, r_max or cfg.r_max))
     return get_trainable_state(model), len(examples), metrics
+
+
+def lora_lr_scale(cfg: RunConfig, rank: int, r_max: int) -> float:
+    """sqrt(r_max / r_k) with lora.rank-matched-lr, else 1. Training P' = c P at lr c eta
+    under scaling s is Adam's trajectory of P at lr eta under scaling s c^2 (Adam's step
+    does not depend on the gradient's scale): c = sqrt(r_max / r_k) turns alpha / r_max into
+    alpha / r_k, standalone LoRA's scaling at that rank."""
+    return math.sqrt(r_max / rank) if cfg.lora.rank_matched_lr else 1.0
 
 
 def gradient_round(cfg: RunConfig, info: DeviceInfo, label_names: tuple[str, ...], rank: int,

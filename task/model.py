@@ -85,6 +85,8 @@ def _load_base(cfg: RunConfig, source: str, label_names: tuple[str, ...]):
         ) from err
     if model.config.pad_token_id is None:
         model.config.pad_token_id = load_tokenizer(source).pad_token_id
+    if not cfg.train.base_dropout:
+        _skip_dropout(model)
     if cfg.train.gradient_checkpointing:
         if not model.supports_gradient_checkpointing:
             raise ConfigError(f"train.gradient-checkpointing=true: {cfg.model} does not "
@@ -92,6 +94,16 @@ def _load_base(cfg: RunConfig, source: str, label_names: tuple[str, ...]):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
             "use_reentrant": False})
     return model
+
+
+def _skip_dropout(model: torch.nn.Module) -> None:
+    """Dropout off in the frozen base model (before PEFT adds LoRA's own): no masks kept for
+    backward, and attention can take its fused path."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
 
 
 def _adaptable_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
@@ -156,7 +168,8 @@ def get_lora_model(cfg: RunConfig, label_names: tuple[str, ...], rank: int,
     source = resolve_model_source(cfg.model)
     scaling = cfg.lora.alpha / (r_max or cfg.r_max)
     key = (source, cfg.task, label_names, lora_targets(cfg), cfg.lora.dropout,
-           scaling, cfg.seed, cfg.train.dtype, cfg.train.gradient_checkpointing, copy)
+           scaling, cfg.seed, cfg.train.dtype, cfg.train.gradient_checkpointing,
+           cfg.train.base_dropout, copy)
     model = _MODELS.get(key)
     name = adapter_name(rank)
     if model is None:

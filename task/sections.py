@@ -28,6 +28,10 @@ class LoraSection(Section):
     dropout: float = option(0.05, "LoRA dropout", lo=0.0, hi=0.99, legacy="lora_dropout")
     fedavg_rank: int = option(8, "the single rank of `strategy='fedavg'`", lo=1,
                               legacy="fedavg_rank")
+    rank_matched_lr: bool = option(False, "a device of rank r_k < r_max trains its LoRA "
+                                   "factors at train.lr x sqrt(r_max / r_k): with scaling "
+                                   "alpha / r_max, Adam then moves B@A exactly as standalone "
+                                   "LoRA at scaling alpha / r_k (no effect at r_max)")
 
 
 @dataclass(frozen=True)
@@ -140,6 +144,10 @@ class TrainSection(Section):
                              "(0 = all at once)", lo=0)
     gradient_checkpointing: bool = option(False, "recompute the decoder's activations in "
                                           "backward: less memory, about a third more time")
+    base_dropout: bool = option(False, "keep the frozen base model's own dropout layers "
+                                "active in training (BERT-style models have 0.1); off: they "
+                                "are skipped, a quarter less memory and time per step "
+                                "(LoRA's lora.dropout stays)")
 
 
 @dataclass(frozen=True)

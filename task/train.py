@@ -94,7 +94,7 @@ def logits_loss(model, cfg: RunConfig,
 
 
 def train_local(model, tokenizer, examples: Examples, cfg: RunConfig, seed: int,
-                tag: str = "", privacy=None) -> dict[str, float]:
+                tag: str = "", privacy=None, lora_lr_scale: float = 1.0) -> dict[str, float]:
     """`cfg.train.local_steps` AdamW steps on shuffled batches (cycling the data as needed).
 
     With `privacy` (task.privacy.DevicePrivacy) every step is an Opacus DP-SGD step on a
@@ -102,7 +102,7 @@ def train_local(model, tokenizer, examples: Examples, cfg: RunConfig, seed: int,
     would spend more than dp.target-epsilon. Returns mean train loss, steps taken, pure
     training seconds (and the privacy report).
     """
-    optimizer = make_optimizer([model], cfg)
+    optimizer = make_optimizer([model], cfg, lora_lr_scale)
     torch.manual_seed(seed)
     model.train()
     start = time.perf_counter()
@@ -118,15 +118,17 @@ def train_local(model, tokenizer, examples: Examples, cfg: RunConfig, seed: int,
     return out | _privacy_report(privacy, len(losses) < wanted)
 
 
-def make_optimizer(models, cfg: RunConfig) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters of `models`: LoRA factors at `train.lr`, whole
-    trainable tensors (a classification head) at `train.head-lr` (0: the same)."""
+def make_optimizer(models, cfg: RunConfig, lora_lr_scale: float = 1.0
+                   ) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters of `models`: LoRA factors at `train.lr` x
+    `lora_lr_scale`, whole trainable tensors (a classification head) at `train.head-lr` (0:
+    the same as LoRA's)."""
     lora, heads = [], []
     for model in models:
         for name, param in model.named_parameters():
             if param.requires_grad:
                 (lora if "lora_" in name else heads).append(param)
-    groups = [{"params": lora, "lr": cfg.train.lr}]
+    groups = [{"params": lora, "lr": cfg.train.lr * lora_lr_scale}]
     if heads:
         groups.append({"params": heads, "lr": cfg.train.head_lr or cfg.train.lr})
     return torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=0.0)

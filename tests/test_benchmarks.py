@@ -221,6 +221,44 @@ def test_quality_report_from_the_logs_of_runs_cut_short(tmp_path):
     check_render("quality.py", out, "quality.md")
 
 
+def _quality_run(folder: Path, setup: str, seed: int, acc: list[float]) -> None:
+    folder.mkdir()
+    (folder / "quality.json").write_text(json.dumps({
+        "machine": {"gpu": "", "cpu": "test cpu", "cores": 1, "python": "3", "versions": {}},
+        "total_s": 10.0 + seed, "args": {"devices": 2, "rounds": len(acc) - 1,
+                                         "local_steps": 8, "eval_max": 600, "seed": seed,
+                                         "setups": setup, "model": "/tmp/smol.gguf",
+                                         "set": ["task=lm-cls"]},
+        "command": f"python benchmarks/quality.py --seed {seed} --setups {setup}",
+        "summary": [{"setup": setup, "bytes_up_per_round": 4e6, "bytes_down_per_round": 8e6}],
+        "curves": {setup: [{"round": i, "accuracy": a} for i, a in enumerate(acc)]}}))
+
+
+def test_rank_gap_over_seeds(tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    for seed, bump in ((0, 0.0), (1, 0.02)):
+        _quality_run(runs / f"fedavg-r2-s{seed}", "fedavg-r2", seed, [0.4, 0.5, 0.6 + bump])
+        _quality_run(runs / f"fedavg-r16-s{seed}", "fedavg-r16", seed, [0.4, 0.6, 0.8 + bump])
+        _quality_run(runs / f"new-s{seed}", "new", seed, [0.4, 0.7, 0.65 + bump])
+    (runs / "new-s2.log").write_text("  round 1: acc 0.7000\n")  # cut short: left out
+    out = tmp_path / "report"
+    run_bench("rank_gap.py", str(runs), "--out", str(out))
+    rows = {r["setup"]: r for r in json.loads((out / "rank_gap.json").read_text())["rows"]}
+    new = rows["new"]
+    assert new["seeds"] == [0, 1] and new["final_mean"] == pytest.approx(0.66)
+    assert new["final_gap"] == pytest.approx((0.66 - 0.61) / (0.81 - 0.61))
+    # area: mean of rounds 1..2; (0.68 - 0.555) / (0.705 - 0.555)
+    assert new["area_gap"] == pytest.approx((0.68 - 0.555) / 0.15)
+    assert new["largest_fall"] == pytest.approx(0.05) and new["falls_over_3pt"] == 1
+    assert new["meets_goal"] is False and new["bytes_down"] == pytest.approx(4e6)
+    assert rows["fedavg-r16"]["final_gap"] == pytest.approx(1.0)
+    md = (out / "rank_gap.md").read_text()
+    assert "| new | 2 | 0.6600 +- 0.0141 (0.650-0.670) | 25% | 0.6800 | 83% | 5.0 pt | 1 |" in md
+    assert "new-s2 (1 of 2 rounds)" in md and (out / "rank_gap.png").is_file()
+    check_render("rank_gap.py", out, "rank_gap.md")
+
+
 def test_committed_results_render_from_their_json(tmp_path):
     """The markdown in benchmarks/results is what its JSON renders to, byte for byte."""
     results = BENCH / "results"

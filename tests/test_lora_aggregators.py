@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from inprocess_grid import InProcessGrid
-from strategies.lora.math import (AGGREGATORS, DELTA_AGGREGATORS, delta_aggregate, factorize,
+from strategies.lora.math import (AGGREGATORS, DELTA_AGGREGATORS, delta_aggregate, example_weights,
+                                  factorize,
                                   fedex_aggregate, flexlora_aggregate, flora_aggregate,
                                   hetlora_aggregate, lowrank_svd,
                                   norm_weighted_aggregate, rankwise_aggregate,
@@ -78,13 +79,37 @@ def test_lowrank_svd_equals_the_dense_svd_of_the_weighted_sum(d_out, d_in, ranks
     w = np.array([0.2, 0.3, 0.5][:len(ranks)])
     w = w / w.sum()
     dense = sum(wk * b @ a for wk, b, a in zip(w, bs, as_))
-    for rank in (1, 3, 16):
+    for rank in (2, 3, 16):  # R = 14 <= 8 x rank: the exact paths
         b, a = lowrank_svd(bs, as_, w, rank)
         b_ref, a_ref = factorize(dense, rank)
         assert b.shape == (d_out, rank) and a.shape == (rank, d_in)
         np.testing.assert_allclose(b @ a, b_ref @ a_ref, atol=1e-9)
         # the factors are balanced (B^T B = A A^T = S_r), as factorize's
         np.testing.assert_allclose(b.T @ b, a @ a.T, atol=1e-9)
+
+
+def test_many_devices_take_the_randomized_svd_and_match_the_exact_one():
+    """100 devices at ranks 2-16 (R = 750 > 8 x 16): the randomized range finder. Trained
+    updates share directions, so the sum's spectrum decays past the rank: as here, where the
+    devices' factors share 10 directions of falling weight, plus noise."""
+    rng = np.random.default_rng(8)
+    d_out, d_in, shared = 300, 200, 10
+    basis_out = np.linalg.qr(rng.normal(size=(d_out, shared)))[0] * 0.7 ** np.arange(shared)
+    basis_in = np.linalg.qr(rng.normal(size=(d_in, shared)))[0].T
+    ranks = [(2, 4, 8, 16)[k % 4] for k in range(100)]
+    bs = [basis_out @ rng.normal(size=(shared, r)) + 1e-3 * rng.normal(size=(d_out, r))
+          for r in ranks]
+    as_ = [rng.normal(size=(r, shared)) @ basis_in + 1e-3 * rng.normal(size=(r, d_in))
+           for r in ranks]
+    w = example_weights(range(1, 101))
+    dense = sum(wk * b @ a for wk, b, a in zip(w, bs, as_))
+    for rank in (4, 16):
+        b, a = lowrank_svd(bs, as_, w, rank)
+        b_ref, a_ref = factorize(dense, rank)
+        best = np.linalg.norm(dense - b_ref @ a_ref)
+        # as close to the sum as the best rank-r factors, to 0.1% of their error
+        assert np.linalg.norm(dense - b @ a) <= best * 1.001
+        np.testing.assert_allclose(b.T @ b, a @ a.T, atol=1e-9)  # balanced, as factorize's
 
 
 def test_flexlora_keeps_the_exact_sum_when_its_rank_fits():
@@ -183,6 +208,37 @@ def test_flora_stacks_the_products_into_the_base_and_restarts_the_adapters():
     np.testing.assert_array_equal(out[f"{L}.lora_A.weight"], a0)  # A as initialised
 
 
+def test_rank_matched_lr_is_standalone_lora_at_the_devices_own_scaling():
+    """Adam on (B', A') = c (B, A) at lr c eta under scaling s is Adam on (B, A) at lr eta
+    under scaling s c^2: with c = sqrt(r_max / r_k), alpha / r_max becomes alpha / r_k."""
+    import torch
+    from task.device import lora_lr_scale
+
+    cfg = RunConfig.from_run_config({"lora.rank-matched-lr": True})
+    assert lora_lr_scale(cfg, 2, 16) == pytest.approx(8 ** 0.5)
+    assert lora_lr_scale(cfg, 16, 16) == 1.0
+    assert lora_lr_scale(RunConfig.from_run_config({}), 2, 16) == 1.0
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 6), torch.randn(32, 5)
+    b0, a0 = torch.randn(5, 2) * 0.1, torch.randn(2, 6) * 0.1
+    alpha, r_max, r_k, eta = 16.0, 16, 2, 1e-2
+    c = lora_lr_scale(cfg, r_k, r_max)
+
+    def train(scaling, lr, scale):
+        b, a = (scale * b0).requires_grad_(), (scale * a0).requires_grad_()
+        opt = torch.optim.AdamW([b, a], lr=lr, weight_decay=0.0)
+        for _ in range(20):
+            opt.zero_grad()
+            ((x @ (scaling * b @ a).T - y) ** 2).mean().backward()
+            opt.step()
+        return (scaling * b @ a).detach()
+
+    standalone = train(alpha / r_k, eta, 1.0)  # LoRA at its own rank's scaling
+    matched = train(alpha / r_max, c * eta, c)  # the device: scaling alpha / r_max, lr c eta
+    torch.testing.assert_close(matched, standalone, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(train(alpha / r_max, eta, c), standalone, atol=1e-3)
+
+
 def test_a_base_delta_sets_the_frozen_weight_and_is_undone(tiny_bert):
     import torch
     from task.model import get_lora_model, get_trainable_state, set_trainable_state
@@ -205,8 +261,9 @@ def test_a_base_delta_sets_the_frozen_weight_and_is_undone(tiny_bert):
 
 
 @pytest.mark.parametrize("strategy", ["rankwise", "hetlora-sw", "flexlora-delta", "flora",
-                                      "fedex"])
+                                      "fedex", "fedex+rank-matched-lr"])
 def test_new_aggregations_run_end_to_end(strategy, tiny_bert, agnews, tmp_path):
+    strategy, _, option = strategy.partition("+")
     data = tmp_path / "data"  # AG News with a 40-text test split the server evaluates whole
     data.mkdir()
     (data / "train.tsv").symlink_to(agnews / "train.tsv")
@@ -215,6 +272,8 @@ def test_new_aggregations_run_end_to_end(strategy, tiny_bert, agnews, tmp_path):
     raw = {"model": str(tiny_bert), "data.path": str(data), "strategy": strategy,
            "results-dir": str(tmp_path), "num-server-rounds": 2, "train.local-steps": 2,
            "train.batch-size": 8, "eval.max-examples": 0, "data.partitioner": "iid"}
+    if option:
+        raw[f"lora.{option}"] = True
     assert strategy in AGGREGATORS or strategy in DELTA_AGGREGATORS
     grid = InProcessGrid(raw, num_nodes=4)
     run_dir = federate(grid, prepare_run(RunConfig.from_run_config(raw), run_id=3))
@@ -232,8 +291,12 @@ def test_new_aggregations_run_end_to_end(strategy, tiny_bert, agnews, tmp_path):
         assert any(k.endswith(BASE_DELTA) for k in state)
         assert np.abs(np.concatenate([v.ravel() for k, v in state.items()
                                       if k.endswith(BASE_DELTA)])).max() > 0
-        # the downlink carries the dense merged weights: far more than the uplink
-        assert rows[2]["clients"][0]["bytes_down"] > 2 * rows[2]["clients"][0]["bytes_up"]
+        # the downlink carries the dense merged weights on top of the adapter sent back
+        from task.records import record_nbytes, to_record
+        dense = record_nbytes(to_record({k: v for k, v in state.items()
+                                         if k.endswith(BASE_DELTA)}))
+        for client in rows[2]["clients"]:
+            assert client["bytes_down"] == client["bytes_up"] + dense
         # the saved adapter + base delta is the model the server evaluated
         merged = evaluate_adapter(adapter, data / "test.tsv")
         assert merged["loss"] == pytest.approx(rows[2]["loss"], abs=1e-6)

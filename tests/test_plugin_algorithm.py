@@ -95,5 +95,5 @@ def test_an_unknown_algorithm_is_refused_naming_the_registered_ones():
 
     with pytest.raises(ConfigError, match="strategy='median-product' is not known: use one "
                                           "of fedavg, hetlora, flexlora, rankwise, hetlora-sw, "
-                                          "flexlora-delta, fedkd, unlearn"):
+                                          "flexlora-delta, flora, fedex, fedkd, unlearn"):
         RunConfig.from_run_config({"strategy": "median-product"})
