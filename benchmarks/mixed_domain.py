@@ -116,6 +116,8 @@ def main() -> None:
     ap.add_argument("--zero-shot-from", type=Path, default=None,
                     help="a mixed_domain.json of the same settings whose round 0 to reuse")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--name", default="federated",
+                    help="the federated setup's column (runs of several strategies combined)")
     ap.add_argument("--data-root", type=Path, default=SHARED,
                     help="folder holding gsm8k/, codealpaca/ and agnews/")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" /
@@ -147,10 +149,11 @@ def main() -> None:
         zero = next(iter(read_json(args.zero_shot_from)["curves"].values()))[0]["domains"]
     for setup in args.setups.split(","):
         print(f"{setup}:", flush=True)
-        curves[setup] = run(setup, cfgs, args.per_domain, args.eval_every,
-                            lambda s: print(s, flush=True), zero, args.alone_own_domain)
-        if zero is None and set(curves[setup][0]["domains"]) == set(cfgs):
-            zero = curves[setup][0]["domains"]  # a full round 0: the next setups reuse it
+        name = args.name if setup == "federated" else setup
+        curves[name] = run(setup, cfgs, args.per_domain, args.eval_every,
+                           lambda s: print(s, flush=True), zero, args.alone_own_domain)
+        if zero is None and set(curves[name][0]["domains"]) == set(cfgs):
+            zero = curves[name][0]["domains"]  # a full round 0: the next setups reuse it
         write_json(args.out / "mixed_domain.json", {
             **provenance(started), "args": {k: str(v) if isinstance(v, Path) else v
                                             for k, v in vars(args).items()},
@@ -162,6 +165,13 @@ def _fmt(metric: str, value: float) -> str:
     return f"{value:.3f}"
 
 
+def strategies(run: dict) -> str:
+    """The strategy of the run, or of each combined run (their commands say)."""
+    commands = run["command"] if isinstance(run["command"], list) else [run["command"]]
+    found = [c.split("--strategy ")[1].split()[0] for c in commands if "--strategy " in c]
+    return ", ".join(dict.fromkeys(found)) or run["args"]["strategy"]
+
+
 def write_report(out: Path) -> None:
     run = read_json(out / "mixed_domain.json")
     args, curves = run["args"], run["curves"]
@@ -171,7 +181,7 @@ def write_report(out: Path) -> None:
     cols = ["zero-shot", *curves]
     lines = [f"Mixed-domain federation: {args['per_domain']} devices per domain (GSM8K, Code "
              f"Alpaca, AG News as an instruction), model {args['model']}, strategy "
-             f"{args['strategy']} (device ranks 2/4/8/16 by profile), {args['rounds']} rounds "
+             f"{strategies(run)} (device ranks 2/4/8/16 by profile), {args['rounds']} rounds "
              f"x {args['local_steps']} local steps, lr 5e-4; `alone-<domain>`: that domain's "
              "devices only, same steps per device. Test sets: up to "
              f"{args['eval_max']} pairs per domain; GSM8K exact match on {args['generate']} "

@@ -27,16 +27,16 @@ from strategies.lora.math import aggregate, aggregation_error  # noqa: E402
 from task.config import RunConfig  # noqa: E402
 from task.lora import state_nbytes, truncate_lora  # noqa: E402
 
-SETUPS = {  # name -> run-config overrides
+SETUPS = {  # name -> run-config overrides (`-rlr`: lora.rank-matched-lr, the default)
     "fedavg-r2": {"strategy": "fedavg", "lora.fedavg-rank": 2},
     "fedavg-r16": {"strategy": "fedavg", "lora.fedavg-rank": 16},
-    "hetlora": {"strategy": "hetlora"},
-    "flexlora": {"strategy": "flexlora"},
-    "rankwise": {"strategy": "rankwise"},
-    "hetlora-sw": {"strategy": "hetlora-sw"},
-    "flexlora-delta": {"strategy": "flexlora-delta"},
-    "flora": {"strategy": "flora"},
-    "fedex": {"strategy": "fedex"},
+    "hetlora": {"strategy": "hetlora", "lora.rank-matched-lr": False},
+    "flexlora": {"strategy": "flexlora", "lora.rank-matched-lr": False},
+    "rankwise": {"strategy": "rankwise", "lora.rank-matched-lr": False},
+    "hetlora-sw": {"strategy": "hetlora-sw", "lora.rank-matched-lr": False},
+    "flexlora-delta": {"strategy": "flexlora-delta", "lora.rank-matched-lr": False},
+    "flora": {"strategy": "flora", "lora.rank-matched-lr": False},
+    "fedex": {"strategy": "fedex", "lora.rank-matched-lr": False},
     # lora.rank-matched-lr: each device learns as standalone LoRA at its own rank's scaling
     "hetlora-rlr": {"strategy": "hetlora", "lora.rank-matched-lr": True},
     "fedex-rlr": {"strategy": "fedex", "lora.rank-matched-lr": True},

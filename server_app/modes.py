@@ -23,7 +23,15 @@ def train(grid: Grid, context: Context, cfg: RunConfig) -> Path:
     return registry.get(cfg.strategy).run(grid, context, cfg)
 
 
-MODES: dict[str, Callable[[Grid, Context, RunConfig], object]] = {"train": train}
+def infer(grid: Grid, context: Context, cfg: RunConfig) -> Path:
+    """Collaborative inference: every device answers the test queries, the server combines."""
+    from server_app.infer.mode import run
+
+    return run(grid, context, cfg)
+
+
+MODES: dict[str, Callable[[Grid, Context, RunConfig], object]] = {"train": train,
+                                                                    "infer": infer}
 
 
 def get(name: str) -> Callable[[Grid, Context, RunConfig], object]:

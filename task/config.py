@@ -28,7 +28,7 @@ from task.families import FAMILIES
 from task.options import (ConfigError, Reader, declared, key_of, option, parse_section,
                           read_option)
 from task.sections import (CORE_SECTIONS, DataSection, DevicesSection, DPSection, EvalSection,
-                           LoraSection, TrainSection)
+                           InferSection, LoraSection, TrainSection)
 
 __all__ = ["ConfigError", "RunConfig", "Traits", "register_algorithm", "strategy_names"]
 
@@ -144,13 +144,16 @@ class RunConfig:
     seed: int = option(42, "seeds partitions, initialisation and local shuffling",
                        legacy="seed")
     results_dir: str = option("results", "where `<run-id>/` is written", legacy="results_dir")
-    mode: str = option("train", "what the app does: `train` (federated fine-tuning)")
+    mode: str = option("train", "what the app does: `train` (federated fine-tuning) or "
+                       "`infer` (collaborative inference: every device answers the test "
+                       "queries, the server combines them; the `infer.` keys)")
     lora: LoraSection = LoraSection()
     devices: DevicesSection = DevicesSection()
     data: DataSection = DataSection()
     train: TrainSection = TrainSection()
     eval: EvalSection = EvalSection()
     dp: DPSection = DPSection()
+    infer: InferSection = InferSection()
     # (name, section) of the plug-ins' sections, their defaults unless parsed
     plugins: tuple[tuple[str, Any], ...] = dataclasses.field(
         default_factory=lambda: tuple((n, c()) for n, c in sections().items()

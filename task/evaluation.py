@@ -36,8 +36,10 @@ class ServerTask:
     data_source: str
 
     @classmethod
-    def prepare(cls, cfg: RunConfig) -> ServerTask:
-        """Load data and model and check every rank fits: all config errors surface here."""
+    def prepare(cls, cfg: RunConfig, with_model: bool = True) -> ServerTask:
+        """Load data and model and check every rank fits: all config errors surface here.
+        `with_model=False`: the test split and labels only (the server of `mode='infer'`
+        holds no model)."""
         path = resolve_data_path(cfg)
         if path is None:
             log.info("data.path '%s' not found; trying hub dataset '%s'", cfg.data.path,
@@ -59,6 +61,8 @@ class ServerTask:
         task = cls(cfg, labels, test, task_source(path, cfg))
         if family(cfg).label_words:  # a bad data.label-words fails here, before training
             label_token_ids(load_tokenizer(resolve_model_source(cfg.model)), cfg, labels)
+        if not with_model:
+            return task
         model = get_lora_model(cfg, labels, cfg.r_max)
         ranks = sorted({cfg.rank_for(d) for d in cfg.devices.ranks} | {cfg.r_max})
         check_lora_targets(model, cfg, ranks)

@@ -28,7 +28,7 @@ class LoraSection(Section):
     dropout: float = option(0.05, "LoRA dropout", lo=0.0, hi=0.99, legacy="lora_dropout")
     fedavg_rank: int = option(8, "the single rank of `strategy='fedavg'`", lo=1,
                               legacy="fedavg_rank")
-    rank_matched_lr: bool = option(False, "a device of rank r_k < r_max trains its LoRA "
+    rank_matched_lr: bool = option(True, "a device of rank r_k < r_max trains its LoRA "
                                    "factors at train.lr x sqrt(r_max / r_k): with scaling "
                                    "alpha / r_max, Adam then moves B@A exactly as standalone "
                                    "LoRA at scaling alpha / r_k (no effect at r_max)")
@@ -184,8 +184,39 @@ class DPSection(Section):
                                      legacy="dp_noise_multiplier")
 
 
+@dataclass(frozen=True)
+class InferSection(Section):
+    """`mode='infer'`: collaborative inference over the devices (S8 ensembles, S6 trust)."""
+
+    members: tuple[str, ...] = option(
+        (), "simulated device k answers with item k % len: `<model>` or `<model>+<saved "
+        "adapter folder>` (empty: the run's `model`); in deployment a device's --node-config "
+        "`model` / `adapter` win", kind="names", allow_empty=True)
+    batch_size: int = option(16, "queries per QUERY message", lo=1)
+    calibration: int = option(50, "the first queries: the server uses their labels for each "
+                              "member's quality q_i and the cascade's threshold; accuracies "
+                              "are reported on the other queries", lo=1)
+    alpha: float = option(0.5, "trust-weighted consensus w_i = alpha q_i + beta t_i", lo=0.0)
+    beta: float = option(0.5, "see `infer.alpha`; t_i: agreement with the consensus so far",
+                         lo=0.0)
+    trust_rate: float = option(0.3, "t_i <- (1 - rate) t_i + rate x (share of the batch "
+                               "where member i agreed with the consensus)", lo=0.0, hi=1.0)
+    confidence: str = option("max", "the cascade's confidence: `max` probability, `margin` "
+                             "(top-1 - top-2) or `entropy`", choices=("max", "margin",
+                                                                       "entropy"))
+    cascade_loss: float = option(0.01, "the cascade's threshold: the cheapest whose calibration "
+                                 "accuracy is within this of the costliest member's", lo=0.0)
+    timeout: float = option(300.0, "seconds to wait for a batch's answers; a device later "
+                            "than that is left out of that batch's votes", lo=1.0)
+    attack: str = option("none", "tests and benchmarks: the devices in `infer.attackers` answer "
+                         "`wrong` (always a label other than their own best) or `random`",
+                         choices=("none", "wrong", "random"))
+    attackers: tuple[int, ...] = option((), "partition ids of the attacking devices",
+                                        kind="ids", allow_empty=True)
+
+
 CORE_SECTIONS: dict[str, type] = {"lora": LoraSection, "devices": DevicesSection,
                                   "data": DataSection, "train": TrainSection,
-                                  "eval": EvalSection, "dp": DPSection}
+                                  "eval": EvalSection, "dp": DPSection, "infer": InferSection}
 
 

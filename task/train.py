@@ -203,7 +203,12 @@ def evaluate(model, tokenizer, examples: Examples, cfg: RunConfig) -> dict[str, 
     model.eval()
     fam = family(cfg)
     loss_sum, correct, count = 0.0, 0, 0
-    for chunk in batches(examples, cfg.eval.batch_size):
+    # longest first, so each batch pads to texts of about its own length (sums are the same;
+    # generation below keeps the original order)
+    length = [len(t) + (len(examples.responses[i]) if examples.responses else 0)
+              for i, t in enumerate(examples.texts)]
+    by_length = examples.subset(sorted(range(len(examples)), key=lambda i: -length[i]))
+    for chunk in batches(by_length, cfg.eval.batch_size):
         batch = {k: v.to(device) for k, v in encode_batch(tokenizer, chunk, cfg).items()}
         batch_loss, batch_correct, batch_count = score(*fam.outputs(model, batch))
         loss_sum, correct, count = loss_sum + batch_loss, correct + batch_correct, \

@@ -254,7 +254,9 @@ def test_rank_gap_over_seeds(tmp_path):
     assert new["meets_goal"] is False and new["bytes_down"] == pytest.approx(4e6)
     assert rows["fedavg-r16"]["final_gap"] == pytest.approx(1.0)
     md = (out / "rank_gap.md").read_text()
-    assert "| new | 2 | 0.6600 +- 0.0141 (0.650-0.670) | 25% | 0.6800 | 83% | 5.0 pt | 1 |" in md
+    assert new["final_vs_high"] == pytest.approx(-0.15)
+    assert ("| new | 2 | 0.6600 +- 0.0141 (0.650-0.670) | -15.0 pt | 25% | 0.6800 | -2.5 pt | "
+            "83% | 5.0 pt | 1 |") in md
     assert "new-s2 (1 of 2 rounds)" in md and (out / "rank_gap.png").is_file()
     check_render("rank_gap.py", out, "rank_gap.md")
 
@@ -267,6 +269,7 @@ def test_committed_results_render_from_their_json(tmp_path):
                           ("quality.py", ["smollm2-agnews-20r/quality.json"]),
                           ("quality.py", ["gemma-agnews/quality.json"]),
                           ("llm_cost.py", ["llm_cost.json"]),
+                          ("rank_gap.py", ["rank-gap/rank_gap.json"]),
                           ("mixed_domain.py", ["mixed-domain/mixed_domain.json"]),
                           ("aggregation_scale.py", ["aggregation_scale.json"]),
                           ("default_run.py", ["sim-scale-10/default_run.json"]),

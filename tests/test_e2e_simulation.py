@@ -160,3 +160,29 @@ def test_a_configuration_error_ends_the_run_as_failed(flower_env, tiny_bert, agn
     runs = json.loads(listed.stdout)["runs"]
     newest = max(runs, key=lambda r: int(r["run-id"]))
     assert newest["status"] == "finished:failed", newest
+
+
+def test_collaborative_inference_simulation(flower_env, tiny_llama, learnable_llama, agnews,
+                                            tmp_path):
+    """`mode='infer'` through `flwr run`: three simulated devices (two models, one of them
+    attacking) answer 24 queries in 3 batches; the server combines and writes its results."""
+    data = tmp_path / "agnews-24"
+    data.mkdir()
+    (data / "train.tsv").symlink_to(agnews / "train.tsv")
+    lines = (agnews / "test.tsv").read_text(encoding="utf-8").splitlines(keepends=True)
+    (data / "test.tsv").write_text("".join(lines[:25]), encoding="utf-8")
+    run, out = flwr_run_app(tmp_path, flower_env, [
+        "mode='infer'", "task='lm-cls'", f"model='{tiny_llama}'", f"data.path='{data}'",
+        "data.label-words='Business,Sci/Tech,Sports,World'", "eval.max-examples=0",
+        f"infer.members='{tiny_llama},{learnable_llama}'", "infer.batch-size=8",
+        "infer.calibration=8", "infer.attack='wrong'", "infer.attackers='2'"],
+        num_supernodes=3)
+    report = json.loads((run / "infer.json").read_text())
+    assert report["queries"] == 24 and report["failures"] == []
+    members = report["members"]
+    assert [m["answered"] for m in members] == [24, 24, 24]
+    assert str(learnable_llama) in members[1]["member"]
+    trust = report["trust"][-1]
+    assert len(report["trust"]) == 4 and trust[2] < min(trust[0], trust[1])
+    assert len((run / "infer_queries.jsonl").read_text().splitlines()) == 24
+    assert (run / "plots" / "infer_cascade.png").is_file()

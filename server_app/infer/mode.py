@@ -1,0 +1,193 @@
+"""`mode='infer'`: collaborative inference over the connected devices (S8, S6).
+
+The ServerApp poses the test split of `data.path` (eval.max-examples of it, as the labelled
+queries of `task='lm-cls'`), in batches of `infer.batch-size`, to every device with a Flower
+QUERY (`query.infer`). Each device answers with its own model (client_app.infer): label
+probabilities and its cost. A device that errs, times out or replies malformed is left out
+of that batch's votes, logged and counted; the job goes on. Then `report.summarise` scores
+each member and each way of combining them, and everything lands in `results/<run-id>/`:
+
+- `infer.json`: members, methods, the cascade's curve and choice, trust after each batch,
+  failures; `infer_queries.jsonl`: per query, each member's label and each method's;
+- `plots/infer_cascade.png` (accuracy vs seconds per query over the thresholds),
+  `plots/infer_trust.png` (each member's trust batch after batch).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from server_app.infer.report import Answers, Knobs, summarise
+from task.config import ConfigError, RunConfig
+from task.evaluation import ServerTask
+from task.fleet import origin, query_profiles, unicast
+from task.logs import get_logger
+from task.records import from_record
+from task.results import atomic_write_text
+
+log = get_logger()
+MESSAGE_TYPE = f"{MessageType.QUERY}.infer"
+
+
+def run(grid: Grid, context: Context, cfg: RunConfig) -> Path:
+    if cfg.task != "lm-cls":
+        raise ConfigError(f"mode='infer' scores labels posed as instructions: set "
+                          f"task='lm-cls' (and data.template, data.label-words), not "
+                          f"'{cfg.task}'")
+    task = ServerTask.prepare(cfg, with_model=False)
+    truth = np.asarray(task.test.labels)
+    run_dir = (Path(cfg.results_dir) / str(context.run_id)).resolve()
+    nodes = _members(grid, cfg)
+    log.info("infer: %d queries from %s to %d devices, %d per batch; results in %s",
+             len(truth), task.data_source, len(nodes), cfg.infer.batch_size, run_dir)
+    started = time.perf_counter()
+    answers = collect(grid, nodes, task.test.texts, task.label_names, cfg)
+    knobs = Knobs(cfg.infer.calibration, cfg.infer.alpha, cfg.infer.beta,
+                  cfg.infer.trust_rate, cfg.infer.confidence, cfg.infer.cascade_loss)
+    report = summarise(answers, truth, knobs)
+    write_results(run_dir, report, answers, truth, task.label_names,
+                  time.perf_counter() - started, cfg)
+    for m in report["members"] + report["methods"]:
+        log.info("infer: %-32s accuracy %.4f, %.3f s per query",
+                 m.get("member", m.get("method")), m["accuracy"], m["seconds_per_query"])
+    return run_dir
+
+
+def _members(grid: Grid, cfg: RunConfig) -> list[int]:
+    """The connected devices (at least `min-devices`, waited for up to infer.timeout),
+    ordered by partition id where they report one."""
+    deadline = time.monotonic() + cfg.infer.timeout
+    nodes = list(grid.get_node_ids())
+    while len(nodes) < cfg.min_devices and time.monotonic() < deadline:
+        time.sleep(1.0)
+        nodes = list(grid.get_node_ids())
+    if len(nodes) < cfg.min_devices:
+        raise ConfigError(f"only {len(nodes)} device(s) connected within infer.timeout="
+                          f"{cfg.infer.timeout:g} s; min-devices={cfg.min_devices}: start more "
+                          "SuperNodes or lower min-devices")
+    parts = query_profiles(grid, nodes, cfg.infer.timeout,
+                           lambda node, p: int(p["partition-id"]))
+    return sorted(parts, key=lambda n: (parts[n], n))
+
+
+def collect(grid: Grid, nodes: list[int], texts: list[str], label_names: tuple[str, ...],
+            cfg: RunConfig) -> Answers:
+    """Ask every device about every batch; keep the sound answers."""
+    q, k, m = len(texts), len(label_names), len(nodes)
+    probs, valid = np.zeros((m, q, k)), np.zeros((m, q), dtype=bool)
+    seconds = np.full((m, q), np.nan)
+    batch_of = np.arange(q) // cfg.infer.batch_size
+    names = [f"node {n}" for n in nodes]
+    failures: list[dict] = []
+    for b in range(int(batch_of.max()) + 1 if q else 0):
+        idx = np.flatnonzero(batch_of == b)
+        config = ConfigRecord({"texts": [texts[i] for i in idx],
+                               "label-names": list(label_names), "batch": b})
+        sent = unicast(nodes, MESSAGE_TYPE, lambda node: RecordDict({"config": config}))
+        replies = list(grid.send_and_receive(sent, timeout=cfg.infer.timeout))
+        answered = set()
+        for reply in replies:
+            node = origin(reply, sent)
+            i = nodes.index(node)
+            outcome = _read(reply, len(idx), k)
+            answered.add(node)
+            if isinstance(outcome, str):
+                failures.append({"member": names[i], "batch": b, "reason": outcome})
+                log.warning("infer batch %d: %s left out: %s", b, names[i], outcome)
+                continue
+            p, secs, member = outcome
+            names[i] = f"node {node}: {member}"
+            probs[i, idx], valid[i, idx] = p, True
+            seconds[i, idx] = secs / len(idx)
+        for node in set(nodes) - answered:
+            i = nodes.index(node)
+            failures.append({"member": names[i], "batch": b, "reason": "no answer in time"})
+            log.warning("infer batch %d: %s left out: no answer within infer.timeout", b,
+                        names[i])
+        log.info("infer batch %d/%d: %d of %d devices answered", b + 1,
+                 int(batch_of.max()) + 1, int(valid[:, idx[0]].sum()), m)
+    for f in failures:  # the final names (a member's name is known once it answers)
+        f["member"] = next((n for n in names if n.split(":")[0] == f["member"].split(":")[0]),
+                           f["member"])
+    return Answers(names, probs, valid, seconds, batch_of, failures)
+
+
+def _read(reply: Message, rows: int, k: int) -> tuple[np.ndarray, float, str] | str:
+    """(probabilities, seconds, member name) of a sound answer, or why it is not."""
+    if reply.has_error():
+        return f"device error: {reply.error.reason}"
+    try:
+        p = np.asarray(from_record(reply.content["answers"])["probs"], dtype=np.float64)
+        secs = float(reply.content["metrics"]["seconds"])
+        member = str(reply.content["member"]["name"])
+    except (KeyError, TypeError, ValueError) as err:
+        return f"malformed answer ({err.__class__.__name__}: {err})"
+    if p.shape != (rows, k):
+        return f"malformed answer: probabilities of shape {p.shape}, expected {(rows, k)}"
+    if not np.all(np.isfinite(p)) or p.min() < 0 or not np.allclose(p.sum(axis=1), 1, atol=1e-3):
+        return "malformed answer: rows are not probability distributions"
+    return p, secs, member
+
+
+def write_results(run_dir: Path, report: dict, ans: Answers, truth: np.ndarray,
+                  label_names: tuple[str, ...], wall_s: float, cfg: RunConfig) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    combined = report.pop("combined")
+    labels = np.where(ans.valid, ans.probs.argmax(axis=2), -1)
+    rows = [json.dumps({"query": qi, "label": int(truth[qi]),
+                        "split": "calibration" if qi < report["calibration"] else "scored",
+                        "members": {n: int(labels[i, qi]) for i, n in enumerate(ans.names)},
+                        "combined": {m: int(v[qi]) for m, v in combined.items()}})
+            for qi in range(len(truth))]
+    atomic_write_text(run_dir / "infer_queries.jsonl", "\n".join(rows) + "\n")
+    atomic_write_text(run_dir / "infer.json", json.dumps(
+        {**report, "label_names": list(label_names), "wall_s": wall_s,
+         "run_config": cfg.to_dict()}, indent=1))
+    _plots(run_dir / "plots", report, ans.names)
+
+
+def _plots(out: Path, report: dict, names: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    curve, chosen = report["cascade"]["curve"], report["cascade"]["chosen"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([c["seconds_per_query"] for c in curve], [c["accuracy"] for c in curve], "o-",
+            ms=3, label="cascade, one point per threshold")
+    ax.plot([chosen["seconds_per_query"]], [chosen["accuracy"]], "r*", ms=12,
+            label=f"chosen (threshold {chosen['threshold']:.2f})")
+    for m in report["members"]:
+        ax.plot([m["seconds_per_query"]], [m["accuracy"]], "s", label=m["member"])
+    ax.set(xlabel="seconds per query", ylabel="accuracy (scored queries)",
+           title="Cascade: accuracy vs cost")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, out / "infer_cascade.png")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    trust = np.asarray(report["trust"])
+    for i, name in enumerate(names):
+        ax.plot(range(len(trust)), trust[:, i], label=name)
+    ax.set(xlabel="batches answered", ylabel="trust t_i", title="Trust in each member")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, out / "infer_trust.png")
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)

@@ -1,0 +1,127 @@
+"""What a collaborative-inference job measured, from the members' collected answers: pure
+numpy over (M, Q, K) arrays, so benchmarks and tests call it without Flower.
+
+The first `calibration` queries give each member's quality q_i and the cascade's threshold;
+every accuracy reported is on the other queries. Trust-weighted consensus runs batch by batch
+in the order the queries were asked: a batch's consensus uses the trust earned before it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from server_app.infer.combine import (accuracy, agreement, cascade, confidence, geometric_probs,
+                                      majority_vote, mean_probs, trust_update, trust_weights,
+                                      weighted_vote)
+
+
+@dataclass
+class Answers:
+    """Every member's answers to every query. `seconds` is (M, Q): the member's batch time
+    shared over the batch's queries (NaN where it did not answer)."""
+
+    names: list[str]
+    probs: np.ndarray  # (M, Q, K)
+    valid: np.ndarray  # (M, Q) bool
+    seconds: np.ndarray  # (M, Q)
+    batch_of: np.ndarray  # (Q,) which batch each query was asked in
+    failures: list[dict] = field(default_factory=list)  # {member, batch, reason}
+
+
+@dataclass(frozen=True)
+class Knobs:
+    calibration: int
+    alpha: float = 0.5
+    beta: float = 0.5
+    trust_rate: float = 0.3
+    confidence: str = "max"
+    cascade_loss: float = 0.01
+
+
+def summarise(ans: Answers, truth: np.ndarray, knobs: Knobs) -> dict:
+    """Per member and per method: accuracy on the non-calibration queries and mean seconds
+    per query; the trust history; the cascade's curve and chosen threshold."""
+    q = len(truth)
+    calib = np.arange(q) < min(knobs.calibration, q - 1)  # keep at least one query to score
+    rest = ~calib
+    labels = np.where(ans.valid, ans.probs.argmax(axis=2), -1)  # (M, Q)
+    quality = np.array([accuracy(labels[i][calib], truth[calib]) for i in range(len(labels))])
+    per_query_cost = np.nan_to_num(ans.seconds).sum(axis=0)  # asking everyone
+    members = [{"member": n, "accuracy": accuracy(labels[i][rest], truth[rest]),
+                "calibration_accuracy": float(quality[i]),
+                "seconds_per_query": float(np.nanmean(ans.seconds[i])) if ans.valid[i].any()
+                else float("nan"), "answered": int(ans.valid[i].sum()),
+                "failed_batches": sum(f["member"] == n for f in ans.failures)}
+               for i, n in enumerate(ans.names)]
+    trust_labels, history = _trust_consensus(ans, quality, knobs)
+    combined = {
+        "majority vote": majority_vote(ans.probs, ans.valid),
+        "weighted vote (q_i)": weighted_vote(ans.probs, ans.valid, quality),
+        "mean probabilities": mean_probs(ans.probs, ans.valid).argmax(axis=1),
+        "geometric mean probabilities": geometric_probs(ans.probs, ans.valid).argmax(axis=1),
+        "trust-weighted consensus": trust_labels,
+    }
+    methods = [{"method": m, "accuracy": accuracy(v[rest], truth[rest]),
+                "seconds_per_query": float(per_query_cost[rest].mean())}
+               for m, v in combined.items()]
+    return {"queries": int(q), "calibration": int(calib.sum()), "members": members,
+            "methods": methods, "trust": history,
+            "cascade": _cascade_report(ans, truth, calib, knobs),
+            "failures": ans.failures, "combined": {k: v.tolist() for k, v in combined.items()}}
+
+
+def _trust_consensus(ans: Answers, quality: np.ndarray, knobs: Knobs
+                     ) -> tuple[np.ndarray, list[list[float]]]:
+    """Batch by batch: w_i = alpha q_i + beta t_i, consensus = weighted vote, then t_i moves
+    toward member i's agreement with it. Returns the labels and t after each batch."""
+    trust = np.ones(len(ans.names))
+    out = np.full(ans.probs.shape[1], -1)
+    history = [trust.tolist()]
+    for b in np.unique(ans.batch_of):
+        idx = np.flatnonzero(ans.batch_of == b)
+        w = trust_weights(quality, trust, knobs.alpha, knobs.beta)
+        out[idx] = weighted_vote(ans.probs[:, idx], ans.valid[:, idx], w)
+        trust = trust_update(trust, agreement(ans.probs[:, idx], ans.valid[:, idx], out[idx]),
+                             knobs.trust_rate)
+        history.append(trust.tolist())
+    return out, history
+
+
+def _cascade_report(ans: Answers, truth: np.ndarray, calib: np.ndarray, knobs: Knobs) -> dict:
+    """Ask the cheapest member first (mean seconds per query); while unsure, add the next
+    cheapest member and average their probabilities: stage s is the mean of the s + 1
+    cheapest members, the last stage is everyone (the ensemble). One threshold for every
+    stage: the chosen one is the cheapest on the calibration queries whose accuracy there
+    is within `cascade_loss` of the whole ensemble's; reported on the other queries against
+    asking everyone, and against the costliest member alone."""
+    order = np.argsort([np.nanmean(s) if np.isfinite(s).any() else np.inf
+                        for s in ans.seconds])
+    stages = [mean_probs(ans.probs[order[:s + 1]], ans.valid[order[:s + 1]])
+              for s in range(len(order))]  # a query no stage member answered: all zeros
+    costs = np.nan_to_num(ans.seconds[order], nan=0.0)  # (S, Q): stage s adds member s
+    conf = np.concatenate([confidence(p, knobs.confidence) for p in stages[:-1]] or [[0.0]])
+    grid = np.unique(np.concatenate([np.quantile(conf, np.linspace(0, 1, 41)), [np.inf]]))
+    curve = []
+    for tau in grid:
+        labels, by, cost = cascade(stages, [tau] * (len(stages) - 1), costs, knobs.confidence)
+        curve.append({"threshold": float(tau),
+                      "calibration_accuracy": accuracy(labels[calib], truth[calib]),
+                      "calibration_seconds": float(cost[calib].mean()),
+                      "accuracy": accuracy(labels[~calib], truth[~calib]),
+                      "seconds_per_query": float(cost[~calib].mean()),
+                      "escalated": float((by[~calib] > 0).mean())})
+    everyone = curve[-1]  # threshold inf: every query asks every member
+    target = everyone["calibration_accuracy"] - knobs.cascade_loss
+    ok = [c for c in curve if c["calibration_accuracy"] >= target - 1e-12]
+    chosen = min(ok, key=lambda c: (c["calibration_seconds"], -c["calibration_accuracy"]))
+    costliest = order[-1]
+    its_labels = np.where(ans.valid[costliest], ans.probs[costliest].argmax(axis=1), -1)
+    alone = {"member": ans.names[costliest],
+             "accuracy": accuracy(its_labels[~calib], truth[~calib]),
+             "seconds_per_query": float(costs[-1][~calib].mean())}
+    saved = 1 - chosen["seconds_per_query"] / everyone["seconds_per_query"] \
+        if everyone["seconds_per_query"] > 0 else float("nan")
+    return {"order": [ans.names[i] for i in order], "curve": curve, "chosen": chosen,
+            "everyone": everyone, "costliest_alone": alone, "saved_share": saved}

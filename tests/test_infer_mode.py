@@ -1,0 +1,104 @@
+"""`mode='infer'` end to end with tiny Llamas through the real ClientApp: every device
+answers every batch, the server combines, a failing / malformed / adversarial device is left
+out or loses trust, and the results land in results/<run-id>/."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from flwr.app import Context, RecordDict
+
+from inprocess_grid import InProcessGrid
+from server_app import modes
+from task.config import ConfigError, RunConfig
+from task.records import to_record
+
+
+@pytest.fixture()
+def small_agnews(agnews, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.tsv").symlink_to(agnews / "train.tsv")
+    lines = (agnews / "test.tsv").read_text().splitlines()
+    (data / "test.tsv").write_text("\n".join(lines[:41]) + "\n")
+    return data
+
+
+def _raw(model, data, tmp_path, **extra):
+    return {"mode": "infer", "task": "lm-cls", "model": str(model), "data.path": str(data),
+            "data.label-words": "Business,Sci/Tech,Sports,World", "eval.max-examples": 0,
+            "infer.batch-size": 8, "infer.calibration": 8, "results-dir": str(tmp_path / "r"),
+            **extra}
+
+
+def _run(grid, raw, run_id=7):
+    ctx = Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(),
+                  run_config=raw)
+    return modes.get("infer")(grid, ctx, RunConfig.from_run_config(raw))
+
+
+def test_infer_combines_the_members_and_distrusts_the_adversary(tiny_llama, learnable_llama,
+                                                                 small_agnews, tmp_path):
+    raw = _raw(tiny_llama, small_agnews, tmp_path, **{
+        "infer.members": f"{tiny_llama},{learnable_llama},{tiny_llama}",
+        "infer.attack": "wrong", "infer.attackers": "3"})
+    grid = InProcessGrid(raw, num_nodes=4)
+    run_dir = _run(grid, raw)
+    report = json.loads((run_dir / "infer.json").read_text())
+    assert report["queries"] == 40 and report["calibration"] == 8
+    names = [m["member"] for m in report["members"]]
+    assert len(names) == 4 and names[1].endswith(str(learnable_llama))
+    assert all(m["answered"] == 40 and m["seconds_per_query"] > 0 for m in report["members"])
+    # members 0 and 3 run the same model: the attacker always answers something else
+    rows = [json.loads(x) for x in (run_dir / "infer_queries.jsonl").read_text().splitlines()]
+    assert len(rows) == 40
+    assert all(r["members"][names[3]] != r["members"][names[0]] for r in rows)
+    trust = np.array(report["trust"])
+    assert trust.shape == (6, 4) and trust[-1, 3] < 0.2 < trust[-1, :3].min()
+    methods = {m["method"]: m for m in report["methods"]}
+    assert set(methods) == {"majority vote", "weighted vote (q_i)", "mean probabilities",
+                            "geometric mean probabilities", "trust-weighted consensus"}
+    assert all(0 <= m["accuracy"] <= 1 for m in methods.values())
+    cascade = report["cascade"]
+    assert cascade["chosen"]["calibration_accuracy"] >= cascade["curve"][-1][
+        "calibration_accuracy"] - 0.01 - 1e-9 or cascade["chosen"] == cascade["curve"][-1]
+    assert (run_dir / "plots" / "infer_cascade.png").is_file()
+    assert (run_dir / "plots" / "infer_trust.png").is_file()
+    # every batch went to every device as a QUERY of type query.infer
+    sent = [m for _, m in grid.sent if m.metadata.message_type == "query.infer"]
+    assert len(sent) == 5 * 4
+
+
+class FlakyGrid(InProcessGrid):
+    """Node 1002 never answers batch 1; node 1003 sends a malformed answer in batch 2."""
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        batch = messages[0].content["config"].get("batch", -1) if messages else -1
+        keep = [m for m in messages if not (batch == 1 and m.metadata.dst_node_id == 1002)]
+        replies = super().send_and_receive(keep, timeout=timeout)
+        for reply in replies:
+            if batch == 2 and reply.metadata.src_node_id == 1003:
+                reply.content["answers"] = to_record({"probs": np.ones((3, 4), np.float32)})
+        return replies
+
+
+def test_a_failing_device_is_left_out_and_the_job_completes(tiny_llama, small_agnews,
+                                                             tmp_path):
+    raw = _raw(tiny_llama, small_agnews, tmp_path)
+    run_dir = _run(FlakyGrid(raw, num_nodes=3), raw)
+    report = json.loads((run_dir / "infer.json").read_text())
+    reasons = {(f["member"].split(":")[0], f["batch"]): f["reason"] for f in report["failures"]}
+    assert reasons[("node 1002", 1)] == "no answer in time"
+    assert "malformed answer" in reasons[("node 1003", 2)]
+    answered = {m["member"].split(":")[0]: m["answered"] for m in report["members"]}
+    assert answered == {"node 1001": 40, "node 1002": 32, "node 1003": 32}
+    assert len(report["methods"]) == 5
+
+
+def test_infer_needs_label_words(tiny_llama, small_agnews, tmp_path):
+    raw = _raw(tiny_llama, small_agnews, tmp_path, task="causal-lm")
+    with pytest.raises(ConfigError, match="task='lm-cls'"):
+        _run(InProcessGrid(raw, num_nodes=2), raw)
