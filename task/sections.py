@@ -192,6 +192,11 @@ class InferSection(Section):
         (), "simulated device k answers with item k % len: `<model>` or `<model>+<saved "
         "adapter folder>` (empty: the run's `model`); in deployment a device's --node-config "
         "`model` / `adapter` win", kind="names", allow_empty=True)
+    method: str = option("all", "`all`: every device answers every query and every way of "
+                         "combining is scored; `cascade`: every device answers the "
+                         "calibration queries, then each query goes to the cheapest device "
+                         "and on to the next only while unsure (the compute is really "
+                         "saved)", choices=("all", "cascade"))
     batch_size: int = option(16, "queries per QUERY message", lo=1)
     calibration: int = option(50, "the first queries: the server uses their labels for each "
                               "member's quality q_i and the cascade's threshold; accuracies "

@@ -102,3 +102,31 @@ def test_infer_needs_label_words(tiny_llama, small_agnews, tmp_path):
     raw = _raw(tiny_llama, small_agnews, tmp_path, task="causal-lm")
     with pytest.raises(ConfigError, match="task='lm-cls'"):
         _run(InProcessGrid(raw, num_nodes=2), raw)
+
+
+def test_a_live_cascade_asks_the_others_only_about_unsure_queries(tiny_llama, small_agnews,
+                                                                   tmp_path):
+    # cascade-loss 1: any accuracy will do, so the cheapest threshold wins: after calibration
+    # only the cheapest device is asked (confidence >= the lowest threshold)
+    raw = _raw(tiny_llama, small_agnews, tmp_path, **{"infer.method": "cascade",
+                                                       "infer.cascade-loss": 1.0})
+    grid = InProcessGrid(raw, num_nodes=3)
+    run_dir = _run(grid, raw)
+    report = json.loads((run_dir / "infer.json").read_text())
+    live = report["cascade_live"]
+    assert report["calibration"] == 8 and live["queries"] == 32
+    assert live["escalated"] == 0.0 and 0.3 < live["saved_share"] < 0.9  # 1 of 3 devices asked
+    queries = [m for _, m in grid.sent if m.metadata.message_type == "query.infer"]
+    # calibration: one batch to all 3; then 4 batches to the cheapest device alone
+    assert len(queries) == 3 + 4
+    cheapest = report["plan"]["order"][0].split(":")[0]
+    assert {f"node {m.metadata.dst_node_id}" for m in queries[3:]} == {cheapest}
+    rows = [json.loads(x) for x in (run_dir / "infer_queries.jsonl").read_text().splitlines()]
+    assert len(rows) == 32 and all(r["members_asked"] == 1 and r["stage"] == 0 for r in rows)
+    # cascade-loss 0 on an ensemble that beats its members: unsure queries go further
+    raw = _raw(tiny_llama, small_agnews, tmp_path / "b", **{"infer.method": "cascade",
+                                                             "infer.cascade-loss": 0.0})
+    run_dir = _run(InProcessGrid(raw, num_nodes=3), raw, run_id=8)
+    rows = [json.loads(x) for x in (run_dir / "infer_queries.jsonl").read_text().splitlines()]
+    assert all(1 <= r["members_asked"] <= 3 for r in rows)
+    assert all((r["stage"] == 0) == (r["members_asked"] == 1) for r in rows)

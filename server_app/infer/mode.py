@@ -23,7 +23,8 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from server_app.infer.report import Answers, Knobs, summarise
+from server_app.infer.combine import accuracy, confidence
+from server_app.infer.report import Answers, Knobs, choose_cascade, summarise
 from task.config import ConfigError, RunConfig
 from task.evaluation import ServerTask
 from task.fleet import origin, query_profiles, unicast
@@ -47,9 +48,11 @@ def run(grid: Grid, context: Context, cfg: RunConfig) -> Path:
     log.info("infer: %d queries from %s to %d devices, %d per batch; results in %s",
              len(truth), task.data_source, len(nodes), cfg.infer.batch_size, run_dir)
     started = time.perf_counter()
-    answers = collect(grid, nodes, task.test.texts, task.label_names, cfg)
     knobs = Knobs(cfg.infer.calibration, cfg.infer.alpha, cfg.infer.beta,
                   cfg.infer.trust_rate, cfg.infer.confidence, cfg.infer.cascade_loss)
+    if cfg.infer.method == "cascade":
+        return live_cascade(grid, nodes, task, truth, knobs, cfg, run_dir, started)
+    answers = collect(grid, nodes, task.test.texts, task.label_names, cfg)
     report = summarise(answers, truth, knobs)
     write_results(run_dir, report, answers, truth, task.label_names,
                   time.perf_counter() - started, cfg)
@@ -76,8 +79,72 @@ def _members(grid: Grid, cfg: RunConfig) -> list[int]:
     return sorted(parts, key=lambda n: (parts[n], n))
 
 
+def live_cascade(grid: Grid, nodes: list[int], task: ServerTask, truth: np.ndarray,
+                 knobs: Knobs, cfg: RunConfig, run_dir: Path, started: float) -> Path:
+    """`infer.method='cascade'`: every device answers the calibration queries (quality, cost,
+    threshold); then each scored batch goes to the cheapest device only, and only its unsure
+    queries go on to the next cheapest, whose probabilities are averaged in, and so on."""
+    texts, labels = task.test.texts, task.label_names
+    n_cal = min(cfg.infer.calibration, len(texts) - 1)
+    calib = collect(grid, nodes, texts[:n_cal], labels, cfg)
+    plan = choose_cascade(calib, truth[:n_cal], knobs)
+    order = [nodes[i] for i in plan["order"]]
+    log.info("infer cascade: %s, threshold %.3f (calibration: %.4f at %.4f s per query vs "
+             "everyone %.4f at %.4f s)", " -> ".join(calib.names[i] for i in plan["order"]),
+             plan["threshold"], plan["calibration_accuracy"], plan["calibration_seconds"],
+             plan["everyone_accuracy"], plan["everyone_seconds"])
+    rest = np.arange(n_cal, len(texts))
+    total = np.zeros((len(rest), len(labels)))
+    asked, cost = np.zeros(len(rest)), np.zeros(len(rest))
+    stage = np.full(len(rest), len(order) - 1)
+    failures: list[dict] = []
+    for start in range(0, len(rest), cfg.infer.batch_size):
+        open_ = np.arange(start, min(start + cfg.infer.batch_size, len(rest)))
+        for s, node in enumerate(order):
+            got = collect(grid, [node], [texts[n_cal + i] for i in open_], labels, cfg,
+                          batch_offset=n_cal + start)
+            failures += got.failures
+            ok = got.valid[0]
+            total[open_[ok]] += got.probs[0][ok]
+            asked[open_[ok]] += 1
+            cost[open_[ok]] += got.seconds[0][ok]
+            if s == len(order) - 1:
+                break
+            mean = total[open_] / np.maximum(asked[open_], 1)[:, None]
+            done = (asked[open_] > 0) & (confidence(mean, knobs.confidence) >= plan["threshold"])
+            stage[open_[done]] = s
+            open_ = open_[~done]
+            if not len(open_):
+                break
+    answer = np.where(asked > 0, total.argmax(axis=1), -1)
+    live = {"accuracy": accuracy(answer, truth[rest]), "seconds_per_query": float(cost.mean()),
+            "escalated": float((stage > 0).mean()), "queries": int(len(rest)),
+            "saved_share": 1 - float(cost.mean()) / plan["everyone_seconds"]
+            if plan["everyone_seconds"] > 0 else float("nan")}
+    report = {"method": "cascade", "queries": int(len(texts)), "calibration": int(n_cal),
+              "members": [{"member": n, "calibration_accuracy": accuracy(
+                  np.where(calib.valid[i], calib.probs[i].argmax(axis=1), -1), truth[:n_cal]),
+                  "seconds_per_query": float(np.nanmean(calib.seconds[i]))
+                  if calib.valid[i].any() else float("nan")}
+                  for i, n in enumerate(calib.names)],
+              "plan": {**plan, "order": [calib.names[i] for i in plan["order"]]},
+              "cascade_live": live, "failures": calib.failures + failures}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    rows = [json.dumps({"query": int(n_cal + i), "label": int(truth[n_cal + i]),
+                        "answer": int(answer[i]), "stage": int(stage[i]),
+                        "members_asked": int(asked[i])}) for i in range(len(rest))]
+    atomic_write_text(run_dir / "infer_queries.jsonl", "\n".join(rows) + "\n")
+    atomic_write_text(run_dir / "infer.json", json.dumps(
+        {**report, "label_names": list(labels), "wall_s": time.perf_counter() - started,
+         "run_config": cfg.to_dict()}, indent=1))
+    log.info("infer cascade: accuracy %.4f at %.4f s per query, %.0f%% escalated, %.0f%% of "
+             "asking everyone saved", live["accuracy"], live["seconds_per_query"],
+             100 * live["escalated"], 100 * live["saved_share"])
+    return run_dir
+
+
 def collect(grid: Grid, nodes: list[int], texts: list[str], label_names: tuple[str, ...],
-            cfg: RunConfig) -> Answers:
+            cfg: RunConfig, batch_offset: int = 0) -> Answers:
     """Ask every device about every batch; keep the sound answers."""
     q, k, m = len(texts), len(label_names), len(nodes)
     probs, valid = np.zeros((m, q, k)), np.zeros((m, q), dtype=bool)
@@ -88,7 +155,7 @@ def collect(grid: Grid, nodes: list[int], texts: list[str], label_names: tuple[s
     for b in range(int(batch_of.max()) + 1 if q else 0):
         idx = np.flatnonzero(batch_of == b)
         config = ConfigRecord({"texts": [texts[i] for i in idx],
-                               "label-names": list(label_names), "batch": b})
+                               "label-names": list(label_names), "batch": batch_offset + b})
         sent = unicast(nodes, MESSAGE_TYPE, lambda node: RecordDict({"config": config}))
         replies = list(grid.send_and_receive(sent, timeout=cfg.infer.timeout))
         answered = set()
@@ -110,8 +177,9 @@ def collect(grid: Grid, nodes: list[int], texts: list[str], label_names: tuple[s
             failures.append({"member": names[i], "batch": b, "reason": "no answer in time"})
             log.warning("infer batch %d: %s left out: no answer within infer.timeout", b,
                         names[i])
-        log.info("infer batch %d/%d: %d of %d devices answered", b + 1,
-                 int(batch_of.max()) + 1, int(valid[:, idx[0]].sum()), m)
+        if m > 1:
+            log.info("infer batch %d/%d: %d of %d devices answered", b + 1,
+                     int(batch_of.max()) + 1, int(valid[:, idx[0]].sum()), m)
     for f in failures:  # the final names (a member's name is known once it answers)
         f["member"] = next((n for n in names if n.split(":")[0] == f["member"].split(":")[0]),
                            f["member"])

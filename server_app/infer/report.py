@@ -89,6 +89,19 @@ def _trust_consensus(ans: Answers, quality: np.ndarray, knobs: Knobs
     return out, history
 
 
+def _thresholds(conf: np.ndarray) -> np.ndarray:
+    """Candidate thresholds: below every confidence (never escalate), 41 quantiles, and above
+    every confidence (always escalate: everyone answers)."""
+    return np.unique(np.concatenate([[conf.min() - 1.0], np.quantile(conf, np.linspace(0, 1, 41)),
+                                     [conf.max() + 1.0]]))
+
+
+def cheapest_first(seconds: np.ndarray) -> np.ndarray:
+    """Member indices by mean seconds per query (a member that never answered: last)."""
+    return np.argsort([np.nanmean(s) if np.isfinite(s).any() else np.inf for s in seconds],
+                      kind="stable")
+
+
 def _cascade_report(ans: Answers, truth: np.ndarray, calib: np.ndarray, knobs: Knobs) -> dict:
     """Ask the cheapest member first (mean seconds per query); while unsure, add the next
     cheapest member and average their probabilities: stage s is the mean of the s + 1
@@ -96,13 +109,12 @@ def _cascade_report(ans: Answers, truth: np.ndarray, calib: np.ndarray, knobs: K
     stage: the chosen one is the cheapest on the calibration queries whose accuracy there
     is within `cascade_loss` of the whole ensemble's; reported on the other queries against
     asking everyone, and against the costliest member alone."""
-    order = np.argsort([np.nanmean(s) if np.isfinite(s).any() else np.inf
-                        for s in ans.seconds])
+    order = cheapest_first(ans.seconds)
     stages = [mean_probs(ans.probs[order[:s + 1]], ans.valid[order[:s + 1]])
               for s in range(len(order))]  # a query no stage member answered: all zeros
     costs = np.nan_to_num(ans.seconds[order], nan=0.0)  # (S, Q): stage s adds member s
     conf = np.concatenate([confidence(p, knobs.confidence) for p in stages[:-1]] or [[0.0]])
-    grid = np.unique(np.concatenate([np.quantile(conf, np.linspace(0, 1, 41)), [np.inf]]))
+    grid = _thresholds(conf)
     curve = []
     for tau in grid:
         labels, by, cost = cascade(stages, [tau] * (len(stages) - 1), costs, knobs.confidence)
@@ -112,7 +124,7 @@ def _cascade_report(ans: Answers, truth: np.ndarray, calib: np.ndarray, knobs: K
                       "accuracy": accuracy(labels[~calib], truth[~calib]),
                       "seconds_per_query": float(cost[~calib].mean()),
                       "escalated": float((by[~calib] > 0).mean())})
-    everyone = curve[-1]  # threshold inf: every query asks every member
+    everyone = curve[-1]  # the highest threshold: every query asks every member
     target = everyone["calibration_accuracy"] - knobs.cascade_loss
     ok = [c for c in curve if c["calibration_accuracy"] >= target - 1e-12]
     chosen = min(ok, key=lambda c: (c["calibration_seconds"], -c["calibration_accuracy"]))
@@ -125,3 +137,25 @@ def _cascade_report(ans: Answers, truth: np.ndarray, calib: np.ndarray, knobs: K
         if everyone["seconds_per_query"] > 0 else float("nan")
     return {"order": [ans.names[i] for i in order], "curve": curve, "chosen": chosen,
             "everyone": everyone, "costliest_alone": alone, "saved_share": saved}
+
+
+def choose_cascade(ans: Answers, truth: np.ndarray, knobs: Knobs) -> dict:
+    """For a live cascade (`infer.method='cascade'`), from the calibration queries that every
+    member answered: the order (cheapest first), the threshold (the cheapest whose accuracy
+    is within `cascade_loss` of everyone's), and what asking everyone costs and scores."""
+    order = cheapest_first(ans.seconds)
+    stages = [mean_probs(ans.probs[order[:s + 1]], ans.valid[order[:s + 1]])
+              for s in range(len(order))]
+    costs = np.nan_to_num(ans.seconds[order], nan=0.0)
+    conf = np.concatenate([confidence(p, knobs.confidence) for p in stages[:-1]] or [[0.0]])
+    best = None
+    target = accuracy(stages[-1].argmax(axis=1), truth) - knobs.cascade_loss
+    for tau in _thresholds(conf):
+        labels, _, cost = cascade(stages, [tau] * (len(stages) - 1), costs, knobs.confidence)
+        acc, secs = accuracy(labels, truth), float(cost.mean())
+        if acc >= target - 1e-12 and (best is None or secs < best[1]):
+            best = (float(tau), secs, acc)
+    return {"order": [int(i) for i in order], "threshold": best[0],
+            "calibration_seconds": best[1], "calibration_accuracy": best[2],
+            "everyone_accuracy": accuracy(stages[-1].argmax(axis=1), truth),
+            "everyone_seconds": float(costs.sum(axis=0).mean())}
