@@ -104,17 +104,22 @@ def test_communication_benchmark(tiny_bert, tmp_path):
 
 def test_client_cost_benchmark(tiny_bert, agnews, tmp_path):
     out = tmp_path / "cost"
-    for rank in ("2", "4"):
-        run_bench("client_cost.py", "--model", str(tiny_bert), "--data", str(agnews),
-                  "--rank", rank, "--steps", "2", "--batch", "4", "--seq", "32",
-                  "--out", str(out))
-    r2 = json.loads((out / "client_cost_r2.json").read_text())
-    r4 = json.loads((out / "client_cost_r4.json").read_text())
+    common = ("--model", str(tiny_bert), "--data", str(agnews), "--steps", "2", "--batch", "4",
+              "--seq", "32", "--out", str(out))
+    for rank in ("2", "4"):  # real-length batches, base dropout skipped: the defaults
+        run_bench("client_cost.py", "--rank", rank, *common)
+    run_bench("client_cost.py", "--rank", "2", "--padding", "max", "--base-dropout", *common)
+    r2 = json.loads((out / "client_cost_r2_real.json").read_text())
+    r4 = json.loads((out / "client_cost_r4_real.json").read_text())
+    padded = json.loads((out / "client_cost_r2_max_dropout.json").read_text())
     check_provenance(r2, "client_cost.py")
     assert r2["peak_rss_mib"] >= r2["rss_before_model_mib"] > 50  # MiB, not KiB or bytes
     assert r4["trainable_params"] - r2["trainable_params"] == 2 * 2 * (2 * 32 + 32 * 2)
+    assert padded["mean_tokens"] == 32 and r2["mean_tokens"] <= 32
+    assert (padded["base_dropout"], r2["base_dropout"]) == (True, False)
     md = (out / "client_cost.md").read_text()
-    assert md.count("| 2 | 4 x 32 |") == 1 and md.count("| 4 | 4 x 32 |") == 1
+    assert md.count("| 2 | 4 x 32 (padded) | kept |") == 1
+    assert md.count("(real lengths) | skipped |") == 2
     check_render("client_cost.py", out, "client_cost.md")
 
 
@@ -278,7 +283,9 @@ def test_committed_results_render_from_their_json(tmp_path):
                           ("unlearning.py", ["unlearning-poison10/unlearning.json"]),
                           ("unlearning.py", ["unlearning-dp-b16/unlearning.json"]),
                           ("communication.py", ["communication.json"]),
-                          ("client_cost.py", ["client_cost_r2.json", "client_cost_r16.json"]),
+                          ("client_cost.py", [f"client_cost_r{x}.json" for x in (
+                              "2_real", "16_max", "16_max_dropout", "16_real",
+                              "16_real_dropout")]),
                           ("default_run.py", ["default_run.json"]),
                           ("default_run.py", ["smollm2-quickstart-agnews/default_run.json"]),
                           ("model_load.py", ["model_load.json"])):

@@ -164,8 +164,9 @@ def test_a_configuration_error_ends_the_run_as_failed(flower_env, tiny_bert, agn
 
 def test_collaborative_inference_simulation(flower_env, tiny_llama, learnable_llama, agnews,
                                             tmp_path):
-    """`mode='infer'` through `flwr run`: three simulated devices (two models, one of them
-    attacking) answer 24 queries in 3 batches; the server combines and writes its results."""
+    """`mode='infer'` through `flwr run`: four simulated devices (two models; devices 0, 2
+    and 3 run the same one and device 3 attacks it) answer 24 queries in 3 batches; the
+    server combines and writes its results."""
     data = tmp_path / "agnews-24"
     data.mkdir()
     (data / "train.tsv").symlink_to(agnews / "train.tsv")
@@ -175,14 +176,14 @@ def test_collaborative_inference_simulation(flower_env, tiny_llama, learnable_ll
         "mode='infer'", "task='lm-cls'", f"model='{tiny_llama}'", f"data.path='{data}'",
         "data.label-words='Business,Sci/Tech,Sports,World'", "eval.max-examples=0",
         f"infer.members='{tiny_llama},{learnable_llama}'", "infer.batch-size=8",
-        "infer.calibration=8", "infer.attack='wrong'", "infer.attackers='2'"],
-        num_supernodes=3)
+        "infer.calibration=8", "infer.attack='wrong'", "infer.attackers='3'"],
+        num_supernodes=4)
     report = json.loads((run / "infer.json").read_text())
     assert report["queries"] == 24 and report["failures"] == []
     members = report["members"]
-    assert [m["answered"] for m in members] == [24, 24, 24]
+    assert [m["answered"] for m in members] == [24, 24, 24, 24]
     assert str(learnable_llama) in members[1]["member"]
     trust = report["trust"][-1]
-    assert len(report["trust"]) == 4 and trust[2] < min(trust[0], trust[1])
+    assert len(report["trust"]) == 4 and trust[3] < min(trust[0], trust[2])
     assert len((run / "infer_queries.jsonl").read_text().splitlines()) == 24
     assert (run / "plots" / "infer_cascade.png").is_file()

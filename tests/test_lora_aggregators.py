@@ -217,7 +217,7 @@ def test_rank_matched_lr_is_standalone_lora_at_the_devices_own_scaling():
     cfg = RunConfig.from_run_config({"lora.rank-matched-lr": True})
     assert lora_lr_scale(cfg, 2, 16) == pytest.approx(8 ** 0.5)
     assert lora_lr_scale(cfg, 16, 16) == 1.0
-    assert lora_lr_scale(RunConfig.from_run_config({}), 2, 16) == 1.0
+    assert lora_lr_scale(RunConfig.from_run_config({"lora.rank-matched-lr": False}), 2, 16) == 1.0
     torch.manual_seed(0)
     x, y = torch.randn(32, 6), torch.randn(32, 5)
     b0, a0 = torch.randn(5, 2) * 0.1, torch.randn(2, 6) * 0.1
