@@ -90,9 +90,13 @@ def byzantine(ans: Answers, truth: np.ndarray, knobs: Knobs, attack: str, seed: 
         probs[i] = attacked(probs[i], attack, rng)
     hit = summarise(Answers(ans.names, probs, ans.valid, ans.seconds, ans.batch_of), truth,
                     knobs)
+    keep = [i for i in range(len(ans.names)) if i not in bad]  # the attackers removed
+    honest = summarise(Answers([ans.names[i] for i in keep], ans.probs[keep], ans.valid[keep],
+                               ans.seconds[keep], ans.batch_of), truth, knobs)
     return {"f": f, "members": len(ans.names), "attack": attack,
             "attackers": [ans.names[i] for i in bad],
             "clean": {m["method"]: m["accuracy"] for m in clean["methods"]},
+            "honest_only": {m["method"]: m["accuracy"] for m in honest["methods"]},
             "attacked": {m["method"]: m["accuracy"] for m in hit["methods"]},
             "trust_after": hit["trust"][-1]}
 
@@ -131,10 +135,18 @@ def write_report(out: Path) -> None:
     if byz.get("f"):
         lines += ["", f"Byzantine: {byz['f']} of {byz['members']} members answer "
                   f"`{byz['attack']}` (the best calibrated: {', '.join(byz['attackers'])}).",
-                  "", "| method | clean | attacked | change |", "|---|---|---|---|"]
-        lines += [f"| {m} | {byz['clean'][m]:.4f} | {byz['attacked'][m]:.4f} | "
-                  f"{100 * (byz['attacked'][m] - byz['clean'][m]):+.1f} pt |"
+                  "`honest only`: the same method over the other members, the attackers "
+                  "removed (what a perfect defence could keep).", "",
+                  "| method | clean | honest only | attacked | attacked - clean | attacked - "
+                  "honest only |", "|---|---|---|---|---|---|"]
+        lines += [f"| {m} | {byz['clean'][m]:.4f} | {byz['honest_only'][m]:.4f} | "
+                  f"{byz['attacked'][m]:.4f} | "
+                  f"{100 * (byz['attacked'][m] - byz['clean'][m]):+.1f} pt | "
+                  f"{100 * (byz['attacked'][m] - byz['honest_only'][m]):+.1f} pt |"
                   for m in byz["clean"]]
+        lines += ["", "Trust after the last batch, attacked: " + ", ".join(
+            f"{n} {t:.2f}" for n, t in zip(run["report"]["members_names"],
+                                              byz["trust_after"])) + "."]
     (out / "ensemble.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -147,7 +159,7 @@ def main() -> None:
     ap.add_argument("--data", default="../shared/data/agnews")
     ap.add_argument("--queries", type=int, default=300)
     ap.add_argument("--calibration", type=int, default=60)
-    ap.add_argument("--adapters", type=int, default=3)
+    ap.add_argument("--adapters", type=int, default=6)
     ap.add_argument("--adapter-steps", type=int, default=30)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--attack", default="wrong", choices=("wrong", "random"))
@@ -155,21 +167,34 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" /
                     "ensemble-agnews")
     ap.add_argument("--render", action="store_true")
+    ap.add_argument("--rescore", action="store_true",
+                    help="score again from --out/answers.npz (the members' saved answers)")
     args = ap.parse_args()
     if args.render:
         return write_report(args.out)
     started = time.perf_counter()
-    cfg = make_config(args)
-    task = ServerTask.prepare(cfg)
-    work = Path("/tmp") / f"edge-lam-ensemble-{args.seed}"
-    members = [Member(cfg.model)] + train_adapters(cfg, task, args.adapters, work)
-    if args.other:
-        members.append(Member(args.other))
-    ans = answers_of(cfg, task, members, args.batch)
-    truth = np.asarray(task.test.labels)
+    if args.rescore:
+        saved = np.load(args.out / "answers.npz")
+        ans = Answers(list(saved["names"]), saved["probs"], saved["valid"], saved["seconds"],
+                      saved["batch_of"])
+        truth = saved["truth"]
+    else:
+        cfg = make_config(args)
+        task = ServerTask.prepare(cfg)
+        work = Path("/tmp") / f"edge-lam-ensemble-{args.seed}"
+        members = [Member(cfg.model)] + train_adapters(cfg, task, args.adapters, work)
+        if args.other:
+            members.append(Member(args.other))
+        ans = answers_of(cfg, task, members, args.batch)
+        truth = np.asarray(task.test.labels)
+        args.out.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(args.out / "answers.npz", names=np.array(ans.names),
+                            probs=ans.probs, valid=ans.valid, seconds=ans.seconds,
+                            batch_of=ans.batch_of, truth=truth)
     knobs = Knobs(args.calibration)
     report = summarise(ans, truth, knobs)
     report.pop("combined")
+    report["members_names"] = ans.names
     report["confidence"] = knobs.confidence
     byz = byzantine(ans, truth, knobs, args.attack, args.seed)
     write_json(args.out / "ensemble.json", {**provenance(started), "args": {

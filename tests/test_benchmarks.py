@@ -275,6 +275,8 @@ def test_committed_results_render_from_their_json(tmp_path):
                           ("quality.py", ["gemma-agnews/quality.json"]),
                           ("llm_cost.py", ["llm_cost.json"]),
                           ("rank_gap.py", ["rank-gap/rank_gap.json"]),
+                          ("ensemble.py", ["ensemble-agnews/ensemble.json"]),
+                          ("ensemble.py", ["ensemble-sst2/ensemble.json"]),
                           ("mixed_domain.py", ["mixed-domain/mixed_domain.json"]),
                           ("aggregation_scale.py", ["aggregation_scale.json"]),
                           ("default_run.py", ["sim-scale-10/default_run.json"]),
@@ -300,3 +302,20 @@ def test_committed_results_render_from_their_json(tmp_path):
             f"{md} was edited by hand"
         result = json.loads((results / files[0]).read_text())
         assert isinstance(result["machine"], dict) and result["total_s"] > 0, script
+
+
+def test_ensemble_benchmark(tiny_llama, agnews, tmp_path):
+    out = tmp_path / "ens"
+    run_bench("ensemble.py", "--model", str(tiny_llama), "--data", str(agnews), "--queries",
+              "40", "--calibration", "8", "--adapters", "3", "--adapter-steps", "2",
+              "--out", str(out))
+    res = json.loads((out / "ensemble.json").read_text())
+    check_provenance(res, "ensemble.py")
+    rep = res["report"]
+    assert len(rep["members"]) == 4 and rep["queries"] == 40 and rep["calibration"] == 8
+    assert {m["method"] for m in rep["methods"]} >= {"majority vote", "trust-weighted consensus"}
+    byz = res["byzantine"]
+    assert byz["f"] == 1 and len(byz["attackers"]) == 1
+    assert set(byz["clean"]) == set(byz["attacked"]) == set(byz["honest_only"])
+    assert (out / "infer_cascade.png").is_file() and (out / "infer_trust.png").is_file()
+    check_render("ensemble.py", out, "ensemble.md")

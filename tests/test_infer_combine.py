@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from server_app.infer.combine import (agreement, cascade, confidence, geometric_probs,
-                                      majority_vote, mean_probs, trust_update, trust_weights,
-                                      weighted_vote)
+                                      log_odds_weights, majority_vote, mean_probs, trust_update,
+                                      trust_weights, weighted_vote)
 
 # 3 members, 2 queries, 3 classes
 P = np.array([
@@ -117,3 +117,23 @@ def test_the_cascade_report_adds_members_cheapest_first():
                                       "seconds_per_query": 9.0}
     members = {m["member"]: m for m in report["members"]}
     assert members["cheap"]["accuracy"] == 0.5 and members["costly"]["calibration_accuracy"] == 1
+
+
+def test_equally_cheap_members_are_asked_best_first():
+    from server_app.infer.report import cheapest_first
+
+    seconds = np.array([[1.0, 1.0], [1.05, 1.05], [3.0, 3.0], [np.nan, np.nan]])
+    assert cheapest_first(seconds).tolist() == [0, 1, 2, 3]
+    # within 10% of each other: the better one first; a member that never answered: last
+    assert cheapest_first(seconds, np.array([0.5, 0.9, 1.0, 1.0])).tolist() == [1, 0, 2, 3]
+
+
+def test_log_odds_weights_silence_members_at_chance():
+    w = log_odds_weights(np.array([0.9, 0.25, 0.1, 0.5]), k=4)
+    np.testing.assert_allclose(w, [np.log(0.9 * 3 / 0.1), 0.0, 0.0, np.log(3.0)])
+    # two members at 0.6 outvote one at 0.9 by majority, not by log-odds (binary labels)
+    probs = np.array([[[0.9, 0.1]], [[0.9, 0.1]], [[0.1, 0.9]]])
+    valid = np.ones((3, 1), bool)
+    assert majority_vote(probs, valid).tolist() == [0]
+    w = log_odds_weights(np.array([0.6, 0.6, 0.9]), k=2)  # 0.405 + 0.405 < 2.197
+    assert weighted_vote(probs, valid, w).tolist() == [1]

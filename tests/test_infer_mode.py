@@ -58,8 +58,9 @@ def test_infer_combines_the_members_and_distrusts_the_adversary(tiny_llama, lear
     trust = np.array(report["trust"])
     assert trust.shape == (6, 4) and trust[-1, 3] < 0.2 < trust[-1, :3].min()
     methods = {m["method"]: m for m in report["methods"]}
-    assert set(methods) == {"majority vote", "weighted vote (q_i)", "mean probabilities",
-                            "geometric mean probabilities", "trust-weighted consensus"}
+    assert set(methods) == {"majority vote", "weighted vote (q_i)", "log-odds weighted vote",
+                            "mean probabilities", "geometric mean probabilities",
+                            "trust-weighted consensus"}
     assert all(0 <= m["accuracy"] <= 1 for m in methods.values())
     cascade = report["cascade"]
     assert cascade["chosen"]["calibration_accuracy"] >= cascade["curve"][-1][
@@ -95,7 +96,7 @@ def test_a_failing_device_is_left_out_and_the_job_completes(tiny_llama, small_ag
     assert "malformed answer" in reasons[("node 1003", 2)]
     answered = {m["member"].split(":")[0]: m["answered"] for m in report["members"]}
     assert answered == {"node 1001": 40, "node 1002": 32, "node 1003": 32}
-    assert len(report["methods"]) == 5
+    assert len(report["methods"]) == 6
 
 
 def test_infer_needs_label_words(tiny_llama, small_agnews, tmp_path):

@@ -9,6 +9,10 @@ gets label -1.
   the lowest label id.
 - `mean_probs` (arithmetic), `geometric_probs` (normalised exp of the weighted mean log):
   weighted averages of the distributions over the members that answered.
+- `log_odds_weights`: w_i = log(q_i (K - 1) / (1 - q_i)), the optimal weights of a weighted
+  majority of independent voters of accuracy q_i over K labels (Nitzan & Paroush 1982; for
+  K = 2 the classic log-odds rule), zero at or below chance: a weak member cannot outvote a
+  strong one by numbers.
 - `trust_update`: t_i <- (1 - rate) t_i + rate a_i, a_i the share of this batch where member
   i agreed with the consensus (S6: a member answering at random or adversarially loses
   weight batch after batch).
@@ -73,6 +77,12 @@ def _masked_weights(probs: np.ndarray, valid: np.ndarray, weights: np.ndarray | 
     per = np.where(valid, w[:, None], 0.0)
     total = per.sum(axis=0, keepdims=True)
     return np.divide(per, total, out=np.zeros_like(per), where=total > 0)
+
+
+def log_odds_weights(quality: np.ndarray, k: int, eps: float = 1e-3) -> np.ndarray:
+    """w_i = max(0, log(q_i (K - 1) / (1 - q_i))), q_i clipped to [eps, 1 - eps]."""
+    q = np.clip(np.asarray(quality, dtype=np.float64), eps, 1 - eps)
+    return np.maximum(0.0, np.log(q * (k - 1) / (1 - q)))
 
 
 def agreement(probs: np.ndarray, valid: np.ndarray, consensus: np.ndarray) -> np.ndarray:

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from server_app.infer.combine import (accuracy, agreement, cascade, confidence, geometric_probs,
-                                      majority_vote, mean_probs, trust_update, trust_weights,
-                                      weighted_vote)
+                                      log_odds_weights, majority_vote, mean_probs,
+                                      trust_update, trust_weights, weighted_vote)
 
 
 @dataclass
@@ -59,6 +59,8 @@ def summarise(ans: Answers, truth: np.ndarray, knobs: Knobs) -> dict:
     combined = {
         "majority vote": majority_vote(ans.probs, ans.valid),
         "weighted vote (q_i)": weighted_vote(ans.probs, ans.valid, quality),
+        "log-odds weighted vote": weighted_vote(ans.probs, ans.valid,
+                                                log_odds_weights(quality, ans.probs.shape[2])),
         "mean probabilities": mean_probs(ans.probs, ans.valid).argmax(axis=1),
         "geometric mean probabilities": geometric_probs(ans.probs, ans.valid).argmax(axis=1),
         "trust-weighted consensus": trust_labels,
@@ -68,7 +70,7 @@ def summarise(ans: Answers, truth: np.ndarray, knobs: Knobs) -> dict:
                for m, v in combined.items()]
     return {"queries": int(q), "calibration": int(calib.sum()), "members": members,
             "methods": methods, "trust": history,
-            "cascade": _cascade_report(ans, truth, calib, knobs),
+            "cascade": _cascade_report(ans, truth, calib, knobs, quality),
             "failures": ans.failures, "combined": {k: v.tolist() for k, v in combined.items()}}
 
 
@@ -83,7 +85,8 @@ def _trust_consensus(ans: Answers, quality: np.ndarray, knobs: Knobs
         idx = np.flatnonzero(ans.batch_of == b)
         w = trust_weights(quality, trust, knobs.alpha, knobs.beta)
         out[idx] = weighted_vote(ans.probs[:, idx], ans.valid[:, idx], w)
-        trust = trust_update(trust, agreement(ans.probs[:, idx], ans.valid[:, idx], out[idx]),
+        trust = trust_update(trust, _agreement_with_others(ans.probs[:, idx],
+                                                           ans.valid[:, idx], w),
                              knobs.trust_rate)
         history.append(trust.tolist())
     return out, history
@@ -96,20 +99,38 @@ def _thresholds(conf: np.ndarray) -> np.ndarray:
                                      [conf.max() + 1.0]]))
 
 
-def cheapest_first(seconds: np.ndarray) -> np.ndarray:
-    """Member indices by mean seconds per query (a member that never answered: last)."""
-    return np.argsort([np.nanmean(s) if np.isfinite(s).any() else np.inf for s in seconds],
-                      kind="stable")
+def cheapest_first(seconds: np.ndarray, quality: np.ndarray | None = None) -> np.ndarray:
+    """Member indices by mean seconds per query, members within 10% of each other's cost
+    counted as equally cheap and then taken best first (calibration quality); a member that
+    never answered comes last."""
+    cost = np.array([np.nanmean(s) if np.isfinite(s).any() else np.inf for s in seconds])
+    bucket = np.where(np.isfinite(cost), np.floor(np.log(np.maximum(cost, 1e-12)) /
+                                                  np.log(1.1)), np.inf)
+    q = np.zeros(len(cost)) if quality is None else -np.asarray(quality, dtype=float)
+    return np.lexsort((q, bucket))
 
 
-def _cascade_report(ans: Answers, truth: np.ndarray, calib: np.ndarray, knobs: Knobs) -> dict:
+def _agreement_with_others(probs: np.ndarray, valid: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """(M,) member i's agreement with the weighted vote of the others (leave-one-out): a
+    member cannot earn trust by agreeing with a consensus its own vote tipped."""
+    out = np.full(len(w), np.nan)
+    for i in range(len(w)):
+        others = w.copy()
+        others[i] = 0.0
+        out[i] = agreement(probs[i:i + 1], valid[i:i + 1],
+                           weighted_vote(probs, valid, others))[0]
+    return out
+
+
+def _cascade_report(ans: Answers, truth: np.ndarray, calib: np.ndarray, knobs: Knobs,
+                    quality: np.ndarray | None = None) -> dict:
     """Ask the cheapest member first (mean seconds per query); while unsure, add the next
     cheapest member and average their probabilities: stage s is the mean of the s + 1
     cheapest members, the last stage is everyone (the ensemble). One threshold for every
     stage: the chosen one is the cheapest on the calibration queries whose accuracy there
     is within `cascade_loss` of the whole ensemble's; reported on the other queries against
     asking everyone, and against the costliest member alone."""
-    order = cheapest_first(ans.seconds)
+    order = cheapest_first(ans.seconds, quality)
     stages = [mean_probs(ans.probs[order[:s + 1]], ans.valid[order[:s + 1]])
               for s in range(len(order))]  # a query no stage member answered: all zeros
     costs = np.nan_to_num(ans.seconds[order], nan=0.0)  # (S, Q): stage s adds member s
@@ -143,7 +164,9 @@ def choose_cascade(ans: Answers, truth: np.ndarray, knobs: Knobs) -> dict:
     """For a live cascade (`infer.method='cascade'`), from the calibration queries that every
     member answered: the order (cheapest first), the threshold (the cheapest whose accuracy
     is within `cascade_loss` of everyone's), and what asking everyone costs and scores."""
-    order = cheapest_first(ans.seconds)
+    quality = np.array([accuracy(np.where(ans.valid[i], ans.probs[i].argmax(axis=1), -1),
+                                 truth) for i in range(len(ans.names))])
+    order = cheapest_first(ans.seconds, quality)
     stages = [mean_probs(ans.probs[order[:s + 1]], ans.valid[order[:s + 1]])
               for s in range(len(order))]
     costs = np.nan_to_num(ans.seconds[order], nan=0.0)
