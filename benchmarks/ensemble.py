@@ -200,9 +200,9 @@ def main() -> None:
     write_json(args.out / "ensemble.json", {**provenance(started), "args": {
         k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "report": report, "byzantine": byz})
-    from server_app.infer.mode import _plots
+    from server_app.infer.mode import write_plots
 
-    _plots(args.out, report, ans.names)
+    write_plots(args.out, report, ans.names)
     write_report(args.out)
 
 

@@ -116,13 +116,13 @@ def summarise(runs: dict[str, dict[int, dict]], rounds: int) -> list[dict]:
             "bytes_down": statistics.fmean(downs) if downs else None,
             "curves": {s: e["acc"] for s, e in full.items()}})
     by = {r["setup"]: r for r in rows}
+    # a gap within the baselines' standard error is no gap: no fraction of it means anything
+    spread = max([b["final_sd"] / len(b["seeds"]) ** 0.5 for b in (by.get(LOW), by.get(HIGH))
+                  if b] or [0.0])
     for r in rows:  # fractions of the fedavg@2 -> fedavg@16 gap, and points vs fedavg@16
         for key in ("final", "area"):
             lo, hi = (by.get(LOW, {}).get(f"{key}_mean"), by.get(HIGH, {}).get(f"{key}_mean"))
             r[f"{key}_vs_high"] = None if hi is None else r[f"{key}_mean"] - hi
-            # a gap within the seeds' spread is no gap: no fraction of it is meaningful
-            spread = max(by.get(LOW, {}).get("final_sd", 0.0), by.get(HIGH, {}).get(
-                "final_sd", 0.0)) / max(1, len(r["seeds"])) ** 0.5
             gap = None if lo is None or hi is None or abs(hi - lo) <= spread else \
                 (r[f"{key}_mean"] - lo) / (hi - lo)
             r[f"{key}_gap"] = gap

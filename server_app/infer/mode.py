@@ -150,8 +150,8 @@ def collect(grid: Grid, nodes: list[int], texts: list[str], label_names: tuple[s
     probs, valid = np.zeros((m, q, k)), np.zeros((m, q), dtype=bool)
     seconds = np.full((m, q), np.nan)
     batch_of = np.arange(q) // cfg.infer.batch_size
-    names = [f"node {n}" for n in nodes]
-    failures: list[dict] = []
+    names = [f"node {n}" for n in nodes]  # + ": <member>" once the device has answered
+    failed: list[tuple[int, int, str]] = []  # (member index, batch, reason)
     for b in range(int(batch_of.max()) + 1 if q else 0):
         idx = np.flatnonzero(batch_of == b)
         config = ConfigRecord({"texts": [texts[i] for i in idx],
@@ -165,7 +165,7 @@ def collect(grid: Grid, nodes: list[int], texts: list[str], label_names: tuple[s
             outcome = _read(reply, len(idx), k)
             answered.add(node)
             if isinstance(outcome, str):
-                failures.append({"member": names[i], "batch": b, "reason": outcome})
+                failed.append((i, b, outcome))
                 log.warning("infer batch %d: %s left out: %s", b, names[i], outcome)
                 continue
             p, secs, member = outcome
@@ -174,15 +174,13 @@ def collect(grid: Grid, nodes: list[int], texts: list[str], label_names: tuple[s
             seconds[i, idx] = secs / len(idx)
         for node in set(nodes) - answered:
             i = nodes.index(node)
-            failures.append({"member": names[i], "batch": b, "reason": "no answer in time"})
+            failed.append((i, b, "no answer in time"))
             log.warning("infer batch %d: %s left out: no answer within infer.timeout", b,
                         names[i])
         if m > 1:
             log.info("infer batch %d/%d: %d of %d devices answered", b + 1,
                      int(batch_of.max()) + 1, int(valid[:, idx[0]].sum()), m)
-    for f in failures:  # the final names (a member's name is known once it answers)
-        f["member"] = next((n for n in names if n.split(":")[0] == f["member"].split(":")[0]),
-                           f["member"])
+    failures = [{"member": names[i], "batch": b, "reason": why} for i, b, why in failed]
     return Answers(names, probs, valid, seconds, batch_of, failures)
 
 
@@ -217,10 +215,11 @@ def write_results(run_dir: Path, report: dict, ans: Answers, truth: np.ndarray,
     atomic_write_text(run_dir / "infer.json", json.dumps(
         {**report, "label_names": list(label_names), "wall_s": wall_s,
          "run_config": cfg.to_dict()}, indent=1))
-    _plots(run_dir / "plots", report, ans.names)
+    write_plots(run_dir / "plots", report, ans.names)
 
 
-def _plots(out: Path, report: dict, names: list[str]) -> None:
+def write_plots(out: Path, report: dict, names: list[str]) -> None:
+    """infer_cascade.png (accuracy vs seconds per query) and infer_trust.png into `out`."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -122,33 +122,42 @@ def _agreement_with_others(probs: np.ndarray, valid: np.ndarray, w: np.ndarray) 
     return out
 
 
-def _cascade_report(ans: Answers, truth: np.ndarray, calib: np.ndarray, knobs: Knobs,
-                    quality: np.ndarray | None = None) -> dict:
-    """Ask the cheapest member first (mean seconds per query); while unsure, add the next
-    cheapest member and average their probabilities: stage s is the mean of the s + 1
-    cheapest members, the last stage is everyone (the ensemble). One threshold for every
-    stage: the chosen one is the cheapest on the calibration queries whose accuracy there
-    is within `cascade_loss` of the whole ensemble's; reported on the other queries against
-    asking everyone, and against the costliest member alone."""
+def _plan(ans: Answers, truth: np.ndarray, calib: np.ndarray, knobs: Knobs,
+          quality: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, list[dict], dict]:
+    """(order, costs (S, Q), curve over the thresholds, chosen point). Stage s is the mean
+    of the s + 1 cheapest members (`cheapest_first`), the last stage is everyone. One
+    threshold for every stage; the chosen one is the cheapest on the `calib` queries whose
+    accuracy there is within `cascade_loss` of everyone's; each curve point also scores the
+    other queries, where there are any."""
     order = cheapest_first(ans.seconds, quality)
     stages = [mean_probs(ans.probs[order[:s + 1]], ans.valid[order[:s + 1]])
               for s in range(len(order))]  # a query no stage member answered: all zeros
     costs = np.nan_to_num(ans.seconds[order], nan=0.0)  # (S, Q): stage s adds member s
     conf = np.concatenate([confidence(p, knobs.confidence) for p in stages[:-1]] or [[0.0]])
-    grid = _thresholds(conf)
+    scored = ~calib
     curve = []
-    for tau in grid:
+    for tau in _thresholds(conf):
         labels, by, cost = cascade(stages, [tau] * (len(stages) - 1), costs, knobs.confidence)
-        curve.append({"threshold": float(tau),
-                      "calibration_accuracy": accuracy(labels[calib], truth[calib]),
-                      "calibration_seconds": float(cost[calib].mean()),
-                      "accuracy": accuracy(labels[~calib], truth[~calib]),
-                      "seconds_per_query": float(cost[~calib].mean()),
-                      "escalated": float((by[~calib] > 0).mean())})
-    everyone = curve[-1]  # the highest threshold: every query asks every member
-    target = everyone["calibration_accuracy"] - knobs.cascade_loss
+        point = {"threshold": float(tau),
+                 "calibration_accuracy": accuracy(labels[calib], truth[calib]),
+                 "calibration_seconds": float(cost[calib].mean())}
+        if scored.any():
+            point |= {"accuracy": accuracy(labels[scored], truth[scored]),
+                      "seconds_per_query": float(cost[scored].mean()),
+                      "escalated": float((by[scored] > 0).mean())}
+        curve.append(point)
+    target = curve[-1]["calibration_accuracy"] - knobs.cascade_loss  # the last: everyone
     ok = [c for c in curve if c["calibration_accuracy"] >= target - 1e-12]
     chosen = min(ok, key=lambda c: (c["calibration_seconds"], -c["calibration_accuracy"]))
+    return order, costs, curve, chosen
+
+
+def _cascade_report(ans: Answers, truth: np.ndarray, calib: np.ndarray, knobs: Knobs,
+                    quality: np.ndarray | None = None) -> dict:
+    """The cascade (`_plan`) reported on the non-calibration queries, against asking
+    everyone and against the costliest member alone."""
+    order, costs, curve, chosen = _plan(ans, truth, calib, knobs, quality)
+    everyone = curve[-1]  # the highest threshold: every query asks every member
     costliest = order[-1]
     its_labels = np.where(ans.valid[costliest], ans.probs[costliest].argmax(axis=1), -1)
     alone = {"member": ans.names[costliest],
@@ -162,23 +171,13 @@ def _cascade_report(ans: Answers, truth: np.ndarray, calib: np.ndarray, knobs: K
 
 def choose_cascade(ans: Answers, truth: np.ndarray, knobs: Knobs) -> dict:
     """For a live cascade (`infer.method='cascade'`), from the calibration queries that every
-    member answered: the order (cheapest first), the threshold (the cheapest whose accuracy
-    is within `cascade_loss` of everyone's), and what asking everyone costs and scores."""
+    member answered: the order, the threshold, and what asking everyone costs and scores."""
     quality = np.array([accuracy(np.where(ans.valid[i], ans.probs[i].argmax(axis=1), -1),
                                  truth) for i in range(len(ans.names))])
-    order = cheapest_first(ans.seconds, quality)
-    stages = [mean_probs(ans.probs[order[:s + 1]], ans.valid[order[:s + 1]])
-              for s in range(len(order))]
-    costs = np.nan_to_num(ans.seconds[order], nan=0.0)
-    conf = np.concatenate([confidence(p, knobs.confidence) for p in stages[:-1]] or [[0.0]])
-    best = None
-    target = accuracy(stages[-1].argmax(axis=1), truth) - knobs.cascade_loss
-    for tau in _thresholds(conf):
-        labels, _, cost = cascade(stages, [tau] * (len(stages) - 1), costs, knobs.confidence)
-        acc, secs = accuracy(labels, truth), float(cost.mean())
-        if acc >= target - 1e-12 and (best is None or secs < best[1]):
-            best = (float(tau), secs, acc)
-    return {"order": [int(i) for i in order], "threshold": best[0],
-            "calibration_seconds": best[1], "calibration_accuracy": best[2],
-            "everyone_accuracy": accuracy(stages[-1].argmax(axis=1), truth),
-            "everyone_seconds": float(costs.sum(axis=0).mean())}
+    order, _, curve, chosen = _plan(ans, truth, np.ones(len(truth), dtype=bool), knobs,
+                                    quality)
+    return {"order": [int(i) for i in order], "threshold": chosen["threshold"],
+            "calibration_seconds": chosen["calibration_seconds"],
+            "calibration_accuracy": chosen["calibration_accuracy"],
+            "everyone_accuracy": curve[-1]["calibration_accuracy"],
+            "everyone_seconds": curve[-1]["calibration_seconds"]}

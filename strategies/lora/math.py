@@ -118,13 +118,7 @@ def weighted_products(states: Sequence[State], num_examples: Sequence[int]) -> d
 def factorize(delta: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
     """Best rank-`rank` factors of delta (Eckart-Young): B = U_r S_r^1/2, A = S_r^1/2 V_r^T."""
     u, s, vt = np.linalg.svd(delta, full_matrices=False)
-    root = np.sqrt(s[:rank])
-    b = u[:, :rank] * root  # d_out x r
-    a = root[:, None] * vt[:rank, :]  # r x d_in
-    if b.shape[1] < rank:  # delta smaller than the rank: pad with zero directions
-        b = np.pad(b, ((0, 0), (0, rank - b.shape[1])))
-        a = np.pad(a, ((0, rank - a.shape[0]), (0, 0)))
-    return b, a
+    return _split(u[:, :rank], s[:rank], vt[:rank, :], rank)  # B: d_out x r, A: r x d_in
 
 
 def lowrank_svd(bs: Sequence[np.ndarray], as_: Sequence[np.ndarray], weights: np.ndarray,
