@@ -1,6 +1,7 @@
 """Collaborative inference (S8, S6), measured: members alone, every combination method, the
 cascade's accuracy-cost curve, and Byzantine members, on labelled queries posed as
-instructions (AG News or SST-2, `task='lm-cls'`).
+instructions (AG News or SST-2, `task='lm-cls'`) or on GSM8K (`task='causal-lm'`: greedy
+answers with token log-probabilities, voting on the final number, exact match).
 
 Members: the base LLM, adapters fine-tuned here on different devices' data (each on one
 Dirichlet partition, so each is biased toward its device's classes), and optionally a
@@ -11,6 +12,8 @@ Byzantine: the f = floor((M - 1) / 3) members of best calibration quality answer
 (certainty on a label other than their own best) or at random.
 
     python benchmarks/ensemble.py --data ../shared/data/agnews --queries 300
+    python benchmarks/ensemble.py --data ../shared/data/gsm8k --queries 500 --calibration 100 \
+        --adapter-steps 100 --out benchmarks/results/ensemble-gsm8k
     python benchmarks/ensemble.py --render --out benchmarks/results/ensemble-agnews
 """
 
@@ -26,8 +29,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import machine_line, provenance, read_json, write_json  # noqa: E402
-from server_app.infer.report import Answers, Knobs, summarise  # noqa: E402
-from task.answer import Member, attacked, label_probabilities  # noqa: E402
+from server_app.infer.report import Answers, Knobs, generated_votes, summarise  # noqa: E402
+from task.answer import (Member, attacked, attacked_answers, generated_answers,  # noqa: E402
+                         label_probabilities)
 from task.config import RunConfig  # noqa: E402
 from task.device import DeviceInfo, train_round  # noqa: E402
 from task.evaluation import ServerTask  # noqa: E402
@@ -40,7 +44,19 @@ TASKS = {  # data folder name -> (template, label words)
 }
 
 
+def generation(args) -> bool:
+    return Path(args.data).name == "gsm8k"
+
+
 def make_config(args) -> RunConfig:
+    if generation(args):  # adapters on one IID partition of 10 each (no labels to skew)
+        return RunConfig.from_run_config({
+            "model": args.model, "task": "causal-lm", "data.path": args.data,
+            "strategy": "fedavg", "lora.fedavg-rank": 8,
+            "lora.target-modules": "q_proj,v_proj", "train.lr": 1e-3, "train.batch-size": 8,
+            "train.max-length": 384, "train.local-steps": args.adapter_steps,
+            "eval.max-examples": args.queries, "eval.max-new-tokens": args.max_new_tokens,
+            "infer.batch-size": args.batch, "seed": args.seed, "data.partitioner": "iid"})
     template, words = TASKS.get(Path(args.data).name, TASKS["agnews"])
     return RunConfig.from_run_config({
         "model": args.model, "task": "lm-cls", "data.path": args.data,
@@ -64,6 +80,8 @@ def train_adapters(cfg: RunConfig, task: ServerTask, count: int, out: Path) -> l
 
 
 def answers_of(cfg, task, members: list[Member], batch: int) -> Answers:
+    if cfg.task == "causal-lm":
+        return generated_of(cfg, task, members, batch)
     probs, seconds, names = [], [], []
     for member in members:
         p, cost = label_probabilities(cfg, member, task.test.texts, task.label_names)
@@ -76,23 +94,74 @@ def answers_of(cfg, task, members: list[Member], batch: int) -> Answers:
                    np.arange(q) // batch)
 
 
-def byzantine(ans: Answers, truth: np.ndarray, knobs: Knobs, attack: str, seed: int) -> dict:
-    """Clean and attacked method accuracies, the f best-calibrated members attacking."""
+def generated_of(cfg, task, members: list[Member], batch: int) -> Answers:
+    """Every member's greedy answers and confidences (exp of the mean token log-probability),
+    timed; `probs` is filled by `generated_votes`."""
+    texts, conf, seconds, names = [], [], [], []
+    for member in members:
+        got, logprobs, cost = generated_answers(cfg, member, task.test.texts)
+        texts.append(got)
+        conf.append([float(np.exp(np.mean(lp))) if lp else 0.0 for lp in logprobs])
+        seconds.append(np.full(len(got), cost["seconds"] / len(got)))
+        names.append(member.name)
+        print(f"{member.name}: {cost['seconds']:.1f} s, {cost['generated_tokens']} tokens",
+              flush=True)
+    q = len(task.test)
+    return Answers(names, np.zeros((len(members), q, 0)), np.ones((len(members), q), bool),
+                   np.stack(seconds), np.arange(q) // batch,
+                   texts=np.array(texts, dtype=object), conf=np.array(conf))
+
+
+def attacked_copy(ans: Answers, bad: list[int], attack: str, seed: int,
+                  references: list[str] | None, calibration: int) -> Answers:
+    """`ans` with members `bad` answering adversarially (generated answers: colluding on one
+    made-up number per query, or each its own random number)."""
+    if ans.texts is None:
+        probs = ans.probs.copy()
+        rng = np.random.default_rng(seed)
+        for i in bad:
+            probs[i] = attacked(probs[i], attack, rng)
+        return Answers(ans.names, probs, ans.valid, ans.seconds, ans.batch_of)
+    texts, conf = ans.texts.copy(), ans.conf.copy()
+    for i in bad:
+        got, lp = attacked_answers(list(texts[i]), [[0.0]] * len(texts[i]), attack,
+                                   np.random.default_rng([seed, 7919]),
+                                   np.random.default_rng([seed, i]))
+        texts[i] = np.array(got, dtype=object)
+        conf[i] = np.exp([np.mean(x) for x in lp])
+    out = Answers(ans.names, ans.probs, ans.valid, ans.seconds, ans.batch_of, texts=texts,
+                  conf=conf)
+    generated_votes(out, references, calibration)
+    return out
+
+
+def subset(ans: Answers, keep: list[int], references, calibration: int) -> Answers:
+    if ans.texts is None:
+        return Answers([ans.names[i] for i in keep], ans.probs[keep], ans.valid[keep],
+                       ans.seconds[keep], ans.batch_of)
+    out = Answers([ans.names[i] for i in keep], ans.probs[keep], ans.valid[keep],
+                  ans.seconds[keep], ans.batch_of, texts=ans.texts[keep], conf=ans.conf[keep])
+    generated_votes(out, references, calibration)
+    return out
+
+
+def byzantine(ans: Answers, truth: np.ndarray, knobs: Knobs, attack: str, seed: int,
+              references: list[str] | None = None) -> dict:
+    """Clean and attacked method accuracies, the f best-calibrated members attacking
+    (generated answers: the truth is re-derived, the attackers' numbers are candidates)."""
     clean = summarise(ans, truth, knobs)
     f = (len(ans.names) - 1) // 3
     if f == 0:
         return {"f": 0, "members": len(ans.names), "attackers": []}
     quality = [m["calibration_accuracy"] for m in clean["members"]]
-    bad = list(np.argsort(quality)[::-1][:f])
-    probs = ans.probs.copy()
-    rng = np.random.default_rng(seed)
-    for i in bad:
-        probs[i] = attacked(probs[i], attack, rng)
-    hit = summarise(Answers(ans.names, probs, ans.valid, ans.seconds, ans.batch_of), truth,
-                    knobs)
+    bad = [int(i) for i in np.argsort(quality, kind="stable")[::-1][:f]]
+    hit_ans = attacked_copy(ans, bad, attack, seed, references, knobs.calibration)
+    hit = summarise(hit_ans, truth if ans.texts is None else
+                    generated_votes(hit_ans, references, knobs.calibration), knobs)
     keep = [i for i in range(len(ans.names)) if i not in bad]  # the attackers removed
-    honest = summarise(Answers([ans.names[i] for i in keep], ans.probs[keep], ans.valid[keep],
-                               ans.seconds[keep], ans.batch_of), truth, knobs)
+    honest_ans = subset(ans, keep, references, knobs.calibration)
+    honest = summarise(honest_ans, truth if ans.texts is None else
+                       generated_votes(honest_ans, references, knobs.calibration), knobs)
     return {"f": f, "members": len(ans.names), "attack": attack,
             "attackers": [ans.names[i] for i in bad],
             "clean": {m["method"]: m["accuracy"] for m in clean["methods"]},
@@ -107,15 +176,19 @@ def write_report(out: Path) -> None:
     best_member = max(rep["members"], key=lambda m: m["accuracy"])
     best_method = max(rep["methods"], key=lambda m: m["accuracy"])
     cas = rep["cascade"]
-    lines = [f"Collaborative inference on {Path(a['data']).name} posed as an instruction: "
+    gen = Path(a["data"]).name == "gsm8k"
+    metric = "exact match" if gen else "accuracy"
+    posed = (f"greedy answers of at most {a.get('max_new_tokens')} tokens, voting on the "
+             "final number (exact match)") if gen else "posed as an instruction"
+    lines = [f"Collaborative inference on {Path(a['data']).name}, {posed}: "
              f"{rep['queries']} test queries ({rep['calibration']} for calibration, the "
              f"others scored), seed {a['seed']}. Members: the base {a['model']}, "
              f"{a['adapters']} adapters fine-tuned here ({a['adapter_steps']} steps each on "
-             "one Dirichlet(0.5) partition of 10)" + (f", and {a['other']}" if a["other"]
-                                                      else "") + ".", "",
+             f"one {'IID' if gen else 'Dirichlet(0.5)'} partition of 10)" +
+             (f", and {a['other']}" if a["other"] else "") + ".", "",
              f"Machine: {machine_line(run['machine'])}.", "",
              f"Command: `{run['command']}`; {run['total_s']:.0f} s.", "",
-             "| member or method | accuracy | seconds per query |", "|---|---|---|"]
+             f"| member or method | {metric} | seconds per query |", "|---|---|---|"]
     lines += [f"| {m['member']} | {m['accuracy']:.4f} | {m['seconds_per_query']:.4f} |"
               for m in rep["members"]]
     lines += [f"| **{m['method']}** | {m['accuracy']:.4f} | {m['seconds_per_query']:.4f} |"
@@ -162,6 +235,7 @@ def main() -> None:
     ap.add_argument("--adapters", type=int, default=6)
     ap.add_argument("--adapter-steps", type=int, default=30)
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--max-new-tokens", type=int, default=256, help="GSM8K: answer length")
     ap.add_argument("--attack", default="wrong", choices=("wrong", "random"))
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" /
@@ -173,11 +247,16 @@ def main() -> None:
     if args.render:
         return write_report(args.out)
     started = time.perf_counter()
+    references = None
     if args.rescore:
         saved = np.load(args.out / "answers.npz")
         ans = Answers(list(saved["names"]), saved["probs"], saved["valid"], saved["seconds"],
                       saved["batch_of"])
         truth = saved["truth"]
+        if "texts" in saved:  # generated answers: votes again from the texts
+            ans.texts, ans.conf = saved["texts"].astype(object), saved["conf"]
+            references = [str(r) for r in saved["references"]]
+            truth = generated_votes(ans, references, args.calibration)
     else:
         cfg = make_config(args)
         task = ServerTask.prepare(cfg)
@@ -187,16 +266,22 @@ def main() -> None:
             members.append(Member(args.other))
         ans = answers_of(cfg, task, members, args.batch)
         truth = np.asarray(task.test.labels)
+        extra = {}
+        if ans.texts is not None:
+            references = task.test.responses
+            truth = generated_votes(ans, references, args.calibration)
+            extra = {"texts": ans.texts.astype(str), "conf": ans.conf,
+                     "references": np.array(references)}
         args.out.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(args.out / "answers.npz", names=np.array(ans.names),
                             probs=ans.probs, valid=ans.valid, seconds=ans.seconds,
-                            batch_of=ans.batch_of, truth=truth)
+                            batch_of=ans.batch_of, truth=truth, **extra)
     knobs = Knobs(args.calibration)
     report = summarise(ans, truth, knobs)
     report.pop("combined")
     report["members_names"] = ans.names
     report["confidence"] = knobs.confidence
-    byz = byzantine(ans, truth, knobs, args.attack, args.seed)
+    byz = byzantine(ans, truth, knobs, args.attack, args.seed, references)
     write_json(args.out / "ensemble.json", {**provenance(started), "args": {
         k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "report": report, "byzantine": byz})

@@ -1,9 +1,11 @@
-"""A device answering queries with its own model (`mode='infer'`): label probabilities.
+"""A device answering queries with its own model (`mode='infer'`).
 
 A member is a model (`model`: hub id, folder, `.gguf` or known name) and optionally a saved
-edge-lam adapter fine-tuned from it (`results/<run-id>/adapter`, base delta included). It
-scores each query posed as the run's `data.template`, over the label words, as `task='lm-cls'`
-evaluation does, and returns (Q, K) probabilities.
+edge-lam adapter fine-tuned from it (`results/<run-id>/adapter`, base delta included).
+- `task='lm-cls'`: it scores each query posed as the run's `data.template`, over the label
+  words, as evaluation does, and returns (Q, K) probabilities (`label_probabilities`).
+- `task='causal-lm'`: it answers each prompt greedily, posed as in training (`data.format`),
+  and returns the text with each generated token's log-probability (`generated_answers`).
 """
 
 from __future__ import annotations
@@ -62,30 +64,37 @@ def member_config(cfg: RunConfig, member: Member) -> tuple[RunConfig, dict | Non
     """The run config this member scores with (its model; an adapter's own model, LoRA
     targets and ranks) and the adapter's state (None: the base model alone)."""
     if not member.adapter:
-        return cfg.updated(model=member.model, task="lm-cls"), None
+        return cfg.updated(model=member.model), None
     from task.cli import load_adapter
 
     saved, _, state = load_adapter(Path(member.adapter).expanduser())
-    if saved.task != "lm-cls":
-        raise ConfigError(f"adapter {member.adapter} was trained for task='{saved.task}': "
-                          "collaborative inference scores labels, it needs an lm-cls adapter")
+    if saved.task != cfg.task:
+        raise ConfigError(f"adapter {member.adapter} was trained for task='{saved.task}' but "
+                          f"this inference job is task='{cfg.task}': give this device an "
+                          f"adapter trained for '{cfg.task}'")
     mine = saved.updated(seed=cfg.seed).updated("data", template=cfg.data.template,
-                                                    label_words=cfg.data.label_words)
+                                                    label_words=cfg.data.label_words,
+                                                    format=cfg.data.format)
     return mine, state
 
 
-def label_probabilities(cfg: RunConfig, member: Member, texts: list[str],
-                        label_names: tuple[str, ...]) -> tuple[np.ndarray, dict]:
-    """(Q, K) probabilities of the label words after each prompt, and the cost: seconds
-    (model loading excluded: once per process) and prompt tokens."""
+def _member_model(cfg: RunConfig, member: Member, label_names: tuple[str, ...]):
+    """This member's model (its adapter set, or B = 0: the base alone), tokenizer, config."""
     mcfg, state = member_config(cfg, member)
     from task.lora import lora_rank
 
     rank = lora_rank(state) if state is not None else mcfg.r_max
     model = get_lora_model(mcfg, label_names, rank)
     set_trainable_state(model, state if state is not None else
-                        initial_lora_state(mcfg, label_names, rank))  # B = 0: the base model
-    tokenizer = load_tokenizer(resolve_model_source(mcfg.model))
+                        initial_lora_state(mcfg, label_names, rank))
+    return model, load_tokenizer(resolve_model_source(mcfg.model)), mcfg
+
+
+def label_probabilities(cfg: RunConfig, member: Member, texts: list[str],
+                        label_names: tuple[str, ...]) -> tuple[np.ndarray, dict]:
+    """(Q, K) probabilities of the label words after each prompt, and the cost: seconds
+    (model loading excluded: once per process) and prompt tokens."""
+    model, tokenizer, mcfg = _member_model(cfg, member, label_names)
     examples = Examples(list(texts), [0] * len(texts), [], label_names)
     model.eval()
     out, tokens = [], 0
@@ -98,6 +107,26 @@ def label_probabilities(cfg: RunConfig, member: Member, texts: list[str],
             logits, _ = family(mcfg).outputs(model, batch)  # (B, K)
             out.append(torch.softmax(logits.float(), dim=-1).cpu().numpy())
     return np.concatenate(out), {"seconds": time.perf_counter() - start, "tokens": tokens}
+
+
+def generated_answers(cfg: RunConfig, member: Member, prompts: list[str]
+                      ) -> tuple[list[str], list[list[float]], dict]:
+    """Greedy answers (at most eval.max-new-tokens each), each generated token's
+    log-probability, and the cost: seconds (model loading excluded), prompt and generated
+    tokens."""
+    from task.generation import scored_answers
+
+    model, tokenizer, mcfg = _member_model(cfg, member, ())
+    start = time.perf_counter()
+    out = scored_answers(model, tokenizer, mcfg, list(prompts), cfg.eval.max_new_tokens,
+                         cfg.infer.batch_size)
+    seconds = time.perf_counter() - start
+    from task.data import pose
+
+    prompt_tokens = sum(len(pose(tokenizer, mcfg, p)) for p in prompts)
+    return [t for t, _ in out], [lp for _, lp in out], {
+        "seconds": seconds, "tokens": prompt_tokens,
+        "generated_tokens": sum(len(lp) for _, lp in out)}
 
 
 def attacked(probs: np.ndarray, attack: str, rng: np.random.Generator) -> np.ndarray:
@@ -113,3 +142,16 @@ def attacked(probs: np.ndarray, attack: str, rng: np.random.Generator) -> np.nda
     out = np.zeros_like(probs)
     out[np.arange(q), labels] = 1.0
     return out
+
+
+def attacked_answers(texts: list[str], logprobs: list[list[float]], attack: str,
+                     shared: np.random.Generator, own: np.random.Generator
+                     ) -> tuple[list[str], list[list[float]]]:
+    """What an adversarial member generates instead, with full confidence (log-probability
+    0): `wrong` colludes (every attacker sends the same number, drawn from `shared`, seeded
+    alike on every attacking device); `random` draws its own number per query."""
+    if attack not in ("wrong", "random"):
+        return texts, logprobs
+    rng = shared if attack == "wrong" else own
+    numbers = rng.integers(1_000, 1_000_000, size=len(texts))
+    return [f"#### {n}" for n in numbers], [[0.0] * 3 for _ in texts]

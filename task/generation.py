@@ -46,10 +46,21 @@ def has_final_numbers(responses: list[str], share: float = 0.9) -> bool:
 def answers(model, tokenizer, cfg: RunConfig, prompts: list[str], max_new_tokens: int,
             batch_size: int = 16) -> list[str]:
     """Greedy answers to `prompts`, posed as in training (`data.format`)."""
+    return [text for text, _ in scored_answers(model, tokenizer, cfg, prompts, max_new_tokens,
+                                               batch_size, logprobs=False)]
+
+
+@torch.no_grad()
+def scored_answers(model, tokenizer, cfg: RunConfig, prompts: list[str], max_new_tokens: int,
+                   batch_size: int = 16, logprobs: bool = True
+                   ) -> list[tuple[str, list[float]]]:
+    """Greedy answers to `prompts` with each generated token's log-probability (up to and
+    including the end-of-sequence token; none with `logprobs=False`)."""
     device = torch_device()
     model.eval()
-    out: list[str] = []
+    out: list[tuple[str, list[float]]] = []
     pad = tokenizer.pad_token_id
+    stop = _stop_ids(model, tokenizer)
     for start in range(0, len(prompts), batch_size):
         rows = [pose(tokenizer, cfg, p) for p in prompts[start:start + batch_size]]
         width = max(len(r) for r in rows)
@@ -57,9 +68,34 @@ def answers(model, tokenizer, cfg: RunConfig, prompts: list[str], max_new_tokens
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows],
                             device=device)
         generated = model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
-                                   max_new_tokens=max_new_tokens, pad_token_id=pad)
-        out += tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
+                                   max_new_tokens=max_new_tokens, pad_token_id=pad,
+                                   return_dict_in_generate=True, output_scores=logprobs)
+        new = generated.sequences[:, width:]
+        if logprobs:  # log-softmax of each step's scores, at the token chosen
+            steps = torch.stack(generated.scores, dim=1).float().log_softmax(dim=-1)
+            token_lp = steps.gather(2, new[:, :steps.shape[1], None]).squeeze(2).cpu()
+        for r in range(len(rows)):
+            ended = [i for i, t in enumerate(new[r].tolist()) if t in stop]
+            length = ended[0] + 1 if ended else new.shape[1]
+            out.append((tokenizer.decode(new[r, :length], skip_special_tokens=True),
+                        token_lp[r, :length].tolist() if logprobs else []))
     return out
+
+
+def _stop_ids(model, tokenizer) -> set[int]:
+    """The token ids that end an answer (the generation config's and the tokenizer's EOS)."""
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = set(ids if isinstance(ids, list) else [] if ids is None else [ids])
+    return ids | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+
+
+def answer_key(text: str, numeric: bool) -> str | None:
+    """What two answers must share to count as the same: the final number (GSM8K-style
+    references), else the whitespace-normalised, lower-cased text (None: no answer)."""
+    if numeric:
+        return final_number(text)
+    key = " ".join(text.split()).lower()
+    return key or None
 
 
 def exact_match(model, tokenizer, examples: Examples, cfg: RunConfig) -> dict[str, float]:

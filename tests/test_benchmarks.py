@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from flower_e2e import ROOT
@@ -319,3 +320,28 @@ def test_ensemble_benchmark(tiny_llama, agnews, tmp_path):
     assert set(byz["clean"]) == set(byz["attacked"]) == set(byz["honest_only"])
     assert (out / "infer_cascade.png").is_file() and (out / "infer_trust.png").is_file()
     check_render("ensemble.py", out, "ensemble.md")
+
+
+def test_ensemble_benchmark_on_generated_answers(tiny_llama, tmp_path):
+    data = tmp_path / "gsm8k"  # the folder's name makes it a generation benchmark
+    data.mkdir()
+    rows = ["prompt\tresponse"] + [f"What is {i} + 1?\t#### {i + 1}" for i in range(20)]
+    for name in ("train.tsv", "test.tsv"):
+        (data / name).write_text("\n".join(rows) + "\n")
+    out = tmp_path / "ens"
+    run_bench("ensemble.py", "--model", str(tiny_llama), "--data", str(data), "--queries",
+              "12", "--calibration", "4", "--adapters", "3", "--adapter-steps", "1",
+              "--max-new-tokens", "4", "--batch", "4", "--out", str(out))
+    res = json.loads((out / "ensemble.json").read_text())
+    rep, byz = res["report"], res["byzantine"]
+    assert len(rep["members"]) == 4 and rep["queries"] == 12 and len(rep["methods"]) == 6
+    # one attacker of 4 answers made-up numbers: nobody honest gives them, so it is never right
+    assert byz["f"] == 1 and set(byz["clean"]) == set(byz["attacked"])
+    saved = np.load(out / "answers.npz")
+    assert saved["texts"].shape == (4, 12) and ((saved["conf"] > 0) & (saved["conf"] <= 1)).all()
+    assert "exact match" in (out / "ensemble.md").read_text()
+    # rescoring from the saved texts gives the same report
+    run_bench("ensemble.py", "--data", str(data), "--calibration", "4", "--rescore",
+              "--out", str(out))
+    again = json.loads((out / "ensemble.json").read_text())["report"]
+    assert again["methods"] == rep["methods"] and again["members"] == rep["members"]

@@ -6,9 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from server_app.infer.combine import (agreement, cascade, confidence, geometric_probs,
-                                      log_odds_weights, majority_vote, mean_probs, trust_update,
-                                      trust_weights, weighted_vote)
+from server_app.infer.combine import (agreement, candidate_votes, cascade, confidence,
+                                      geometric_probs, log_odds_weights, majority_vote,
+                                      mean_probs, trust_update, trust_weights, weighted_vote)
+from server_app.infer.report import Answers, generated_votes
 
 # 3 members, 2 queries, 3 classes
 P = np.array([
@@ -137,3 +138,43 @@ def test_log_odds_weights_silence_members_at_chance():
     assert majority_vote(probs, valid).tolist() == [0]
     w = log_odds_weights(np.array([0.6, 0.6, 0.9]), k=2)  # 0.405 + 0.405 < 2.197
     assert weighted_vote(probs, valid, w).tolist() == [1]
+
+
+def test_members_that_all_weigh_nothing_fall_back_to_one_vote_each():
+    probs = np.array([[[0.9, 0.1]], [[0.2, 0.8]], [[0.3, 0.7]]])
+    valid = np.ones((3, 1), bool)
+    assert weighted_vote(probs, valid, np.zeros(3)).tolist() == [1]  # majority, not label 0
+    valid[1:] = False  # the only member that answered weighs 0: its vote still counts
+    assert weighted_vote(probs, valid, np.array([0.0, 5.0, 5.0])).tolist() == [0]
+
+
+def test_generated_answers_become_votes_over_their_candidates():
+    # 3 members (K = 4 slots), 3 queries
+    keys = [["5", "3", None], ["5", "4", None], ["7", None, "8"]]
+    conf = np.array([[0.4, 0.8, 0.9], [0.4, 0.9, 0.9], [0.99, 0.1, 0.6]])
+    valid = np.array([[1, 1, 1], [1, 0, 1], [1, 1, 1]], bool)
+    probs, truth = candidate_votes(keys, conf, valid, ["5", "4", "8"])
+    # query 0: "5" (members 0, 1) is slot 0, "7" slot 1; the reference "5" is slot 0
+    np.testing.assert_allclose(probs[0, 0], [0.4, 0.2, 0.2, 0.2])
+    np.testing.assert_allclose(probs[2, 0], [0.01 / 3, 0.99, 0.01 / 3, 0.01 / 3])
+    assert truth.tolist() == [0, -1, 2]  # query 1: nobody answered "4" (member 1 failed)
+    # query 1: member 1 failed (uniform, no candidate); "none" is member 2's own slot, and
+    # its confidence 0.1 < 1/K is raised to 1/K + 1e-6 so its top slot stays its own
+    np.testing.assert_allclose(probs[1, 1], [0.25] * 4)
+    assert probs[2, 1].argmax() == 1 and probs[2, 1, 1] == pytest.approx(0.25 + 1e-6)
+    # query 2: two members without a number do not agree with each other
+    assert probs[0, 2].argmax() == 0 and probs[1, 2].argmax() == 1 and probs[2, 2].argmax() == 2
+    # majority picks "5" in query 0; the confidence-weighted mean picks the sure "7":
+    # 0.4 + 0.4 + 0.01 / 3 < 0.2 + 0.2 + 0.99
+    assert majority_vote(probs, valid)[0] == 0 and mean_probs(probs, valid)[0].argmax() == 1
+
+
+def test_generated_votes_compare_final_numbers_and_set_the_chance_level():
+    texts = np.array([["so 2+3=5\n#### 5", "It is 1,200 dollars."],
+                      ["#### 5.0", "#### 1200"]], dtype=object)
+    ans = Answers(["a", "b"], np.zeros((2, 2, 0)), np.ones((2, 2), bool), np.ones((2, 2)),
+                  np.array([0, 0]), texts=texts, conf=np.array([[0.9, 0.8], [0.7, 0.6]]))
+    truth = generated_votes(ans, ["x\n#### 5", "y\n#### 1,200"], calibration=2)
+    # both members agree on each query (5 == 5.0, 1,200 == 1200): one candidate, slot 0
+    assert truth.tolist() == [0, 0] and ans.probs.shape == (2, 2, 3)
+    assert (ans.probs.argmax(axis=2) == 0).all() and ans.classes == 2

@@ -13,6 +13,7 @@ from flwr.app import Context, RecordDict
 from inprocess_grid import InProcessGrid
 from server_app import modes
 from task.config import ConfigError, RunConfig
+from task.generation import final_number
 from task.records import to_record
 
 
@@ -99,10 +100,88 @@ def test_a_failing_device_is_left_out_and_the_job_completes(tiny_llama, small_ag
     assert len(report["methods"]) == 6
 
 
-def test_infer_needs_label_words(tiny_llama, small_agnews, tmp_path):
-    raw = _raw(tiny_llama, small_agnews, tmp_path, task="causal-lm")
-    with pytest.raises(ConfigError, match="task='lm-cls'"):
+def test_infer_needs_a_task_that_answers(tiny_llama, small_agnews, tmp_path):
+    raw = _raw(tiny_llama, small_agnews, tmp_path, task="seq-cls")
+    with pytest.raises(ConfigError, match="task='lm-cls'.*task='causal-lm'"):
         _run(InProcessGrid(raw, num_nodes=2), raw)
+
+
+@pytest.fixture()
+def small_gsm8k(tmp_path):
+    rows = ["prompt\tresponse"] + [f"What is {i} plus {i + 1}?\t{i} + {i + 1} = {2 * i + 1}"
+                                    f"\\n#### {2 * i + 1}" for i in range(12)]
+    data = tmp_path / "gsm"
+    data.mkdir()
+    for name in ("train.tsv", "test.tsv"):
+        (data / name).write_text("\n".join(rows) + "\n")
+    return data
+
+
+class TamperingGrid(InProcessGrid):
+    """Node 1002's generation reply in batch 1 has a log-probability too few."""
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        batch = messages[0].content["config"].get("batch", -1) if messages else -1
+        replies = super().send_and_receive(messages, timeout=timeout)
+        for reply in replies:
+            if batch == 1 and reply.metadata.src_node_id == 1002:
+                got = {k: v.numpy() for k, v in reply.content["answers"].items()}
+                reply.content["answers"] = to_record({"logprobs": got["logprobs"][1:],
+                                                      "lengths": got["lengths"]})
+        return replies
+
+
+def test_generated_answers_vote_on_their_final_number(tiny_llama, small_gsm8k, tmp_path):
+    raw = {"mode": "infer", "task": "causal-lm", "model": str(tiny_llama),
+           "data.path": str(small_gsm8k), "eval.max-examples": 0, "eval.max-new-tokens": 6,
+           "infer.batch-size": 4, "infer.calibration": 4, "infer.attack": "wrong",
+           "infer.attackers": "2,3", "results-dir": str(tmp_path / "r")}
+    grid = TamperingGrid(raw, num_nodes=4)
+    run_dir = _run(grid, raw)
+    report = json.loads((run_dir / "infer.json").read_text())
+    assert report["queries"] == 12 and report["calibration"] == 4
+    assert [f["batch"] for f in report["failures"]] == [1]
+    assert "malformed answer" in report["failures"][0]["reason"]
+    names = [m["member"] for m in report["members"]]
+    assert [m["answered"] for m in report["members"]] == [12, 8, 12, 12]
+    rows = [json.loads(x) for x in (run_dir / "infer_queries.jsonl").read_text().splitlines()]
+    assert len(rows) == 12 and rows[0]["reference"].endswith("#### 1")
+    for r in rows:
+        honest, a, b = r["answers"][names[0]], r["answers"][names[2]], r["answers"][names[3]]
+        assert isinstance(honest, str) and len(honest) > 0
+        # the two attackers collude: one made-up number, both of them, full confidence
+        assert a == b and a.startswith("#### ") and r["members"][names[2]] == \
+            r["members"][names[3]]
+        # members 0 and 1 run the same model greedily: the same text. Without a number it
+        # is no answer and agrees with nothing; with one, 2 against 2 ties and majority
+        # goes to the first candidate (member 0's). The confidence-weighted mean always
+        # follows the attackers' certainty (a tiny random model is never sure).
+        bad = r["members"][names[2]]
+        if 4 <= r["query"] < 8 or final_number(honest) is None:
+            assert r["combined"]["majority vote"] == bad
+        else:
+            assert r["combined"]["majority vote"] == r["members"][names[0]] == 0 != bad
+        assert r["combined"]["mean probabilities"] == bad
+        assert r["label"] == -1  # a random tiny model gives no right answer
+    methods = {m["method"]: m["accuracy"] for m in report["methods"]}
+    assert len(methods) == 6 and all(v == 0.0 for v in methods.values())
+
+
+def test_a_live_cascade_of_generated_answers(tiny_llama, small_gsm8k, tmp_path):
+    raw = {"mode": "infer", "task": "causal-lm", "model": str(tiny_llama),
+           "data.path": str(small_gsm8k), "eval.max-examples": 0, "eval.max-new-tokens": 4,
+           "infer.batch-size": 4, "infer.calibration": 4, "infer.method": "cascade",
+           "infer.cascade-loss": 1.0, "results-dir": str(tmp_path / "r")}
+    grid = InProcessGrid(raw, num_nodes=2)
+    run_dir = _run(grid, raw)
+    report = json.loads((run_dir / "infer.json").read_text())
+    assert report["cascade_live"]["queries"] == 8 and report["cascade_live"]["escalated"] == 0
+    queries = [m for _, m in grid.sent if m.metadata.message_type == "query.infer"]
+    assert len(queries) == 2 + 2  # calibration to both, then 2 batches to the cheapest
+    rows = [json.loads(x) for x in (run_dir / "infer_queries.jsonl").read_text().splitlines()]
+    assert all(len(r["answers"]) == 1 and r["reference"].startswith(str(r["query"]))
+               for r in rows)
 
 
 def test_a_live_cascade_asks_the_others_only_about_unsure_queries(tiny_llama, small_agnews,

@@ -6,7 +6,8 @@ malformed: such an answer counts nowhere. `weights` is (M,). A query no member a
 gets label -1.
 
 - `majority_vote`, `weighted_vote`: each member's top label counts 1 (or w_i); ties go to
-  the lowest label id.
+  the lowest label id; a query where every member that answered weighs 0 falls back to
+  one vote each.
 - `mean_probs` (arithmetic), `geometric_probs` (normalised exp of the weighted mean log):
   weighted averages of the distributions over the members that answered.
 - `log_odds_weights`: w_i = log(q_i (K - 1) / (1 - q_i)), the optimal weights of a weighted
@@ -19,6 +20,11 @@ gets label -1.
 - `trust_weights`: w_i = alpha q_i + beta t_i, q_i the member's accuracy on the calibration
   queries.
 - `confidence`: max probability, margin (top-1 minus top-2) or negative entropy.
+- `candidate_votes`: generated answers as distributions over each query's candidate
+  answers, so every function here combines them too: member i puts its sequence
+  confidence c_i = exp(mean token log-probability) on its own answer and spreads 1 - c_i
+  evenly over the K - 1 other slots (K = M + 1: at most M distinct answers, and a slot
+  nobody gave). Mean probabilities then is a confidence-weighted vote.
 - `cascade`: members asked cheapest first; a query stops at the first stage whose confidence
   reaches that stage's threshold (the last stage always answers).
 """
@@ -41,8 +47,10 @@ def weighted_vote(probs: np.ndarray, valid: np.ndarray, weights: np.ndarray) -> 
     m, q, k = probs.shape
     votes = np.zeros((q, k))
     chosen = _labels(probs)  # (M, Q)
+    w = np.where(valid, np.asarray(weights, dtype=np.float64)[:, None], 0.0)  # (M, Q)
+    w[:, w.sum(axis=0) <= 0] = 1.0  # nobody who answered weighs anything: one vote each
     for i in range(m):
-        np.add.at(votes, (np.arange(q)[valid[i]], chosen[i][valid[i]]), weights[i])
+        np.add.at(votes, (np.arange(q)[valid[i]], chosen[i][valid[i]]), w[i][valid[i]])
     out = votes.argmax(axis=1)  # ties: the lowest label id
     out[~valid.any(axis=0)] = -1
     return out
@@ -139,5 +147,37 @@ def cascade(stages: Sequence[np.ndarray], thresholds: Sequence[float], costs: np
     return labels, answered_by, (np.asarray(costs) * asked).sum(axis=0)
 
 
+def candidate_votes(keys: Sequence[Sequence[str | None]], conf: np.ndarray, valid: np.ndarray,
+                    reference: Sequence[str | None]) -> tuple[np.ndarray, np.ndarray]:
+    """Generated answers as (M, Q, K) distributions over each query's candidates, K = M + 1,
+    and the (Q,) index of the reference's candidate (-1 where no member gave it).
+
+    `keys[i][q]` is member i's answer key (its final number, say; None: it gave none, a
+    candidate of its own that is never right), `conf` (M, Q) its confidence in [0, 1],
+    clipped to at least 1/K + 1e-6 so a member's top slot is its own answer. Candidates are
+    numbered in member order; an invalid answer is no candidate and its row is uniform."""
+    m, q = np.asarray(valid).shape
+    k = m + 1
+    probs = np.full((m, q, k), 1.0 / k)
+    truth = np.full(q, -1)
+    for j in range(q):
+        slots: dict = {}
+        for i in range(m):
+            if not valid[i, j]:
+                continue
+            key = keys[i][j]
+            slot = slots.setdefault(("none", i) if key is None else key, len(slots))
+            c = float(np.clip(conf[i, j], 1.0 / k + 1e-6, 1.0))
+            probs[i, j] = (1 - c) / (k - 1)
+            probs[i, j, slot] = c
+        if reference[j] is not None and reference[j] in slots:
+            truth[j] = slots[reference[j]]
+    return probs, truth
+
+
 def accuracy(labels: np.ndarray, truth: np.ndarray) -> float:
-    return float(np.mean(np.asarray(labels) == np.asarray(truth))) if len(truth) else float("nan")
+    """Share of right answers; no answer (-1) is never right, even where no member gave the
+    right answer (truth -1)."""
+    labels = np.asarray(labels)
+    return float(np.mean((labels == np.asarray(truth)) & (labels >= 0))) if len(truth) \
+        else float("nan")

@@ -1,9 +1,13 @@
 """`mode='infer'`: collaborative inference over the connected devices (S8, S6).
 
-The ServerApp poses the test split of `data.path` (eval.max-examples of it, as the labelled
-queries of `task='lm-cls'`), in batches of `infer.batch-size`, to every device with a Flower
-QUERY (`query.infer`). Each device answers with its own model (client_app.infer): label
-probabilities and its cost. A device that errs, times out or replies malformed is left out
+The ServerApp poses the test split of `data.path` (eval.max-examples of it), in batches of
+`infer.batch-size`, to every device with a Flower QUERY (`query.infer`). Each device answers
+with its own model (client_app.infer) and reports its cost:
+- `task='lm-cls'`: labelled queries posed as instructions; label probabilities;
+- `task='causal-lm'`: prompts (GSM8K, say); the greedy answer and each token's
+  log-probability. Answers vote on their final number (GSM8K-style references, exact match)
+  or their normalised text, each weighted where a method weighs by its sequence confidence
+  (`report.generated_votes`). A device that errs, times out or replies malformed is left out
 of that batch's votes, logged and counted; the job goes on. Then `report.summarise` scores
 each member and each way of combining them, and everything lands in `results/<run-id>/`:
 
@@ -23,8 +27,8 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from server_app.infer.combine import accuracy, confidence
-from server_app.infer.report import Answers, Knobs, choose_cascade, summarise
+from server_app.infer.combine import accuracy, confidence, mean_probs
+from server_app.infer.report import Answers, Knobs, choose_cascade, generated_votes, summarise
 from task.config import ConfigError, RunConfig
 from task.evaluation import ServerTask
 from task.fleet import origin, query_profiles, unicast
@@ -37,12 +41,12 @@ MESSAGE_TYPE = f"{MessageType.QUERY}.infer"
 
 
 def run(grid: Grid, context: Context, cfg: RunConfig) -> Path:
-    if cfg.task != "lm-cls":
-        raise ConfigError(f"mode='infer' scores labels posed as instructions: set "
-                          f"task='lm-cls' (and data.template, data.label-words), not "
-                          f"'{cfg.task}'")
+    if cfg.task not in ("lm-cls", "causal-lm"):
+        raise ConfigError(f"mode='infer' needs task='lm-cls' (labels posed as instructions: "
+                          f"data.template, data.label-words) or task='causal-lm' (generated "
+                          f"answers), not '{cfg.task}'")
     task = ServerTask.prepare(cfg, with_model=False)
-    truth = np.asarray(task.test.labels)
+    truth = np.asarray(task.test.labels)  # causal-lm: from the answers (generated_votes)
     run_dir = (Path(cfg.results_dir) / str(context.run_id)).resolve()
     nodes = _members(grid, cfg)
     log.info("infer: %d queries from %s to %d devices, %d per batch; results in %s",
@@ -53,9 +57,11 @@ def run(grid: Grid, context: Context, cfg: RunConfig) -> Path:
     if cfg.infer.method == "cascade":
         return live_cascade(grid, nodes, task, truth, knobs, cfg, run_dir, started)
     answers = collect(grid, nodes, task.test.texts, task.label_names, cfg)
+    if cfg.task == "causal-lm":
+        truth = generated_votes(answers, task.test.responses, cfg.infer.calibration)
     report = summarise(answers, truth, knobs)
     write_results(run_dir, report, answers, truth, task.label_names,
-                  time.perf_counter() - started, cfg)
+                  time.perf_counter() - started, cfg, task.test.responses)
     for m in report["members"] + report["methods"]:
         log.info("infer: %-32s accuracy %.4f, %.3f s per query",
                  m.get("member", m.get("method")), m["accuracy"], m["seconds_per_query"])
@@ -83,10 +89,16 @@ def live_cascade(grid: Grid, nodes: list[int], task: ServerTask, truth: np.ndarr
                  knobs: Knobs, cfg: RunConfig, run_dir: Path, started: float) -> Path:
     """`infer.method='cascade'`: every device answers the calibration queries (quality, cost,
     threshold); then each scored batch goes to the cheapest device only, and only its unsure
-    queries go on to the next cheapest, whose probabilities are averaged in, and so on."""
+    queries go on to the next cheapest, whose answers are averaged in (`mean_probs`), and so
+    on."""
     texts, labels = task.test.texts, task.label_names
+    generation = cfg.task == "causal-lm"
+    refs = task.test.responses
     n_cal = min(cfg.infer.calibration, len(texts) - 1)
     calib = collect(grid, nodes, texts[:n_cal], labels, cfg)
+    if generation:
+        truth = np.zeros(len(texts), int)  # the calibration's from its answers, below
+        truth[:n_cal] = generated_votes(calib, refs[:n_cal], n_cal)
     plan = choose_cascade(calib, truth[:n_cal], knobs)
     order = [nodes[i] for i in plan["order"]]
     log.info("infer cascade: %s, threshold %.3f (calibration: %.4f at %.4f s per query vs "
@@ -94,8 +106,11 @@ def live_cascade(grid: Grid, nodes: list[int], task: ServerTask, truth: np.ndarr
              plan["threshold"], plan["calibration_accuracy"], plan["calibration_seconds"],
              plan["everyone_accuracy"], plan["everyone_seconds"])
     rest = np.arange(n_cal, len(texts))
-    total = np.zeros((len(rest), len(labels)))
-    asked, cost = np.zeros(len(rest)), np.zeros(len(rest))
+    stages = Answers([""] * len(order), np.zeros((len(order), len(rest), len(labels))),
+                     np.zeros((len(order), len(rest)), bool),
+                     np.full((len(order), len(rest)), np.nan), np.zeros(len(rest), int),
+                     texts=np.full((len(order), len(rest)), None, dtype=object),
+                     conf=np.zeros((len(order), len(rest))))
     stage = np.full(len(rest), len(order) - 1)
     failures: list[dict] = []
     for start in range(0, len(rest), cfg.infer.batch_size):
@@ -104,19 +119,29 @@ def live_cascade(grid: Grid, nodes: list[int], task: ServerTask, truth: np.ndarr
             got = collect(grid, [node], [texts[n_cal + i] for i in open_], labels, cfg,
                           batch_offset=n_cal + start)
             failures += got.failures
-            ok = got.valid[0]
-            total[open_[ok]] += got.probs[0][ok]
-            asked[open_[ok]] += 1
-            cost[open_[ok]] += got.seconds[0][ok]
+            ok = open_[got.valid[0]]
+            stages.names[s] = got.names[0]
+            stages.valid[s, ok] = True
+            stages.seconds[s, ok] = got.seconds[0][got.valid[0]]
+            if generation:
+                stages.texts[s, ok] = got.texts[0][got.valid[0]]
+                stages.conf[s, ok] = got.conf[0][got.valid[0]]
+            else:
+                stages.probs[s, ok] = got.probs[0][got.valid[0]]
             if s == len(order) - 1:
                 break
-            mean = total[open_] / np.maximum(asked[open_], 1)[:, None]
-            done = (asked[open_] > 0) & (confidence(mean, knobs.confidence) >= plan["threshold"])
+            mean = _stage_means(stages, s, open_, refs, n_cal, generation)
+            done = stages.valid[:s + 1, open_].any(axis=0) & \
+                (confidence(mean, knobs.confidence) >= plan["threshold"])
             stage[open_[done]] = s
             open_ = open_[~done]
             if not len(open_):
                 break
-    answer = np.where(asked > 0, total.argmax(axis=1), -1)
+    mean = _stage_means(stages, len(order) - 1, np.arange(len(rest)), refs, n_cal, generation)
+    answer = np.where(stages.valid.any(axis=0), mean.argmax(axis=1), -1)
+    if generation:
+        truth = np.concatenate([truth[:n_cal], generated_votes(stages, refs[n_cal:], 0)])
+    cost = np.nan_to_num(stages.seconds).sum(axis=0)
     live = {"accuracy": accuracy(answer, truth[rest]), "seconds_per_query": float(cost.mean()),
             "escalated": float((stage > 0).mean()), "queries": int(len(rest)),
             "saved_share": 1 - float(cost.mean()) / plan["everyone_seconds"]
@@ -132,7 +157,11 @@ def live_cascade(grid: Grid, nodes: list[int], task: ServerTask, truth: np.ndarr
     run_dir.mkdir(parents=True, exist_ok=True)
     rows = [json.dumps({"query": int(n_cal + i), "label": int(truth[n_cal + i]),
                         "answer": int(answer[i]), "stage": int(stage[i]),
-                        "members_asked": int(asked[i])}) for i in range(len(rest))]
+                        "members_asked": int(stages.valid[:, i].sum())}
+                       | ({"reference": refs[n_cal + i],
+                           "answers": [t for t in stages.texts[:, i] if t is not None]}
+                          if generation else {}))
+            for i in range(len(rest))]
     atomic_write_text(run_dir / "infer_queries.jsonl", "\n".join(rows) + "\n")
     atomic_write_text(run_dir / "infer.json", json.dumps(
         {**report, "label_names": list(labels), "wall_s": time.perf_counter() - started,
@@ -143,12 +172,28 @@ def live_cascade(grid: Grid, nodes: list[int], task: ServerTask, truth: np.ndarr
     return run_dir
 
 
+def _stage_means(stages: Answers, s: int, idx: np.ndarray, refs: list[str], offset: int,
+                 generation: bool) -> np.ndarray:
+    """(len(idx), K) the mean answer of stages 0..s on the scored queries `idx`; generated
+    answers become votes first, over all stages' slots (K = stages + 1) so a confidence
+    means the same at every stage."""
+    upto = stages.valid[:, idx] & (np.arange(len(stages.names)) <= s)[:, None]
+    if not generation:
+        return mean_probs(stages.probs[:, idx], upto)
+    sub = Answers(stages.names, stages.probs[:, idx], upto, stages.seconds[:, idx],
+                  stages.batch_of[idx], texts=stages.texts[:, idx], conf=stages.conf[:, idx])
+    generated_votes(sub, [refs[offset + i] for i in idx], 0)
+    return mean_probs(sub.probs, upto)
+
+
 def collect(grid: Grid, nodes: list[int], texts: list[str], label_names: tuple[str, ...],
             cfg: RunConfig, batch_offset: int = 0) -> Answers:
     """Ask every device about every batch; keep the sound answers."""
     q, k, m = len(texts), len(label_names), len(nodes)
     probs, valid = np.zeros((m, q, k)), np.zeros((m, q), dtype=bool)
     seconds = np.full((m, q), np.nan)
+    generation = cfg.task == "causal-lm"
+    answers, conf = np.full((m, q), None, dtype=object), np.zeros((m, q))
     batch_of = np.arange(q) // cfg.infer.batch_size
     names = [f"node {n}" for n in nodes]  # + ": <member>" once the device has answered
     failed: list[tuple[int, int, str]] = []  # (member index, batch, reason)
@@ -162,7 +207,7 @@ def collect(grid: Grid, nodes: list[int], texts: list[str], label_names: tuple[s
         for reply in replies:
             node = origin(reply, sent)
             i = nodes.index(node)
-            outcome = _read(reply, len(idx), k)
+            outcome = _read(reply, len(idx), k, generation)
             answered.add(node)
             if isinstance(outcome, str):
                 failed.append((i, b, outcome))
@@ -170,7 +215,12 @@ def collect(grid: Grid, nodes: list[int], texts: list[str], label_names: tuple[s
                 continue
             p, secs, member = outcome
             names[i] = f"node {node}: {member}"
-            probs[i, idx], valid[i, idx] = p, True
+            if generation:
+                answers[i, idx] = p[0]
+                conf[i, idx] = p[1]
+            else:
+                probs[i, idx] = p
+            valid[i, idx] = True
             seconds[i, idx] = secs / len(idx)
         for node in set(nodes) - answered:
             i = nodes.index(node)
@@ -181,17 +231,24 @@ def collect(grid: Grid, nodes: list[int], texts: list[str], label_names: tuple[s
             log.info("infer batch %d/%d: %d of %d devices answered", b + 1,
                      int(batch_of.max()) + 1, int(valid[:, idx[0]].sum()), m)
     failures = [{"member": names[i], "batch": b, "reason": why} for i, b, why in failed]
-    return Answers(names, probs, valid, seconds, batch_of, failures)
+    return Answers(names, probs, valid, seconds, batch_of, failures,
+                   texts=answers if generation else None, conf=conf if generation else None)
 
 
-def _read(reply: Message, rows: int, k: int) -> tuple[np.ndarray, float, str] | str:
-    """(probabilities, seconds, member name) of a sound answer, or why it is not."""
+def _read(reply: Message, rows: int, k: int, generation: bool = False
+          ) -> tuple[object, float, str] | str:
+    """(probabilities, or (texts, confidences) for generation; seconds; member name) of a
+    sound answer, or why it is not."""
     if reply.has_error():
         return f"device error: {reply.error.reason}"
     try:
-        p = np.asarray(from_record(reply.content["answers"])["probs"], dtype=np.float64)
+        got = from_record(reply.content["answers"])
         secs = float(reply.content["metrics"]["seconds"])
         member = str(reply.content["member"]["name"])
+        if generation:
+            return _read_generated(got, list(reply.content["texts"]["texts"]), rows), \
+                secs, member
+        p = np.asarray(got["probs"], dtype=np.float64)
     except (KeyError, TypeError, ValueError) as err:
         return f"malformed answer ({err.__class__.__name__}: {err})"
     if p.shape != (rows, k):
@@ -201,15 +258,38 @@ def _read(reply: Message, rows: int, k: int) -> tuple[np.ndarray, float, str] | 
     return p, secs, member
 
 
+def _read_generated(got: dict, texts: list, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """(texts (rows,), confidences (rows,): exp of the mean token log-probability) from a
+    generation reply; ValueError where it is malformed."""
+    lp = np.asarray(got["logprobs"], dtype=np.float64)
+    lengths = np.asarray(got["lengths"], dtype=np.int64)
+    if len(texts) != rows or lengths.shape != (rows,) or (lengths < 0).any() \
+            or lengths.sum() != len(lp):
+        raise ValueError(f"{len(texts)} texts and {lengths.size} lengths summing to "
+                         f"{int(lengths.sum())} for {len(lp)} log-probabilities; expected "
+                         f"{rows} of each")
+    if not np.all(np.isfinite(lp)) or (lp > 1e-3).any():
+        raise ValueError("log-probabilities must be finite and at most 0")
+    means = np.array([c.mean() if len(c) else -np.inf
+                      for c in np.split(lp, np.cumsum(lengths)[:-1])])
+    out = np.empty(rows, dtype=object)
+    out[:] = [str(t) for t in texts]
+    return out, np.exp(np.minimum(means, 0.0))
+
+
 def write_results(run_dir: Path, report: dict, ans: Answers, truth: np.ndarray,
-                  label_names: tuple[str, ...], wall_s: float, cfg: RunConfig) -> None:
+                  label_names: tuple[str, ...], wall_s: float, cfg: RunConfig,
+                  references: list[str] | None = None) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     combined = report.pop("combined")
     labels = np.where(ans.valid, ans.probs.argmax(axis=2), -1)
     rows = [json.dumps({"query": qi, "label": int(truth[qi]),
                         "split": "calibration" if qi < report["calibration"] else "scored",
                         "members": {n: int(labels[i, qi]) for i, n in enumerate(ans.names)},
-                        "combined": {m: int(v[qi]) for m, v in combined.items()}})
+                        "combined": {m: int(v[qi]) for m, v in combined.items()}}
+                       | ({"reference": references[qi],
+                           "answers": {n: ans.texts[i, qi] for i, n in enumerate(ans.names)}}
+                          if ans.texts is not None and references else {}))
             for qi in range(len(truth))]
     atomic_write_text(run_dir / "infer_queries.jsonl", "\n".join(rows) + "\n")
     atomic_write_text(run_dir / "infer.json", json.dumps(

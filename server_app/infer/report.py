@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from server_app.infer.combine import (accuracy, agreement, cascade, confidence, geometric_probs,
-                                      log_odds_weights, majority_vote, mean_probs,
-                                      trust_update, trust_weights, weighted_vote)
+from server_app.infer.combine import (accuracy, agreement, candidate_votes, cascade, confidence,
+                                      geometric_probs, log_odds_weights, majority_vote,
+                                      mean_probs, trust_update, trust_weights, weighted_vote)
+from task.generation import answer_key, has_final_numbers
 
 
 @dataclass
@@ -28,6 +29,23 @@ class Answers:
     seconds: np.ndarray  # (M, Q)
     batch_of: np.ndarray  # (Q,) which batch each query was asked in
     failures: list[dict] = field(default_factory=list)  # {member, batch, reason}
+    texts: np.ndarray | None = None  # (M, Q) generated answers (object; None: not answered)
+    conf: np.ndarray | None = None  # (M, Q) exp(mean token log-probability) of each
+    classes: int | None = None  # how many answers a guesser faces (log-odds), else K
+
+
+def generated_votes(ans: Answers, references: list[str], calibration: int) -> np.ndarray:
+    """Generated answers as votes: fills `ans.probs` (`candidate_votes` on each answer's key:
+    its final number when the references are GSM8K-style, else its normalised text) and
+    `ans.classes` (the distinct reference answers among the calibration queries: the chance
+    level of the log-odds weights); returns the (Q,) truth (-1: nobody gave the reference)."""
+    numeric = has_final_numbers(references)
+    keys = [[answer_key(t, numeric) if ok else None for t, ok in zip(row, valid)]
+            for row, valid in zip(ans.texts, ans.valid)]
+    ref = [answer_key(r, numeric) for r in references]
+    ans.probs, truth = candidate_votes(keys, ans.conf, ans.valid, ref)
+    ans.classes = max(2, len(set(ref[:max(calibration, 1)])))
+    return truth
 
 
 @dataclass(frozen=True)
@@ -60,7 +78,8 @@ def summarise(ans: Answers, truth: np.ndarray, knobs: Knobs) -> dict:
         "majority vote": majority_vote(ans.probs, ans.valid),
         "weighted vote (q_i)": weighted_vote(ans.probs, ans.valid, quality),
         "log-odds weighted vote": weighted_vote(ans.probs, ans.valid,
-                                                log_odds_weights(quality, ans.probs.shape[2])),
+                                                log_odds_weights(quality, ans.classes or
+                                                                 ans.probs.shape[2])),
         "mean probabilities": mean_probs(ans.probs, ans.valid).argmax(axis=1),
         "geometric mean probabilities": geometric_probs(ans.probs, ans.valid).argmax(axis=1),
         "trust-weighted consensus": trust_labels,
@@ -111,14 +130,16 @@ def cheapest_first(seconds: np.ndarray, quality: np.ndarray | None = None) -> np
 
 
 def _agreement_with_others(probs: np.ndarray, valid: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """(M,) member i's agreement with the weighted vote of the others (leave-one-out): a
-    member cannot earn trust by agreeing with a consensus its own vote tipped."""
+    """(M,) member i's agreement with the weighted vote of the others (leave-one-out), over
+    the queries some other member answered: a member cannot earn trust by agreeing with a
+    consensus its own vote tipped."""
     out = np.full(len(w), np.nan)
     for i in range(len(w)):
-        others = w.copy()
-        others[i] = 0.0
-        out[i] = agreement(probs[i:i + 1], valid[i:i + 1],
-                           weighted_vote(probs, valid, others))[0]
+        others = valid.copy()
+        others[i] = False
+        seen = others.any(axis=0)
+        out[i] = agreement(probs[i:i + 1, seen], valid[i:i + 1, seen],
+                           weighted_vote(probs[:, seen], others[:, seen], w))[0]
     return out
 
 
