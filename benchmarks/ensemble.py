@@ -56,7 +56,8 @@ def make_config(args) -> RunConfig:
             "lora.target-modules": "q_proj,v_proj", "train.lr": 1e-3, "train.batch-size": 8,
             "train.max-length": 384, "train.local-steps": args.adapter_steps,
             "eval.max-examples": args.queries, "eval.max-new-tokens": args.max_new_tokens,
-            "infer.batch-size": args.batch, "seed": args.seed, "data.partitioner": "iid"})
+            "infer.batch-size": args.gen_batch or args.batch, "seed": args.seed,
+            "data.partitioner": "iid"})
     template, words = TASKS.get(Path(args.data).name, TASKS["agnews"])
     return RunConfig.from_run_config({
         "model": args.model, "task": "lm-cls", "data.path": args.data,
@@ -145,6 +146,28 @@ def subset(ans: Answers, keep: list[int], references, calibration: int) -> Answe
     return out
 
 
+def merge_answers(folders: list[Path], out: Path) -> None:
+    """One answers.npz with the members of every folder's, which must have answered the same
+    queries (same truth or references, same batches)."""
+    runs = [dict(np.load(f / "answers.npz")) for f in folders]
+    first = runs[0]
+    same = ("references", "batch_of") if "references" in first else ("truth", "batch_of")
+    for f, run in zip(folders[1:], runs[1:]):
+        for key in same:
+            if key not in run or not np.array_equal(run[key], first[key]):
+                raise SystemExit(f"{f}/answers.npz answered other queries than "
+                                 f"{folders[0]}/answers.npz ({key} differs): merge runs of the "
+                                 "same data, --queries and --seed")
+    merged = {k: first[k] for k in ("batch_of", "truth", "references") if k in first}
+    for key in ("names", "valid", "seconds", "texts", "conf", "probs"):
+        if key == "probs" and "texts" in first:  # votes are recomputed from the texts
+            merged[key] = np.zeros((len(merged["names"]), len(first["batch_of"]), 0))
+        elif key in first:
+            merged[key] = np.concatenate([r[key] for r in runs])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(out, **merged)
+
+
 def byzantine(ans: Answers, truth: np.ndarray, knobs: Knobs, attack: str, seed: int,
               references: list[str] | None = None) -> dict:
     """Clean and attacked method accuracies, the f best-calibrated members attacking
@@ -170,6 +193,17 @@ def byzantine(ans: Answers, truth: np.ndarray, knobs: Knobs, attack: str, seed: 
             "trust_after": hit["trust"][-1]}
 
 
+def _provenance_lines(run: dict) -> list[str]:
+    if not run.get("sources"):
+        return [f"Machine: {machine_line(run['machine'])}.", "",
+                f"Command: `{run['command']}`; {run['total_s']:.0f} s.", ""]
+    lines = ["Members answered in separate jobs, then were scored together "
+             f"(`{run['command']}`):", ""]
+    lines += [f"- {len(src['members'])} member(s) on {machine_line(src['machine'])}: "
+              f"`{src['command']}`; {src['total_s']:.0f} s." for src in run["sources"]]
+    return lines + [""]
+
+
 def write_report(out: Path) -> None:
     run = read_json(out / "ensemble.json")
     rep, a = run["report"], run["args"]
@@ -178,16 +212,15 @@ def write_report(out: Path) -> None:
     cas = rep["cascade"]
     gen = Path(a["data"]).name == "gsm8k"
     metric = "exact match" if gen else "accuracy"
-    posed = (f"greedy answers of at most {a.get('max_new_tokens')} tokens, voting on the "
-             "final number (exact match)") if gen else "posed as an instruction"
-    lines = [f"Collaborative inference on {Path(a['data']).name}, {posed}: "
+    posed = (f", greedy answers of at most {a.get('max_new_tokens')} tokens, voting on the "
+             "final number (exact match)") if gen else " posed as an instruction"
+    lines = [f"Collaborative inference on {Path(a['data']).name}{posed}: "
              f"{rep['queries']} test queries ({rep['calibration']} for calibration, the "
              f"others scored), seed {a['seed']}. Members: the base {a['model']}, "
              f"{a['adapters']} adapters fine-tuned here ({a['adapter_steps']} steps each on "
              f"one {'IID' if gen else 'Dirichlet(0.5)'} partition of 10)" +
              (f", and {a['other']}" if a["other"] else "") + ".", "",
-             f"Machine: {machine_line(run['machine'])}.", "",
-             f"Command: `{run['command']}`; {run['total_s']:.0f} s.", "",
+             *_provenance_lines(run),
              f"| member or method | {metric} | seconds per query |", "|---|---|---|"]
     lines += [f"| {m['member']} | {m['accuracy']:.4f} | {m['seconds_per_query']:.4f} |"
               for m in rep["members"]]
@@ -236,6 +269,12 @@ def main() -> None:
     ap.add_argument("--adapter-steps", type=int, default=30)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=256, help="GSM8K: answer length")
+    ap.add_argument("--gen-batch", type=int, default=0,
+                    help="GSM8K: prompts generated together (default --batch, the batch "
+                         "trust is updated after)")
+    ap.add_argument("--merge", type=Path, nargs="+", default=None,
+                    help="score the members of several earlier runs' answers.npz together "
+                         "(the same queries; members answered in separate jobs)")
     ap.add_argument("--attack", default="wrong", choices=("wrong", "random"))
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" /
@@ -248,7 +287,9 @@ def main() -> None:
         return write_report(args.out)
     started = time.perf_counter()
     references = None
-    if args.rescore:
+    if args.merge:
+        merge_answers(args.merge, args.out / "answers.npz")
+    if args.rescore or args.merge:
         saved = np.load(args.out / "answers.npz")
         ans = Answers(list(saved["names"]), saved["probs"], saved["valid"], saved["seconds"],
                       saved["batch_of"])
@@ -282,9 +323,14 @@ def main() -> None:
     report["members_names"] = ans.names
     report["confidence"] = knobs.confidence
     byz = byzantine(ans, truth, knobs, args.attack, args.seed, references)
+    sources = [{"folder": str(f), "members": list(np.load(f / "answers.npz")["names"]),
+                **{k: v for k, v in read_json(f / "ensemble.json").items()
+                   if k in ("machine", "command", "total_s")}}
+               for f in args.merge or [] if (f / "ensemble.json").is_file()]
     write_json(args.out / "ensemble.json", {**provenance(started), "args": {
-        k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "report": report, "byzantine": byz})
+        k: str(v) if isinstance(v, Path) else [str(x) for x in v] if isinstance(v, list)
+        else v for k, v in vars(args).items()},
+        "report": report, "byzantine": byz, **({"sources": sources} if sources else {})})
     from server_app.infer.mode import write_plots
 
     write_plots(args.out, report, ans.names)

@@ -278,6 +278,7 @@ def test_committed_results_render_from_their_json(tmp_path):
                           ("rank_gap.py", ["rank-gap/rank_gap.json"]),
                           ("ensemble.py", ["ensemble-agnews/ensemble.json"]),
                           ("ensemble.py", ["ensemble-sst2/ensemble.json"]),
+                          ("ensemble.py", ["ensemble-gsm8k/ensemble.json"]),
                           ("mixed_domain.py", ["mixed-domain/mixed_domain.json"]),
                           ("aggregation_scale.py", ["aggregation_scale.json"]),
                           ("default_run.py", ["sim-scale-10/default_run.json"]),
@@ -345,3 +346,16 @@ def test_ensemble_benchmark_on_generated_answers(tiny_llama, tmp_path):
               "--out", str(out))
     again = json.loads((out / "ensemble.json").read_text())["report"]
     assert again["methods"] == rep["methods"] and again["members"] == rep["members"]
+    # members answered in separate jobs are scored together
+    both = tmp_path / "both"
+    run_bench("ensemble.py", "--data", str(data), "--calibration", "4", "--merge", str(out),
+              str(out), "--out", str(both))
+    merged = json.loads((both / "ensemble.json").read_text())["report"]
+    assert [m["member"] for m in merged["members"]] == 2 * [m["member"] for m in rep["members"]]
+    other = tmp_path / "other"
+    run_bench("ensemble.py", "--model", str(tiny_llama), "--data", str(data), "--queries",
+              "10", "--calibration", "4", "--adapters", "0", "--max-new-tokens", "2",
+              "--out", str(other))
+    with pytest.raises(AssertionError, match="answered other queries"):
+        run_bench("ensemble.py", "--data", str(data), "--merge", str(out), str(other),
+                  "--out", str(tmp_path / "bad"))
