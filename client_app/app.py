@@ -3,6 +3,7 @@
 - QUERY: tell the server who this device is (profile, partition, explicit rank, task), from
   its `--node-config` (`task.fleet.profile_reply`); any app mode may ask.
 - QUERY `infer`: answer a batch of queries (`mode='infer'`, `client_app.infer`).
+- QUERY `serve`: run one micro-service call (`mode='serve'`, `client_app.serve`).
 - TRAIN (and TRAIN.<kind>, e.g. "gradient"): handled by the algorithm the run config names,
   looked up in the registry (`strategies.registry`): each algorithm declares one handler per
   message type it sends. A message type no registered algorithm handles is not registered.
@@ -13,7 +14,7 @@ from __future__ import annotations
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from client_app import infer
+from client_app import infer, serve
 from strategies import registry
 from task.config import RunConfig
 from task.fleet import profile_reply
@@ -30,6 +31,12 @@ def query(msg: Message, context: Context) -> Message:
 def answer(msg: Message, context: Context) -> Message:
     """`mode='infer'`: answer a batch of queries with this device's model."""
     return infer.answer(msg, context)
+
+
+@app.query("serve")
+def serve_call(msg: Message, context: Context) -> Message:
+    """`mode='serve'`: one micro-service call (a CoT step, experts, a range of layers)."""
+    return serve.handle(msg, context)
 
 
 def _dispatch(message_type: str):

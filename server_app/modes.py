@@ -30,8 +30,17 @@ def infer(grid: Grid, context: Context, cfg: RunConfig) -> Path:
     return run(grid, context, cfg)
 
 
+def serve(grid: Grid, context: Context, cfg: RunConfig) -> Path:
+    """Micro-service serving: a model's modules (CoT steps, MoE experts, layer ranges) run on
+    the devices (`serve.kind`)."""
+    from server_app.serve.mode import run
+
+    return run(grid, context, cfg)
+
+
 MODES: dict[str, Callable[[Grid, Context, RunConfig], object]] = {"train": train,
-                                                                    "infer": infer}
+                                                                    "infer": infer,
+                                                                    "serve": serve}
 
 
 def get(name: str) -> Callable[[Grid, Context, RunConfig], object]:

@@ -28,7 +28,7 @@ from task.families import FAMILIES
 from task.options import (ConfigError, Reader, declared, key_of, option, parse_section,
                           read_option)
 from task.sections import (CORE_SECTIONS, DataSection, DevicesSection, DPSection, EvalSection,
-                           InferSection, LoraSection, TrainSection)
+                           InferSection, LoraSection, ServeSection, TrainSection)
 
 __all__ = ["ConfigError", "RunConfig", "Traits", "register_algorithm", "strategy_names"]
 
@@ -144,9 +144,11 @@ class RunConfig:
     seed: int = option(42, "seeds partitions, initialisation and local shuffling",
                        legacy="seed")
     results_dir: str = option("results", "where `<run-id>/` is written", legacy="results_dir")
-    mode: str = option("train", "what the app does: `train` (federated fine-tuning) or "
+    mode: str = option("train", "what the app does: `train` (federated fine-tuning), "
                        "`infer` (collaborative inference: every device answers the test "
-                       "queries, the server combines them; the `infer.` keys)")
+                       "queries, the server combines them; the `infer.` keys) or `serve` "
+                       "(a model's modules as micro-services on the devices; the `serve.` "
+                       "keys)")
     lora: LoraSection = LoraSection()
     devices: DevicesSection = DevicesSection()
     data: DataSection = DataSection()
@@ -154,6 +156,7 @@ class RunConfig:
     eval: EvalSection = EvalSection()
     dp: DPSection = DPSection()
     infer: InferSection = InferSection()
+    serve: ServeSection = ServeSection()
     # (name, section) of the plug-ins' sections, their defaults unless parsed
     plugins: tuple[tuple[str, Any], ...] = dataclasses.field(
         default_factory=lambda: tuple((n, c()) for n, c in sections().items()
