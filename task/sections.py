@@ -233,6 +233,11 @@ class ServeSection(Section):
                        "devices by dynamic programming)", choices=("cot", "moe", "split"))
     timeout: float = option(300.0, "seconds to wait for a device's reply to one service call",
                             lo=1.0)
+    fleet: tuple[str, ...] = option(("rpi4", "rpi5", "jetson-orin-nano", "laptop"),
+                                    "the devices the planners see, simulated device k being "
+                                    "item k: profile names (`server_app.serve.fleet`) or one "
+                                    "JSON fleet file (name, speed, memory_mib, up_mbps, "
+                                    "down_mbps, latency_s per device)", kind="names")
     # --- serve.kind='cot' keys (chain-of-thought steps) ---
     # --- serve.kind='moe' keys (experts, routing, Lyapunov scheduling) ---
     # --- serve.kind='split' keys (layer partitioning) ---
