@@ -28,7 +28,8 @@ from task.families import FAMILIES
 from task.options import (ConfigError, Reader, declared, key_of, option, parse_section,
                           read_option)
 from task.sections import (CORE_SECTIONS, DataSection, DevicesSection, DPSection, EvalSection,
-                           InferSection, LoraSection, ServeSection, TrainSection)
+                           FleetSection, InferSection, LoraSection, ServeSection,
+                           TrainSection)
 
 __all__ = ["ConfigError", "RunConfig", "Traits", "register_algorithm", "strategy_names"]
 
@@ -157,6 +158,7 @@ class RunConfig:
     dp: DPSection = DPSection()
     infer: InferSection = InferSection()
     serve: ServeSection = ServeSection()
+    fleet: FleetSection = FleetSection()
     # (name, section) of the plug-ins' sections, their defaults unless parsed
     plugins: tuple[tuple[str, Any], ...] = dataclasses.field(
         default_factory=lambda: tuple((n, c()) for n, c in sections().items()

@@ -87,7 +87,7 @@ class RunRecorder:
             "missing": train.get("missing", []),
             "clients": train.get("clients", []),
         }
-        for key in ("rejections", "budget_exhausted", "forget_nodes", "unlearning"):
+        for key in ("rejections", "budget_exhausted", "forget_nodes", "unlearning", "fleet"):
             if train.get(key):
                 row[key] = train[key]
         row.update({k: metrics[k] for k in EXTRA_METRICS if k in metrics})

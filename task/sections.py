@@ -221,6 +221,32 @@ class InferSection(Section):
 
 
 @dataclass(frozen=True)
+class FleetSection(Section):
+    """The simulated fleet of a training run (S2, S5): links, availability, who trains."""
+
+    selection: str = option("all", "who trains each round: `all` online devices, `random` "
+                            "(fleet.per-round of them), `oort` (largest Oort utility), `s2` "
+                            "(joint selection + bandwidth allocation, most progress per "
+                            "simulated second) or `fedlaavg` (the longest absent; aggregation "
+                            "over every device's latest update)",
+                            choices=("all", "random", "oort", "s2", "fedlaavg"))
+    per_round: int = option(0, "devices per round for random / oort / fedlaavg (0: every "
+                            "online device)", lo=0)
+    bandwidth_mhz: float = option(20.0, "total uplink bandwidth B the devices share (MHz); "
+                                  "T_up = S / (b log2(1 + SNR))", lo=1e-6)
+    downlink_mhz: float = option(40.0, "total downlink bandwidth, split evenly among the "
+                                 "round's devices (MHz)", lo=1e-6)
+    availability: str = option("always", "who is online: `always`, `markov` (per-profile "
+                               "p_on / p_off), `diurnal`, or a JSON trace file {partition id: "
+                               "[1, 0, ...]}")
+    file: str = option("", "JSON fleet file overriding profile fields {profile: {speed, "
+                       "snr_db, p_on, p_off}} (empty: the built-in profiles)",
+                       allow_empty=True)
+    step_seconds: float = option(10.0, "a device's predicted training seconds (this machine) "
+                                 "before any is measured", lo=0.0)
+
+
+@dataclass(frozen=True)
 class ServeSection(Section):
     """`mode='serve'`: a model's functional modules as micro-services on the devices (S8):
     chain-of-thought steps (`cot`), mixture-of-experts layers (`moe`), layer ranges
@@ -239,13 +265,61 @@ class ServeSection(Section):
                                     "JSON fleet file (name, speed, memory_mib, up_mbps, "
                                     "down_mbps, latency_s per device)", kind="names")
     # --- serve.kind='cot' keys (chain-of-thought steps) ---
+    cot_step_tokens: int = option(128, "`cot`: most new tokens one device generates per "
+                                  "reasoning step", lo=1)
+    cot_max_steps: int = option(4, "`cot`: step budget of a chain (the monolithic baseline "
+                                "gets cot-max-steps x cot-step-tokens tokens)", lo=1)
+    cot_placement: str = option("exact", "`cot`: how steps are placed on the fleet: `exact` "
+                                "(Viterbi DP, or an ILP under step capacities), `heuristic` "
+                                "(DP, repair, local search), `greedy` (step by step, the "
+                                "cheapest device left), `random`",
+                                choices=("exact", "heuristic", "greedy", "random"))
+    cot_device_steps: int = option(1, "`cot`: most steps of one chain a device may run "
+                                   "(1: every step on a different device)", lo=1)
+    cot_batch_size: int = option(16, "`cot`: questions per QUERY (one step of each)", lo=1)
+    cot_baseline: bool = option(True, "`cot`: also answer every question monolithically on "
+                                "the single device with the least predicted latency")
     # --- serve.kind='moe' keys (experts, routing, Lyapunov scheduling) ---
+    moe_lyapunov_v: float = option(1e4, "Lyapunov drift-plus-penalty V (S8): weight of energy "
+                                   "cost against queue backlog; larger V: cost nearer the "
+                                   "optimum C* (gap <= B / V), backlog growing as O(V)", lo=0.0)
+    moe_lyapunov_objective: str = option("quadratic", "per-slot drift-plus-penalty objective: "
+                                         "`linear` (Q A + V c A, per expert) or `quadratic` "
+                                         "(the exact one-slot drift, A^2 couples experts)",
+                                         choices=("linear", "quadratic"))
+    moe_lyapunov_brute_limit: int = option(4096, "`quadratic`: solve exactly by enumeration "
+                                           "when at most this many assignments exist, else "
+                                           "greedy + single-expert moves", lo=1)
+    moe_experts: int = option(8, "experts E each FFN is split into (its intermediate size "
+                              "must divide by E)", lo=1)
+    moe_top_k: int = option(4, "experts k each token is routed to (k = E: the dense model)",
+                            lo=1)
+    moe_calibration: int = option(64, "training texts whose activations cluster the FFN "
+                                  "neurons into experts and pick the router's neurons", lo=1)
+    moe_router_neurons: int = option(8, "representative neurons per expert whose |activation| "
+                                     "sum scores the expert for a token", lo=1)
+    moe_scheduler: str = option("round-robin", "expert-to-device assignment per slot: "
+                                "`round-robin` (static), `greedy` (cheapest predicted time "
+                                "on `serve.fleet`)", choices=("round-robin", "greedy"))
     # --- serve.kind='split' keys (layer partitioning) ---
+    split_plan: str = option("dp", "how the model's units (embedding, decoder layers, head) "
+                             "are placed: `dp` (the memory-aware S8 dynamic programme, falling "
+                             "back to the best single device when splitting does not pay), "
+                             "`single` (the best device that holds the whole model), or fixed "
+                             "ranges `<device>:<start>-<end>,...` (e.g. `0:0-12,1:12-32`)")
+    split_batch: int = option(8, "prompts per batch sent down the chain of devices", lo=1)
+    split_tokens: int = option(128, "tokens per prompt (longer prompts are cut in the middle; "
+                               "without task='lm-cls' data: random token ids of this length)",
+                               lo=2)
+    split_batches: int = option(4, "batches run through the chain (and through the whole "
+                                "model locally, to compare logits and time)", lo=1)
+    split_repeats: int = option(3, "timing passes per unit when measuring the model's units "
+                                "on the server (median)", lo=1)
 
 
 CORE_SECTIONS: dict[str, type] = {"lora": LoraSection, "devices": DevicesSection,
                                   "data": DataSection, "train": TrainSection,
                                   "eval": EvalSection, "dp": DPSection, "infer": InferSection,
-                                  "serve": ServeSection}
+                                  "serve": ServeSection, "fleet": FleetSection}
 
 

@@ -89,3 +89,94 @@ def test_baselines_and_fedlaavg_choice():
     u = oort_utility(np.array([100, 100]), np.array([4.0, 4.0]), np.array([10.0, 20.0]),
                      preferred_s=10.0, alpha=2.0)
     np.testing.assert_allclose(u, [200.0, 50.0])  # the slow device pays (10/20)^2
+
+
+# ------------------------------------------------------------------ in a federation
+import json  # noqa: E402
+
+from inprocess_grid import InProcessGrid  # noqa: E402
+from strategies.fleet.model import Availability, load_profiles  # noqa: E402
+from strategies.fleet.scheduler import LatestUpdates  # noqa: E402
+from strategies.lora.server import federate, prepare_run  # noqa: E402
+from task.config import RunConfig  # noqa: E402
+from task.options import ConfigError  # noqa: E402
+
+
+def _federation(tiny_bert, agnews, tmp_path, **extra):
+    data = tmp_path / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    if not (data / "train.tsv").exists():
+        (data / "train.tsv").symlink_to(agnews / "train.tsv")
+        lines = (agnews / "test.tsv").read_text().splitlines()
+        (data / "test.tsv").write_text("\n".join(lines[:21]) + "\n")
+    raw = {"model": str(tiny_bert), "data.path": str(data), "strategy": "hetlora",
+           "results-dir": str(tmp_path / "r"), "num-server-rounds": 3,
+           "train.local-steps": 1, "train.batch-size": 4, "eval.max-examples": 0,
+           "data.partitioner": "iid", **extra}
+    run_dir = federate(InProcessGrid(raw, num_nodes=4),
+                       prepare_run(RunConfig.from_run_config(raw), run_id=5))
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_every_round_has_a_simulated_clock_and_the_policy_picks_who_trains(tiny_bert, agnews,
+                                                                         tmp_path):
+    rows = _federation(tiny_bert, agnews, tmp_path)  # the default: everyone, always online
+    clock = [r["fleet"]["sim_clock_s"] for r in rows[1:]]
+    assert all(r["fleet"]["selected"] == 4 == len(r["clients"]) for r in rows[1:])
+    assert clock == sorted(clock) and clock[0] > 0
+    for r in rows[1:]:  # the round lasts as long as its slowest device's down + comp + up
+        devices = r["fleet"]["devices"]
+        slowest = max(d["down_s"] + d["comp_s"] + d["up_s"] for d in devices)
+        assert r["fleet"]["round_sim_s"] == pytest.approx(slowest)
+        assert sum(d["bandwidth_mhz"] for d in devices) == pytest.approx(20.0)
+        # the rpi4 (speed 0.35) computes its measured seconds 1 / 0.35 times slower
+        by_node = {c["node_id"]: c for c in r["clients"]}
+        for d in devices:
+            c = by_node[d["node_id"]]
+            speed = {"rpi4": 0.35, "rpi5": 0.8, "jetson-orin-nano": 6.0, "laptop": 4.0}
+            assert d["comp_s"] == pytest.approx(c["train_s"] / speed[c["device"]])
+    rows = _federation(tiny_bert, agnews, tmp_path / "random", **{
+        "fleet.selection": "random", "fleet.per-round": 2})
+    assert [len(r["clients"]) for r in rows[1:]] == [2, 2, 2]
+
+
+def test_fedlaavg_takes_the_longest_absent_and_keeps_their_updates(tiny_bert, agnews,
+                                                                    tmp_path):
+    rows = _federation(tiny_bert, agnews, tmp_path, **{
+        "fleet.selection": "fedlaavg", "fleet.per-round": 2})
+    picked = [sorted(c["node_id"] for c in r["clients"]) for r in rows[1:]]
+    assert len(set(map(tuple, picked[:2]))) == 2 and set(picked[0]) | set(picked[1]) == \
+        {1001, 1002, 1003, 1004}  # round 2 takes the two that never trained
+    # the stored updates: the new global is the start plus the n-weighted mean of all
+    store = LatestUpdates(r_max=2)
+    sent = {"l.lora_A.weight": np.zeros((1, 3)), "l.lora_B.weight": np.zeros((3, 1)),
+            "head": np.zeros(2)}
+    store.store(1, sent, {k: v + 1 for k, v in sent.items()}, 1)
+    store.store(2, sent, {k: v + 4 for k, v in sent.items()}, 3)
+    out = store.apply({"l.lora_A.weight": np.zeros((2, 3)), "l.lora_B.weight": np.zeros((3, 2)),
+                       "head": np.ones(2)})
+    np.testing.assert_allclose(out["head"], 1 + (1 * 1 + 3 * 4) / 4)
+    np.testing.assert_allclose(out["l.lora_A.weight"][0], (1 + 12) / 4)
+    np.testing.assert_allclose(out["l.lora_A.weight"][1], 0.0)  # zero-padded to r_max
+    with pytest.raises(ConfigError, match="strategy='fedavg' or 'hetlora'"):
+        _federation(tiny_bert, agnews, tmp_path / "flex", strategy="flexlora",
+                    **{"fleet.selection": "fedlaavg"})
+
+
+def test_a_bad_fleet_fails_before_training_naming_the_field(tmp_path):
+    bad = tmp_path / "fleet.json"
+    bad.write_text(json.dumps({"rpi4": {"speed": -1.0}}))
+    with pytest.raises(ConfigError, match="'rpi4': speed must be > 0"):
+        load_profiles(str(bad))
+    bad.write_text(json.dumps({"phone": {"speed": 0.5}}))
+    with pytest.raises(ConfigError, match="'phone' lacks snr_db"):
+        load_profiles(str(bad))
+    bad.write_text(json.dumps({"rpi4": {"sped": 0.5}}))
+    with pytest.raises(ConfigError, match="unknown field.*sped"):
+        load_profiles(str(bad))
+    trace = tmp_path / "trace.json"
+    trace.write_text(json.dumps({"0": [1, 0], "1": [1]}))
+    with pytest.raises(ConfigError, match="partition '2'"):
+        Availability(str(trace), [0, 1, 2], [], seed=0)
+    on = Availability(str(trace), [0, 1], [], seed=0)
+    assert on.step(1).tolist() == [True, True] and on.step(2).tolist() == [False, True]

@@ -32,6 +32,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from strategies.fleet.scheduler import FleetClock, LatestUpdates, make_fleet
 from strategies.lora.math import (AGGREGATORS, DELTA_AGGREGATORS, aggregation_error,
                                   check_reply)
 from task.config import RunConfig
@@ -71,6 +72,9 @@ class HeterogeneousLoRA(FedAvg):
         self.exhausted: dict[int, float] = {}  # node -> epsilon spent when it stopped (DP)
         self._sent: dict[int, tuple[State, int]] = {}  # node -> (state sent, bytes down)
         self._outbox: list[Message] = []  # this round's TRAIN messages (ids set when pushed)
+        # the simulated fleet (S2, S5): who is online and trains, the simulated clock
+        self.fleet: FleetClock = make_fleet(cfg)
+        self.latest = LatestUpdates(cfg.r_max) if cfg.fleet.selection == "fedlaavg" else None
 
     # ----------------------------------------------------------------- who is who
     def _learn_profiles(self, grid: Grid, node_ids: Iterable[int]) -> None:
@@ -96,8 +100,25 @@ class HeterogeneousLoRA(FedAvg):
         those whose privacy budget is spent."""
         sampled = super().configure_train(server_round, arrays, ConfigRecord(dict(config)),
                                           grid)
-        return [m.metadata.dst_node_id for m in sampled
-                if m.metadata.dst_node_id not in self.exhausted]
+        nodes = [m.metadata.dst_node_id for m in sampled
+                 if m.metadata.dst_node_id not in self.exhausted]
+        self._learn_profiles(grid, nodes)
+        for node in nodes:
+            if node in self.profiles:
+                p = self.profiles[node]
+                self.fleet.join(node, p.partition_id, self.fleet.profile_of(p.device))
+        bits = {n: 8.0 * self._payload_bytes(arrays, self.profiles[n].rank)
+                for n in nodes if n in self.profiles}
+        return self.fleet.select(server_round, nodes, bits)
+
+    def _payload_bytes(self, arrays: ArrayRecord, rank: int) -> int:
+        """Bytes of the adapter truncated to `rank` (what a device of that rank sends)."""
+        cache = self.__dict__.setdefault("_bytes_at_rank", {})
+        if rank not in cache:
+            cache[rank] = record_nbytes(to_record(truncate_lora(
+                {k: v for k, v in from_record(arrays).items()
+                 if not k.endswith(".base_delta")}, rank)))
+        return cache[rank]
 
     def _device_config(self, config: ConfigRecord, server_round: int, node: int,
                        **extra) -> ConfigRecord:
@@ -223,6 +244,11 @@ class HeterogeneousLoRA(FedAvg):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         accepted, info = self._collect(server_round, replies)
+        info["fleet"] = self.fleet.finish(server_round, {
+            node: {"train_s": float(m.get("train-s", m.get("grad-s", 0.0))),
+                   "bits_up": 8.0 * c["bytes_up"], "bits_down": 8.0 * c["bytes_down"],
+                   "examples": n, "loss": c["train_loss"]}
+            for (node, _, n, m), c in zip(accepted, info["clients"])})
         if not accepted:
             log.warning("round %d: no acceptable reply; keeping the previous global model",
                         server_round)
@@ -257,6 +283,10 @@ class HeterogeneousLoRA(FedAvg):
 
     def _aggregate(self, states: list[State], counts: list[int], nodes: list[int]) -> State:
         """The new global state from the accepted replies (S1 math)."""
+        if self.latest is not None:  # FedLaAvg (S5): every device's latest update
+            for node, state, n in zip(nodes, states, counts):
+                self.latest.store(node, self._sent[node][0], state, n)
+            return self.latest.apply(self._round_start)
         if self.delta_fn is not None:
             sent = [self._sent[node][0] for node in nodes]
             return self.delta_fn(self._round_start, sent, states, counts, self.cfg.r_max)

@@ -1,0 +1,138 @@
+"""The simulated fleet of a training run (S2, S5): each device's speed, link and availability,
+and the simulated clock of every round.
+
+A device of profile p computes at `speed` relative to the machine the run measures on: a
+round's measured training seconds t (the device's `train-s`) become t / speed on the
+device. Its uplink SNR has mean `snr_db` and fades (Rayleigh) every round. It is online in a
+round according to its availability process:
+- `always`;
+- `markov`: an on/off chain with P(off -> on) = `p_on`, P(on -> off) = `p_off` (stationary
+  share online p_on / (p_on + p_off));
+- `diurnal`: online while sin(2 pi (round / period + phase)) > threshold, the phase drawn
+  per device (so devices of one time zone come and go together);
+- a trace: a JSON file {"<partition id>": [1, 0, 1, ...]} (round r uses item r - 1,
+  repeating), e.g. recorded from real devices.
+
+`FleetFile` rows may override any profile field per profile name (JSON: {"rpi4": {"speed":
+0.3, ...}}); a missing or negative field fails before training, naming it.
+
+Speeds: single-stream fp32 PyTorch CPU throughput relative to a 2-core x86 server vCPU
+(Geekbench 6 multi-core, typical: Pi 4 ~ 650, Pi 5 ~ 1,500, the vCPU ~ 1,800, an 8-core
+laptop ~ 8,000; the Jetson Orin Nano runs on its Ampere GPU, ~ 1.3 TFLOPS fp16, NVIDIA's
+data sheet), the same factors as `server_app/serve/fleet.py`. SNRs: Wi-Fi links of 10-25 dB
+mean, typical indoor ranges.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+import numpy as np
+
+from task.options import ConfigError
+
+
+@dataclass(frozen=True)
+class FleetProfile:
+    speed: float  # compute speed relative to the measuring machine
+    snr_db: float  # mean uplink SNR
+    p_on: float = 1.0  # markov: P(off -> on) per round
+    p_off: float = 0.0  # markov: P(on -> off) per round
+
+    def check(self, name: str) -> None:
+        if not self.speed > 0:
+            raise ConfigError(f"fleet profile '{name}': speed must be > 0, got {self.speed}")
+        for key in ("p_on", "p_off"):
+            value = getattr(self, key)
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"fleet profile '{name}': {key} must be in [0, 1], got "
+                                  f"{value}")
+
+
+PROFILES = {
+    "rpi4": FleetProfile(speed=0.35, snr_db=10.0),
+    "rpi5": FleetProfile(speed=0.8, snr_db=15.0),
+    "jetson-orin-nano": FleetProfile(speed=6.0, snr_db=20.0),
+    "laptop": FleetProfile(speed=4.0, snr_db=25.0),
+}
+
+
+def load_profiles(path: str) -> dict[str, FleetProfile]:
+    """PROFILES, with the fields a fleet file gives per profile name overriding them."""
+    out = dict(PROFILES)
+    if not path:
+        return out
+    try:
+        rows = json.loads(Path(path).expanduser().read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"fleet.file {path}: {err}") from err
+    if not isinstance(rows, dict):
+        raise ConfigError(f"fleet.file {path}: expected a JSON object of profile -> fields")
+    known = {f.name for f in fields(FleetProfile)}
+    for name, row in rows.items():
+        if not isinstance(row, dict):
+            raise ConfigError(f"fleet.file {path}: profile '{name}' must be an object")
+        unknown = set(row) - known
+        if unknown:
+            raise ConfigError(f"fleet.file {path}: profile '{name}' has unknown field(s) "
+                              f"{', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})")
+        base = out.get(name)
+        missing = [k for k in ("speed", "snr_db") if k not in row] if base is None else []
+        if missing:
+            raise ConfigError(f"fleet.file {path}: new profile '{name}' lacks "
+                              f"{', '.join(missing)}")
+        try:
+            profile = replace(base, **row) if base else FleetProfile(**row)
+        except TypeError as err:
+            raise ConfigError(f"fleet.file {path}: profile '{name}': {err}") from err
+        profile.check(name)
+        out[name] = profile
+    return out
+
+
+class Availability:
+    """Who is online in each round: one process per device (partition id)."""
+
+    def __init__(self, kind: str, partitions: list[int], profiles: list[FleetProfile],
+                 seed: int, period: float = 24.0, threshold: float = 0.0):
+        self.kind, self.partitions = kind, list(partitions)
+        self.rng = np.random.default_rng([seed, 5077])
+        self.profiles = profiles
+        self.period, self.threshold = period, threshold
+        self.phase = self.rng.random(len(partitions))
+        self.online = np.ones(len(partitions), dtype=bool)
+        self.trace = _read_trace(kind, self.partitions) if kind not in (
+            "always", "markov", "diurnal") else None
+
+    def step(self, server_round: int) -> np.ndarray:
+        """(K,) bool: who is online in `server_round` (rounds from 1)."""
+        if self.kind == "always":
+            return np.ones(len(self.partitions), dtype=bool)
+        if self.kind == "markov":
+            u = self.rng.random(len(self.partitions))
+            p_on = np.array([p.p_on for p in self.profiles])
+            p_off = np.array([p.p_off for p in self.profiles])
+            self.online = np.where(self.online, u >= p_off, u < p_on)
+            return self.online.copy()
+        if self.kind == "diurnal":
+            angle = 2 * np.pi * (server_round / self.period + self.phase)
+            return np.sin(angle) > self.threshold
+        return np.array([t[(server_round - 1) % len(t)] > 0 for t in self.trace])
+
+
+def _read_trace(path: str, partitions: list[int]) -> list[list[int]]:
+    try:
+        raw = json.loads(Path(path).expanduser().read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"fleet.availability: '{path}' is not always/markov/diurnal and not "
+                          f"a readable JSON trace ({err})") from err
+    out = []
+    for p in partitions:
+        trace = raw.get(str(p)) if isinstance(raw, dict) else None
+        if not isinstance(trace, list) or not trace:
+            raise ConfigError(f"fleet.availability trace {path}: no list of 0/1 for "
+                              f"partition '{p}'")
+        out.append([int(x) for x in trace])
+    return out

@@ -1,0 +1,204 @@
+"""One training run's fleet, round by round: who is online, who trains, how the bandwidth is
+split, the simulated clock (S2), and FedLaAvg's stored latest updates (S5).
+
+The strategy asks `select` before a round (with every connected device's profile) and
+`finish` after it (with the measured training seconds and payload sizes); `finish` returns
+the round's `fleet` entry of metrics.jsonl: the simulated round time and clock, and each
+device's T_down / T_comp / T_up. Policies (`fleet.selection`):
+- `all`: every online device, the bandwidth split evenly (the default, today's behaviour);
+- `random`: `fleet.per-round` online devices uniformly (FedAvg's sampling);
+- `oort`: the `fleet.per-round` online devices of largest Oort utility (never-seen first);
+- `s2`: joint selection and bandwidth allocation, largest progress per simulated second;
+- `fedlaavg`: the `fleet.per-round` online devices absent longest; aggregation then runs
+  over every device's latest update (`LatestUpdates`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from strategies.fleet.model import Availability, FleetProfile, load_profiles
+from strategies.fleet.select import (longest_absent, oort_utility, random_subset, schedule)
+from strategies.fleet.wireless import comm_seconds, db_to_linear
+from task.config import RunConfig
+from task.lora import State, pad_lora
+from task.options import ConfigError
+
+POLICIES = ("all", "random", "oort", "s2", "fedlaavg")
+UNKNOWN = FleetProfile(speed=1.0, snr_db=20.0)
+
+
+@dataclass
+class Member:
+    node: int
+    partition: int
+    profile: FleetProfile
+    last_round: int = -1  # last round it trained (-1: never)
+    train_s: float = float("nan")  # last measured training seconds (this machine)
+    examples: int = 1  # last reported n_k
+    loss: float = float("nan")  # last reported training loss
+
+
+@dataclass
+class RoundPlan:
+    nodes: list[int]
+    bandwidth_hz: dict[int, float]
+    snr: dict[int, float]
+    online: int
+
+
+@dataclass
+class FleetClock:
+    policy: str
+    per_round: int
+    total_hz: float
+    down_hz: float
+    seed: int
+    step_s_default: float  # predicted training seconds before any is measured
+    availability: str = "always"
+    profiles: dict[str, FleetProfile] = field(default_factory=dict)
+    members: dict[int, Member] = field(default_factory=dict)
+    clock_s: float = 0.0
+    _avail: Availability | None = None
+    _plan: RoundPlan | None = None
+
+    def profile_of(self, device: str) -> FleetProfile:
+        """A device's fleet profile; a profile the fleet does not know computes at this
+        machine's speed on a 20 dB link."""
+        return self.profiles.get(device, UNKNOWN)
+
+    def join(self, node: int, partition: int, profile: FleetProfile) -> None:
+        if node not in self.members:
+            self.members[node] = Member(node, partition, profile)
+            self._avail = None  # rebuilt with the new member
+
+    def select(self, server_round: int, nodes: list[int], bits_up: dict[int, float]
+               ) -> list[int]:
+        """The devices that train this round (and their bandwidth, kept for `finish`)."""
+        nodes = [n for n in nodes if n in self.members]
+        online = self._online(server_round, nodes)
+        rng = np.random.default_rng([self.seed, server_round, 31])
+        snr_mean = db_to_linear([self.members[n].profile.snr_db for n in nodes])
+        snr = snr_mean * rng.exponential(1.0, size=len(nodes))  # Rayleigh fading
+        chosen, bandwidth = self._choose(nodes, online, snr, bits_up, rng)
+        picked = [n for n, c in zip(nodes, chosen) if c]
+        self._plan = RoundPlan(picked, {n: float(b) for n, b, c in zip(nodes, bandwidth,
+                                                                      chosen) if c},
+                               {n: float(s) for n, s in zip(nodes, snr)}, int(online.sum()))
+        return picked
+
+    def _online(self, server_round: int, nodes: list[int]) -> np.ndarray:
+        if self._avail is None or self._avail.partitions != [self.members[n].partition
+                                                             for n in nodes]:
+            self._avail = Availability(self.availability,
+                                       [self.members[n].partition for n in nodes],
+                                       [self.members[n].profile for n in nodes], self.seed)
+        return self._avail.step(server_round)
+
+    def _predicted_comp(self, nodes: list[int]) -> np.ndarray:
+        seen = [m.train_s for m in self.members.values() if np.isfinite(m.train_s)]
+        fallback = float(np.mean(seen)) if seen else self.step_s_default
+        return np.array([(m.train_s if np.isfinite(m.train_s) else fallback) /
+                         m.profile.speed for m in (self.members[n] for n in nodes)])
+
+    def _choose(self, nodes, online, snr, bits_up, rng) -> tuple[np.ndarray, np.ndarray]:
+        k = len(nodes)
+        count = self.per_round or k
+        bits = np.array([bits_up[n] for n in nodes], dtype=np.float64)
+        if self.policy == "s2":
+            comp = self._predicted_comp(nodes)
+            down = comm_seconds(bits, self.down_hz / max(int(online.sum()), 1), snr)
+            progress = np.where(online, [self.members[n].examples for n in nodes], 0)
+            alloc = schedule(progress.astype(float), bits, down, comp, snr, self.total_hz)
+            return alloc.selected, alloc.bandwidth_hz
+        if self.policy == "all":
+            chosen = online.copy()
+        elif self.policy == "random":
+            chosen = random_subset(online, count, rng)
+        elif self.policy == "fedlaavg":
+            last = np.array([self.members[n].last_round for n in nodes])
+            chosen = longest_absent(online, last, count, rng)
+        else:  # oort: utility from the last round's loss; never-seen devices first
+            chosen = self._oort(nodes, online, count, snr, bits)
+        share = self.total_hz / max(int(chosen.sum()), 1)
+        return chosen, np.where(chosen, share, 0.0)
+
+    def _oort(self, nodes, online, count, snr, bits) -> np.ndarray:
+        members = [self.members[n] for n in nodes]
+        comp = self._predicted_comp(nodes)
+        up = comm_seconds(bits, self.total_hz / max(count, 1), snr)
+        t = comp + up
+        loss = np.array([m.loss if np.isfinite(m.loss) else np.inf for m in members])
+        util = oort_utility(np.array([m.examples for m in members]), loss ** 2, t,
+                            preferred_s=float(np.median(t[online])) if online.any() else 1.0)
+        util = np.where(online, np.nan_to_num(util, posinf=np.finfo(float).max), -np.inf)
+        out = np.zeros(len(nodes), dtype=bool)
+        order = np.argsort(-util, kind="stable")[:min(count, int(online.sum()))]
+        out[order] = True
+        return out
+
+    def finish(self, server_round: int, measured: dict[int, dict]) -> dict:
+        """Advance the clock by the round's simulated time. `measured[node]`: train_s,
+        bits_up, bits_down, examples, loss of each device that replied."""
+        plan = self._plan
+        devices, slowest = [], 0.0
+        for node in plan.nodes if plan else []:
+            if node not in measured:
+                continue
+            m, got = self.members[node], measured[node]
+            m.train_s, m.examples, m.loss = got["train_s"], got["examples"], got["loss"]
+            m.last_round = server_round
+            snr = plan.snr[node]
+            down = float(comm_seconds(got["bits_down"], self.down_hz / len(plan.nodes), snr))
+            comp = got["train_s"] / m.profile.speed
+            up = float(comm_seconds(got["bits_up"], plan.bandwidth_hz[node], snr))
+            slowest = max(slowest, down + comp + up)
+            devices.append({"node_id": node, "down_s": down, "comp_s": comp, "up_s": up,
+                            "bandwidth_mhz": plan.bandwidth_hz[node] / 1e6,
+                            "snr_db": float(10 * np.log10(max(snr, 1e-30)))})
+        self.clock_s += slowest
+        return {"policy": self.policy, "online": plan.online if plan else 0,
+                "selected": len(plan.nodes) if plan else 0, "round_sim_s": slowest,
+                "sim_clock_s": self.clock_s, "devices": devices}
+
+
+def make_fleet(cfg: RunConfig) -> FleetClock:
+    """The run's fleet from `fleet.*`: a bad fleet file or availability trace fails here,
+    before training."""
+    f = cfg.fleet
+    if f.selection == "fedlaavg" and cfg.aggregation not in ("fedavg", "hetlora"):
+        raise ConfigError(f"fleet.selection='fedlaavg' averages updates of the LoRA factors: "
+                          f"use strategy='fedavg' or 'hetlora', not '{cfg.strategy}'")
+    profiles = load_profiles(f.file)
+    for device in cfg.devices.mix:
+        if device not in profiles:
+            raise ConfigError(f"devices.mix names '{device}', which the fleet does not know: "
+                              f"give it speed and snr_db in fleet.file")
+    if f.availability not in ("always", "markov", "diurnal"):
+        Availability(f.availability, [], [], cfg.seed)  # the trace file must parse
+    return FleetClock(f.selection, f.per_round, f.bandwidth_mhz * 1e6, f.downlink_mhz * 1e6,
+                      cfg.seed, f.step_seconds, f.availability, profiles)
+
+
+class LatestUpdates:
+    """FedLaAvg (S5): each device's most recent update (zero-padded to r_max) and n_k; the
+    new global is the round's start plus the n_k-weighted mean of every stored update,
+    stale ones included."""
+
+    def __init__(self, r_max: int):
+        self.r_max = r_max
+        self.updates: dict[int, tuple[State, int]] = {}
+
+    def store(self, node: int, sent: State, trained: State, examples: int) -> None:
+        update = {k: trained[k] - sent[k] for k in trained}
+        self.updates[node] = (pad_lora(update, self.r_max), int(examples))
+
+    def apply(self, start: State) -> State:
+        total = sum(n for _, n in self.updates.values())
+        out = {k: v.copy() for k, v in start.items()}
+        for update, n in self.updates.values():
+            for k, v in update.items():
+                out[k] = out[k] + (n / total) * v
+        return out
