@@ -180,3 +180,32 @@ def test_a_bad_fleet_fails_before_training_naming_the_field(tmp_path):
         Availability(str(trace), [0, 1, 2], [], seed=0)
     on = Availability(str(trace), [0, 1], [], seed=0)
     assert on.step(1).tolist() == [True, True] and on.step(2).tolist() == [False, True]
+
+
+def test_fleet_benchmark_runs_and_renders(tiny_bert, agnews, tmp_path):
+    import subprocess
+    import sys
+
+    from flower_e2e import ROOT
+
+    out = tmp_path / "fleet"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "fleet.py"), "--model", str(tiny_bert),
+           "--data", str(agnews), "--rounds", "2", "--devices", "4", "--local-steps", "1",
+           "--batch", "4", "--eval-max", "20", "--per-round", "2", "--offline-period", "2",
+           "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    res = json.loads((out / "fleet.json").read_text())
+    assert set(res["selection"]) == {"all", "random", "oort", "s2"}
+    for r in res["selection"].values():
+        clock = [p["sim_clock_s"] for p in r["curve"]]
+        assert len(clock) == 3 and clock == sorted(clock) and clock[-1] > 0
+    assert [len(r["curve"]) for r in res["intermittent"]["runs"].values()] == [3, 3]
+    assert set(res["intermittent"]["runs"]["fedlaavg"]["per_class"]) == {
+        "Business", "Sci/Tech", "Sports", "World"}
+    assert [c["devices"] for c in res["cost"]] == [10, 100, 1000]
+    before = (out / "fleet.md").read_text()
+    (out / "fleet.md").unlink()
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fleet.py"), "--render",
+                    "--out", str(out)], check=True, capture_output=True, cwd=ROOT)
+    assert (out / "fleet.md").read_text() == before
