@@ -73,10 +73,9 @@ def fleet(spec: tuple[str, ...] | list[str] | str) -> list[ServeDevice]:
     """The fleet from profile names (`('rpi4', 'rpi5')`: one device each, named
     `rpi4-0`, `rpi5-1`) or a JSON file: a list of objects with the ServeDevice fields."""
     if isinstance(spec, str):
-        path = Path(spec).expanduser()
-        if path.suffix == ".json" or path.is_file():
-            return _from_file(path)
         spec = [s.strip() for s in spec.split(",") if s.strip()]
+    if len(spec) == 1 and (spec[0].endswith(".json") or Path(spec[0]).expanduser().is_file()):
+        return _from_file(Path(spec[0]).expanduser())
     out = []
     for i, name in enumerate(spec):
         if name not in PROFILES:
