@@ -300,7 +300,9 @@ class ServeSection(Section):
                                      "sum scores the expert for a token", lo=1)
     moe_scheduler: str = option("round-robin", "expert-to-device assignment per slot: "
                                 "`round-robin` (static), `greedy` (cheapest predicted time "
-                                "on `serve.fleet`)", choices=("round-robin", "greedy"))
+                                "on `serve.fleet`), `lyapunov` (S8 drift-plus-penalty, "
+                                "`serve.moe-lyapunov-*`)",
+                                choices=("round-robin", "greedy", "lyapunov"))
     # --- serve.kind='split' keys (layer partitioning) ---
     split_plan: str = option("dp", "how the model's units (embedding, decoder layers, head) "
                              "are placed: `dp` (the memory-aware S8 dynamic programme, falling "
@@ -315,6 +317,10 @@ class ServeSection(Section):
                                 "model locally, to compare logits and time)", lo=1)
     split_repeats: int = option(3, "timing passes per unit when measuring the model's units "
                                 "on the server (median)", lo=1)
+    split_call_s: float = option(0.0, "seconds the messaging itself costs per device call "
+                                 "(SuperLink round trip, serialisation), added to every range "
+                                 "the planner places: 0 for the in-process grid; about 0.09 "
+                                 "measured through a local SuperLink in simulation", lo=0.0)
 
 
 CORE_SECTIONS: dict[str, type] = {"lora": LoraSection, "devices": DevicesSection,
