@@ -2,7 +2,9 @@
 
 - `query_profiles`: ask devices (one Flower QUERY each, no model attached) to describe
   themselves: profile, partition, explicit LoRA rank, task; devices reply from their
-  `--node-config` (client_app.app's default query handler).
+  `--node-config` (client_app.app's default query handler). A QUERY whose config says
+  `measure` (`fleet.rank-from='capability'`) also gets what the device measured: free memory,
+  seconds per step, its model's footprint (`task.capability.report`).
 - `unicast`: one message per device, each with its own content (a per-rank truncation, a
   projected update, a batch of prompts...).
 - `origin`: which device a reply is about, also for error replies the SuperLink writes itself
@@ -16,6 +18,7 @@ from collections.abc import Callable, Iterable, Mapping
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from task import capability
 from task.device import DeviceInfo
 from task.logs import get_logger
 from task.options import ConfigError
@@ -23,19 +26,29 @@ from task.options import ConfigError
 log = get_logger()
 
 def profile_reply(node_config: Mapping, msg: Message) -> Message:
-    """A device's answer to a profile QUERY, from its `--node-config` (defaults if absent)."""
+    """A device's answer to a profile QUERY, from its `--node-config` (defaults if absent);
+    when the QUERY's config says `measure` and the device has no explicit lora-rank, with
+    its measurements (free-memory-mib, step-s, ...: `task.capability.report`)."""
     info = DeviceInfo.from_node_config(node_config)
-    profile = ConfigRecord({"device": info.device, "partition-id": info.partition_id,
-                            "num-partitions": info.num_partitions, "lora-rank": info.lora_rank,
-                            "task": info.task})
-    return Message(RecordDict({"profile": profile}), reply_to=msg)
+    fields = {"device": info.device, "partition-id": info.partition_id,
+              "num-partitions": info.num_partitions, "lora-rank": info.lora_rank,
+              "task": info.task}
+    ask = msg.content.config_records.get("config")
+    if ask is not None and ask.get("measure", False) and info.lora_rank <= 0:
+        fields |= capability.report(node_config, info, ask)
+        log.info("device measured: %.0f MiB free, %.4f s per step at rank %d%s",
+                 fields["free-memory-mib"], fields["step-s"], fields["step-rank"],
+                 " (simulated: the fleet model stands in)" if fields["simulated"] else "")
+    return Message(RecordDict({"profile": ConfigRecord(fields)}), reply_to=msg)
 
 
 def query_profiles(grid: Grid, node_ids: Iterable[int], timeout: float,
-                   make: Callable[[int, ConfigRecord], object]) -> dict[int, object]:
+                   make: Callable[[int, ConfigRecord], object],
+                   ask: Mapping | None = None) -> dict[int, object]:
     """{node: make(node, its profile record)} for the devices that answered in time; a
-    device whose profile `make` refuses (ConfigError) is logged and left out."""
-    queries = [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n,
+    device whose profile `make` refuses (ConfigError) is logged and left out. `ask` is the
+    QUERY's config (e.g. `measure`, see `profile_reply`)."""
+    queries = [Message(RecordDict({"config": ConfigRecord(dict(ask or {}))}), dst_node_id=n,
                        message_type=MessageType.QUERY) for n in node_ids]
     out = {}
     for reply in grid.send_and_receive(queries, timeout=timeout) if queries else []:

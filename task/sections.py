@@ -240,10 +240,21 @@ class FleetSection(Section):
                                "p_on / p_off), `diurnal`, or a JSON trace file {partition id: "
                                "[1, 0, ...]}")
     file: str = option("", "JSON fleet file overriding profile fields {profile: {speed, "
-                       "snr_db, p_on, p_off}} (empty: the built-in profiles)",
+                       "snr_db, p_on, p_off, memory_mib}} (empty: the built-in profiles)",
                        allow_empty=True)
     step_seconds: float = option(10.0, "a device's predicted training seconds (this machine) "
                                  "before any is measured", lo=0.0)
+    rank_from: str = option("profile", "how a device's LoRA rank is chosen (S1): `profile` "
+                            "(`devices.rank.<profile>`) or `capability` (the device measures "
+                            "its free memory and seconds per step at start; the server gives "
+                            "it the largest rank in {1, 2, 4, ..., r_max} that fits its memory "
+                            "and `fleet.deadline-s`; simulated devices take memory and speed "
+                            "from the fleet model); an explicit --node-config lora-rank wins",
+                            choices=("profile", "capability"))
+    deadline_s: float = option(0.0, "`fleet.rank-from='capability'`: seconds a device's "
+                               "train.local-steps may take (its measured step time, / speed "
+                               "in simulation); a device that cannot make it is left out "
+                               "(0: no deadline)", lo=0.0)
 
 
 @dataclass(frozen=True)

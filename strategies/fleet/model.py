@@ -21,6 +21,13 @@ Speeds: single-stream fp32 PyTorch CPU throughput relative to a 2-core x86 serve
 laptop ~ 8,000; the Jetson Orin Nano runs on its Ampere GPU, ~ 1.3 TFLOPS fp16, NVIDIA's
 data sheet), the same factors as `server_app/serve/fleet.py`. SNRs: Wi-Fi links of 10-25 dB
 mean, typical indoor ranges.
+
+Memory (`memory_mib`, what `fleet.rank-from='capability'` gives a simulated device, S1): the
+board's RAM less what the OS and its services keep, the same figures as
+`server_app/serve/fleet.py`: Raspberry Pi 4 (4 GB) ~ 3,000 MiB and Pi 5 (8 GB) ~ 6,500 MiB
+under Raspberry Pi OS; Jetson Orin Nano (8 GB shared by CPU and GPU) ~ 6,000 MiB under
+JetPack's Ubuntu desktop; a 16 GB laptop ~ 12,000 MiB with a desktop session open. 0 (a
+profile a fleet file adds without it): not modelled, the device's own measurement counts.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ class FleetProfile:
     snr_db: float  # mean uplink SNR
     p_on: float = 1.0  # markov: P(off -> on) per round
     p_off: float = 0.0  # markov: P(on -> off) per round
+    memory_mib: float = 0.0  # free memory for training (0: not modelled, the device's own)
 
     def check(self, name: str) -> None:
         if not self.speed > 0:
@@ -49,13 +57,16 @@ class FleetProfile:
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"fleet profile '{name}': {key} must be in [0, 1], got "
                                   f"{value}")
+        if not self.memory_mib >= 0:
+            raise ConfigError(f"fleet profile '{name}': memory_mib must be >= 0 (0: the "
+                              f"device's own measurement), got {self.memory_mib}")
 
 
 PROFILES = {
-    "rpi4": FleetProfile(speed=0.35, snr_db=10.0),
-    "rpi5": FleetProfile(speed=0.8, snr_db=15.0),
-    "jetson-orin-nano": FleetProfile(speed=6.0, snr_db=20.0),
-    "laptop": FleetProfile(speed=4.0, snr_db=25.0),
+    "rpi4": FleetProfile(speed=0.35, snr_db=10.0, memory_mib=3_000.0),
+    "rpi5": FleetProfile(speed=0.8, snr_db=15.0, memory_mib=6_500.0),
+    "jetson-orin-nano": FleetProfile(speed=6.0, snr_db=20.0, memory_mib=6_000.0),
+    "laptop": FleetProfile(speed=4.0, snr_db=25.0, memory_mib=12_000.0),
 }
 
 

@@ -18,12 +18,14 @@ Contract for subclasses (FedKD, unlearning): override only these hooks.
 - `_decode_uplink(node, payload)` -> the state a reply's arrays stand for;
 - `_aggregate(states, counts, nodes)` -> the new global state;
 - `_client_info(...)` -> the device's row in metrics.jsonl (call super and add keys);
-- `_make_profile(node, record)` -> NodeProfile (what rank a device gets).
+- `_make_profile(node, record)` -> NodeProfile (what rank a device gets: its profile's, or
+  with `fleet.rank-from='capability'` the largest that fits what it measured, S1).
 `configure_train` / `aggregate_train` may be wrapped (call super) to add phases.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -32,16 +34,31 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from strategies.fleet.model import FleetProfile
 from strategies.fleet.scheduler import FleetClock, LatestUpdates, make_fleet
 from strategies.lora.math import (AGGREGATORS, DELTA_AGGREGATORS, aggregation_error,
                                   check_reply)
+from task.capability import Measured, choose_rank, memory_needed_mib
 from task.config import RunConfig
+from task.families import family
 from task.fleet import origin, query_profiles, unicast
 from task.lora import State, truncate_lora
 from task.records import from_record, record_nbytes, to_record
 from task.logs import get_logger
+from task.options import ConfigError
 
 log = get_logger()
+
+
+def device_budget(measured: Measured, profile: FleetProfile) -> tuple[float, float, str]:
+    """(free MiB, seconds per step on the device, where they come from) for the rank rule:
+    a real device's own measurement; a simulated one's fleet model (`memory_mib`, and the
+    step time measured here / `speed`, as the simulated clock scales train-s). A profile
+    without memory_mib keeps the measured memory."""
+    if not measured.simulated:
+        return measured.free_memory_mib, measured.step_s, "measured"
+    memory = profile.memory_mib or measured.free_memory_mib
+    return memory, measured.step_s / profile.speed, "fleet model"
 
 
 @dataclass(frozen=True)
@@ -70,6 +87,12 @@ class HeterogeneousLoRA(FedAvg):
         self.query_timeout = query_timeout
         self.profiles: dict[int, NodeProfile] = {}
         self.exhausted: dict[int, float] = {}  # node -> epsilon spent when it stopped (DP)
+        self.capability: dict[int, dict] = {}  # node -> what it measured, what the rule used
+        if cfg.fleet.rank_from == "capability" and not label_names and family(cfg).labelled:
+            raise ConfigError(f"fleet.rank-from='capability' measures one model with the run's "
+                              f"labels, which strategy='{cfg.strategy}' does not have (its "
+                              "devices train several tasks' heads): use "
+                              "fleet.rank-from='profile'")
         self._sent: dict[int, tuple[State, int]] = {}  # node -> (state sent, bytes down)
         self._outbox: list[Message] = []  # this round's TRAIN messages (ids set when pushed)
         # the simulated fleet (S2, S5): who is online and trains, the simulated clock
@@ -80,17 +103,52 @@ class HeterogeneousLoRA(FedAvg):
     def _learn_profiles(self, grid: Grid, node_ids: Iterable[int]) -> None:
         """Ask devices we have not met yet for their profile (one QUERY each)."""
         unknown = [n for n in node_ids if n not in self.profiles]
-        met = query_profiles(grid, unknown, self.query_timeout, self._make_profile)
+        met = query_profiles(grid, unknown, self.query_timeout, self._make_profile,
+                             self._profile_query())
         for node, profile in met.items():
             self.profiles[node] = profile
             log.info("node %d is a '%s' device (partition %d): LoRA rank %d",
                      node, profile.device, profile.partition_id, profile.rank)
 
+    def _profile_query(self) -> dict:
+        """The profile QUERY's config: with `fleet.rank-from='capability'`, ask devices to
+        measure, with the run config and labels their measurement trains with."""
+        if self.cfg.fleet.rank_from != "capability":
+            return {}
+        return {"measure": True, "run-config": json.dumps(self.cfg.to_dict()),
+                "label-names": list(self.label_names)}
+
     def _make_profile(self, node: int, p: ConfigRecord) -> NodeProfile:
         """A node's profile from its QUERY reply (ConfigError: leave the node out)."""
         device = self.cfg.device_for(int(p["partition-id"]), str(p["device"]))
-        rank = self.cfg.rank_for(device, int(p["lora-rank"]))
+        explicit = int(p["lora-rank"])
+        if self.cfg.fleet.rank_from == "capability" and explicit <= 0:
+            rank = self._rank_from_capability(node, device, p)
+        else:
+            rank = self.cfg.rank_for(device, explicit)
         return NodeProfile(node, device, int(p["partition-id"]), rank)
+
+    def _rank_from_capability(self, node: int, device: str, p: ConfigRecord) -> int:
+        """S1's capability rank: the largest that fits the node's memory and the deadline
+        (`task.capability.choose_rank`), from its measurement, or in simulation from its
+        fleet profile (`device_budget`). Recorded in `self.capability` (metrics.jsonl)."""
+        measured = Measured.from_reply(p)
+        free_mib, step_s, source = device_budget(measured, self.fleet.profile_of(device))
+        t = self.cfg.train
+        try:
+            rank = choose_rank(measured.footprint, free_mib, step_s, measured.step_rank,
+                               local_steps=t.local_steps, deadline_s=self.cfg.fleet.deadline_s,
+                               batch=t.batch_size, max_length=t.max_length,
+                               r_max=self.cfg.r_max)
+        except ConfigError as err:
+            raise ConfigError(f"'{device}' device, {source}: {err}") from err
+        need = memory_needed_mib(measured.footprint, rank, t.batch_size, t.max_length)
+        self.capability[node] = {**measured.as_dict(), "source": source,
+                                 "memory_mib": free_mib, "device_step_s": step_s,
+                                 "rank": rank, "needs_mib": need}
+        log.info("node %d ('%s', %s): %.0f MiB free, %.4f s per step -> LoRA rank %d "
+                 "(needs %.0f MiB)", node, device, source, free_mib, step_s, rank, need)
+        return rank
 
     # ----------------------------------------------------------------- downlink
     def _train_node_ids(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -275,6 +333,8 @@ class HeterogeneousLoRA(FedAvg):
             "bytes_up": record_nbytes(msg.content[key]),
             "bytes_down": self._sent[node][1],
         }
+        if node in self.capability:
+            row["capability"] = self.capability[node]
         if "epsilon" in metrics:
             row.update(epsilon=float(metrics["epsilon"]),
                        private_steps=int(metrics["private-steps"]),
