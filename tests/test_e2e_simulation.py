@@ -103,6 +103,15 @@ def test_two_round_hetlora_simulation(flower_env, tiny_bert, agnews, tmp_path):
             assert c["num_examples"] > 0 and c["train_loss"] > 0
             # it received and returned exactly the adapter truncated to its rank
             assert c["bytes_up"] == c["bytes_down"] == wire_bytes_at_rank(adapter, c["rank"])
+    # the fleet's simulated clock (S2): every round, the slowest of its 2 devices' down +
+    # compute + up on its faded link, added to the clock
+    fleet = [r["fleet"] for r in rows[1:]]
+    assert [f["selected"] for f in fleet] == [2, 2] and [f["policy"] for f in fleet] == \
+        ["all", "all"]
+    assert 0 < fleet[0]["sim_clock_s"] < fleet[1]["sim_clock_s"]
+    for f in fleet:
+        assert f["round_sim_s"] == pytest.approx(max(d["down_s"] + d["comp_s"] + d["up_s"]
+                                                     for d in f["devices"]))
     assert wire_bytes_at_rank(adapter, 2) < wire_bytes_at_rank(adapter, 4) \
         < wire_bytes_at_rank(adapter, 8) < wire_bytes_at_rank(adapter, 16)
     assert (run / "plots" / "accuracy.png").stat().st_size > 1000
