@@ -15,6 +15,8 @@ scaled by each profile's speed, plus T_down and T_up over Rayleigh-faded links).
 - `--study cost`: seconds `schedule` takes per round at 10..1,000 devices.
 
     python benchmarks/fleet.py --study selection --rounds 12 --devices 8
+    python benchmarks/fleet.py --study selection --model smollm2-135m-instruct --set task=lm-cls \
+        --set "data.template=..." --set data.label-words=Business,Sci/Tech,Sports,World
     python benchmarks/fleet.py --render --out benchmarks/results/fleet-selection
 """
 
@@ -33,7 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from benchmarks.common import machine_line, provenance, read_json, write_json  # noqa: E402
+from benchmarks.common import (machine_line, parse_value, provenance, read_json,  # noqa: E402
+                               write_json)
 from task.config import RunConfig  # noqa: E402
 
 SELECTIONS = ("all", "random", "oort", "s2")
@@ -54,7 +57,8 @@ def base_config(args, results: Path) -> dict:
             "num-server-rounds": args.rounds, "train.local-steps": args.local_steps,
             "train.batch-size": args.batch, "eval.max-examples": args.eval_max,
             "seed": args.seed, "results-dir": str(results), "min-devices": 1,
-            "fleet.bandwidth-mhz": args.bandwidth_mhz}
+            "fleet.bandwidth-mhz": args.bandwidth_mhz,
+            **{k: parse_value(v) for k, v in (kv.split("=", 1) for kv in args.set)}}
 
 
 def curve(rows: list[dict]) -> list[dict]:
@@ -194,6 +198,8 @@ def main() -> None:
     ap.add_argument("--rare-labels", default="2,3")
     ap.add_argument("--offline-period", type=int, default=4)
     ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--set", action="append", default=[],
+                    help="any run-config key=value (e.g. task=lm-cls for an LLM)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "fleet")
     ap.add_argument("--render", action="store_true")
     args = ap.parse_args()

@@ -6,6 +6,7 @@ The same run checks `fraction-train`: 4 devices at fraction 0.5 are exactly 2 a 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -167,8 +168,12 @@ def test_a_configuration_error_ends_the_run_as_failed(flower_env, tiny_bert, agn
     listed = subprocess.run(["flwr", "ls", "--format", "json"], env=flower_env, cwd=app,
                             capture_output=True, text=True, timeout=60)
     runs = json.loads(listed.stdout)["runs"]
-    newest = max(runs, key=lambda r: int(r["run-id"]))
-    assert newest["status"] == "finished:failed", newest
+    # this run by its id (Flower's run ids are random, not increasing: the SuperLink holds
+    # the other tests' runs too)
+    started = re.search(r"Successfully started run (\d+)", out)
+    assert started, out[-3000:]
+    mine = [r for r in runs if r["run-id"] == started.group(1)]
+    assert len(mine) == 1 and mine[0]["status"] == "finished:failed", mine
 
 
 def test_collaborative_inference_simulation(flower_env, tiny_llama, learnable_llama, agnews,
