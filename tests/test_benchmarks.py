@@ -285,6 +285,7 @@ def test_committed_results_render_from_their_json(tmp_path):
                           ("serve_lyapunov.py", ["serve-lyapunov/serve_lyapunov.json"]),
                           ("serve_split.py", ["serve-split/serve_split.json"]),
                           ("fleet.py", ["fleet/fleet.json"]),
+                          ("fleet.py", ["fleet-smollm2/fleet.json"]),
                           ("mixed_domain.py", ["mixed-domain/mixed_domain.json"]),
                           ("aggregation_scale.py", ["aggregation_scale.json"]),
                           ("default_run.py", ["sim-scale-10/default_run.json"]),
