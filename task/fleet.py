@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Mapping
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
@@ -61,6 +62,27 @@ def query_profiles(grid: Grid, node_ids: Iterable[int], timeout: float,
         except ConfigError as err:
             log.error("node %d is left out: %s", node, err)
     return out
+
+
+def connected_by_partition(grid: Grid, timeout: float, min_devices: int, required: int,
+                           timeout_key: str) -> list[int]:
+    """The connected devices ordered by partition id: waits up to `timeout` seconds for
+    `min_devices` of them and refuses (ConfigError) fewer than `required`, or none that
+    describes itself; `timeout_key` names the timeout in the errors."""
+    deadline = time.monotonic() + timeout
+    nodes = list(grid.get_node_ids())
+    while len(nodes) < min_devices and time.monotonic() < deadline:
+        time.sleep(1.0)
+        nodes = list(grid.get_node_ids())
+    if len(nodes) < max(required, 1):
+        raise ConfigError(f"only {len(nodes)} device(s) connected within {timeout_key}="
+                          f"{timeout:g} s; {required} needed (min-devices={min_devices}): "
+                          "start more SuperNodes or lower min-devices")
+    parts = query_profiles(grid, nodes, timeout, lambda node, p: int(p["partition-id"]))
+    if not parts:
+        raise ConfigError(f"none of the {len(nodes)} connected device(s) described itself "
+                          f"within {timeout_key}={timeout:g} s: check the SuperNodes' logs")
+    return sorted(parts, key=lambda n: (parts[n], n))
 
 
 def unicast(node_ids: Iterable[int], message_type: str,

@@ -31,7 +31,7 @@ from server_app.infer.combine import accuracy, confidence, mean_probs
 from server_app.infer.report import Answers, Knobs, choose_cascade, generated_votes, summarise
 from task.config import ConfigError, RunConfig
 from task.evaluation import ServerTask
-from task.fleet import origin, query_profiles, unicast
+from task.fleet import connected_by_partition, origin, unicast
 from task.logs import get_logger
 from task.records import from_record
 from task.results import atomic_write_text
@@ -70,19 +70,9 @@ def run(grid: Grid, context: Context, cfg: RunConfig) -> Path:
 
 def _members(grid: Grid, cfg: RunConfig) -> list[int]:
     """The connected devices (at least `min-devices`, waited for up to infer.timeout),
-    ordered by partition id where they report one."""
-    deadline = time.monotonic() + cfg.infer.timeout
-    nodes = list(grid.get_node_ids())
-    while len(nodes) < cfg.min_devices and time.monotonic() < deadline:
-        time.sleep(1.0)
-        nodes = list(grid.get_node_ids())
-    if len(nodes) < cfg.min_devices:
-        raise ConfigError(f"only {len(nodes)} device(s) connected within infer.timeout="
-                          f"{cfg.infer.timeout:g} s; min-devices={cfg.min_devices}: start more "
-                          "SuperNodes or lower min-devices")
-    parts = query_profiles(grid, nodes, cfg.infer.timeout,
-                           lambda node, p: int(p["partition-id"]))
-    return sorted(parts, key=lambda n: (parts[n], n))
+    ordered by partition id."""
+    return connected_by_partition(grid, cfg.infer.timeout, cfg.min_devices, cfg.min_devices,
+                                  "infer.timeout")
 
 
 def live_cascade(grid: Grid, nodes: list[int], task: ServerTask, truth: np.ndarray,

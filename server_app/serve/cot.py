@@ -33,7 +33,7 @@ from server_app.serve.mode import MESSAGE_TYPE
 from server_app.serve.placement import METHODS, ChainSteps, chain_problem, solve
 from task.config import ConfigError, RunConfig
 from task.evaluation import ServerTask
-from task.fleet import query_profiles
+from task.fleet import connected_by_partition
 from task.generation import final_number
 from task.logs import get_logger
 from task.results import atomic_write_text
@@ -134,17 +134,9 @@ def run(grid: Grid, context: Context, cfg: RunConfig) -> Path:
 
 def _fleet_nodes(grid: Grid, cfg: RunConfig) -> tuple[list[int], list[ServeDevice]]:
     """The connected devices by partition id, paired with serve.fleet's devices in order."""
-    deadline = time.monotonic() + cfg.serve.timeout
-    nodes = list(grid.get_node_ids())
-    while len(nodes) < cfg.min_devices and time.monotonic() < deadline:
-        time.sleep(1.0)
-        nodes = list(grid.get_node_ids())
-    if not nodes:
-        raise ConfigError("no device connected within serve.timeout: start SuperNodes")
-    parts = query_profiles(grid, nodes, cfg.serve.timeout,
-                           lambda node, p: int(p["partition-id"]))
-    nodes = sorted(parts, key=lambda n: (parts[n], n))
-    devices = fleet(cfg.serve.fleet[0] if len(cfg.serve.fleet) == 1 else cfg.serve.fleet)
+    nodes = connected_by_partition(grid, cfg.serve.timeout, cfg.min_devices, 1,
+                                   "serve.timeout")
+    devices = fleet(cfg.serve.fleet)
     n = min(len(nodes), len(devices))
     if n < len(nodes) or n < len(devices):
         log.warning("serve cot: %d connected devices, %d in serve.fleet: using the first %d "

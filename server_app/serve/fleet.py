@@ -20,6 +20,7 @@ import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from task.hardware import HARDWARE
 from task.options import ConfigError
 
 
@@ -50,23 +51,15 @@ class ServeDevice:
             raise ConfigError(f"device '{self.name}': latency_s must be >= 0")
 
 
-# speed: single-stream fp32 PyTorch CPU throughput relative to a 2-core x86 vCPU. Geekbench 6
-# multi-core (browser.geekbench.com, typical): Raspberry Pi 4 ~ 650, Pi 5 ~ 1,500, a 2-core
-# server vCPU ~ 1,800, an 8-core laptop ~ 8,000; Jetson Orin Nano (8 GB) runs the model on
-# its 1,024-core Ampere GPU (about 1.3 TFLOPS fp16 dense, NVIDIA's data sheet), ~ 6x the vCPU
-# for a 135M model. Memory: what is left for the model after the OS (4 / 8 / 8 / 16 GB
-# boards). Links: Pi 4 / Pi 5 on Wi-Fi 5 (~100 / 200 Mbit/s measured iperf3 range), Jetson
-# and laptop on gigabit Ethernet; latencies one way on a LAN.
+# speed and memory: `task.hardware` (sources there). Links: Pi 4 / Pi 5 on Wi-Fi 5 (~100 /
+# 200 Mbit/s measured iperf3 range), Jetson and laptop on gigabit Ethernet; latencies one
+# way on a LAN.
+_LINKS = {"rpi4": (80, 100, 0.004), "rpi5": (150, 200, 0.003),
+          "jetson-orin-nano": (900, 900, 0.001), "laptop": (900, 900, 0.001)}
 PROFILES: dict[str, ServeDevice] = {
-    "rpi4": ServeDevice("rpi4", speed=0.35, memory_mib=3_000, up_mbps=80, down_mbps=100,
-                        latency_s=0.004),
-    "rpi5": ServeDevice("rpi5", speed=0.8, memory_mib=6_500, up_mbps=150, down_mbps=200,
-                        latency_s=0.003),
-    "jetson-orin-nano": ServeDevice("jetson-orin-nano", speed=6.0, memory_mib=6_000,
-                                    up_mbps=900, down_mbps=900, latency_s=0.001),
-    "laptop": ServeDevice("laptop", speed=4.0, memory_mib=12_000, up_mbps=900,
-                          down_mbps=900, latency_s=0.001),
-}
+    name: ServeDevice(name, speed=HARDWARE[name].speed, memory_mib=HARDWARE[name].memory_mib,
+                      up_mbps=up, down_mbps=down, latency_s=latency)
+    for name, (up, down, latency) in _LINKS.items()}
 
 
 def fleet(spec: tuple[str, ...] | list[str] | str) -> list[ServeDevice]:

@@ -50,7 +50,7 @@ from task.data import (
 )
 from task.evaluation import ServerTask
 from task.families import family
-from task.fleet import origin, query_profiles
+from task.fleet import connected_by_partition, origin
 from task.logs import get_logger
 from task.model import load_tokenizer, resolve_model_source
 from task.moe import (
@@ -274,22 +274,8 @@ def check(cfg: RunConfig) -> None:
 def members(grid: Grid, cfg: RunConfig) -> list[int]:
     """The connected devices (at least min-devices, waited for up to serve.timeout), by
     partition id: device d of the scheduler is the d-th."""
-    deadline = time.monotonic() + cfg.serve.timeout
-    nodes = list(grid.get_node_ids())
-    while len(nodes) < cfg.min_devices and time.monotonic() < deadline:
-        time.sleep(1.0)
-        nodes = list(grid.get_node_ids())
-    if len(nodes) < cfg.min_devices:
-        raise ConfigError(f"only {len(nodes)} device(s) connected within serve.timeout="
-                          f"{cfg.serve.timeout:g} s; min-devices={cfg.min_devices}: start "
-                          "more SuperNodes or lower min-devices")
-    parts = query_profiles(grid, nodes, cfg.serve.timeout,
-                           lambda node, p: int(p["partition-id"]))
-    if not parts:
-        raise ConfigError(f"none of the {len(nodes)} connected device(s) described itself "
-                          f"within serve.timeout={cfg.serve.timeout:g} s: check the "
-                          "SuperNodes' logs")
-    return sorted(parts, key=lambda n: (parts[n], n))
+    return connected_by_partition(grid, cfg.serve.timeout, cfg.min_devices, cfg.min_devices,
+                                  "serve.timeout")
 
 
 def run(grid: Grid, context: Context, cfg: RunConfig) -> Path:

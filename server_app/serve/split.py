@@ -29,8 +29,8 @@ from flwr.serverapp import Grid
 
 from server_app.serve.fleet import ServeDevice, fleet
 from server_app.serve.split_plan import Plan, UnitCosts, choose, plan_seconds
-from task.config import ConfigError, RunConfig
-from task.fleet import query_profiles
+from task.config import RunConfig
+from task.fleet import connected_by_partition
 from task.layers import (activation_bytes, monolithic_logits, unit_names, unit_param_bytes,
                          unit_seconds)
 from task.logs import get_logger
@@ -73,17 +73,8 @@ def run(grid: Grid, context: Context, cfg: RunConfig) -> Path:
 
 def _nodes(grid: Grid, cfg: RunConfig) -> list[int]:
     """The connected devices, ordered by partition id (waited for up to serve.timeout)."""
-    deadline = time.monotonic() + cfg.serve.timeout
-    nodes = list(grid.get_node_ids())
-    while len(nodes) < cfg.min_devices and time.monotonic() < deadline:
-        time.sleep(1.0)
-        nodes = list(grid.get_node_ids())
-    if not nodes:
-        raise ConfigError(f"no device connected within serve.timeout={cfg.serve.timeout:g} s: "
-                          "start SuperNodes")
-    parts = query_profiles(grid, nodes, cfg.serve.timeout,
-                           lambda node, p: int(p["partition-id"]))
-    return sorted(parts, key=lambda n: (parts[n], n))
+    return connected_by_partition(grid, cfg.serve.timeout, cfg.min_devices, 1,
+                                  "serve.timeout")
 
 
 def make_batches(cfg: RunConfig, vocab_size: int):

@@ -16,18 +16,11 @@ round according to its availability process:
 `FleetFile` rows may override any profile field per profile name (JSON: {"rpi4": {"speed":
 0.3, ...}}); a missing or negative field fails before training, naming it.
 
-Speeds: single-stream fp32 PyTorch CPU throughput relative to a 2-core x86 server vCPU
-(Geekbench 6 multi-core, typical: Pi 4 ~ 650, Pi 5 ~ 1,500, the vCPU ~ 1,800, an 8-core
-laptop ~ 8,000; the Jetson Orin Nano runs on its Ampere GPU, ~ 1.3 TFLOPS fp16, NVIDIA's
-data sheet), the same factors as `server_app/serve/fleet.py`. SNRs: Wi-Fi links of 10-25 dB
-mean, typical indoor ranges.
-
-Memory (`memory_mib`, what `fleet.rank-from='capability'` gives a simulated device, S1): the
-board's RAM less what the OS and its services keep, the same figures as
-`server_app/serve/fleet.py`: Raspberry Pi 4 (4 GB) ~ 3,000 MiB and Pi 5 (8 GB) ~ 6,500 MiB
-under Raspberry Pi OS; Jetson Orin Nano (8 GB shared by CPU and GPU) ~ 6,000 MiB under
-JetPack's Ubuntu desktop; a 16 GB laptop ~ 12,000 MiB with a desktop session open. 0 (a
-profile a fleet file adds without it): not modelled, the device's own measurement counts.
+Speeds and memory come from `task.hardware`, the table the serving fleet uses too (sources
+there). Speed: compute relative to a 2-core x86 vCPU. SNRs: Wi-Fi links of 10-25 dB mean,
+typical indoor ranges. Memory (`memory_mib`, what `fleet.rank-from='capability'` gives a
+simulated device, S1): the board's RAM less what the OS keeps; 0 (a profile a fleet file
+adds without it): not modelled, the device's own measurement counts.
 """
 
 from __future__ import annotations
@@ -38,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from task.hardware import HARDWARE
 from task.options import ConfigError
 
 
@@ -62,12 +56,10 @@ class FleetProfile:
                               f"device's own measurement), got {self.memory_mib}")
 
 
-PROFILES = {
-    "rpi4": FleetProfile(speed=0.35, snr_db=10.0, memory_mib=3_000.0),
-    "rpi5": FleetProfile(speed=0.8, snr_db=15.0, memory_mib=6_500.0),
-    "jetson-orin-nano": FleetProfile(speed=6.0, snr_db=20.0, memory_mib=6_000.0),
-    "laptop": FleetProfile(speed=4.0, snr_db=25.0, memory_mib=12_000.0),
-}
+_SNR_DB = {"rpi4": 10.0, "rpi5": 15.0, "jetson-orin-nano": 20.0, "laptop": 25.0}
+PROFILES = {name: FleetProfile(speed=HARDWARE[name].speed, snr_db=snr,
+                               memory_mib=HARDWARE[name].memory_mib)
+            for name, snr in _SNR_DB.items()}
 
 
 def load_profiles(path: str) -> dict[str, FleetProfile]:

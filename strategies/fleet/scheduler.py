@@ -26,7 +26,6 @@ from task.config import RunConfig
 from task.lora import State, pad_lora
 from task.options import ConfigError
 
-POLICIES = ("all", "random", "oort", "s2", "fedlaavg")
 UNKNOWN = FleetProfile(speed=1.0, snr_db=20.0)
 
 

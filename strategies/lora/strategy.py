@@ -42,7 +42,7 @@ from task.capability import Measured, choose_rank, memory_needed_mib
 from task.config import RunConfig
 from task.families import family
 from task.fleet import origin, query_profiles, unicast
-from task.lora import State, truncate_lora
+from task.lora import State, is_base_delta_key, truncate_lora
 from task.records import from_record, record_nbytes, to_record
 from task.logs import get_logger
 from task.options import ConfigError
@@ -98,6 +98,7 @@ class HeterogeneousLoRA(FedAvg):
         # the simulated fleet (S2, S5): who is online and trains, the simulated clock
         self.fleet: FleetClock = make_fleet(cfg)
         self.latest = LatestUpdates(cfg.r_max) if cfg.fleet.selection == "fedlaavg" else None
+        self._bytes_at_rank: dict[int, int] = {}  # rank -> uplink bytes (for the clock)
 
     # ----------------------------------------------------------------- who is who
     def _learn_profiles(self, grid: Grid, node_ids: Iterable[int]) -> None:
@@ -171,12 +172,11 @@ class HeterogeneousLoRA(FedAvg):
 
     def _payload_bytes(self, arrays: ArrayRecord, rank: int) -> int:
         """Bytes of the adapter truncated to `rank` (what a device of that rank sends)."""
-        cache = self.__dict__.setdefault("_bytes_at_rank", {})
-        if rank not in cache:
-            cache[rank] = record_nbytes(to_record(truncate_lora(
-                {k: v for k, v in from_record(arrays).items()
-                 if not k.endswith(".base_delta")}, rank)))
-        return cache[rank]
+        if rank not in self._bytes_at_rank:
+            self._bytes_at_rank[rank] = record_nbytes(to_record(truncate_lora(
+                {k: v for k, v in from_record(arrays).items() if not is_base_delta_key(k)},
+                rank)))
+        return self._bytes_at_rank[rank]
 
     def _device_config(self, config: ConfigRecord, server_round: int, node: int,
                        **extra) -> ConfigRecord:
