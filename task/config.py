@@ -28,8 +28,8 @@ from task.families import FAMILIES
 from task.options import (ConfigError, Reader, declared, key_of, option, parse_section,
                           read_option)
 from task.sections import (CORE_SECTIONS, DataSection, DevicesSection, DPSection, EvalSection,
-                           FleetSection, InferSection, LoraSection, ServeSection,
-                           TrainSection)
+                           FaultsSection, FleetSection, InferSection, LoraSection,
+                           AttackSection, RobustSection, ServeSection, TrainSection)
 
 __all__ = ["ConfigError", "RunConfig", "Traits", "register_algorithm", "strategy_names"]
 
@@ -150,6 +150,10 @@ class RunConfig:
                        "queries, the server combines them; the `infer.` keys) or `serve` "
                        "(a model's modules as micro-services on the devices; the `serve.` "
                        "keys)")
+    resume: str = option("", "continue an interrupted training run from its last finished "
+                         "round: its folder `results/<run-id>` (a new run id is issued; the "
+                         "folder keeps growing where it stopped). Same config required, "
+                         "`num-server-rounds` may grow", allow_empty=True)
     lora: LoraSection = LoraSection()
     devices: DevicesSection = DevicesSection()
     data: DataSection = DataSection()
@@ -159,6 +163,9 @@ class RunConfig:
     infer: InferSection = InferSection()
     serve: ServeSection = ServeSection()
     fleet: FleetSection = FleetSection()
+    robust: RobustSection = RobustSection()
+    attack: AttackSection = AttackSection()
+    faults: FaultsSection = FaultsSection()
     # (name, section) of the plug-ins' sections, their defaults unless parsed
     plugins: tuple[tuple[str, Any], ...] = dataclasses.field(
         default_factory=lambda: tuple((n, c()) for n, c in sections().items()

@@ -334,9 +334,100 @@ class ServeSection(Section):
                                  "measured through a local SuperLink in simulation", lo=0.0)
 
 
+ROBUST_AGGREGATORS = ("none", "mean", "median", "trimmed-mean", "krum", "multi-krum",
+                      "norm-clip", "fltrust")
+CONTRIBUTION_MODES = ("off", "report", "drop-harmful", "softmax")
+
+
+@dataclass(frozen=True)
+class RobustSection(Section):
+    """Byzantine-robust aggregation on the LoRA products B A and contribution estimates (S6,
+    `strategies.robust`)."""
+
+    aggregator: str = option("none", "`none`: the strategy's own aggregation; else a robust "
+                             "statistic of the devices' updates B'A' - BA (per layer, all "
+                             "ranks alike), refactorised to r_max: `mean` (the non-robust "
+                             "baseline on products), `median`, `trimmed-mean`, `krum`, "
+                             "`multi-krum`, `norm-clip`, `fltrust` (cosine trust against an "
+                             "update the server trains on its root set)",
+                             choices=ROBUST_AGGREGATORS)
+    f: int = option(1, "`krum` / `multi-krum`: Byzantine devices assumed (needs K >= 2f + 3 "
+                    "replies); multi-Krum keeps K - f", lo=0)
+    beta: float = option(0.2, "`trimmed-mean`: fraction dropped at each end per coordinate",
+                         lo=0.0, hi=0.49)
+    tau: float = option(0.0, "`norm-clip`: update norm bound (0: the median of the round's "
+                        "update norms)", lo=0.0)
+    root_examples: int = option(32, "`fltrust`: examples of the server's root set, drawn "
+                                "(seeded) from the training split", lo=1)
+    contribution: str = option("off", "S6 leave-one-out contribution of each device, by "
+                               "first-order influence with a diagonal Fisher on the server's "
+                               "validation set: `report` (in metrics.jsonl), `drop-harmful` "
+                               "(also aggregate without devices whose contribution <= 0), "
+                               "`softmax` (weights x exp(c / contribution-temperature))",
+                               choices=CONTRIBUTION_MODES)
+    contribution_examples: int = option(32, "validation examples of the contribution "
+                                        "estimate, drawn (seeded) from the training split "
+                                        "apart from the root set", lo=1)
+    contribution_temperature: float = option(0.01, "`softmax`: temperature T of "
+                                             "w_k exp(c_k / T)", lo=1e-12)
+    trust_alpha: float = option(1.0, "with a contribution weighting: w = alpha q + (1 - "
+                                "alpha) t, q the contribution weights, t the robust "
+                                "aggregator's trust weights", lo=0.0, hi=1.0)
+    exact_loo: bool = option(False, "also compute the true leave-one-out contribution (K + "
+                             "1 validation passes: a check of the estimate, for benchmarks)")
+
+
+@dataclass(frozen=True)
+class AttackSection(Section):
+    """Byzantine devices for tests and benchmarks (simulation): a seeded fraction of the
+    partitions poisons its replies (`strategies.robust.attacks`)."""
+
+    kind: str = option("none", "`none`, `sign-flip` (the update negated), `scale` (x "
+                       "attack.factor), `gaussian` (noise of std attack.sigma instead of the "
+                       "update), `backdoor` (trains on data where attack.poison of the "
+                       "examples carry attack.trigger and the label attack.target), `collude` "
+                       "(the attackers pool their data and all send -attack.factor x that "
+                       "update)", choices=("none", "sign-flip", "scale", "gaussian",
+                                           "backdoor", "collude"))
+    fraction: float = option(0.2, "fraction of the partitions that attack (drawn with the "
+                             "run's seed)", lo=0.0, hi=0.49)
+    factor: float = option(10.0, "`scale` / `collude`: the update's multiplier", lo=0.0)
+    sigma: float = option(0.01, "`gaussian`: std of the noise per product entry", lo=1e-12)
+    trigger: str = option("cf", "`backdoor`: the trigger word put in front of a poisoned "
+                          "text")
+    target: str = option("", "`backdoor`: the label poisoned examples get (empty: the first "
+                         "label)", allow_empty=True)
+    poison: float = option(0.5, "`backdoor`: fraction of an attacker's examples poisoned",
+                           lo=0.0, hi=1.0)
+
+
+@dataclass(frozen=True)
+class FaultsSection(Section):
+    """Device failures injected in simulation (R2): each (device, round) fails with these
+    probabilities, drawn from the run's seed, the round and the partition."""
+
+    crash: float = option(0.0, "probability a device crashes in a round (its ClientApp "
+                          "raises: the server gets an error reply)", lo=0.0, hi=1.0)
+    error: float = option(0.0, "probability a device replies with an error message instead "
+                          "of an update", lo=0.0, hi=1.0)
+    timeout: float = option(0.0, "probability a device replies too late: it sleeps "
+                            "faults.delay-s before replying (set round-timeout below it)",
+                            lo=0.0, hi=1.0)
+    delay_s: float = option(0.0, "how late a timed-out device replies (0: round-timeout + 5 "
+                            "s)", lo=0.0)
+
+    def validate(self) -> None:
+        total = self.crash + self.error + self.timeout
+        if total > 1.0:
+            raise ConfigError(f"faults.crash + faults.error + faults.timeout = {total:g} > 1: "
+                              "they are exclusive probabilities per device and round")
+
+
 CORE_SECTIONS: dict[str, type] = {"lora": LoraSection, "devices": DevicesSection,
                                   "data": DataSection, "train": TrainSection,
                                   "eval": EvalSection, "dp": DPSection, "infer": InferSection,
-                                  "serve": ServeSection, "fleet": FleetSection}
+                                  "serve": ServeSection, "fleet": FleetSection,
+                                  "robust": RobustSection, "attack": AttackSection,
+                                  "faults": FaultsSection}
 
 
