@@ -1,0 +1,232 @@
+"""S6 on the server, one round at a time: robust aggregation of the replies' product updates,
+each device's leave-one-out contribution, and the weights that follow from both.
+
+`RobustRound.aggregate` is what `HeterogeneousLoRA` calls in place of its own aggregation
+when `robust.aggregator` is not `none` or `robust.contribution` re-weights (`drop-harmful`,
+`softmax`); with `robust.contribution='report'` and no robust aggregator the strategy keeps
+its own aggregation and only the contributions are added to the round's row.
+
+The contribution model is linear in product space (`strategies.robust.contribution`):
+theta_new = theta + sum_k w_k Delta_k with w the aggregator's weights (example counts for
+`none` / `mean`, the robust statistic's per-device shares otherwise), theta_-k the same
+without device k (weights renormalised). The estimate is S6's first-order influence with a
+diagonal empirical Fisher, from one pass of per-example gradients on the server's validation
+set; `robust.exact-loo` also evaluates every theta_-k (K + 1 loss passes) to check it.
+Re-weighting: w' = alpha q + (1 - alpha) t, q = `contribution_weights(c, w, mode)`, t = w
+(the aggregator's trust), and the aggregate becomes sum_k w'_k Delta_k.
+
+The server's own data (FLTrust's root set, the validation set) are disjoint seeded samples
+of the training split: `robust.root-examples` and `robust.contribution-examples` rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from strategies.robust.contribution import (compose_with_trust, contribution_weights,
+                                            empirical_fisher_diag, influence_contributions,
+                                            loo_directions, spearman)
+from strategies.robust.influence import ProductSpace, timed
+from strategies.robust.math import (ROBUST_AGGREGATORS, RobustResult, _finish, stack,
+                                    update_of)
+from strategies.lora.math import example_weights
+from task.config import RunConfig
+from task.data import Examples
+from task.lora import State
+from task.logs import get_logger
+from task.options import ConfigError
+
+log = get_logger()
+
+
+def robust_active(cfg: RunConfig) -> bool:
+    """Does S6 replace the strategy's own aggregation?"""
+    return cfg.robust.aggregator != "none" or cfg.robust.contribution in ("drop-harmful",
+                                                                           "softmax")
+
+
+def s6_active(cfg: RunConfig) -> bool:
+    return cfg.robust.aggregator != "none" or cfg.robust.contribution != "off"
+
+
+@dataclass
+class RobustRound:
+    """The server's S6 state: its root and validation sets, and each device's trust."""
+
+    cfg: RunConfig
+    label_names: tuple[str, ...]
+    trust: dict[int, float] = field(default_factory=dict)  # node -> last weight x K
+    _root: Examples | None = None
+    _valid: Examples | None = None
+    _space: ProductSpace | None = None
+
+    # ----------------------------------------------------------------- the server's data
+    def _server_sets(self) -> tuple[Examples, Examples]:
+        """(root set, validation set): disjoint seeded samples of the training split."""
+        if self._root is None:
+            from task.device import DeviceInfo, local_examples
+
+            every = local_examples(self.cfg, DeviceInfo(), self.label_names)
+            r = self.cfg.robust
+            need = r.root_examples + r.contribution_examples
+            if need > len(every):
+                raise ConfigError(f"robust.root-examples + robust.contribution-examples = "
+                                  f"{need} > the {len(every)} training examples: lower them")
+            order = np.random.default_rng([self.cfg.seed, 1717]).permutation(len(every))
+            self._root = every.subset(sorted(order[:r.root_examples].tolist()))
+            self._valid = every.subset(sorted(order[r.root_examples:need].tolist()))
+        return self._root, self._valid
+
+    def root_update(self, previous: State, server_round: int) -> dict[str, np.ndarray]:
+        """FLTrust's g0: the update the server trains on its root set from the global state
+        (train.local-steps steps at r_max, seeded by the round)."""
+        from task.device import DeviceInfo, train_round
+
+        root, _ = self._server_sets()
+        trained, _, metrics = train_round(self.cfg, DeviceInfo(), self.label_names,
+                                          self.cfg.r_max, previous, server_round,
+                                          tag=f"[round {server_round}] server root set:",
+                                          examples=root, r_max=self.cfg.r_max)
+        log.info("round %d: FLTrust root update from %d examples (loss %.4f)", server_round,
+                 len(root), metrics["train_loss"])
+        return update_of(previous, trained)
+
+    def space(self) -> ProductSpace:
+        if self._space is None:
+            self._space = ProductSpace(self.cfg, self.label_names, self._server_sets()[1])
+        return self._space
+
+    # ----------------------------------------------------------------- one round
+    def aggregate(self, server_round: int, previous: State, sent: Sequence[State],
+                  states: Sequence[State], counts: Sequence[int], nodes: Sequence[int]
+                  ) -> tuple[State | None, dict]:
+        """(new global state or None if the strategy keeps its own, the round's `robust` /
+        `contribution` entries for metrics.jsonl)."""
+        r = self.cfg.robust
+        info: dict = {}
+        result = None
+        if r.aggregator != "none":
+            result = self._robust(server_round, previous, sent, states, counts)
+            info["robust"] = self._describe(server_round, result, nodes)
+        if r.contribution == "off":
+            return (result.state if result else None), info
+        matrix, keys, shapes = stack([update_of(s, t) for s, t in zip(sent, states)])
+        weights = result.weights if result is not None else example_weights(counts)
+        contribution, new_weights = self._contributions(previous, matrix, keys, shapes,
+                                                        weights, nodes)
+        info["contribution"] = contribution
+        if new_weights is None:  # report only
+            return (result.state if result else None), info
+        reasons = [None if w > 0 else f"contribution {c:.4g} <= 0: dropped"
+                   for w, c in zip(new_weights, contribution["estimate"].values())]
+        for node, reason in zip(nodes, reasons):
+            if reason:
+                log.warning("round %d: node %d down-weighted: %s", server_round, node, reason)
+        accepted = (result.accepted if result is not None else np.ones(len(nodes), bool)) \
+            & (new_weights > 0)
+        final = _finish(previous, new_weights @ matrix, keys, shapes, new_weights, accepted,
+                        reasons, self.cfg.r_max)
+        info.setdefault("robust", {})["contribution_weights"] = {
+            str(n): float(w) for n, w in zip(nodes, new_weights)}
+        self._remember(nodes, new_weights)
+        return final.state, info
+
+    def _robust(self, server_round: int, previous: State, sent, states, counts
+                ) -> RobustResult:
+        r = self.cfg.robust
+        params = {"median": {}, "mean": {}, "trimmed-mean": {"beta": r.beta},
+                  "krum": {"f": r.f}, "multi-krum": {"f": r.f},
+                  "norm-clip": {"tau": r.tau or None}}.get(r.aggregator)
+        if r.aggregator == "fltrust":
+            params = {"root_update": self.root_update(previous, server_round)}
+        return ROBUST_AGGREGATORS[r.aggregator](previous, sent, states, counts,
+                                                self.cfg.r_max, **params)
+
+    def _describe(self, server_round: int, result: RobustResult, nodes: Sequence[int]
+                  ) -> dict:
+        """The round's `robust` entry; every refusal and alteration logged with its node."""
+        refusals = []
+        for node, ok, reason in zip(nodes, result.accepted, result.reasons):
+            if reason is None:
+                continue
+            log.warning("round %d: node %d %s by robust.aggregator=%s: %s", server_round,
+                        node, "altered" if ok else "refused", self.cfg.robust.aggregator,
+                        reason)
+            refusals.append({"node_id": int(node), "refused": not bool(ok), "reason": reason})
+        self._remember(nodes, result.weights)
+        return {"aggregator": self.cfg.robust.aggregator,
+                "refused": int((~result.accepted).sum()),
+                "altered": sum(1 for x in refusals if not x["refused"]),
+                "weights": {str(n): float(w) for n, w in zip(nodes, result.weights)},
+                "refusals": refusals,
+                "svd_error": max(result.svd_error.values(), default=0.0)}
+
+    def _remember(self, nodes: Sequence[int], weights: np.ndarray) -> None:
+        """trust[node]: its last weight x K (1 = an equal share)."""
+        for node, w in zip(nodes, weights):
+            self.trust[int(node)] = float(w) * len(nodes)
+
+    def _contributions(self, previous: State, matrix: np.ndarray, keys: list[str],
+                       shapes: list[tuple], weights: np.ndarray, nodes: Sequence[int]
+                       ) -> tuple[dict, np.ndarray | None]:
+        """S6 estimate (and exact LOO with robust.exact-loo) per node; the new weights when
+        robust.contribution re-weights (None: report only)."""
+        from strategies.robust.math import unstack
+
+        r = self.cfg.robust
+        w = np.asarray(weights, dtype=np.float64)
+        out: dict = {"estimate": {}, "weights": {str(n): float(x) for n, x in zip(nodes, w)}}
+        usable = w < 1.0 - 1e-12
+        if usable.sum() < 2 or (w > 0).sum() < 2:
+            out["skipped"] = "fewer than two devices with a weight in the aggregate: no " \
+                             "leave-one-out model"
+            out["estimate"] = {str(n): 0.0 for n in nodes}
+            return out, None
+        space = self.space()
+        u = w @ matrix
+        (grads, losses), grad_s = timed(space.gradients, previous, unstack(u, keys, shapes),
+                                        keys)
+        t0_s = grad_s
+        g, fisher = empirical_fisher_diag(grads)
+        del grads
+        directions = loo_directions(matrix, w)
+        estimate = influence_contributions(g, fisher, directions)
+        out["estimate"] = {str(n): float(c) for n, c in zip(nodes, estimate)}
+        out["first_order"] = {str(n): float(c) for n, c in
+                              zip(nodes, influence_contributions(g, None, directions))}
+        out["val_loss"] = float(losses.mean())
+        out["estimate_s"] = t0_s
+        out["validation_examples"] = len(losses)
+        if r.exact_loo:
+            exact, exact_s = timed(self._exact, previous, matrix, keys, shapes, w,
+                                   float(losses.mean()))
+            out["exact"] = {str(n): float(c) for n, c in zip(nodes, exact)}
+            out["exact_s"] = exact_s
+            if len(nodes) >= 2 and np.ptp(exact) > 0 and np.ptp(estimate) > 0:
+                out["spearman"] = spearman(estimate, exact)
+        if r.contribution == "report":
+            return out, None
+        q = contribution_weights(estimate, w, r.contribution, r.contribution_temperature) \
+            if (r.contribution != "drop-harmful" or (estimate > 0).any()) else w
+        new = compose_with_trust(q, w, r.trust_alpha, 1.0 - r.trust_alpha) \
+            if 0.0 < r.trust_alpha < 1.0 else (q if r.trust_alpha == 1.0 else w)
+        return out, new
+
+    def _exact(self, previous: State, matrix: np.ndarray, keys, shapes, w: np.ndarray,
+               base: float) -> np.ndarray:
+        """True LOO: L(theta_-k) - L(theta_new) for every k (a device with weight 0 has the
+        same model: 0)."""
+        from strategies.robust.math import unstack
+
+        space = self.space()
+        out = np.zeros(len(w))
+        for k in range(len(w)):
+            if w[k] == 0:
+                continue
+            wk = np.delete(w, k) / (1.0 - w[k])
+            rest = np.delete(matrix, k, axis=0)
+            out[k] = space.loss(previous, unstack(wk @ rest, keys, shapes)) - base
+        return out

@@ -1,0 +1,137 @@
+"""The server's model at points of product space: the validation loss and its per-example
+gradients that S6's contribution estimate needs (`strategies.robust.contribution`).
+
+A point is the round's starting global state plus an update in product space (`Update`:
+per adapted layer a d_out x d_in change of B A, per dense key, e.g. the head, a change of
+the tensor). The model is evaluated there exactly, without refactorising to r_max: every
+adapted layer's frozen weight is set to W0 + s P (P = B A + the layer's update, s the LoRA
+scaling) with the LoRA factors zeroed, and the dense tensors to theirs. So
+
+    dL/dP = s dL/dW           (the frozen weight's gradient, made trainable for the pass)
+
+and the contribution estimate and the exact leave-one-out are computed on one function.
+
+Cost: one forward + backward per validation example for the gradients (N passes; batch 1 so
+each example has its own gradient for the diagonal Fisher), one forward per example for a
+loss. Per-example gradients are N x D floats (D = the sum of the adapted layers' d_out x d_in
+and the dense entries): 32 examples x 1.8 M for MiniLM's query/value layers = 460 MB in
+float64; an LLM with every projection adapted has D ~ 10^8 and needs a sketch (not built).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+from strategies.robust.math import Update
+from task.config import RunConfig
+from task.data import Examples, encode_batch
+from task.families import training_loss
+from task.lora import BASE_DELTA, State, factors, is_lora_key, lora_layers
+from task.model import (get_lora_model, load_tokenizer, resolve_model_source,
+                        set_trainable_state, torch_device)
+
+
+class ProductSpace:
+    """The validation loss L(point) and its per-example gradients, on `examples`."""
+
+    def __init__(self, cfg: RunConfig, label_names: tuple[str, ...], examples: Examples):
+        self.cfg = cfg
+        self.examples = examples
+        self.model = get_lora_model(cfg, label_names, cfg.r_max)
+        self.tokenizer = load_tokenizer(resolve_model_source(cfg.model))
+        self._batches = [{k: v.to(torch_device()) for k, v in encode_batch(
+            self.tokenizer, examples.subset([i]), cfg).items()} for i in range(len(examples))]
+
+    def _load(self, previous: State, update: Update) -> None:
+        """The model at previous + update: W = W0 + s (B A + update) per layer, B zeroed."""
+        state: State = {}
+        for prefix in lora_layers(previous):
+            b, a = factors(previous, prefix)
+            product = b.astype(np.float64) @ a.astype(np.float64) + update.get(prefix, 0.0)
+            state[prefix + BASE_DELTA] = product.astype(np.float32)
+            state[prefix + ".lora_B.weight"] = np.zeros_like(b)
+            state[prefix + ".lora_A.weight"] = a
+        for key, value in previous.items():
+            if not is_lora_key(key):
+                state[key] = (value.astype(np.float64) + update.get(key, 0.0)).astype(
+                    np.float32)
+        set_trainable_state(self.model, state)
+
+    def losses(self, previous: State, update: Update) -> np.ndarray:
+        """(N,) loss of each validation example at previous + update."""
+        self._load(previous, update)
+        self.model.eval()
+        with torch.no_grad():
+            return np.array([float(training_loss(self.cfg, self.model, dict(b)))
+                             for b in self._batches])
+
+    def loss(self, previous: State, update: Update) -> float:
+        """L_val: the mean of the examples' losses."""
+        return float(self.losses(previous, update).mean())
+
+    def gradients(self, previous: State, update: Update, keys: Sequence[str]
+                  ) -> tuple[np.ndarray, np.ndarray]:
+        """(N, D) per-example gradients of the loss w.r.t. the point's coordinates, in the
+        order of `keys` (layer prefixes, dense keys: `strategies.robust.math.stack`'s), and
+        the (N,) losses."""
+        self._load(previous, update)
+        self.model.eval()
+        params = self._parameters(keys)
+        rows, losses = [], []
+        with _trainable([p for p, _ in params.values()]):
+            for batch in self._batches:
+                self.model.zero_grad(set_to_none=True)
+                loss = training_loss(self.cfg, self.model, dict(batch))
+                loss.backward()
+                losses.append(float(loss.detach()))
+                rows.append(np.concatenate([
+                    (scale * param.grad.detach().double().cpu().numpy()).ravel()
+                    for param, scale in (params[k] for k in keys)]))
+        self.model.zero_grad(set_to_none=True)
+        return np.stack(rows), np.array(losses)
+
+    def _parameters(self, keys: Sequence[str]) -> dict[str, tuple[torch.nn.Parameter, float]]:
+        """key -> (the tensor whose gradient it is, the factor to its coordinates): a layer
+        prefix -> its frozen weight and the LoRA scaling s; a dense key -> its parameter."""
+        from peft.tuners.lora import LoraLayer
+
+        from task.train import _state_keys
+
+        out: dict[str, tuple[torch.nn.Parameter, float]] = {}
+        for name, layer in self.model.named_modules():
+            if isinstance(layer, LoraLayer) and name in keys:
+                out[name] = (layer.get_base_layer().weight,
+                             float(layer.scaling[self.model.active_adapter]))
+        for param, key in _state_keys(self.model).items():
+            if key in keys:
+                out[key] = (param, 1.0)
+        missing = [k for k in keys if k not in out]
+        if missing:
+            raise ValueError(f"the server model has no parameter for {missing[:3]}")
+        return out
+
+
+@contextmanager
+def _trainable(params: list[torch.nn.Parameter]):
+    """requires_grad on for the pass (the frozen weights), restored after."""
+    before = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p, flag in zip(params, before):
+            p.requires_grad_(flag)
+            p.grad = None
+
+
+def timed(fn, *args, **kwargs):
+    """(fn(*args, **kwargs), seconds)."""
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - t0
