@@ -118,3 +118,34 @@ def test_the_product_space_gradient_is_the_loss_slope(tiny_bert, agnews, tmp_pat
     up = space.loss(state, unstack(matrix[0] + eps * direction, keys, shapes))
     down = space.loss(state, unstack(matrix[0] - eps * direction, keys, shapes))
     assert (up - down) / (2 * eps) == pytest.approx(g @ direction, rel=0.05, abs=1e-5)
+
+
+def test_fltrust_trains_a_root_update_and_weights_by_cosine_trust(tiny_bert, agnews,
+                                                                  tmp_path):
+    rows = _federation(_raw(tiny_bert, agnews, tmp_path, **{
+        "robust.aggregator": "fltrust", "robust.root-examples": 16}))
+    for row in rows[1:]:
+        entry = row["robust"]
+        weights = entry["weights"]
+        assert sum(weights.values()) == pytest.approx(1.0) or entry["refused"] == 5
+        refused = {str(r["node_id"]) for r in entry["refusals"] if r["refused"]}
+        assert refused == {n for n, w in weights.items() if w == 0.0}
+        assert all("cosine to root update" in r["reason"] for r in entry["refusals"])
+
+
+def test_too_few_replies_for_krum_keep_the_model_and_say_why(tiny_bert, agnews, tmp_path):
+    rows = _federation(_raw(tiny_bert, agnews, tmp_path, **{
+        "robust.aggregator": "krum", "robust.f": 2, "num-server-rounds": 1}))
+    assert "needs K >= 2f + 3" in rows[1]["robust"]["skipped"]
+    assert rows[1]["loss"] == pytest.approx(rows[0]["loss"])  # the model did not move
+
+
+def test_every_contribution_drop_is_counted_and_logged_with_its_node(tiny_bert, agnews,
+                                                                     tmp_path):
+    raw = _raw(tiny_bert, agnews, tmp_path, **{
+        "robust.contribution": "drop-harmful", "num-server-rounds": 1,
+        "data.partitioner": "pathological"})
+    entry = _federation(raw)[-1]["robust"]
+    dropped = {str(r["node_id"]) for r in entry["refusals"] if r["refused"]}
+    assert dropped == {n for n, w in entry["contribution_weights"].items() if w == 0.0}
+    assert entry["dropped"] == len(dropped) >= 1

@@ -120,17 +120,28 @@ class RobustRound:
         info["contribution"] = contribution
         if new_weights is None:  # report only
             return (result.state if result else None), info
-        reasons = [None if w > 0 else f"contribution {c:.4g} <= 0: dropped"
-                   for w, c in zip(new_weights, contribution["estimate"].values())]
-        for node, reason in zip(nodes, reasons):
+        entry = info.setdefault("robust", {"aggregator": "none", "refused": 0, "altered": 0,
+                                           "refusals": []})
+        reasons: list[str | None] = []
+        for node, w, old_w, c in zip(nodes, new_weights, weights,
+                                     contribution["estimate"].values()):
+            reason = None
+            if w == 0 < old_w:
+                reason = f"contribution {c:.4g} <= 0: dropped"
+            elif not np.isclose(w, old_w):
+                reason = f"contribution {c:.4g}: weight {old_w:.3g} -> {w:.3g}"
+            reasons.append(reason)
             if reason:
-                log.warning("round %d: node %d down-weighted: %s", server_round, node, reason)
+                log.warning("round %d: node %d re-weighted by robust.contribution=%s: %s",
+                            server_round, node, self.cfg.robust.contribution, reason)
+                entry["refusals"].append({"node_id": int(node), "refused": bool(w == 0),
+                                          "reason": reason})
+        entry["dropped"] = int(sum(1 for w, o in zip(new_weights, weights) if w == 0 < o))
+        entry["contribution_weights"] = {str(n): float(w) for n, w in zip(nodes, new_weights)}
         accepted = (result.accepted if result is not None else np.ones(len(nodes), bool)) \
             & (new_weights > 0)
         final = _finish(previous, new_weights @ matrix, keys, shapes, new_weights, accepted,
                         reasons, self.cfg.r_max)
-        info.setdefault("robust", {})["contribution_weights"] = {
-            str(n): float(w) for n, w in zip(nodes, new_weights)}
         self._remember(nodes, new_weights)
         return final.state, info
 
