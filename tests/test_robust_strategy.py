@@ -108,8 +108,8 @@ def test_the_product_space_gradient_is_the_loss_slope(tiny_bert, agnews, tmp_pat
     valid = plan.task.test.subset(range(6))
     assert isinstance(valid, Examples)
     space = ProductSpace(cfg, plan.task.label_names, valid)
-    grads, losses = space.gradients(state, unstack(matrix[0], keys, shapes), keys)
-    g = grads.mean(axis=0)
+    g, fisher, losses = space.gradients(state, unstack(matrix[0], keys, shapes), keys)
+    assert fisher.shape == g.shape and np.all(fisher >= g * g - 1e-12)  # E[x^2] >= E[x]^2
     assert losses.mean() == pytest.approx(space.loss(state, unstack(matrix[0], keys, shapes)),
                                           rel=1e-5)
     direction = rng.standard_normal(g.shape)

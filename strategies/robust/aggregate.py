@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from strategies.robust.contribution import (compose_with_trust, contribution_weights,
-                                            empirical_fisher_diag, influence_contributions,
+                                            influence_contributions,
                                             loo_directions, spearman)
 from strategies.robust.influence import ProductSpace, timed
 from strategies.robust.math import (ROBUST_AGGREGATORS, RobustResult, _finish, stack,
@@ -198,11 +198,8 @@ class RobustRound:
             return out, None
         space = self.space()
         u = w @ matrix
-        (grads, losses), grad_s = timed(space.gradients, previous, unstack(u, keys, shapes),
-                                        keys)
-        t0_s = grad_s
-        g, fisher = empirical_fisher_diag(grads)
-        del grads
+        (g, fisher, losses), t0_s = timed(space.gradients, previous,
+                                          unstack(u, keys, shapes), keys)
         directions = loo_directions(matrix, w)
         estimate = influence_contributions(g, fisher, directions)
         out["estimate"] = {str(n): float(c) for n, c in zip(nodes, estimate)}

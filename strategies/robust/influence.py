@@ -13,9 +13,9 @@ and the contribution estimate and the exact leave-one-out are computed on one fu
 
 Cost: one forward + backward per validation example for the gradients (N passes; batch 1 so
 each example has its own gradient for the diagonal Fisher), one forward per example for a
-loss. Per-example gradients are N x D floats (D = the sum of the adapted layers' d_out x d_in
-and the dense entries): 32 examples x 1.8 M for MiniLM's query/value layers = 460 MB in
-float64; an LLM with every projection adapted has D ~ 10^8 and needs a sketch (not built).
+loss. Memory: running sums only, 2 D float64 (D = the sum of the adapted layers' d_out x d_in
+and the dense entries: 1.8 M for MiniLM's query/value layers, about 10^8 for an LLM with every
+projection adapted, where the K x D stack of the devices' updates is the larger cost).
 """
 
 from __future__ import annotations
@@ -75,25 +75,29 @@ class ProductSpace:
         return float(self.losses(previous, update).mean())
 
     def gradients(self, previous: State, update: Update, keys: Sequence[str]
-                  ) -> tuple[np.ndarray, np.ndarray]:
-        """(N, D) per-example gradients of the loss w.r.t. the point's coordinates, in the
-        order of `keys` (layer prefixes, dense keys: `strategies.robust.math.stack`'s), and
-        the (N,) losses."""
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(g, F, losses): the mean gradient (D,) of the examples' losses w.r.t. the point's
+        coordinates in the order of `keys` (layer prefixes, dense keys: `strategies.robust.
+        math.stack`'s), the diagonal empirical Fisher F_p = mean_i g_ip^2 (D,), and the
+        (N,) losses. One backward per example; only running sums are kept (2 D floats)."""
         self._load(previous, update)
         self.model.eval()
         params = self._parameters(keys)
-        rows, losses = [], []
+        total = squares = None
+        losses = []
         with _trainable([p for p, _ in params.values()]):
             for batch in self._batches:
                 self.model.zero_grad(set_to_none=True)
                 loss = training_loss(self.cfg, self.model, dict(batch))
                 loss.backward()
                 losses.append(float(loss.detach()))
-                rows.append(np.concatenate([
-                    (scale * param.grad.detach().double().cpu().numpy()).ravel()
-                    for param, scale in (params[k] for k in keys)]))
+                g = np.concatenate([(scale * param.grad.detach().double().cpu().numpy()).ravel()
+                                    for param, scale in (params[k] for k in keys)])
+                total = g.copy() if total is None else total + g
+                squares = g * g if squares is None else squares + g * g
         self.model.zero_grad(set_to_none=True)
-        return np.stack(rows), np.array(losses)
+        n = len(self._batches)
+        return total / n, squares / n, np.array(losses)
 
     def _parameters(self, keys: Sequence[str]) -> dict[str, tuple[torch.nn.Parameter, float]]:
         """key -> (the tensor whose gradient it is, the factor to its coordinates): a layer
