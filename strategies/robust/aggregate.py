@@ -30,8 +30,8 @@ from strategies.robust.contribution import (compose_with_trust, contribution_wei
                                             influence_contributions,
                                             loo_directions, spearman)
 from strategies.robust.influence import ProductSpace, timed
-from strategies.robust.math import (ROBUST_AGGREGATORS, RobustResult, _finish, stack,
-                                    update_of)
+from strategies.robust.math import (ROBUST_AGGREGATORS, RobustResult, Updates, finish,
+                                    unstack, update_of)
 from strategies.lora.math import example_weights
 from task.config import RunConfig
 from task.data import Examples
@@ -113,10 +113,9 @@ class RobustRound:
             info["robust"] = self._describe(server_round, result, nodes)
         if r.contribution == "off":
             return (result.state if result else None), info
-        matrix, keys, shapes = stack([update_of(s, t) for s, t in zip(sent, states)])
+        updates = Updates(sent, states)
         weights = result.weights if result is not None else example_weights(counts)
-        contribution, new_weights = self._contributions(previous, matrix, keys, shapes,
-                                                        weights, nodes)
+        contribution, new_weights = self._contributions(previous, updates, weights, nodes)
         info["contribution"] = contribution
         if new_weights is None:  # report only
             return (result.state if result else None), info
@@ -140,8 +139,8 @@ class RobustRound:
         entry["contribution_weights"] = {str(n): float(w) for n, w in zip(nodes, new_weights)}
         accepted = (result.accepted if result is not None else np.ones(len(nodes), bool)) \
             & (new_weights > 0)
-        final = _finish(previous, new_weights @ matrix, keys, shapes, new_weights, accepted,
-                        reasons, self.cfg.r_max)
+        final = finish(previous, updates.combine(new_weights), new_weights, accepted, reasons,
+                       self.cfg.r_max)
         self._remember(nodes, new_weights)
         return final.state, info
 
@@ -180,61 +179,63 @@ class RobustRound:
         for node, w in zip(nodes, weights):
             self.trust[int(node)] = float(w) * len(nodes)
 
-    def _contributions(self, previous: State, matrix: np.ndarray, keys: list[str],
-                       shapes: list[tuple], weights: np.ndarray, nodes: Sequence[int]
-                       ) -> tuple[dict, np.ndarray | None]:
+    def _contributions(self, previous: State, updates: Updates, weights: np.ndarray,
+                       nodes: Sequence[int]) -> tuple[dict, np.ndarray | None]:
         """S6 estimate (and exact LOO with robust.exact-loo) per node; the new weights when
-        robust.contribution re-weights (None: report only)."""
-        from strategies.robust.math import unstack
-
+        robust.contribution re-weights (None: report only). Block by block: the LOO
+        directions and both terms of the estimate are sums over coordinates."""
         r = self.cfg.robust
         w = np.asarray(weights, dtype=np.float64)
         out: dict = {"estimate": {}, "weights": {str(n): float(x) for n, x in zip(nodes, w)}}
-        usable = w < 1.0 - 1e-12
-        if usable.sum() < 2 or (w > 0).sum() < 2:
+        if (w < 1.0 - 1e-12).sum() < 2 or (w > 0).sum() < 2:
             out["skipped"] = "fewer than two devices with a weight in the aggregate: no " \
                              "leave-one-out model"
             out["estimate"] = {str(n): 0.0 for n in nodes}
             return out, None
         space = self.space()
-        u = w @ matrix
-        (g, fisher, losses), t0_s = timed(space.gradients, previous,
-                                          unstack(u, keys, shapes), keys)
-        directions = loo_directions(matrix, w)
-        estimate = influence_contributions(g, fisher, directions)
+        (g, fisher, losses), estimate_s = timed(space.gradients, previous,
+                                                updates.combine(w), updates.keys)
+        g, fisher = unstack(g, updates.keys, updates.shapes), \
+            unstack(fisher, updates.keys, updates.shapes)
+        estimate, first = np.zeros(len(w)), np.zeros(len(w))
+        for key, _, block in updates.blocks():
+            directions = loo_directions(block, w)                       # (K, size)
+            first += influence_contributions(g[key].ravel(), None, directions)
+            estimate += influence_contributions(g[key].ravel(), fisher[key].ravel(),
+                                                directions)
         out["estimate"] = {str(n): float(c) for n, c in zip(nodes, estimate)}
-        out["first_order"] = {str(n): float(c) for n, c in
-                              zip(nodes, influence_contributions(g, None, directions))}
+        out["first_order"] = {str(n): float(c) for n, c in zip(nodes, first)}
         out["val_loss"] = float(losses.mean())
-        out["estimate_s"] = t0_s
+        out["estimate_s"] = estimate_s
         out["validation_examples"] = len(losses)
         if r.exact_loo:
-            exact, exact_s = timed(self._exact, previous, matrix, keys, shapes, w,
-                                   float(losses.mean()))
+            exact, exact_s = timed(self._exact, previous, updates, w, float(losses.mean()))
             out["exact"] = {str(n): float(c) for n, c in zip(nodes, exact)}
             out["exact_s"] = exact_s
-            if len(nodes) >= 2 and np.ptp(exact) > 0 and np.ptp(estimate) > 0:
+            if np.ptp(exact) > 0 and np.ptp(estimate) > 0:
                 out["spearman"] = spearman(estimate, exact)
         if r.contribution == "report":
             return out, None
-        q = contribution_weights(estimate, w, r.contribution, r.contribution_temperature) \
-            if (r.contribution != "drop-harmful" or (estimate > 0).any()) else w
-        new = compose_with_trust(q, w, r.trust_alpha, 1.0 - r.trust_alpha) \
-            if 0.0 < r.trust_alpha < 1.0 else (q if r.trust_alpha == 1.0 else w)
-        return out, new
+        if r.contribution == "drop-harmful" and not (estimate > 0).any():
+            log.warning("every device's contribution is <= 0 this round: keeping the "
+                        "aggregator's weights")
+            q = w
+        else:
+            q = contribution_weights(estimate, w, r.contribution, r.contribution_temperature)
+        if r.trust_alpha == 1.0:
+            return out, q
+        return out, compose_with_trust(q, w, r.trust_alpha, 1.0 - r.trust_alpha)
 
-    def _exact(self, previous: State, matrix: np.ndarray, keys, shapes, w: np.ndarray,
-               base: float) -> np.ndarray:
+    def _exact(self, previous: State, updates: Updates, w: np.ndarray, base: float
+               ) -> np.ndarray:
         """True LOO: L(theta_-k) - L(theta_new) for every k (a device with weight 0 has the
         same model: 0)."""
-        from strategies.robust.math import unstack
-
         space = self.space()
         out = np.zeros(len(w))
         for k in range(len(w)):
             if w[k] == 0:
                 continue
-            wk = np.delete(w, k) / (1.0 - w[k])
-            rest = np.delete(matrix, k, axis=0)
-            out[k] = space.loss(previous, unstack(wk @ rest, keys, shapes)) - base
+            wk = w.copy()
+            wk[k] = 0.0
+            out[k] = space.loss(previous, updates.combine(wk / (1.0 - w[k]))) - base
         return out

@@ -20,11 +20,12 @@ factorize`, Eckart-Young): exact when rank(W) <= r_max, otherwise the best rank-
 approximation; the relative error ||B' A' - W||_F / ||W||_F is returned per layer
 (`RobustResult.svd_error`). Dense keys move by their aggregate directly.
 
-Memory: products are dense. The stacked updates are K x D float64 with D = sum over layers of
-d_out d_in (+ dense entries): 8 K D bytes, e.g. 10 devices x 1 layer 4096 x 4096 = 1.3 GiB.
-Fine for the tiny test/benchmark models; large models need a sketch (not implemented: Krum,
-clipping and FLTrust only need inner products, <B_1 A_1, B_2 A_2> = sum((B_1^T B_2) *
-(A_1 A_2^T)), computable from the factors in O((d_out + d_in) r^2) without forming products).
+Memory: products are dense, so the updates are never stacked whole (K x D float64 would be
+8.5 GB for 10 devices of SmolLM2-135M with every projection adapted, D = 106 M). `Updates`
+forms one layer's K products at a time from the factors: the coordinate-wise statistics run
+layer by layer, and the whole-model distances, norms and cosines of Krum, clipping and
+FLTrust come from the K x K Gram matrix summed over layers. Peak memory: one layer's K
+updates (10 x 576 x 1536 x 8 B = 71 MB for SmolLM2's MLP) plus the aggregate (D floats).
 
 Every method returns `RobustResult`: per device its weight in the aggregate, an accepted
 flag and a reason (None when untouched), so that every refusal is logged with its node.
@@ -55,19 +56,92 @@ class RobustResult:
     svd_error: dict[str, float]     # per layer ||B'A' - W||_F / ||W||_F of the refactorisation
 
 
-# ---------------------------------------------------------------- updates as vectors
+# ---------------------------------------------------------------- updates, layer by layer
 
 def update_of(sent: Mapping[str, np.ndarray], trained: Mapping[str, np.ndarray]) -> Update:
     """Delta per layer B'A' - BA (d_out x d_in) and per dense key x' - x, float64."""
-    out: Update = {}
-    for prefix in lora_layers(sent):
-        (b0, a0), (b1, a1) = factors(sent, prefix), factors(trained, prefix)
-        out[prefix] = (b1.astype(np.float64) @ a1.astype(np.float64)
-                       - b0.astype(np.float64) @ a0.astype(np.float64))
-    for key, value in sent.items():
-        if not is_lora_key(key) and not is_base_delta_key(key):
-            out[key] = trained[key].astype(np.float64) - value.astype(np.float64)
-    return out
+    return {key: _delta(sent, trained, key) for key in update_keys(sent)}
+
+
+def update_keys(state: Mapping[str, np.ndarray]) -> list[str]:
+    """The coordinates' blocks in order: the adapted layers (sorted prefixes), then the dense
+    keys (the head) in the state's order; base deltas are not trained."""
+    return lora_layers(state) + [k for k in state
+                                 if not is_lora_key(k) and not is_base_delta_key(k)]
+
+
+def _delta(sent: Mapping[str, np.ndarray], trained: Mapping[str, np.ndarray],
+           key: str) -> np.ndarray:
+    if key + ".lora_A.weight" in sent:
+        (b0, a0), (b1, a1) = factors(sent, key), factors(trained, key)
+        return (b1.astype(np.float64) @ a1.astype(np.float64)
+                - b0.astype(np.float64) @ a0.astype(np.float64))
+    return trained[key].astype(np.float64) - sent[key].astype(np.float64)
+
+
+def _shape(state: Mapping[str, np.ndarray], key: str) -> tuple:
+    if key + ".lora_A.weight" in state:
+        b, a = factors(state, key)
+        return (b.shape[0], a.shape[1])
+    return tuple(state[key].shape)
+
+
+class Updates:
+    """The K devices' updates, one block (layer or dense key) at a time: block(key) is the
+    (K, size) float64 matrix of that block's flattened updates, formed from the factors on
+    demand and never kept."""
+
+    def __init__(self, sent: Sequence[Mapping[str, np.ndarray]],
+                 states: Sequence[Mapping[str, np.ndarray]]):
+        if len(sent) != len(states) or not states:
+            raise ValueError(f"got {len(states)} replies for {len(sent)} sent states: pass "
+                             "one sent state per reply, in the same order")
+        self.sent, self.states = list(sent), list(states)
+        self.keys = update_keys(sent[0])
+        self.shapes = [_shape(sent[0], key) for key in self.keys]
+        for k in range(len(states)):
+            for which in (sent[k], states[k]):
+                if update_keys(which) != self.keys or any(
+                        _shape(which, key) != shape for key, shape in zip(self.keys,
+                                                                         self.shapes)):
+                    raise ValueError(f"device {k}'s update has other layers or shapes than "
+                                     "device 0's: check that every reply was validated "
+                                     "(check_reply) first")
+
+    def __len__(self) -> int:
+        return len(self.states)
+
+    @property
+    def size(self) -> int:
+        """D: the number of coordinates."""
+        return int(sum(np.prod(s) for s in self.shapes))
+
+    def block(self, key: str) -> np.ndarray:
+        return np.stack([_delta(s, t, key).ravel() for s, t in zip(self.sent, self.states)])
+
+    def blocks(self):
+        """(key, shape, (K, size) block) for every block, in order."""
+        for key, shape in zip(self.keys, self.shapes):
+            yield key, shape, self.block(key)
+
+    def gram(self, extra: Update | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(K x K inner products of the updates, (K,) inner products with `extra`, an update
+        of the same blocks (FLTrust's root update), or zeros)."""
+        k = len(self)
+        gram, cross = np.zeros((k, k)), np.zeros(k)
+        for key, _, block in self.blocks():
+            gram += block @ block.T
+            if extra is not None:
+                cross += block @ extra[key].ravel()
+        return gram, cross
+
+    def combine(self, weights: np.ndarray) -> Update:
+        """sum_k weights_k Delta_k, per block."""
+        return {key: (weights @ block).reshape(shape) for key, shape, block in self.blocks()}
+
+    def matrix(self) -> np.ndarray:
+        """(K, D) all blocks side by side: small federations and tests only."""
+        return np.concatenate([block for _, _, block in self.blocks()], axis=1)
 
 
 def stack(updates: Sequence[Update]) -> tuple[np.ndarray, list[str], list[tuple]]:
@@ -114,43 +188,40 @@ def apply_update(previous: State, update: Update, r_max: int) -> tuple[State, di
     return out, errors
 
 
-def _finish(previous: State, aggregate: np.ndarray, keys: list[str], shapes: list[tuple],
-            weights: np.ndarray, accepted: np.ndarray, reasons: list[str | None],
-            r_max: int) -> RobustResult:
-    update = unstack(aggregate, keys, shapes)
+def finish(previous: State, update: Update, weights: np.ndarray, accepted: np.ndarray,
+           reasons: list[str | None], r_max: int) -> RobustResult:
+    """The RobustResult of an aggregate update: the new state refactorised at r_max."""
     state, errors = apply_update(previous, update, r_max)
     return RobustResult(state, update, weights, accepted, reasons, errors)
-
-
-def _prepare(sent: Sequence[State], states: Sequence[State]) -> tuple[np.ndarray, list, list]:
-    if len(sent) != len(states) or not states:
-        raise ValueError(f"got {len(states)} replies for {len(sent)} sent states: pass one "
-                         f"sent state per reply, in the same order")
-    return stack([update_of(s, t) for s, t in zip(sent, states)])
 
 
 # ---------------------------------------------------------------- the statistics
 
 def _trimmed(matrix: np.ndarray, trim: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per coordinate: mean of the values ranked trim..K-trim-1; and per device the share
+    """Per coordinate: mean of the values ranked trim..K-trim-1; and per device the number
     of coordinates where its value was kept. matrix: (K, D)."""
     k = matrix.shape[0]
     order = np.argsort(matrix, axis=0, kind="stable")        # (K, D)
     kept_rows = order[trim:k - trim]                          # (K - 2 trim, D)
     aggregate = np.take_along_axis(matrix, kept_rows, axis=0).mean(axis=0)  # (D,)
-    share = np.bincount(kept_rows.ravel(), minlength=k) / matrix.shape[1]   # (K,)
-    return aggregate, share
+    kept = np.bincount(kept_rows.ravel(), minlength=k)                      # (K,)
+    return aggregate, kept
 
 
 def _coordinate_result(previous, sent, states, r_max, trim: int, name: str) -> RobustResult:
-    matrix, keys, shapes = _prepare(sent, states)
-    aggregate, share = _trimmed(matrix, trim)
-    expected = (len(states) - 2 * trim) / len(states)  # a device's share if ranks were random
+    updates = Updates(sent, states)
+    k = len(updates)
+    update, kept = {}, np.zeros(k)
+    for key, shape, block in updates.blocks():  # coordinate-wise: block by block
+        aggregate, used = _trimmed(block, trim)
+        update[key] = aggregate.reshape(shape)
+        kept += used
+    share = kept / updates.size
+    expected = (k - 2 * trim) / k  # a device's share if ranks were random
     accepted = share >= 0.5 * expected
     reasons = [None if ok else f"{name}: value used in {100 * s:.0f}% of coordinates, under "
                f"half the {100 * expected:.0f}% expected" for ok, s in zip(accepted, share)]
-    return _finish(previous, aggregate, keys, shapes, share / share.sum(), accepted, reasons,
-                   r_max)
+    return finish(previous, update, share / share.sum(), accepted, reasons, r_max)
 
 
 def coordinate_median(previous: State, sent: Sequence[State], states: Sequence[State],
@@ -174,15 +245,17 @@ def trimmed_mean(previous: State, sent: Sequence[State], states: Sequence[State]
     return _coordinate_result(previous, sent, states, r_max, trim, "trimmed mean")
 
 
-def krum_scores(matrix: np.ndarray, f: int) -> np.ndarray:
+def krum_scores(matrix: np.ndarray, f: int, gram: np.ndarray | None = None) -> np.ndarray:
     """Krum score per device (Blanchard et al., NeurIPS 2017): the sum of squared distances
-    to its K - f - 2 nearest other updates. matrix: (K, D) -> (K,)."""
-    k = matrix.shape[0]
+    to its K - f - 2 nearest other updates. matrix: (K, D) -> (K,); or gram: the (K, K)
+    inner products (then matrix may be None)."""
+    gram = matrix @ matrix.T if gram is None else gram
+    k = gram.shape[0]
     if f < 0 or k < 2 * f + 3:
         raise ConfigError(f"Krum with f={f} Byzantine devices needs K >= 2f + 3 replies, got "
                           f"{k}: lower robust f or wait for more replies")
-    sq = np.sum(matrix ** 2, axis=1)
-    dist = np.maximum(sq[:, None] + sq[None, :] - 2.0 * matrix @ matrix.T, 0.0)  # (K, K)
+    sq = np.diag(gram)
+    dist = np.maximum(sq[:, None] + sq[None, :] - 2.0 * gram, 0.0)             # (K, K)
     np.fill_diagonal(dist, np.inf)
     nearest = np.sort(dist, axis=1)[:, :k - f - 2]                               # (K, K-f-2)
     return nearest.sum(axis=1)
@@ -194,12 +267,12 @@ def multi_krum(previous: State, sent: Sequence[State], states: Sequence[State],
     """Multi-Krum (El Mhamdi et al., ICML 2018): the m devices of lowest Krum score are kept
     and their updates averaged by example counts; the others are refused. m defaults to
     K - f; m = 1 is Krum."""
-    matrix, keys, shapes = _prepare(sent, states)
+    updates = Updates(sent, states)
     k = len(states)
     m = k - f if m is None else m
     if not 1 <= m <= k:
         raise ConfigError(f"multi-Krum m={m} must be between 1 and the {k} replies")
-    scores = krum_scores(matrix, f)
+    scores = krum_scores(None, f, gram=updates.gram()[0])
     chosen = np.argsort(scores, kind="stable")[:m]
     accepted = np.zeros(k, dtype=bool)
     accepted[chosen] = True
@@ -207,7 +280,7 @@ def multi_krum(previous: State, sent: Sequence[State], states: Sequence[State],
     weights /= weights.sum()
     reasons = [None if ok else f"krum: score {s:.4g} not among the {m} lowest"
                for ok, s in zip(accepted, scores)]
-    return _finish(previous, weights @ matrix, keys, shapes, weights, accepted, reasons, r_max)
+    return finish(previous, updates.combine(weights), weights, accepted, reasons, r_max)
 
 
 def krum(previous: State, sent: Sequence[State], states: Sequence[State],
@@ -221,20 +294,19 @@ def norm_clip(previous: State, sent: Sequence[State], states: Sequence[State],
     """Norm clipping (Sun et al., 2019, "Can you really backdoor FL?"): each update is
     scaled by min(1, tau / ||Delta_k||), then averaged by example counts. tau defaults to the
     median of the update norms (whole-model norm, all layers and dense keys)."""
-    matrix, keys, shapes = _prepare(sent, states)
-    norms = np.linalg.norm(matrix, axis=1)                                  # (K,)
+    updates = Updates(sent, states)
+    norms = np.sqrt(np.maximum(np.diag(updates.gram()[0]), 0.0))             # (K,)
     tau = float(np.median(norms)) if tau is None else tau
     if not tau > 0:
         raise ConfigError(f"robust norm-clip tau={tau} must be > 0 (leave it unset for the "
                           f"median update norm)")
     scale = np.minimum(1.0, tau / np.maximum(norms, 1e-300))                # (K,)
     weights = example_weights(num_examples)
-    aggregate = (weights * scale) @ matrix
     reasons = [None if c >= 1.0 else f"clipped: norm {n:.4g} > tau {tau:.4g}"
                for c, n in zip(scale, norms)]
     share = weights * scale
-    return _finish(previous, aggregate, keys, shapes, share / share.sum(),
-                   np.ones(len(states), dtype=bool), reasons, r_max)
+    return finish(previous, updates.combine(weights * scale), share / share.sum(),
+                  np.ones(len(states), dtype=bool), reasons, r_max)
 
 
 def fltrust(previous: State, sent: Sequence[State], states: Sequence[State],
@@ -244,33 +316,36 @@ def fltrust(previous: State, sent: Sequence[State], states: Sequence[State],
     rescaled to ||g0||, and G = sum_k TS_k (||g0|| / ||Delta_k||) Delta_k / sum_k TS_k.
     Example counts are not used (as in the paper). A device with TS_k = 0 is refused; if
     every device is, the global model does not move."""
-    matrix, keys, shapes = _prepare(sent, states)
-    root, root_keys, _ = stack([root_update])
-    if root_keys != keys or root.shape[1] != matrix.shape[1]:
+    updates = Updates(sent, states)
+    if list(root_update) != updates.keys or any(
+            tuple(root_update[key].shape) != shape for key, shape in zip(updates.keys,
+                                                                       updates.shapes)):
         raise ValueError("root_update must have the devices' layers and dense keys: build it "
                          "with update_of(global state, state trained on the root set)")
-    g0 = root[0]
-    g0_norm = np.linalg.norm(g0)
+    g0_norm = float(np.sqrt(sum(float(np.sum(v * v)) for v in root_update.values())))
     if g0_norm == 0:
         raise ValueError("FLTrust root update is zero: train the server's root set first")
-    norms = np.maximum(np.linalg.norm(matrix, axis=1), 1e-300)              # (K,)
-    trust = np.maximum(0.0, matrix @ g0 / (norms * g0_norm))                 # (K,)
+    gram, cross = updates.gram(root_update)
+    norms = np.maximum(np.sqrt(np.maximum(np.diag(gram), 0.0)), 1e-300)     # (K,)
+    cosine = cross / (norms * g0_norm)
+    trust = np.maximum(0.0, cosine)                                          # (K,)
     total = trust.sum()
     weights = trust / total if total > 0 else np.zeros_like(trust)
-    aggregate = (weights * g0_norm / norms) @ matrix if total > 0 else np.zeros_like(g0)
+    update = updates.combine(weights * g0_norm / norms) if total > 0 else \
+        {key: np.zeros(shape) for key, shape in zip(updates.keys, updates.shapes)}
     accepted = trust > 0
     reasons = [None if ok else f"fltrust: cosine to root update {c:.3g} <= 0"
-               for ok, c in zip(accepted, matrix @ g0 / (norms * g0_norm))]
-    return _finish(previous, aggregate, keys, shapes, weights, accepted, reasons, r_max)
+               for ok, c in zip(accepted, cosine)]
+    return finish(previous, update, weights, accepted, reasons, r_max)
 
 
 def weighted_mean(previous: State, sent: Sequence[State], states: Sequence[State],
                   num_examples: Sequence[int], r_max: int) -> RobustResult:
     """The plain (non-robust) example-weighted mean of the product updates: the baseline."""
-    matrix, keys, shapes = _prepare(sent, states)
+    updates = Updates(sent, states)
     weights = example_weights(num_examples)
-    return _finish(previous, weights @ matrix, keys, shapes, weights,
-                   np.ones(len(states), dtype=bool), [None] * len(states), r_max)
+    return finish(previous, updates.combine(weights), weights,
+                  np.ones(len(states), dtype=bool), [None] * len(states), r_max)
 
 
 # name -> (previous, sent, states, num_examples, r_max, **params) -> RobustResult
