@@ -151,9 +151,13 @@ class RunConfig:
                        "(a model's modules as micro-services on the devices; the `serve.` "
                        "keys)")
     resume: str = option("", "continue an interrupted training run from its last finished "
-                         "round: its folder `results/<run-id>` (a new run id is issued; the "
-                         "folder keeps growing where it stopped). Same config required, "
-                         "`num-server-rounds` may grow", allow_empty=True)
+                         "round: its folder `results/<run-id>` (or the run id under "
+                         "`results-dir`), whose `checkpoint/` every finished round rewrites. "
+                         "A new run id is issued; the folder keeps growing where it stopped. "
+                         "Same config required (`num-server-rounds` may grow, `results-dir` "
+                         "and `round-timeout` may differ); refused for `fedkd`, `dp.enabled` "
+                         "and an unlearning run past its training rounds",
+                         allow_empty=True)
     lora: LoraSection = LoraSection()
     devices: DevicesSection = DevicesSection()
     data: DataSection = DataSection()

@@ -53,15 +53,17 @@ def _clean(value):
 class RunRecorder:
     """Collects each round's training info and evaluation into metrics.jsonl."""
 
-    def __init__(self, run_dir: Path, cfg: RunConfig, extra: dict | None = None):
+    def __init__(self, run_dir: Path, cfg: RunConfig, extra: dict | None = None,
+                 rows: list[dict] | None = None):
+        """`rows`: the rows a resumed run keeps (metrics.jsonl goes on after them)."""
         self.run_dir = run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.json",
                           json.dumps({**cfg.to_dict(), **(extra or {})}, indent=2,
                                      sort_keys=True))
         self.metrics_path = run_dir / "metrics.jsonl"
-        atomic_write_text(self.metrics_path, "")
-        self.rows: list[dict] = []
+        self.rows: list[dict] = list(rows or [])
+        atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in self.rows))
         self.events = _event_writer(run_dir)
         self._train: dict[int, dict] = {}
         self._t_last = time.perf_counter()
@@ -87,7 +89,8 @@ class RunRecorder:
             "missing": train.get("missing", []),
             "clients": train.get("clients", []),
         }
-        for key in ("rejections", "budget_exhausted", "forget_nodes", "unlearning", "fleet"):
+        for key in ("rejections", "budget_exhausted", "forget_nodes", "unlearning", "fleet",
+                    "robust", "contribution"):
             if train.get(key):
                 row[key] = train[key]
         row.update({k: metrics[k] for k in EXTRA_METRICS if k in metrics})

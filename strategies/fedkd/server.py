@@ -13,7 +13,7 @@ from strategies.fedkd.evaluation import FedKDServer
 from task.results import RunRecorder, write_plots
 from strategies.fedkd.math import device_view
 from strategies.fedkd.strategy import FedKDStrategy
-from task.config import RunConfig
+from task.config import ConfigError, RunConfig
 from task.lora import state_nbytes
 from task.records import from_record, to_record
 from task.logs import get_logger
@@ -23,6 +23,12 @@ log = get_logger()
 
 def run(grid: Grid, context: Context, cfg: RunConfig) -> Path:
     """The ServerApp's FedKD run; a ConfigError before the first round means nothing ran."""
+    if cfg.resume:
+        raise ConfigError(
+            f"resume='{cfg.resume}': strategy='fedkd' cannot resume exactly: each device's "
+            "private local module lives in its state folder of that run (<state-dir>/run-<id>/), "
+            "which a new run id does not reach. Start a new run (resume=''); the interrupted "
+            "run's folder keeps the metrics of its finished rounds")
     server = FedKDServer.prepare(cfg)
     run_dir = (Path(cfg.results_dir) / str(context.run_id)).resolve()
     initial = server.initial_state()

@@ -162,6 +162,42 @@ class FleetClock:
                 "selected": len(plan.nodes) if plan else 0, "round_sim_s": slowest,
                 "sim_clock_s": self.clock_s, "devices": devices}
 
+    def snapshot(self, key) -> dict:
+        """The clock, each member (by `key(node)`, its partition-based name) and a markov
+        availability's random state: what an exact resume needs (JSON-able)."""
+        avail = None
+        if self._avail is not None:
+            a = self._avail
+            avail = {"partitions": list(a.partitions), "rng": a.rng.bit_generator.state,
+                     "online": a.online.tolist(), "phase": a.phase.tolist()}
+        return {"clock_s": self.clock_s, "availability": avail,
+                "members": [{"device": key(n), "partition": m.partition,
+                             "last_round": m.last_round, "train_s": m.train_s,
+                             "examples": m.examples, "loss": m.loss}
+                            for n, m in self.members.items()]}
+
+    def restore(self, saved: dict, node_of: dict[str, int], profile_of_key) -> None:
+        """Take up `snapshot`: members under the node ids `node_of` gives their names."""
+        self.clock_s = float(saved["clock_s"])
+        self.members = {}
+        for m in saved["members"]:
+            node = node_of[m["device"]]
+            self.members[node] = Member(node, int(m["partition"]),
+                                        profile_of_key(m["device"]), int(m["last_round"]),
+                                        float(m["train_s"]), int(m["examples"]),
+                                        float(m["loss"]))
+        a = saved.get("availability")
+        self._avail = None
+        if a:
+            by_partition = {m.partition: m.profile for m in self.members.values()}
+            avail = Availability(self.availability, a["partitions"],
+                                 [by_partition.get(p, UNKNOWN) for p in a["partitions"]],
+                                 self.seed)
+            avail.rng.bit_generator.state = a["rng"]
+            avail.online = np.asarray(a["online"], dtype=bool)
+            avail.phase = np.asarray(a["phase"], dtype=np.float64)
+            self._avail = avail
+
 
 def make_fleet(cfg: RunConfig) -> FleetClock:
     """The run's fleet from `fleet.*`: a bad fleet file or availability trace fails here,

@@ -4,10 +4,13 @@
 `federate` drives the rounds of any HeterogeneousLoRA strategy over any Grid (Flower's, or a
 test's in-process one), evaluating after every round and writing `results/<run-id>/`.
 Other algorithms built on the same strategy (unlearning) reuse both with their own strategy.
+With `resume='results/<run-id>'` (R3), `prepare_run` reads that folder's checkpoint
+(`strategies.lora.checkpoint`) and `federate` goes on from its round, writing into it.
 """
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,16 +20,22 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid
 
+from strategies.lora import checkpoint
+from strategies.lora.checkpoint import Checkpoint
 from strategies.lora.strategy import HeterogeneousLoRA
 from strategies.registry import run_guards
 from task.config import RunConfig
 from task.evaluation import ServerTask
 from task.logs import get_logger
 from task.lora import State, state_nbytes
+from task.options import ConfigError
 from task.records import from_record, to_record
 from task.results import RunRecorder, write_plots
 
 log = get_logger()
+
+# exact resume (`resume`): the strategy's `checkpoint_state` holds all it keeps between rounds
+RESUMABLE = True
 
 
 @dataclass
@@ -37,6 +46,7 @@ class RunPlan:
     run_dir: Path
     initial: State
     resumes: Any = None  # what a run guard asked this run to resume (unlearning)
+    resumed: Checkpoint | None = None  # the checkpoint `resume` continues (R3)
 
 
 def prepare_run(cfg: RunConfig, run_id: int,
@@ -45,12 +55,20 @@ def prepare_run(cfg: RunConfig, run_id: int,
     """Data, model, starting adapter and what the run guards say (an unfinished unlearning
     request): a ConfigError here means nothing was trained. `start_from(cfg, resumes)`
     gives (adapter folder, what names it in errors) to start from a saved adapter; '' =
-    a fresh adapter."""
+    a fresh adapter. With `resume`, the run goes on from its folder's checkpoint (checked
+    first: a refusal changes nothing there)."""
+    resumed = checkpoint.load(cfg) if cfg.resume else None
     resumes = None
     for guard in run_guards():
         cfg, found = guard(cfg)
         resumes = resumes or found
+    if resumed is not None and resumes is not None:
+        raise ConfigError(f"resume='{cfg.resume}': an unfinished unlearning request "
+                          f"({resumes.path}) must be finished first: run it without resume")
     task = ServerTask.prepare(cfg)
+    if resumed is not None:
+        initial = checkpoint.check_global(resumed, task.initial_state(), cfg, task.label_names)
+        return RunPlan(cfg, task, run_id, resumed.run_dir, initial, None, resumed)
     adapter, key = start_from(cfg, resumes) if start_from else ("", "")
     initial = task.load_state(Path(adapter).expanduser().resolve(), key) if adapter else \
         task.initial_state()
@@ -61,23 +79,47 @@ def prepare_run(cfg: RunConfig, run_id: int,
 def federate(grid: Grid, plan: RunPlan,
              make_strategy: Callable[[RunPlan, RunRecorder], HeterogeneousLoRA] | None = None,
              finish: Callable[[RunRecorder], None] | None = None) -> Path:
-    """All rounds of the run, evaluated after each; the adapter, metrics and plots."""
-    cfg, task, run_dir = plan.cfg, plan.task, plan.run_dir
-    recorder = RunRecorder(run_dir, cfg, extra={
-        "run_id": plan.run_id, "label_names": list(task.label_names),
-        "data_source": task.data_source, "global_adapter_bytes": state_nbytes(plan.initial)})
+    """All rounds of the run, evaluated after each; the adapter, metrics and plots. Every
+    finished round is checkpointed (`results/<run-id>/checkpoint/`); a resumed run
+    (`plan.resumed`) trains the rounds after its checkpoint's."""
+    cfg, task, run_dir, resumed = plan.cfg, plan.task, plan.run_dir, plan.resumed
+    done = resumed.round if resumed else 0  # rounds finished before this run
+    extra = {"run_id": plan.run_id, "label_names": list(task.label_names),
+             "data_source": task.data_source, "global_adapter_bytes": state_nbytes(plan.initial)}
+    run_ids = [plan.run_id]
+    if resumed is not None:
+        run_ids = resumed.run_ids + [plan.run_id]
+        extra |= {"run_id": resumed.config_json.get("run_id", run_ids[0]),
+                  "resumed": resumed.config_json.get("resumed", []) + [
+                      {"run_id": plan.run_id, "after_round": done}]}
+    recorder = RunRecorder(run_dir, cfg, extra=extra, rows=resumed.rows if resumed else None)
     log.info("%s: %s at r_max=%d, %d rounds; results in %s", cfg.strategy, cfg.model,
              cfg.r_max, cfg.total_rounds, run_dir)
     strategy = (make_strategy(plan, recorder) if make_strategy else HeterogeneousLoRA(
         cfg, task.label_names, on_train_round=recorder.record_train))
+    if resumed is not None:
+        strategy.restore_checkpoint(resumed.strategy_state, resumed.arrays)
+        checkpoint.set_rng_state(resumed.state["rng"])
+        checkpoint.shift_rounds(strategy, done)
+        log.info("resuming %s after round %d of %d (run ids %s): Flower counts the %d rounds "
+                 "left from 1, they are rounds %d..%d", run_dir, done, cfg.total_rounds,
+                 run_ids, cfg.total_rounds - done, done + 1, cfg.total_rounds)
+    else:
+        random.seed(cfg.seed)  # Flower samples nodes with `random`: seeded, and checkpointed
     phase_of = getattr(strategy, "phase", lambda rnd: "train")
     final = {"state": plan.initial}
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        if resumed is not None and server_round == 0:  # start's "round 0": round `done`
+            row = recorder.rows[-1]
+            return MetricRecord({"accuracy": row["accuracy"], "loss": row["loss"]})
+        server_round += done
         final["state"] = from_record(arrays)
         t0 = time.perf_counter()
         metrics = {**task.evaluate(final["state"]), "eval_s": time.perf_counter() - t0}
         row = recorder.record_eval(server_round, metrics, phase_of(server_round))
+        checkpoint.save(run_dir, server_round, cfg, task.label_names, final["state"],
+                        strategy, recorder.rows, run_ids)
         log.info("round %d (%s): accuracy %.4f loss %.4f (%d devices, %d rejected, agg. "
                  "error %s)", server_round, row["phase"], metrics["accuracy"],
                  metrics["loss"], len(row["clients"]), row["rejected"],
@@ -86,7 +128,7 @@ def federate(grid: Grid, plan: RunPlan,
 
     started = time.perf_counter()
     strategy.start(grid=grid, initial_arrays=to_record(plan.initial),
-                   num_rounds=cfg.total_rounds, timeout=cfg.round_timeout,
+                   num_rounds=cfg.total_rounds - done, timeout=cfg.round_timeout,
                    train_config=ConfigRecord({}), evaluate_fn=evaluate_fn)
     task.save_adapter(final["state"], run_dir / "adapter")
     write_plots(recorder.rows, run_dir / "plots")

@@ -36,6 +36,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from strategies.fleet.model import FleetProfile
 from strategies.fleet.scheduler import FleetClock, LatestUpdates, make_fleet
+from strategies.robust.aggregate import RobustRound, s6_active
 from strategies.lora.math import (AGGREGATORS, DELTA_AGGREGATORS, aggregation_error,
                                   check_reply)
 from task.capability import Measured, choose_rank, memory_needed_mib
@@ -99,6 +100,37 @@ class HeterogeneousLoRA(FedAvg):
         self.fleet: FleetClock = make_fleet(cfg)
         self.latest = LatestUpdates(cfg.r_max) if cfg.fleet.selection == "fedlaavg" else None
         self._bytes_at_rank: dict[int, int] = {}  # rank -> uplink bytes (for the clock)
+        # S6: robust aggregation on products and contributions (None: off)
+        self.robust = RobustRound(cfg, tuple(label_names)) if s6_active(cfg) else None
+        if self.robust is not None:
+            self._check_robust()
+
+    @property
+    def trust(self) -> dict[int, float]:
+        """S6 trust per node: its last weight in the aggregate x K (1 = an equal share);
+        empty without robust.*."""
+        return self.robust.trust if self.robust is not None else {}
+
+    @trust.setter
+    def trust(self, value: dict[int, float]) -> None:
+        if self.robust is not None:
+            self.robust.trust = dict(value)
+
+    def _check_robust(self) -> None:
+        """robust.* replaces `_aggregate` of the LoRA aggregations on factors only."""
+        cfg, why = self.cfg, ""
+        if type(self)._aggregate is not HeterogeneousLoRA._aggregate:
+            why = f"strategy='{cfg.strategy}' aggregates its own way"
+        elif cfg.merges_into_base:
+            why = f"strategy='{cfg.strategy}' merges updates into the frozen weights"
+        elif cfg.fleet.selection == "fedlaavg":
+            why = "fleet.selection='fedlaavg' aggregates every device's stored update"
+        if why:
+            raise ConfigError(f"robust.aggregator='{cfg.robust.aggregator}' / robust."
+                              f"contribution='{cfg.robust.contribution}' work on the LoRA "
+                              f"aggregations of factors (fedavg, hetlora, flexlora, rankwise,"
+                              f" hetlora-sw, flexlora-delta), but {why}: set robust.aggregator"
+                              "='none' robust.contribution='off' or pick one of those")
 
     # ----------------------------------------------------------------- who is who
     def _learn_profiles(self, grid: Grid, node_ids: Iterable[int]) -> None:
@@ -313,7 +345,20 @@ class HeterogeneousLoRA(FedAvg):
             self.on_train_round(server_round, info)
             return None, None
         nodes, states, counts, _ = map(list, zip(*accepted))
-        new_state = self._aggregate(states, counts, nodes)
+        new_state = None
+        if self.robust is not None:  # S6: robust statistic / contributions on products
+            try:
+                new_state, s6 = self.robust.aggregate(
+                    server_round, self._round_start, [self._sent[n][0] for n in nodes],
+                    states, counts, nodes)
+            except ConfigError as err:  # e.g. too few replies for Krum this round
+                log.warning("round %d: robust.aggregator='%s' cannot aggregate these %d "
+                            "replies (%s); keeping the previous global model", server_round,
+                            self.cfg.robust.aggregator, len(states), err)
+                new_state, s6 = self._round_start, {"robust": {"skipped": str(err)}}
+            info.update(s6)
+        if new_state is None:
+            new_state = self._aggregate(states, counts, nodes)
         info["aggregation_error"] = aggregation_error(new_state, states, counts)
         self.on_train_round(server_round, info)
         weights = np.asarray(counts, dtype=np.float64) / sum(counts)
@@ -351,3 +396,104 @@ class HeterogeneousLoRA(FedAvg):
             sent = [self._sent[node][0] for node in nodes]
             return self.delta_fn(self._round_start, sent, states, counts, self.cfg.r_max)
         return self.aggregate_fn(states, counts, self.cfg.r_max)
+
+    # ----------------------------------------------------------------- exact resume (R3)
+    def checkpoint_state(self) -> tuple[dict, State]:
+        """This strategy's state for an exact resume (`strategies.lora.checkpoint`): (JSON-able
+        dict, arrays). Per-device entries are keyed by partition id (`p3`; `n<node id>` for
+        a device without one): a resumed simulation gives every device a new node id.
+        Subclasses add theirs, or set `refuse_resume` to the reason they cannot resume."""
+        key = self._checkpoint_key
+        profiles = {k: dict(v) for k, v in getattr(self, "_restored_profiles", {}).items()
+                    if k in getattr(self, "_pending", {})}  # not seen again yet
+        profiles.update({key(n): {"device": p.device, "rank": p.rank,
+                                  "partition_id": p.partition_id}
+                         for n, p in self.profiles.items()})
+        meta = {"profiles": profiles,
+                "exhausted": {key(n): eps for n, eps in self.exhausted.items()},
+                "capability": {key(n): c for n, c in self.capability.items()},
+                "trust": {key(n): float(t) for n, t in
+                          (getattr(self, "trust", None) or {}).items()},
+                "fleet": self.fleet.snapshot(key), "latest": None}
+        arrays: State = {}
+        if self.latest is not None:
+            meta["latest"] = [{"device": key(n), "examples": int(count)}
+                              for n, (_, count) in self.latest.updates.items()]
+            for n, (update, _) in self.latest.updates.items():
+                arrays.update({f"latest/{key(n)}/{k}": v for k, v in update.items()})
+        return meta, arrays
+
+    def _checkpoint_key(self, node: int) -> str:
+        held = getattr(self, "_placeholder_keys", {})
+        if node in held:
+            return held[node]
+        profile = self.profiles.get(node)
+        if profile is not None and profile.partition_id >= 0:
+            return f"p{profile.partition_id}"
+        return f"n{node}"
+
+    def restore_checkpoint(self, meta: dict, arrays: State) -> None:
+        """Take up `checkpoint_state`'s output. Until a device is met again (its profile
+        QUERY, in this run under a new node id), its entries wait under a placeholder id
+        (negative); `_adopt_restored` moves them to the device's node id and keeps the
+        rank it trained at."""
+        self._restored_profiles = {k: dict(v) for k, v in meta["profiles"].items()}
+        self._pending = {k: -(i + 1) for i, k in enumerate(self._restored_profiles)}
+        self._placeholder_keys = {v: k for k, v in self._pending.items()}
+        held = self._pending
+        self.exhausted = {held[k]: float(v) for k, v in meta["exhausted"].items()}
+        self.capability = {held[k]: v for k, v in meta["capability"].items()}
+        if meta.get("trust") or hasattr(self, "trust"):
+            self.trust = {held[k]: float(v) for k, v in meta.get("trust", {}).items()}
+        self.fleet.restore(meta["fleet"], held, lambda k: self.fleet.profile_of(
+            self._restored_profiles[k]["device"]))
+        if self.latest is not None:
+            for entry in meta.get("latest") or []:
+                prefix = f"latest/{entry['device']}/"
+                update = {name[len(prefix):]: np.array(v) for name, v in arrays.items()
+                          if name.startswith(prefix)}
+                self.latest.updates[held[entry["device"]]] = (update, int(entry["examples"]))
+        learn = self._learn_profiles
+
+        def learn_and_adopt(grid: Grid, node_ids: Iterable[int]) -> None:
+            learn(grid, node_ids)
+            self._adopt_restored()
+
+        self._learn_profiles = learn_and_adopt
+
+    def _adopt_restored(self) -> None:
+        """Devices of the interrupted run met again: their saved entries move from the
+        placeholder id to the node id, and they keep the rank they trained at."""
+        from dataclasses import replace
+
+        for node, profile in list(self.profiles.items()):
+            key = f"p{profile.partition_id}" if profile.partition_id >= 0 else f"n{node}"
+            placeholder = self._pending.pop(key, None)
+            if placeholder is None:
+                continue
+            self._placeholder_keys.pop(placeholder, None)
+            saved = self._restored_profiles[key]
+            if saved["rank"] != profile.rank or saved["device"] != profile.device:
+                log.warning("node %d (%s) trained as '%s' at rank %d before the interruption "
+                            "and stays so (it says '%s', rank %d now)", node, key,
+                            saved["device"], saved["rank"], profile.device, profile.rank)
+                self.profiles[node] = replace(profile, device=saved["device"],
+                                              rank=int(saved["rank"]))
+            for name in ("exhausted", "capability", "trust"):
+                table = getattr(self, name, None)
+                if isinstance(table, dict):
+                    setattr(self, name, _moved(table, placeholder, node))
+            if placeholder in self.fleet.members:
+                self.fleet.members = _moved(self.fleet.members, placeholder, node)
+                self.fleet.members[node].node = node
+            if self.latest is not None:
+                self.latest.updates = _moved(self.latest.updates, placeholder, node)
+            log.info("node %d is %s of the interrupted run: its state is restored", node, key)
+
+
+def _moved(table: dict, old: int, new: int) -> dict:
+    """`table` with key `old` renamed `new`, in place in the order (a value `new` already
+    had is replaced: the saved one is what the interrupted run used)."""
+    if old not in table:
+        return table
+    return {(new if k == old else k): v for k, v in table.items() if k != new}

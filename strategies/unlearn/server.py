@@ -19,6 +19,9 @@ from task.results import RunRecorder
 
 log = get_logger()
 
+# exact resume (`resume`) in the training rounds; after them `checkpoint_state` refuses
+RESUMABLE = True
+
 
 def guard(cfg: RunConfig) -> tuple[RunConfig, object]:
     """Before any training run: an unfinished request under results-dir is honoured

@@ -187,3 +187,17 @@ class FederatedUnlearning(HeterogeneousLoRA):
             # weighted means of hetlora / fedavg keep the devices' orthogonality exactly.
             aggregate = remove_drift([aggregate], self._global, self.before, self.cfg.r_max)[0]
         return aggregate
+
+    def checkpoint_state(self) -> tuple[dict, State]:
+        """Training rounds resume exactly (`resume`); once unlearning has started, the
+        opting-out devices' own copies of the module are gone with the interrupted run, and
+        the request's own recovery (a plain rerun) takes over."""
+        meta, arrays = super().checkpoint_state()
+        if self.before is not None:
+            meta["refuse_resume"] = (
+                "unlearning had started, and the opting-out devices' copies of the module "
+                "(they apply the projected updates to them) ended with the interrupted run. "
+                "Its request (unlearning.json in that folder) is finished from its saved "
+                "before-unlearning adapter by a rerun with strategy='unlearn', the same "
+                "unlearn.clients and resume=''")
+        return meta, arrays
