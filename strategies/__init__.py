@@ -5,3 +5,4 @@ from strategies import registry  # noqa: F401  (first: the plug-ins register int
 from strategies import lora  # noqa: F401  fedavg, hetlora, flexlora (S1)
 from strategies import fedkd  # noqa: F401  fedkd (S3)
 from strategies import unlearn  # noqa: F401  unlearn (S4)
+from strategies import submodel  # noqa: F401  submodel (S7)

