@@ -149,3 +149,24 @@ def test_every_contribution_drop_is_counted_and_logged_with_its_node(tiny_bert, 
     dropped = {str(r["node_id"]) for r in entry["refusals"] if r["refused"]}
     assert dropped == {n for n, w in entry["contribution_weights"].items() if w == 0.0}
     assert entry["dropped"] == len(dropped) >= 1
+
+
+def test_batched_per_example_gradients_equal_one_backward_per_example(tiny_bert, agnews,
+                                                                      tmp_path, monkeypatch):
+    """The Linear hooks' per-example gradients (batches of 8) give the same mean gradient
+    and diagonal Fisher as one backward per example."""
+    raw = _raw(tiny_bert, agnews, tmp_path)
+    cfg = RunConfig.from_run_config(raw)
+    plan = prepare_run(cfg, run_id=4)
+    state = plan.initial
+    rng = np.random.default_rng(1)
+    trained = {k: v + 0.05 * rng.standard_normal(v.shape).astype(v.dtype)
+               for k, v in state.items()}
+    update = update_of(state, trained)
+    space = ProductSpace(cfg, plan.task.label_names, plan.task.test.subset(range(11)))
+    g, fisher, losses = space.gradients(state, update, list(update))
+    monkeypatch.setattr(ProductSpace, "_linear_of", lambda self, params: None)
+    g1, fisher1, losses1 = space.gradients(state, update, list(update))
+    np.testing.assert_allclose(losses, losses1, rtol=1e-5)
+    np.testing.assert_allclose(g, g1, rtol=1e-4, atol=1e-7 * np.abs(g1).max())
+    np.testing.assert_allclose(fisher, fisher1, rtol=1e-4, atol=1e-7 * fisher1.max())

@@ -26,14 +26,18 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from strategies.robust.math import Update
 from task.config import RunConfig
 from task.data import Examples, encode_batch
-from task.families import training_loss
+from task.families import family, training_loss
 from task.lora import BASE_DELTA, State, factors, is_lora_key, lora_layers
 from task.model import (get_lora_model, load_tokenizer, resolve_model_source,
                         set_trainable_state, torch_device)
+
+
+BATCH = 8  # examples per backward for the batched per-example gradients
 
 
 class ProductSpace:
@@ -79,25 +83,88 @@ class ProductSpace:
         """(g, F, losses): the mean gradient (D,) of the examples' losses w.r.t. the point's
         coordinates in the order of `keys` (layer prefixes, dense keys: `strategies.robust.
         math.stack`'s), the diagonal empirical Fisher F_p = mean_i g_ip^2 (D,), and the
-        (N,) losses. One backward per example; only running sums are kept (2 D floats)."""
+        (N,) losses. Only running sums are kept (2 D floats).
+
+        Classification families (`seq-cls`, `lm-cls`) take one forward + backward per batch
+        of `BATCH` examples: every coordinate is a Linear layer's weight or bias, whose
+        per-example gradient is sum_t delta_t x_t^T from its input x and output gradient
+        delta, captured by hooks (as Opacus's grad samplers do). `causal-lm` (a loss per
+        response token) and any other parameter take one backward per example."""
         self._load(previous, update)
         self.model.eval()
         params = self._parameters(keys)
+        linear = self._linear_of(params) if family(self.cfg).labelled else None
         total = squares = None
-        losses = []
+        losses: list[float] = []
         with _trainable([p for p, _ in params.values()]):
-            for batch in self._batches:
-                self.model.zero_grad(set_to_none=True)
-                loss = training_loss(self.cfg, self.model, dict(batch))
-                loss.backward()
-                losses.append(float(loss.detach()))
-                g = np.concatenate([(scale * param.grad.detach().double().cpu().numpy()).ravel()
-                                    for param, scale in (params[k] for k in keys)])
-                total = g.copy() if total is None else total + g
-                squares = g * g if squares is None else squares + g * g
+            for rows, batch_losses in (self._batched(linear, keys, params) if linear else
+                                       self._one_by_one(keys, params)):
+                total = rows.sum(0) if total is None else total + rows.sum(0)
+                squares = (rows * rows).sum(0) if squares is None else \
+                    squares + (rows * rows).sum(0)
+                losses.extend(batch_losses)
         self.model.zero_grad(set_to_none=True)
-        n = len(self._batches)
+        n = len(losses)
         return total / n, squares / n, np.array(losses)
+
+    def _one_by_one(self, keys, params):
+        for batch in self._batches:
+            self.model.zero_grad(set_to_none=True)
+            loss = training_loss(self.cfg, self.model, dict(batch))
+            loss.backward()
+            yield np.concatenate([(scale * param.grad.detach().double().cpu().numpy()).ravel()
+                                  for param, scale in (params[k] for k in keys)])[None, :], \
+                [float(loss.detach())]
+
+    def _linear_of(self, params) -> dict[str, tuple[torch.nn.Linear, str]] | None:
+        """key -> (the nn.Linear holding its tensor, 'weight' or 'bias'); None if a tensor
+        is not a Linear's (then the per-example loop is used)."""
+        owner = {}
+        for module in self.model.modules():
+            if isinstance(module, torch.nn.Linear):
+                for attr in ("weight", "bias"):
+                    tensor = getattr(module, attr, None)
+                    if tensor is not None:
+                        owner[id(tensor)] = (module, attr)
+        out = {key: owner.get(id(param)) for key, (param, _) in params.items()}
+        return None if None in out.values() else out
+
+    def _batched(self, linear, keys, params):
+        """(B, D) per-example gradients and B losses per batch of BATCH examples."""
+        captured: dict[int, list] = {}
+
+        def forward_hook(module, inputs, output):
+            slot = captured.setdefault(id(module), [None, None])
+            slot[0] = inputs[0].detach()
+            output.register_hook(lambda grad: slot.__setitem__(1, grad.detach()))
+
+        handles = [m.register_forward_hook(forward_hook)
+                   for m in {id(m): m for m, _ in linear.values()}.values()]
+        try:
+            examples = self.examples
+            for start in range(0, len(examples), BATCH):
+                chunk = examples.subset(range(start, min(start + BATCH, len(examples))))
+                batch = {k: v.to(torch_device()) for k, v in
+                         encode_batch(self.tokenizer, chunk, self.cfg).items()}
+                self.model.zero_grad(set_to_none=True)
+                captured.clear()
+                logits, labels = family(self.cfg).outputs(self.model, dict(batch))
+                per_example = F.cross_entropy(logits, labels, reduction="none")  # (B,)
+                per_example.sum().backward()
+                rows = []
+                for key in keys:
+                    module, attr = linear[key]
+                    x, delta = captured[id(module)]
+                    x = x.reshape(x.shape[0], -1, x.shape[-1]).double()           # (B, T, in)
+                    delta = delta.reshape(delta.shape[0], -1, delta.shape[-1]).double()
+                    grad = torch.einsum("bto,bti->boi", delta, x) if attr == "weight" \
+                        else delta.sum(1)                                         # (B, ...)
+                    rows.append((params[key][1] * grad).reshape(grad.shape[0], -1))
+                yield torch.cat(rows, dim=1).cpu().numpy(), \
+                    per_example.detach().double().cpu().tolist()
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def _parameters(self, keys: Sequence[str]) -> dict[str, tuple[torch.nn.Parameter, float]]:
         """key -> (the tensor whose gradient it is, the factor to its coordinates): a layer
