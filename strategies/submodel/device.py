@@ -8,8 +8,15 @@
   current values (`submodel.ids`, `submodel.rows`). The device puts those rows in its table
   (it holds the frozen base model, so every other row is the pre-trained one), trains its
   own rows together with the adapter (one parameter, read by the input embedding and the
-  tied head), and replies with the adapter and the rows: values and counts, count 0 for
-  decoys (sent back unchanged, or dropped with `submodel.upload-decoys=false`).
+  tied head), and replies with the adapter and the rows:
+  - `submodel.secure` (default): the message also holds the union U of the round's
+    requests (`submodel.union`) and the round's devices (config `submodel-peers`); the
+    device uploads `submodel.masked`, uint64 [|U|, d + 1]: for each row of U the fixed-point
+    (count x value, count) of its own rows (zeros for decoys and rows it does not hold) plus
+    the pairwise masks of `math.masked_upload`, seeded from the group secret
+    (`--node-config row-secret`; in simulation a per-run value the server could also
+    compute: see `row_secret`). Fewer than 2 devices in the round: the rows are withheld;
+  - otherwise: its own rows as (ids, values, counts) in the clear.
 """
 
 from __future__ import annotations
@@ -18,7 +25,8 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from strategies.lora.device import Round
-from strategies.submodel.math import decoy_rate, request_rows, touched_rows
+from strategies.submodel.math import (decoy_rate, masked_upload, plain_upload, request_rows,
+                                      touched_rows)
 from strategies.submodel.rows import applied_rows, trainable_rows
 from task.config import RunConfig
 from task.data import batches, encode_batch
@@ -30,6 +38,11 @@ from task.records import from_record, to_record
 log = get_logger()
 
 IDS, ROWS, COUNTS = "submodel.ids", "submodel.rows", "submodel.counts"
+UNION, MASKED = "submodel.union", "submodel.masked"  # secure aggregation (down / up)
+PEERS = "submodel-peers"  # config: the node ids of the round's devices (secure aggregation)
+SECRET = "row-secret"  # --node-config key: the group secret the pairwise mask seeds come from
+_WARNED: set[int] = set()
+MIN_PEERS = 2  # fewer devices in a round: the server would see one device's rows in the sum
 _STATE = "submodel"  # context.state record: this device's request (ids, own?, counts)
 
 
@@ -75,6 +88,22 @@ def _stored(context: Context) -> dict[str, np.ndarray] | None:
     return {k: v.numpy() for k, v in context.state[_STATE].items()}
 
 
+def row_secret(context: Context, cfg: RunConfig) -> str:
+    """The group secret of the pairwise masks: `--node-config row-secret=...` (the same on
+    every device, never given to the server). Without it (simulation) the documented
+    fallback `simulation/<run id>/<seed>` is used: the server could compute it too, so a
+    simulated run shows the protocol's bytes and arithmetic, not its secrecy."""
+    secret = str(context.node_config.get(SECRET, ""))
+    if secret:
+        return secret
+    if context.node_id not in _WARNED:
+        _WARNED.add(context.node_id)
+        log.warning("node %d: no --node-config %s: the masks use the simulation fallback, "
+                    "which the server could recompute (set a group secret on real devices)",
+                    context.node_id, SECRET)
+    return f"simulation/{context.run_id}/{cfg.seed}"
+
+
 def rows(msg: Message, context: Context, cfg: RunConfig) -> Message:
     """QUERY `rows`: this device's (decoy-padded) request, the same every time it is asked."""
     ask = msg.content["config"]
@@ -97,6 +126,7 @@ def train(msg: Message, context: Context, cfg: RunConfig) -> Message:
     rnd = Round.of(msg, context, cfg)
     payload = from_record(msg.content["arrays"])
     ids, values = payload.pop(IDS), payload.pop(ROWS)
+    union = payload.pop(UNION, None)
     state = rnd.checked(payload)
     request = _stored(context)
     if request is None or not np.array_equal(ids, request["ids"]):
@@ -117,15 +147,24 @@ def train(msg: Message, context: Context, cfg: RunConfig) -> Message:
             new_state, n, metrics = train_round(train_cfg, rnd.info, rnd.label_names,
                                                 rnd.rank, state, rnd.server_round,
                                                 tag=rnd.tag, r_max=rnd.r_max)
-    send = slice(None) if cfg.submodel.upload_decoys else own
-    uplink = {**new_state, IDS: ids[send], ROWS: new_values[send],
-              COUNTS: request["counts"][send]}
-    moved = float(np.abs(new_values[own] - values[own]).max()) if own.any() else 0.0
-    reply = RecordDict({
-        "arrays": to_record(uplink),
-        "metrics": MetricRecord({"num-examples": n, "train-loss": metrics["train_loss"],
-                                 "train-s": metrics["train_s"], "rank": rnd.rank,
-                                 "steps": metrics["steps"], "rows-trained": int(own.sum()),
-                                 "rows-max-change": moved}),
-    })
+    info = {"num-examples": n, "train-loss": metrics["train_loss"],
+            "train-s": metrics["train_s"], "rank": rnd.rank, "steps": metrics["steps"]}
+    if union is None:  # plain uplink: the own rows (no decoys: the request is the own set)
+        uplink = {**new_state, IDS: ids, ROWS: new_values, COUNTS: request["counts"]}
+        moved = float(np.abs(new_values[own] - values[own]).max()) if own.any() else 0.0
+        info.update({"rows-trained": int(own.sum()), "rows-max-change": moved})
+    else:  # secure aggregation: only masked per-row shares over the union U
+        peers = [int(p) for p in msg.content["config"][PEERS]]
+        uplink = dict(new_state)
+        if len(peers) < MIN_PEERS:
+            log.warning("%s %d device(s) in the round: rows withheld (secure aggregation "
+                        "needs at least %d)", rnd.tag, len(peers), MIN_PEERS)
+            info["rows-withheld"] = 1
+        else:
+            plain = plain_upload(np.asarray(union, np.int64), ids, new_values,
+                                 request["counts"], cfg.submodel.secure_bits, len(peers))
+            uplink[MASKED] = masked_upload(plain, context.node_id, peers,
+                                           row_secret(context, cfg), context.run_id,
+                                           rnd.server_round)
+    reply = RecordDict({"arrays": to_record(uplink), "metrics": MetricRecord(info)})
     return Message(reply, reply_to=msg)

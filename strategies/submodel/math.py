@@ -15,11 +15,18 @@ the decoys that hide them, and the per-row weighted aggregation.
 - `aggregate_rows`: per row r, sum_k c_kr v_kr / sum_k c_kr over the devices that sent row r
   with a positive count c_kr; rows with no positive count (decoys, untouched rows) keep
   their value.
+- secure aggregation of the row uplink (Bonawitz et al., CCS 2017, simplified): each device
+  of a round uploads, for every row of the round's union U of requests, the fixed-point
+  pair (c_kr x_kr, c_kr) (zeros for rows it does not hold or holds as decoys) plus pairwise
+  masks that cancel in the sum over the round's devices (`plain_upload`, `masked_upload`);
+  the server learns only the per-row sums (`unmask_sums`) and from them the same per-row
+  weighted average (`aggregate_sums`).
 A global table is kept sparse: (ids, values) of the rows that differ from the base model.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -131,6 +138,12 @@ def aggregate_rows(ids: np.ndarray, values: np.ndarray, updates: Sequence[RowUpd
         c = u.counts.astype(np.float64)
         np.add.at(weight, at, c)
         np.add.at(total, at, c[:, None] * u.values.astype(np.float64))
+    return _merge(ids, values, rows, total, weight)
+
+
+def _merge(ids: np.ndarray, values: np.ndarray, rows: np.ndarray, total: np.ndarray,
+           weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The sparse table with rows `rows` where `weight` > 0 set to total / weight."""
     moved = weight > 0
     new_ids, new_vals = rows[moved], (total[moved] / weight[moved, None]).astype(values.dtype)
     keep = ~np.isin(ids, new_ids)
@@ -155,3 +168,105 @@ def lookup(ids: np.ndarray, values: np.ndarray, wanted: np.ndarray, base: np.nda
 def row_bytes(rows: int, dim: int, counts: bool = False, value_bytes: int = 4) -> int:
     """Payload bytes of `rows` rows: int64 ids, float values (and float32 counts)."""
     return rows * (8 + dim * value_bytes + (4 if counts else 0))
+
+
+# ---------------------------------------------------------------- secure aggregation
+# Fixed point modulo 2^64: x -> round(x * 2^bits) as a two's-complement int64 (uint64 on the
+# wire); sums of uint64 arrays wrap modulo 2^64 (numpy), so masks cancel exactly. The sum of
+# the true values must stay inside int64: |sum_k c_kr x_kr| * 2^bits < 2^63. A device checks
+# its own share against 2^(63 - bits) / K (K devices in the round), which bounds the sum.
+MAX_COUNT_SUM = 1 << 48  # a per-row count sum above this is not a sum of real counts
+
+
+def value_bound(bits: int, devices: int) -> float:
+    """The largest |c x| one of `devices` devices may encode so that no sum overflows."""
+    return 2.0 ** (63 - bits) / max(devices, 1)
+
+
+def plain_upload(union: np.ndarray, ids: np.ndarray, values: np.ndarray, counts: np.ndarray,
+                 bits: int, devices: int) -> np.ndarray:
+    """One device's unmasked share, uint64 [|U|, d + 1]: for every row r of `union` (sorted)
+    held with a positive count c (its `ids`, `values`, `counts`), columns :d = fixed(c * x_r)
+    and column d = c; every other row (not held, or a decoy: count 0) is all zero.
+    ValueError if a row is not in the union, a count is not a whole number, or |c x| exceeds
+    `value_bound(bits, devices)`."""
+    dim = values.shape[1]
+    out = np.zeros((union.size, dim + 1), np.int64)
+    c = np.asarray(counts, np.float64)
+    held = c > 0
+    if not held.any():
+        return out.view(np.uint64)
+    pos = np.searchsorted(union, ids[held])
+    if (pos >= union.size).any() or not np.array_equal(union[np.minimum(pos, union.size - 1)],
+                                                       ids[held]):
+        raise ValueError("a row of this device is not in the round's union")
+    if not np.array_equal(c[held], np.rint(c[held])):
+        raise ValueError("row counts must be whole numbers")
+    weighted = c[held, None] * np.asarray(values, np.float64)[held]
+    bound = value_bound(bits, devices)
+    if not np.all(np.isfinite(weighted)) or np.abs(weighted).max() >= bound:
+        raise ValueError(f"count x value {np.abs(weighted).max():.3g} outside the fixed-point "
+                         f"range {bound:.3g} (2^(63-{bits}) / {devices} devices)")
+    out[pos, :dim] = np.rint(weighted * 2.0 ** bits).astype(np.int64)
+    out[pos, dim] = c[held].astype(np.int64)
+    return out.view(np.uint64)
+
+
+def pair_seed(secret: str, run_id: int, server_round: int, a: int, b: int) -> int:
+    """The 128-bit seed of the mask shared by devices a and b in a round (symmetric in a, b).
+    SecAgg agrees it by Diffie-Hellman between a and b; here it is derived from a group
+    secret every device holds and the server does not (see the README)."""
+    lo, hi = sorted((int(a), int(b)))
+    digest = hashlib.sha256(f"edge-lam/submodel/{secret}/{run_id}/{server_round}/{lo}/{hi}"
+                            .encode()).digest()
+    return int.from_bytes(digest[:16], "little")
+
+
+def pair_mask(seed: int, shape: tuple[int, ...]) -> np.ndarray:
+    """PRG(seed): uniform uint64 of `shape` (Philox keyed by the seed; a deployment would use
+    a cryptographic stream cipher such as AES-CTR or ChaCha20)."""
+    n = int(np.prod(shape))
+    return np.random.Philox(key=seed).random_raw(n).astype(np.uint64).reshape(shape)
+
+
+def masked_upload(plain: np.ndarray, me: int, peers: Sequence[int], secret: str,
+                  run_id: int, server_round: int) -> np.ndarray:
+    """plain + sum_{j > me} PRG(s_me,j) - sum_{j < me} PRG(s_j,me)  (mod 2^64): summed over
+    all of `peers` (the round's devices, `me` among them) the masks cancel."""
+    if me not in peers:
+        raise ValueError(f"device {me} is not among the round's devices")
+    out = np.array(plain, dtype=np.uint64, copy=True)
+    for j in sorted(set(int(p) for p in peers) - {int(me)}):
+        mask = pair_mask(pair_seed(secret, run_id, server_round, me, j), out.shape)
+        if j > me:
+            out += mask
+        else:
+            out -= mask
+    return out
+
+
+def unmask_sums(total: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """(per-row sums of c x [|U|, d] float64, per-row count sums [|U|] int64) from the sum
+    (mod 2^64) of every device's masked upload. ValueError when the sums are not those of
+    real uploads (a device's masks did not cancel: a count sum negative or implausibly
+    large, or values without a count)."""
+    signed = np.asarray(total, np.uint64).view(np.int64)
+    counts, sums = signed[:, -1], signed[:, :-1]
+    if (counts < 0).any() or (counts > MAX_COUNT_SUM).any():
+        raise ValueError("per-row count sums out of range: masks did not cancel")
+    if (sums[counts == 0] != 0).any():
+        raise ValueError("values in rows without a count: masks did not cancel")
+    return sums.astype(np.float64) / 2.0 ** bits, counts
+
+
+def aggregate_sums(ids: np.ndarray, values: np.ndarray, union: np.ndarray, sums: np.ndarray,
+                   counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The new sparse table from the per-row sums: rows of `union` with a positive count
+    sum become sums / counts; all other rows stay (as `aggregate_rows`)."""
+    return _merge(ids, values, np.asarray(union, np.int64), sums,
+                  np.asarray(counts, np.float64))
+
+
+def secure_row_bytes(union_rows: int, dim: int) -> int:
+    """Masked uplink bytes: |U| x (d + 1) uint64 (no ids: U is known to all)."""
+    return union_rows * (dim + 1) * 8

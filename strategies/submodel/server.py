@@ -91,8 +91,24 @@ def federate(grid: Grid, plan: RunPlan) -> Path:
     cfg, task, run_dir = plan.cfg, plan.task, plan.run_dir
     table = task.table()
 
+    made: list[SubmodelLoRA] = []
+
     def make_strategy(plan: RunPlan, recorder: RunRecorder) -> SubmodelLoRA:
-        return SubmodelLoRA(cfg, task.label_names, table, on_train_round=recorder.record_train)
+        strategy = SubmodelLoRA(cfg, task.label_names, table,
+                                on_train_round=recorder.record_train)
+        made.append(strategy)
+        record_eval = recorder.record_eval
+
+        def with_rows(server_round: int, metrics: dict, phase: str = "train",
+                      extra: dict | None = None) -> dict:
+            """metrics.jsonl's row + `secure_rows` (applied or skipped, and why)."""
+            rows_info = strategy.rows_log.pop(server_round, None)
+            if rows_info is not None:
+                extra = {**(extra or {}), "secure_rows": rows_info}
+            return record_eval(server_round, metrics, phase, extra)
+
+        recorder.record_eval = with_rows
+        return strategy
 
     def finish(recorder: RunRecorder) -> None:
         train_rows = [r for r in recorder.rows if r.get("clients")]
@@ -102,6 +118,10 @@ def federate(grid: Grid, plan: RunPlan) -> Path:
             "vocab_rows": int(table.shape[0]), "dim": int(table.shape[1]),
             "table_bytes": int(table.shape[0] * table.shape[1] * 4),
             "privacy": request_bound(cfg),
+            "secure_aggregation": {
+                "on": bool(made and made[-1].secure), "fixed_point_bits": cfg.submodel.secure_bits,
+                "rounds_rows_skipped": made[-1].rows_rounds_skipped if made else 0,
+                "secret": "simulation fallback unless --node-config row-secret is set"},
             "per_device_round": [{k: c.get(k) for k in (
                 "partition_id", "rows_requested", "rows_up", "rows_counted", "bytes_up",
                 "bytes_down")} for c in clients],

@@ -10,6 +10,16 @@ The global state is the LoRA adapter at r_max plus the token-embedding table kep
   rows (ids among those sent, finite values, counts >= 0), kept for `_aggregate`;
 - `_aggregate`: the LoRA aggregation of `submodel.aggregation`, and per row the
   count-weighted mean of the rows sent with a positive count (`math.aggregate_rows`).
+- `submodel.secure` (rows='touched', the default): private set union + secure aggregation.
+  The round's devices get the union U of their requests and the list of the round's
+  devices; each replies with a masked uint64 share [|U|, d + 1] that alone is uniformly
+  random. The server adds the shares modulo 2^64 (`_decode_uplink`, a running sum) and,
+  if every device of the round sent one, reads the per-row sums of c x and of c
+  (`math.unmask_sums`) and sets each row with a positive count sum to their ratio
+  (`math.aggregate_sums`). A device of the round whose share is missing (dropped out,
+  rejected) leaves the masks uncancelled: the round's rows are not updated (the LoRA
+  adapter still aggregates), which is logged and counted in metrics.jsonl (`secure_rows`).
+  SecAgg's recovery of a dropped device's masks by secret sharing is not implemented.
 """
 
 from __future__ import annotations
@@ -21,8 +31,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from strategies.lora.strategy import HeterogeneousLoRA
-from strategies.submodel.device import COUNTS, IDS, ROWS
-from strategies.submodel.math import RowUpdate, aggregate_rows, check_update, lookup
+from strategies.submodel.device import (COUNTS, IDS, MASKED, MIN_PEERS, PEERS, ROWS,
+                                        UNION)
+from strategies.submodel.math import (RowUpdate, aggregate_rows, aggregate_sums, check_update,
+                                      lookup, unmask_sums)
 from task.config import RunConfig
 from task.logs import get_logger
 from task.lora import State, is_base_delta_key, truncate_lora
@@ -51,6 +63,15 @@ class SubmodelLoRA(HeterogeneousLoRA):
         self.requests: dict[int, np.ndarray] = {}  # node -> requested ids (fixed)
         self._rows_up: dict[int, RowUpdate] = {}
         self.table_start: tuple[np.ndarray, np.ndarray] | None = None
+        # secure aggregation (rows='touched' and submodel.secure)
+        self.secure = cfg.submodel.secure and cfg.submodel.rows == "touched"
+        self._round = 0
+        self._peers: list[int] = []  # the round's devices (their masks cancel together)
+        self._union = np.zeros(0, np.int64)  # U: the union of their requests
+        self._sum: np.ndarray | None = None  # running sum (mod 2^64) of the masked shares
+        self._summed: set[int] = set()
+        self.rows_log: dict[int, dict] = {}  # round -> metrics.jsonl's `secure_rows`
+        self.rows_rounds_skipped = 0
 
     # ------------------------------------------------------------- who needs which rows
     def _learn_profiles(self, grid: Grid, node_ids: Iterable[int]) -> None:
@@ -87,7 +108,25 @@ class SubmodelLoRA(HeterogeneousLoRA):
         _, ids, rows = split_state(from_record(arrays))
         self.table_start = (ids, rows)
         self._rows_up.clear()
+        self._round, self._sum, self._summed = server_round, None, set()
+        if self.secure:
+            self.rows_log[server_round] = {"applied": False, "skipped": "no acceptable reply",
+                                           "skipped_total": self.rows_rounds_skipped}
         return super().configure_train(server_round, arrays, config, grid)
+
+    def _train_node_ids(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> list[int]:
+        """The round's devices; with secure aggregation also their union U (private set
+        union: the server learns U, in which the decoys pad every device's rows)."""
+        nodes = super()._train_node_ids(server_round, arrays, config, grid)
+        if self.secure:
+            self._peers = sorted(n for n in nodes if n in self.profiles and n in self.requests)
+            wanted = [self.requests[n] for n in self._peers]
+            self._union = np.unique(np.concatenate(wanted)) if wanted else \
+                np.zeros(0, np.int64)
+            log.info("round %d: secure aggregation of the rows over %d devices, union of "
+                     "%d rows", server_round, len(self._peers), self._union.size)
+        return nodes
 
     def _downlink(self, node: int, global_state: State, server_round: int
                   ) -> tuple[State, State, dict]:
@@ -95,7 +134,11 @@ class SubmodelLoRA(HeterogeneousLoRA):
         state = truncate_lora(lora, self.profiles[node].rank)
         wanted = self.requests[node]
         payload = {**state, IDS: wanted, ROWS: lookup(ids, rows, wanted, self.base)}
-        return payload, state, {"label-names": list(self.label_names)}
+        extra = {"label-names": list(self.label_names)}
+        if self.secure:
+            payload[UNION] = self._union
+            extra[PEERS] = [int(n) for n in self._peers]
+        return payload, state, extra
 
     def _payload_bytes(self, arrays: ArrayRecord, rank: int) -> int:
         """Adapter bytes at `rank` (the fleet clock's uplink estimate; rows not counted)."""
@@ -107,6 +150,8 @@ class SubmodelLoRA(HeterogeneousLoRA):
 
     # ----------------------------------------------------------------- uplink
     def _decode_uplink(self, node: int, payload: State) -> State:
+        if self.secure:
+            return self._add_share(node, payload)
         try:
             update = RowUpdate(np.asarray(payload.pop(IDS), dtype=np.int64),
                                np.asarray(payload.pop(ROWS)),
@@ -119,16 +164,68 @@ class SubmodelLoRA(HeterogeneousLoRA):
         self._rows_up[node] = update
         return payload
 
+    def _add_share(self, node: int, payload: State) -> State:
+        """Secure aggregation: add the device's masked share to the round's running sum
+        (mod 2^64). No share (rows withheld): the LoRA part still counts."""
+        share = payload.pop(MASKED, None)
+        if share is None:
+            return payload
+        shape = (self._union.size, self.base.shape[1] + 1)
+        if share.dtype != np.uint64 or share.shape != shape:
+            raise ValueError(f"masked rows {share.dtype} {share.shape}, expected uint64 "
+                             f"{shape} (the round's union x (d + 1))")
+        if node in self._summed:
+            raise ValueError("a second masked share from this device")
+        self._sum = share.copy() if self._sum is None else self._sum + share
+        self._summed.add(node)
+        return payload
+
+    def _secure_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """The table after the round: per-row sums / count sums if every device of the
+        round sent its share and the sums are consistent; else unchanged (logged)."""
+        ids, rows = self.table_start
+        info = {"devices": len(self._peers), "shares": len(self._summed),
+                "union_rows": int(self._union.size), "applied": False, "rows_updated": 0,
+                "skipped": None}
+        missing = sorted(set(self._peers) - self._summed)
+        if len(self._peers) < MIN_PEERS:
+            info["skipped"] = f"{len(self._peers)} device(s) in the round (at least " \
+                              f"{MIN_PEERS} for secure aggregation)"
+        elif missing:
+            info["skipped"] = f"no masked rows from node(s) {missing}: the masks do not cancel"
+        else:
+            try:
+                sums, counts = unmask_sums(self._sum, self.cfg.submodel.secure_bits)
+            except ValueError as err:
+                info["skipped"] = str(err)
+        if info["skipped"]:
+            self.rows_rounds_skipped += 1
+            log.warning("round %d: embedding rows not updated (%s); the LoRA adapter is "
+                        "aggregated as usual", self._round, info["skipped"])
+        else:
+            ids, rows = aggregate_sums(ids, rows, self._union, sums, counts)
+            info.update(applied=True, rows_updated=int((counts > 0).sum()))
+        self.rows_log[self._round] = {**info, "skipped_total": self.rows_rounds_skipped}
+        return ids, rows
+
     def _aggregate(self, states: list[State], counts: list[int], nodes: list[int]) -> State:
         if self._round_start is not None:
             self._round_start, _, _ = split_state(self._round_start)
         lora = super()._aggregate(states, counts, nodes)
-        ids, rows = aggregate_rows(*self.table_start, [self._rows_up[n] for n in nodes])
+        if self.secure:
+            ids, rows = self._secure_rows()
+        else:
+            ids, rows = aggregate_rows(*self.table_start, [self._rows_up[n] for n in nodes])
         return {**lora, TABLE_IDS: ids, TABLE_ROWS: rows}
 
     def _client_info(self, node: int, n: int, metrics: dict, msg: Message,
                      key: str = "arrays") -> dict:
         row = super()._client_info(node, n, metrics, msg, key)
+        if self.secure:  # what a device trained is not in its share
+            row.update(rows_requested=int(self.requests[node].size),
+                       rows_up=int(self._union.size) if node in self._summed else 0,
+                       rows_counted=None, rows_max_change=None)
+            return row
         up = self._rows_up.get(node)
         row.update(rows_requested=int(self.requests[node].size),
                    rows_up=0 if up is None else int(up.ids.size),
