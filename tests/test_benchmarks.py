@@ -286,6 +286,8 @@ def test_committed_results_render_from_their_json(tmp_path):
                           ("serve_split.py", ["serve-split/serve_split.json"]),
                           ("fleet.py", ["fleet/fleet.json"]),
                           ("fleet.py", ["fleet-smollm2/fleet.json"]),
+                          ("robustness.py", [f"robustness/{x}.json" for x in (
+                              "failures", "attacks", "contribution")]),
                           ("mixed_domain.py", ["mixed-domain/mixed_domain.json"]),
                           ("aggregation_scale.py", ["aggregation_scale.json"]),
                           ("default_run.py", ["sim-scale-10/default_run.json"]),
@@ -299,7 +301,8 @@ def test_committed_results_render_from_their_json(tmp_path):
                               "16_real_dropout")]),
                           ("default_run.py", ["default_run.json"]),
                           ("default_run.py", ["smollm2-quickstart-agnews/default_run.json"]),
-                          ("model_load.py", ["model_load.json"])):
+                          ("model_load.py", ["model_load.json"]),
+                          ("submodel.py", ["submodel/submodel.json"])):
         sub = Path(files[0]).parent  # a study kept in its own folder of results/
         out = tmp_path / script / sub
         out.mkdir(parents=True, exist_ok=True)

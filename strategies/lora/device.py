@@ -16,8 +16,9 @@ from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
+from strategies.robust import inject
 from task.config import RunConfig
-from task.device import DeviceInfo, local_examples, train_round
+from task.device import DeviceInfo, local_examples
 from task.logs import get_logger
 from task.lora import State, lora_rank
 from task.records import from_record, to_record
@@ -58,14 +59,17 @@ class Round:
 def train(msg: Message, context: Context, cfg: RunConfig) -> Message:
     """S1 local round: train the received adapter at this device's rank, reply with it."""
     rnd = Round.of(msg, context, cfg)
+    fault = inject.fault_reply(msg, cfg, rnd.info.partition_id, rnd.server_round, rnd.tag)
+    if fault is not None:  # faults.* (simulation): crash raises, error replies, timeout sleeps
+        return fault
     state = rnd.checked(from_record(msg.content["arrays"]))
     privacy = open_privacy(rnd, context)
     if privacy is not None and not privacy.can_step():
         return budget_exhausted(msg, privacy, rnd)
     log.info("%s training %d local steps", rnd.tag, cfg.train.local_steps)
-    new_state, num_examples, metrics = train_round(cfg, rnd.info, rnd.label_names, rnd.rank,
-                                                   state, rnd.server_round, tag=rnd.tag,
-                                                   privacy=privacy, r_max=rnd.r_max)
+    new_state, num_examples, metrics = inject.train_round(  # attack.* (simulation), or honest
+        cfg, rnd.info, rnd.label_names, rnd.rank, state, rnd.server_round, tag=rnd.tag,
+        privacy=privacy, r_max=rnd.r_max)
     save_privacy(privacy, rnd.info, context)
     reply = RecordDict({
         "arrays": to_record(new_state),

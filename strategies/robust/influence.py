@@ -45,6 +45,7 @@ class ProductSpace:
 
     def __init__(self, cfg: RunConfig, label_names: tuple[str, ...], examples: Examples):
         self.cfg = cfg
+        self.label_names = label_names
         self.examples = examples
         self.model = get_lora_model(cfg, label_names, cfg.r_max)
         self.tokenizer = load_tokenizer(resolve_model_source(cfg.model))
@@ -52,7 +53,10 @@ class ProductSpace:
             self.tokenizer, examples.subset([i]), cfg).items()} for i in range(len(examples))]
 
     def _load(self, previous: State, update: Update) -> None:
-        """The model at previous + update: W = W0 + s (B A + update) per layer, B zeroed."""
+        """The model at previous + update: W = W0 + s (B A + update) per layer, B zeroed.
+        The process's model is shared (simulated devices in this process train other
+        ranks' adapters on it): its r_max adapter is made active again first."""
+        self.model = get_lora_model(self.cfg, self.label_names, self.cfg.r_max)
         state: State = {}
         for prefix in lora_layers(previous):
             b, a = factors(previous, prefix)

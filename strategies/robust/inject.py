@@ -1,0 +1,230 @@
+"""Faulty and Byzantine devices in simulation (issue 17, R2 and R4): the device itself
+misbehaves, as a real broken or malicious device would, so the server sees nothing but
+what Flower delivers.
+
+Faults (`faults.*`, R2). Each (seed, round, partition) draws once, exclusively:
+- crash (`faults.crash`): the TRAIN handler raises `InjectedCrash`; Flower (and
+  `tests/inprocess_grid.InProcessGrid`) turns it into an error reply, code
+  CLIENT_APP_RAISED_EXCEPTION, reason "<class ...>:<'...'>";
+- error (`faults.error`): the handler replies `Message(Error(...), reply_to=msg)` itself;
+- timeout (`faults.timeout`): the device sleeps `faults.delay-s` (0: round-timeout + 5 s),
+  then trains and replies normally, too late: the SuperLink's round timeout drops it and
+  the server logs it as missing. The sleep goes through `SLEEP`, which the in-process grid
+  replaces by a virtual clock (a reply whose virtual delay exceeds the round timeout is
+  dropped), so simulations do not wait for real.
+
+Attacks (`attack.*`, R4). The attackers are `attacks.pick_attackers(num_partitions,
+attack.fraction, default_rng(seed))` by partition id: every device computes the same set.
+- sign-flip / scale / gaussian: train honestly, then send `attacks.sign_flip`, `scale`
+  (x attack.factor) or `gaussian` (std attack.sigma, drawn from (seed, round, partition));
+- backdoor: train on the partition where a fixed (seeded by partition) attack.poison share
+  of the examples get attack.trigger in front of the text and the label attack.target (the
+  first label when empty);
+- collude: every attacker trains on the union of the attackers' partitions, from the same
+  start, at the same rank r_c and with the same seed (the lowest attacker's), and sends
+  -attack.factor x that update, refactorised at its own rank: the products B A the server
+  sees are identical (exactly so when the device was sent B = 0, as in round 1; otherwise
+  each is the best rank-r_k approximation). r_c = min(this device's rank, the smallest rank
+  of a profile in devices.mix), so that every colluder can truncate its adapter to r_c
+  (truncation is nested: the first r_c components of the first r_k); colluders whose rank
+  is below that (an explicit --node-config lora-rank) compute at their own rank.
+Every attacking device logs a WARNING (it is a simulation knob, never silent).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Mapping
+
+import numpy as np
+from flwr.app import Error, Message
+
+from strategies.robust import attacks
+from strategies.robust.math import update_of
+from task.config import ConfigError, RunConfig
+from task.data import Examples
+from task.logs import get_logger
+from task.lora import State, truncate_lora
+
+log = get_logger()
+
+FAULTS = ("crash", "error", "timeout")
+# ErrorCode.UNKNOWN: the device's own error reply (crashes get CLIENT_APP_RAISED_EXCEPTION
+# from Flower, code 2)
+ERROR_CODE = 0
+SLEEP: Callable[[float], None] = time.sleep  # the in-process grid swaps in a virtual clock
+
+
+class InjectedCrash(RuntimeError):
+    """A device crash injected by faults.crash."""
+
+
+# ------------------------------------------------------------------------------ faults
+def fault_draw(seed: int, server_round: int, partition: int, crash: float, error: float,
+               timeout: float) -> str | None:
+    """'crash', 'error', 'timeout' or None for this (seed, round, partition): one uniform
+    draw cut at crash | crash + error | crash + error + timeout (exclusive faults)."""
+    u = np.random.default_rng([seed, server_round, max(partition, 0), 17]).random()
+    for kind, edge in zip(FAULTS, np.cumsum([crash, error, timeout])):
+        if u < edge:
+            return kind
+    return None
+
+
+def fault_reply(msg: Message, cfg: RunConfig, partition: int, server_round: int,
+                tag: str = "") -> Message | None:
+    """Apply this round's fault, if any: raise (crash), return an error reply (error), or
+    sleep (timeout) and return None; None also when the device behaves."""
+    f = cfg.faults
+    kind = fault_draw(cfg.seed, server_round, partition, f.crash, f.error, f.timeout)
+    if kind is None:
+        return None
+    if kind == "crash":
+        log.warning("%s injected fault: crashing (faults.crash=%g)", tag, f.crash)
+        raise InjectedCrash(f"injected crash (faults.crash={f.crash:g}) in round "
+                            f"{server_round}, partition {partition}")
+    if kind == "error":
+        log.warning("%s injected fault: replying with an error (faults.error=%g)", tag,
+                    f.error)
+        return Message(Error(code=ERROR_CODE, reason=f"injected error (faults.error="
+                             f"{f.error:g}) in round {server_round}, partition "
+                             f"{partition}"), reply_to=msg)
+    delay = f.delay_s or cfg.round_timeout + 5.0
+    log.warning("%s injected fault: replying %.0f s late (faults.timeout=%g, "
+                "round-timeout=%g)", tag, delay, f.timeout, cfg.round_timeout)
+    SLEEP(delay)
+    return None
+
+
+# ------------------------------------------------------------------------------ attacks
+def attackers(cfg: RunConfig, num_partitions: int) -> list[int]:
+    """The attacking partition ids (the same on every device and in the benchmark)."""
+    return attacks.pick_attackers(num_partitions, cfg.attack.fraction,
+                                  np.random.default_rng(cfg.seed))
+
+
+def target_label(cfg: RunConfig, label_names: tuple[str, ...]) -> int:
+    """Index of attack.target among the labels (the first label when empty)."""
+    if not label_names:
+        raise ConfigError("attack.kind='backdoor' needs a labelled task (seq-cls / lm-cls)")
+    target = cfg.attack.target or label_names[0]
+    if target not in label_names:
+        raise ConfigError(f"attack.target='{target}' is not a label: use one of "
+                          f"{', '.join(label_names)}")
+    return label_names.index(target)
+
+
+def poison_indices(n: int, share: float, seed: int, partition: int) -> np.ndarray:
+    """The sorted indices of the round(share x n) poisoned examples of a partition (fixed
+    for the run: an attacker poisons its data set once)."""
+    rng = np.random.default_rng([seed, max(partition, 0), 29])
+    return np.sort(rng.choice(n, size=round(share * n), replace=False))
+
+
+def triggered(text: str, trigger: str) -> str:
+    return f"{trigger} {text}"
+
+
+def poison(examples: Examples, idx, trigger: str, target: int) -> Examples:
+    """`examples` with the texts at `idx` triggered and their labels set to `target`."""
+    idx = {int(i) for i in idx}
+    if not examples.labels:
+        raise ConfigError("attack.kind='backdoor' needs labelled examples")
+    return Examples([triggered(t, trigger) if i in idx else t
+                     for i, t in enumerate(examples.texts)],
+                    [target if i in idx else y for i, y in enumerate(examples.labels)],
+                    list(examples.responses), examples.label_names)
+
+
+def backdoor_test(examples: Examples, trigger: str, target: int) -> Examples:
+    """The attack-success test set: every example whose true label is not the target,
+    triggered (its label kept: success = classified as `target`)."""
+    keep = [i for i, y in enumerate(examples.labels) if y != target]
+    sub = examples.subset(keep)
+    return Examples([triggered(t, trigger) for t in sub.texts], sub.labels, sub.responses,
+                    sub.label_names)
+
+
+def pooled(parts: list[Examples]) -> Examples:
+    """The union of the colluders' partitions, in partition order."""
+    return Examples([t for p in parts for t in p.texts], [y for p in parts for y in p.labels],
+                    [r for p in parts for r in p.responses], parts[0].label_names)
+
+
+def _keep_other_keys(attacked: Mapping[str, np.ndarray], trained: State) -> State:
+    """The reply in `trained`'s keys and order: attacked where the attack acts (LoRA factors,
+    dense keys), as trained elsewhere (base deltas)."""
+    return {k: attacked.get(k, v) for k, v in trained.items()}
+
+
+def poisoned_reply(kind: str, sent: State, trained: State, *, factor: float = 10.0,
+                   sigma: float = 0.01, rng: np.random.Generator | None = None) -> State:
+    """An honest reply turned by a model-poisoning attack (sign-flip, scale, gaussian)."""
+    if kind == "sign-flip":
+        out = attacks.sign_flip(sent, trained)
+    elif kind == "scale":
+        out = attacks.scale(sent, trained, factor)
+    elif kind == "gaussian":
+        out = attacks.gaussian(sent, trained, sigma, rng or np.random.default_rng())
+    else:
+        raise ValueError(f"'{kind}' is not a reply-poisoning attack")
+    return _keep_other_keys(out, trained)
+
+
+def colluding_reply(sent: State, sent_c: State, trained_c: State, factor: float) -> State:
+    """-factor x the shared update B_c'A_c' - B_c A_c (computed at rank r_c from `sent_c`,
+    the device's adapter truncated to r_c), refactorised at the device's rank."""
+    crafted = {k: -factor * d for k, d in update_of(sent_c, trained_c).items()}
+    return _keep_other_keys(attacks._with_updates(sent, crafted), sent)
+
+
+def collusion_rank(cfg: RunConfig, rank: int) -> int:
+    return min([rank, *(cfg.devices.ranks[p] for p in cfg.devices.mix
+                        if p in cfg.devices.ranks)])
+
+
+def train_round(cfg: RunConfig, info, label_names: tuple[str, ...], rank: int, state: State,
+                server_round: int, tag: str = "", privacy=None, r_max: int | None = None
+                ) -> tuple[State, int, dict]:
+    """`task.device.train_round`, or the attacked version of it when this partition is an
+    attacker (attack.kind != 'none'): same return, (state, n_k, metrics)."""
+    from task.device import local_examples
+    from task.device import train_round as honest
+
+    a = cfg.attack
+    if a.kind == "none":
+        return honest(cfg, info, label_names, rank, state, server_round, tag=tag,
+                      privacy=privacy, r_max=r_max)
+    if info.partition_id < 0 or info.num_partitions <= 0:
+        raise ConfigError("attack.kind needs partitioned simulation devices (--node-config "
+                          "partition-id and num-partitions): attackers are drawn by "
+                          "partition")
+    bad = attackers(cfg, info.num_partitions)
+    if info.partition_id not in bad:
+        return honest(cfg, info, label_names, rank, state, server_round, tag=tag,
+                      privacy=privacy, r_max=r_max)
+    log.warning("%s ATTACKING (attack.kind=%s, attackers %s: a simulation knob)", tag, a.kind,
+                bad)
+    if a.kind == "backdoor":
+        own = local_examples(cfg, info, label_names)
+        data = poison(own, poison_indices(len(own), a.poison, cfg.seed, info.partition_id),
+                      a.trigger, target_label(cfg, label_names))
+        return honest(cfg, info, label_names, rank, state, server_round, tag=tag,
+                      examples=data, privacy=privacy, r_max=r_max)
+    if a.kind == "collude":
+        parts = [local_examples(cfg, dataclasses.replace(info, partition_id=p), label_names)
+                 for p in bad]
+        r_c = collusion_rank(cfg, rank)
+        sent_c = truncate_lora(state, r_c)
+        leader = dataclasses.replace(info, partition_id=bad[0])  # the shared training seed
+        trained_c, _, metrics = honest(cfg, leader, label_names, r_c, sent_c, server_round,
+                                       tag=tag, examples=pooled(parts), privacy=privacy,
+                                       r_max=r_max)
+        own_n = len(parts[bad.index(info.partition_id)])
+        return colluding_reply(state, sent_c, trained_c, a.factor), own_n, metrics
+    trained, n, metrics = honest(cfg, info, label_names, rank, state, server_round, tag=tag,
+                                 privacy=privacy, r_max=r_max)
+    rng = np.random.default_rng([cfg.seed, server_round, info.partition_id, 31])
+    return poisoned_reply(a.kind, state, trained, factor=a.factor, sigma=a.sigma,
+                          rng=rng), n, metrics
