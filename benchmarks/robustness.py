@@ -165,6 +165,8 @@ def study_contribution(args, work: Path) -> dict:
                        "estimate_s": c.get("estimate_s"), "exact_s": c.get("exact_s"),
                        "device_train_s_max": train_s, "round_wall_s": r["wall_s"],
                        "estimate": c.get("estimate", {}), "exact": c.get("exact", {}),
+                       "fisher": c.get("fisher"),
+                       "by_estimate": c.get("spearman_by_estimate", {}),
                        "skipped": c.get("skipped")})
         print(f"contribution round {r['round']}: spearman {c.get('spearman')}, estimate "
               f"{c.get('estimate_s')} s, exact {c.get('exact_s')} s", flush=True)
@@ -254,15 +256,28 @@ def report(run: dict) -> list[str]:
         lines.append("")
     if "contribution" in run:
         c = run["contribution"]
+        variants = ("first_order", "diagonal_fisher", "empirical_fisher")
         lines += ["Contribution (robust.contribution=report, robust.exact-loo=true): Spearman "
-                  "of the first-order estimate against exact leave-one-out, and seconds.", "",
-                  "| round | Spearman | estimate s | exact LOO s | slowest device's training "
-                  "s | round wall s |", "|---|---|---|---|---|---|"]
+                  "rank correlation of each estimate of c_k = L(theta_-k) - L(theta_new) "
+                  "against exact leave-one-out (the estimate the run used: "
+                  f"`{c['rounds'][0].get('fisher') or 'diagonal'}` Fisher), and seconds.", "",
+                  "| round | Spearman: first order | + diagonal Fisher | + empirical Fisher | "
+                  "estimate s | exact LOO s | slowest device's training s | round wall s |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in c["rounds"]:
-            lines.append(f"| {r['round']} | {_f(r['spearman'], '.3f')} | "
+            by = r.get("by_estimate") or {}
+            cells = [_f(by.get(v), '.3f') for v in variants]
+            if not by:  # an older run: only the estimate it used
+                cells = ["-", _f(r["spearman"], '.3f'), "-"]
+            lines.append(f"| {r['round']} | {' | '.join(cells)} | "
                          f"{_f(r['estimate_s'], '.2f')} | {_f(r['exact_s'], '.2f')} | "
                          f"{_f(r['device_train_s_max'], '.2f')} | "
                          f"{_f(r['round_wall_s'], '.1f')} |")
+        for v in variants:
+            sp = [r["by_estimate"][v] for r in c["rounds"] if v in (r.get("by_estimate") or {})]
+            if sp:
+                lines += ["", f"{v.replace('_', ' ')}: mean Spearman {np.mean(sp):.3f} (min "
+                          f"{min(sp):.3f}) over {len(sp)} rounds."]
         sp = [r["spearman"] for r in c["rounds"] if r["spearman"] is not None]
         if sp:
             lines += ["", f"Mean Spearman {np.mean(sp):.3f} (min {min(sp):.3f}) over "

@@ -365,6 +365,11 @@ class RobustSection(Section):
                                "(also aggregate without devices whose contribution <= 0), "
                                "`softmax` (weights x exp(c / contribution-temperature))",
                                choices=CONTRIBUTION_MODES)
+    fisher: str = option("empirical", "the Hessian of the contribution's second-order term: "
+                         "`empirical` (the empirical Fisher mean_i g_i g_i^T, rank <= the "
+                         "validation examples; needs the K x D leave-one-out directions in "
+                         "memory, else diagonal) or `diagonal` (its diagonal)",
+                         choices=("empirical", "diagonal"))
     contribution_examples: int = option(32, "validation examples of the contribution "
                                         "estimate, drawn (seeded) from the training split "
                                         "apart from the root set", lo=1)

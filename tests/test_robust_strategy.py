@@ -110,7 +110,7 @@ def test_the_product_space_gradient_is_the_loss_slope(tiny_bert, agnews, tmp_pat
     valid = plan.task.test.subset(range(6))
     assert isinstance(valid, Examples)
     space = ProductSpace(cfg, plan.task.label_names, valid)
-    g, fisher, losses = space.gradients(state, unstack(matrix[0], keys, shapes), keys)
+    g, fisher, losses, _ = space.gradients(state, unstack(matrix[0], keys, shapes), keys)
     assert fisher.shape == g.shape and np.all(fisher >= g * g - 1e-12)  # E[x^2] >= E[x]^2
     assert losses.mean() == pytest.approx(space.loss(state, unstack(matrix[0], keys, shapes)),
                                           rel=1e-5)
@@ -166,9 +166,13 @@ def test_batched_per_example_gradients_equal_one_backward_per_example(tiny_bert,
                for k, v in state.items()}
     update = update_of(state, trained)
     space = ProductSpace(cfg, plan.task.label_names, plan.task.test.subset(range(11)))
-    g, fisher, losses = space.gradients(state, update, list(update))
+    directions = rng.standard_normal((3, sum(v.size for v in update.values())))
+    g, fisher, losses, form = space.gradients(state, update, list(update), directions)
     monkeypatch.setattr(ProductSpace, "_linear_of", lambda self, params: None)
-    g1, fisher1, losses1 = space.gradients(state, update, list(update))
+    g1, fisher1, losses1, form1 = space.gradients(state, update, list(update), directions)
+    np.testing.assert_allclose(form, form1, rtol=1e-4)
+    # the empirical Fisher's quadratic form dominates (g . d)^2 (Cauchy-Schwarz over examples)
+    assert np.all(form >= (directions @ g) ** 2 * (1 - 1e-9))
     np.testing.assert_allclose(losses, losses1, rtol=1e-5)
     np.testing.assert_allclose(g, g1, rtol=1e-4, atol=1e-7 * np.abs(g1).max())
     np.testing.assert_allclose(fisher, fisher1, rtol=1e-4, atol=1e-7 * fisher1.max())

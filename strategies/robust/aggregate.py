@@ -41,6 +41,9 @@ from task.options import ConfigError
 
 log = get_logger()
 
+# the empirical Fisher's quadratic forms need the K x D LOO directions at once
+EMPIRICAL_FISHER_BYTES = 2 << 30
+
 
 def robust_active(cfg: RunConfig) -> bool:
     """Does S6 replace the strategy's own aggregation?"""
@@ -193,27 +196,44 @@ class RobustRound:
             out["estimate"] = {str(n): 0.0 for n in nodes}
             return out, None
         space = self.space()
-        (g, fisher, losses), estimate_s = timed(space.gradients, previous,
-                                                updates.combine(w), updates.keys)
-        g, fisher = unstack(g, updates.keys, updates.shapes), \
-            unstack(fisher, updates.keys, updates.shapes)
-        estimate, first = np.zeros(len(w)), np.zeros(len(w))
+        empirical = r.fisher == "empirical" and \
+            len(w) * updates.size * 8 <= EMPIRICAL_FISHER_BYTES
+        directions = np.concatenate([loo_directions(block, w) for _, _, block in
+                                     updates.blocks()], axis=1) if empirical else None
+        grads, estimate_s = timed(space.gradients, previous, updates.combine(w), updates.keys,
+                                  directions)
+        del directions
+        g = unstack(grads.mean, updates.keys, updates.shapes)
+        fisher = unstack(grads.fisher_diag, updates.keys, updates.shapes)
+        diagonal, first = np.zeros(len(w)), np.zeros(len(w))
         for key, _, block in updates.blocks():
-            directions = loo_directions(block, w)                       # (K, size)
-            first += influence_contributions(g[key].ravel(), None, directions)
-            estimate += influence_contributions(g[key].ravel(), fisher[key].ravel(),
-                                                directions)
+            d = loo_directions(block, w)                                  # (K, size)
+            first += influence_contributions(g[key].ravel(), None, d)
+            diagonal += influence_contributions(g[key].ravel(), fisher[key].ravel(), d)
+        variants = {"first_order": first, "diagonal_fisher": diagonal}
+        if grads.fisher_form is not None:
+            variants["empirical_fisher"] = first + 0.5 * grads.fisher_form
+        elif r.fisher == "empirical":
+            out["fisher_note"] = (f"the {len(w)} x {updates.size} LOO directions exceed "
+                                  f"{EMPIRICAL_FISHER_BYTES >> 30} GiB: diagonal Fisher used")
+        estimate = variants.get("empirical_fisher", diagonal)
+        out["fisher"] = "empirical" if "empirical_fisher" in variants else "diagonal"
         out["estimate"] = {str(n): float(c) for n, c in zip(nodes, estimate)}
-        out["first_order"] = {str(n): float(c) for n, c in zip(nodes, first)}
-        out["val_loss"] = float(losses.mean())
+        for name, values in variants.items():
+            out[name] = {str(n): float(c) for n, c in zip(nodes, values)}
+        out["val_loss"] = float(grads.losses.mean())
         out["estimate_s"] = estimate_s
-        out["validation_examples"] = len(losses)
+        out["validation_examples"] = len(grads.losses)
+        losses = grads.losses
         if r.exact_loo:
             exact, exact_s = timed(self._exact, previous, updates, w, float(losses.mean()))
             out["exact"] = {str(n): float(c) for n, c in zip(nodes, exact)}
             out["exact_s"] = exact_s
             if np.ptp(exact) > 0 and np.ptp(estimate) > 0:
                 out["spearman"] = spearman(estimate, exact)
+                out["spearman_by_estimate"] = {
+                    name: spearman(values, exact) for name, values in variants.items()
+                    if np.ptp(values) > 0}
         if r.contribution == "report":
             return out, None
         if r.contribution == "drop-harmful" and not (estimate > 0).any():

@@ -23,6 +23,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -38,6 +39,13 @@ from task.model import (get_lora_model, load_tokenizer, resolve_model_source,
 
 
 BATCH = 8  # examples per backward for the batched per-example gradients
+
+
+class Gradients(NamedTuple):
+    mean: np.ndarray                 # (D,) g
+    fisher_diag: np.ndarray          # (D,) mean_i g_i^2
+    losses: np.ndarray               # (N,)
+    fisher_form: np.ndarray | None   # (K,) d_k^T F d_k with the empirical (low-rank) Fisher
 
 
 class ProductSpace:
@@ -82,12 +90,14 @@ class ProductSpace:
         """L_val: the mean of the examples' losses."""
         return float(self.losses(previous, update).mean())
 
-    def gradients(self, previous: State, update: Update, keys: Sequence[str]
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(g, F, losses): the mean gradient (D,) of the examples' losses w.r.t. the point's
-        coordinates in the order of `keys` (layer prefixes, dense keys: `strategies.robust.
-        math.stack`'s), the diagonal empirical Fisher F_p = mean_i g_ip^2 (D,), and the
-        (N,) losses. Only running sums are kept (2 D floats).
+    def gradients(self, previous: State, update: Update, keys: Sequence[str],
+                  directions: np.ndarray | None = None) -> Gradients:
+        """The mean gradient g (D,) of the examples' losses w.r.t. the point's coordinates in
+        the order of `keys` (layer prefixes, dense keys: `strategies.robust.math.Updates`'),
+        the diagonal empirical Fisher F_p = mean_i g_ip^2 (D,), the (N,) losses, and, given
+        `directions` (K, D), the empirical Fisher's quadratic form per direction,
+        d_k^T F d_k = mean_i (g_i . d_k)^2 (K,), F = mean_i g_i g_i^T being of rank <= N.
+        Only running sums are kept (2 D + K floats).
 
         Classification families (`seq-cls`, `lm-cls`) take one forward + backward per batch
         of `BATCH` examples: every coordinate is a Linear layer's weight or bias, whose
@@ -99,6 +109,7 @@ class ProductSpace:
         params = self._parameters(keys)
         linear = self._linear_of(params) if family(self.cfg).labelled else None
         total = squares = None
+        form = None if directions is None else np.zeros(directions.shape[0])
         losses: list[float] = []
         with _trainable([p for p, _ in params.values()]):
             for rows, batch_losses in (self._batched(linear, keys, params) if linear else
@@ -106,10 +117,13 @@ class ProductSpace:
                 total = rows.sum(0) if total is None else total + rows.sum(0)
                 squares = (rows * rows).sum(0) if squares is None else \
                     squares + (rows * rows).sum(0)
+                if directions is not None:
+                    form += ((rows @ directions.T) ** 2).sum(0)               # (K,)
                 losses.extend(batch_losses)
         self.model.zero_grad(set_to_none=True)
         n = len(losses)
-        return total / n, squares / n, np.array(losses)
+        return Gradients(total / n, squares / n, np.array(losses),
+                         None if form is None else form / n)
 
     def _one_by_one(self, keys, params):
         for batch in self._batches:
