@@ -6,7 +6,6 @@ contributions land in metrics.jsonl."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from flower_e2e import flwr_run_app
