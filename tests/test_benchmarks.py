@@ -288,6 +288,7 @@ def test_committed_results_render_from_their_json(tmp_path):
                           ("fleet.py", ["fleet-smollm2/fleet.json"]),
                           ("robustness.py", [f"robustness/{x}.json" for x in (
                               "failures", "attacks", "contribution")]),
+                          ("robustness.py", ["robustness-6rounds/attacks.json"]),
                           ("mixed_domain.py", ["mixed-domain/mixed_domain.json"]),
                           ("aggregation_scale.py", ["aggregation_scale.json"]),
                           ("default_run.py", ["sim-scale-10/default_run.json"]),
