@@ -26,7 +26,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from task.options import parse_value  # noqa: F401  (re-exported for the scripts' --set)
+from task.options import parse_value  # noqa: F401  (also re-exported for the scripts)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -105,6 +105,31 @@ def run_fresh(script: str, *args: str) -> dict:
     done = subprocess.run([sys.executable, script, *args], capture_output=True, text=True,
                           check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def set_overrides(pairs: list[str]) -> dict:
+    """`--set key=value` pairs as run-config overrides (values typed as `flwr run` types them)."""
+    return {k: parse_value(v) for k, v in (kv.split("=", 1) for kv in pairs)}
+
+
+def run_inprocess(raw: dict, devices: int, run_id: int,
+                  server: str = "strategies.lora.server") -> tuple[list[dict], Path]:
+    """One federation in this process: the real ServerApp logic (`server`: the algorithm's
+    module with `prepare_run` and `federate`) and ClientApp handlers over
+    `tests/inprocess_grid.InProcessGrid`. Returns (metrics.jsonl rows, the results folder)."""
+    import importlib
+
+    if str(ROOT / "tests") not in sys.path:
+        sys.path.insert(0, str(ROOT / "tests"))
+    from inprocess_grid import InProcessGrid
+
+    from task.config import RunConfig
+
+    module = importlib.import_module(server)
+    plan = module.prepare_run(RunConfig.from_run_config(raw), run_id)
+    run_dir = module.federate(InProcessGrid(raw, num_nodes=devices), plan)
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return rows, run_dir
 
 
 def write_json(path: Path, payload: dict) -> None:

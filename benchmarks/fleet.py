@@ -35,21 +35,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from benchmarks.common import (machine_line, parse_value, provenance, read_json,  # noqa: E402
-                               write_json)
+from benchmarks.common import (machine_line, provenance, read_json,  # noqa: E402
+                               run_inprocess, set_overrides, write_json)
 from task.config import RunConfig  # noqa: E402
 
 SELECTIONS = ("all", "random", "oort", "s2")
-
-
-def run_federation(raw: dict, devices: int, run_id: int) -> tuple[list[dict], Path]:
-    from inprocess_grid import InProcessGrid
-    from strategies.lora.server import federate, prepare_run
-
-    cfg = RunConfig.from_run_config(raw)
-    run_dir = federate(InProcessGrid(raw, num_nodes=devices), prepare_run(cfg, run_id))
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return rows, run_dir
 
 
 def base_config(args, results: Path) -> dict:
@@ -58,7 +48,7 @@ def base_config(args, results: Path) -> dict:
             "train.batch-size": args.batch, "eval.max-examples": args.eval_max,
             "seed": args.seed, "results-dir": str(results), "min-devices": 1,
             "fleet.bandwidth-mhz": args.bandwidth_mhz,
-            **{k: parse_value(v) for k, v in (kv.split("=", 1) for kv in args.set)}}
+            **set_overrides(args.set)}
 
 
 def curve(rows: list[dict]) -> list[dict]:
@@ -80,7 +70,7 @@ def study_selection(args, work: Path) -> dict:
                                                "fleet.selection": sel,
                                                "fleet.per-round": args.per_round}
         t0 = time.perf_counter()
-        rows, _ = run_federation(raw, args.devices, run_id=10 + i)
+        rows, _ = run_inprocess(raw, args.devices, run_id=10 + i)
         runs[sel] = {"curve": curve(rows), "wall_s": time.perf_counter() - t0}
         last = runs[sel]["curve"][-1]
         print(f"{sel}: accuracy {last['accuracy']:.4f} at {last['sim_clock_s']:.1f} "
@@ -105,7 +95,7 @@ def study_intermittent(args, work: Path) -> dict:
             "data.partitioner": "pathological", "data.classes-per-device": 1,
             "fleet.selection": sel, "fleet.per-round": args.per_round,
             "fleet.availability": str(trace_file)}
-        rows, run_dir = run_federation(raw, args.devices, run_id=20 + i)
+        rows, run_dir = run_inprocess(raw, args.devices, run_id=20 + i)
         runs[sel] = {"curve": curve(rows), "per_class": per_class(raw, run_dir)}
         print(f"{sel}: final accuracy {rows[-1]['accuracy']:.4f}, per class "
               f"{runs[sel]['per_class']}", flush=True)

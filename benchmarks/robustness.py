@@ -23,7 +23,6 @@ in this process (`tests/inprocess_grid.InProcessGrid`); the devices misbehave th
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -35,24 +34,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from benchmarks.common import (machine_line, parse_value, provenance, read_json,  # noqa: E402
-                               write_json)
+from benchmarks.common import (machine_line, provenance, read_json,  # noqa: E402
+                               run_inprocess, set_overrides, write_json)
 from task.config import RunConfig  # noqa: E402
 
 ATTACKS = ("none", "sign-flip", "scale", "gaussian", "backdoor", "collude")  # table order
 AGGREGATORS = ("none", "mean", "median", "trimmed-mean", "krum", "multi-krum", "norm-clip",
                "fltrust")
 STUDIES = ("failures", "attacks", "contribution")  # each in <out>/<study>.json
-
-
-def run_federation(raw: dict, devices: int, run_id: int) -> tuple[list[dict], Path]:
-    from inprocess_grid import InProcessGrid
-    from strategies.lora.server import federate, prepare_run
-
-    cfg = RunConfig.from_run_config(raw)
-    run_dir = federate(InProcessGrid(raw, num_nodes=devices), prepare_run(cfg, run_id))
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return rows, run_dir
 
 
 def base_config(args, results: Path) -> dict:
@@ -62,7 +51,7 @@ def base_config(args, results: Path) -> dict:
             "eval.max-examples": args.eval_max, "seed": args.seed,
             "results-dir": str(results), "min-devices": 1,
             "data.partitioner": args.partitioner,
-            **{k: parse_value(v) for k, v in (kv.split("=", 1) for kv in args.set)}}
+            **set_overrides(args.set)}
 
 
 def summary(rows: list[dict]) -> dict:
@@ -85,7 +74,7 @@ def study_failures(args, work: Path) -> dict:
               "faults.timeout": args.timeout}
     for i, (name, extra) in enumerate((("clean", {}), ("faults", faults))):
         t0 = time.perf_counter()
-        rows, _ = run_federation(base_config(args, work / name) | extra, args.devices,
+        rows, _ = run_inprocess(base_config(args, work / name) | extra, args.devices,
                                  run_id=100 + i)
         runs[name] = {**summary(rows), "wall_s": time.perf_counter() - t0, "config": extra}
         print(f"failures/{name}: final accuracy {rows[-1]['accuracy']:.4f}", flush=True)
@@ -134,7 +123,7 @@ def study_attacks(args, work: Path) -> dict:
                 if kind == "gaussian":
                     raw["attack.sigma"] = args.sigma
             t0 = time.perf_counter()
-            rows, run_dir = run_federation(raw, args.devices, run_id)
+            rows, run_dir = run_inprocess(raw, args.devices, run_id)
             cell = {**summary(rows), "wall_s": time.perf_counter() - t0}
             if kind == "backdoor":
                 cell |= attack_success(raw, run_dir)
@@ -156,7 +145,7 @@ def study_contribution(args, work: Path) -> dict:
     raw = base_config(args, work / "contribution") | {
         "robust.contribution": "report", "robust.exact-loo": True,
         "robust.contribution-examples": args.contribution_examples}
-    rows, _ = run_federation(raw, args.devices, run_id=300)
+    rows, _ = run_inprocess(raw, args.devices, run_id=300)
     rounds = []
     for r in rows[1:]:
         c = r.get("contribution", {})

@@ -37,7 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from benchmarks.common import machine_line, provenance, read_json, write_json  # noqa: E402
+from benchmarks.common import (machine_line, provenance, read_json, run_inprocess,  # noqa: E402
+                               write_json)
 from task.config import RunConfig  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
@@ -112,14 +113,7 @@ def part_bytes(args) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------- quality
-def run_federation(raw: dict, devices: int, run_id: int) -> tuple[list[dict], Path]:
-    from inprocess_grid import InProcessGrid
-    from strategies.submodel.server import federate, prepare_run
-
-    cfg = RunConfig.from_run_config(raw)
-    run_dir = federate(InProcessGrid(raw, num_nodes=devices), prepare_run(cfg, run_id))
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return rows, run_dir
+SERVER = "strategies.submodel.server"  # its prepare_run / federate
 
 
 def summarise(rows: list[dict], setup: str, started: float) -> dict:
@@ -150,7 +144,7 @@ def part_quality(args, work: Path) -> list[dict]:
                 run_id += 1
                 t0 = time.perf_counter()
                 raw = base_raw(args, model, domain, work, **SETUPS[setup])
-                rows, _ = run_federation(raw, args.devices, run_id)
+                rows, _ = run_inprocess(raw, args.devices, run_id, SERVER)
                 res = {"model": short(model), "domain": domain, "rows_lr": args.rows_lr,
                        **summarise(rows, setup, t0)}
                 print(json.dumps(res), flush=True)
@@ -240,7 +234,7 @@ def part_new_vocab(args, work: Path) -> dict:
     for i, setup in enumerate(("lora only", "lora + own rows")):
         t0 = time.perf_counter()
         raw = base_raw(args, str(folder), "codealpaca", work / "nv", **SETUPS[setup])
-        rows, run_dir = run_federation(raw, args.devices, 100 + i)
+        rows, run_dir = run_inprocess(raw, args.devices, 100 + i, SERVER)
         res = summarise(rows, setup, t0) | new_token_nll(folder, run_dir / "adapter", raw,
                                                          new_ids)
         cfg_file = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())

@@ -33,6 +33,23 @@ def agnews() -> Path:
     return path
 
 
+@pytest.fixture()
+def agnews_short(agnews, tmp_path):
+    """agnews_short(test_rows) -> a folder with AG News's training split and its first
+    `test_rows` test texts (a test split the server evaluates whole), made once per test."""
+
+    def make(test_rows: int) -> Path:
+        data = tmp_path / f"agnews-{test_rows}"
+        if not data.exists():
+            data.mkdir(parents=True)
+            (data / "train.tsv").symlink_to(agnews / "train.tsv")
+            lines = (agnews / "test.tsv").read_text(encoding="utf-8").splitlines(keepends=True)
+            (data / "test.tsv").write_text("".join(lines[:test_rows + 1]), encoding="utf-8")
+        return data
+
+    return make
+
+
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> Path:
     return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))

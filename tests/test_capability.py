@@ -108,20 +108,15 @@ def test_simulated_devices_take_the_fleet_model():
 
 
 # ------------------------------------------------------------------ in a federation
-def _raw(tiny_bert, agnews, tmp_path, **extra):
-    data = tmp_path / "data"
-    data.mkdir(parents=True, exist_ok=True)
-    (data / "train.tsv").symlink_to(agnews / "train.tsv")
-    lines = (agnews / "test.tsv").read_text().splitlines()
-    (data / "test.tsv").write_text("\n".join(lines[:21]) + "\n")
-    return {"model": str(tiny_bert), "data.path": str(data), "strategy": "hetlora",
+def _raw(tiny_bert, agnews_short, tmp_path, **extra):
+    return {"model": str(tiny_bert), "data.path": str(agnews_short(20)), "strategy": "hetlora",
             "results-dir": str(tmp_path / "r"), "num-server-rounds": 1,
             "train.local-steps": 1, "train.batch-size": 4, "eval.max-examples": 0,
             "data.partitioner": "iid", "fleet.rank-from": "capability", **extra}
 
 
-def test_ranks_follow_simulated_memory_and_explicit_rank_wins(tiny_bert, agnews, tmp_path):
-    raw = _raw(tiny_bert, agnews, tmp_path)
+def test_ranks_follow_simulated_memory_and_explicit_rank_wins(tiny_bert, agnews_short, tmp_path):
+    raw = _raw(tiny_bert, agnews_short, tmp_path)
     cfg = RunConfig.from_run_config(raw)
     labels = prepare_run(cfg, run_id=7).task.label_names
     fp = footprint_of(get_lora_model(cfg, labels, 1), cfg)
@@ -158,8 +153,8 @@ def test_ranks_follow_simulated_memory_and_explicit_rank_wins(tiny_bert, agnews,
     assert RunConfig.from_dict(json.loads(query.content["config"]["run-config"])) == cfg
 
 
-def test_profile_mode_asks_nothing(tiny_bert, agnews, tmp_path):
-    raw = _raw(tiny_bert, agnews, tmp_path, **{"fleet.rank-from": "profile"})
+def test_profile_mode_asks_nothing(tiny_bert, agnews_short, tmp_path):
+    raw = _raw(tiny_bert, agnews_short, tmp_path, **{"fleet.rank-from": "profile"})
     grid = InProcessGrid(raw, num_nodes=2)
     federate(grid, prepare_run(RunConfig.from_run_config(raw), run_id=8))
     profiles = [r.content["profile"] for r in grid.replies if "profile" in r.content]

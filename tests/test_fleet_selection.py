@@ -94,33 +94,24 @@ def test_baselines_and_fedlaavg_choice():
 # ------------------------------------------------------------------ in a federation
 import json  # noqa: E402
 
-from inprocess_grid import InProcessGrid  # noqa: E402
+from benchmarks.common import run_inprocess  # noqa: E402
 from strategies.fleet.model import Availability, load_profiles  # noqa: E402
 from strategies.fleet.scheduler import LatestUpdates  # noqa: E402
-from strategies.lora.server import federate, prepare_run  # noqa: E402
-from task.config import RunConfig  # noqa: E402
 from task.options import ConfigError  # noqa: E402
 
 
-def _federation(tiny_bert, agnews, tmp_path, **extra):
-    data = tmp_path / "data"
-    data.mkdir(parents=True, exist_ok=True)
-    if not (data / "train.tsv").exists():
-        (data / "train.tsv").symlink_to(agnews / "train.tsv")
-        lines = (agnews / "test.tsv").read_text().splitlines()
-        (data / "test.tsv").write_text("\n".join(lines[:21]) + "\n")
-    raw = {"model": str(tiny_bert), "data.path": str(data), "strategy": "hetlora",
+def _federation(tiny_bert, agnews_short, tmp_path, **extra):
+    raw = {"model": str(tiny_bert), "data.path": str(agnews_short(20)), "strategy": "hetlora",
            "results-dir": str(tmp_path / "r"), "num-server-rounds": 3,
            "train.local-steps": 1, "train.batch-size": 4, "eval.max-examples": 0,
            "data.partitioner": "iid", **extra}
-    run_dir = federate(InProcessGrid(raw, num_nodes=4),
-                       prepare_run(RunConfig.from_run_config(raw), run_id=5))
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return run_inprocess(raw, 4, run_id=5)[0]
 
 
-def test_every_round_has_a_simulated_clock_and_the_policy_picks_who_trains(tiny_bert, agnews,
+def test_every_round_has_a_simulated_clock_and_the_policy_picks_who_trains(tiny_bert,
+                                                                         agnews_short,
                                                                          tmp_path):
-    rows = _federation(tiny_bert, agnews, tmp_path)  # the default: everyone, always online
+    rows = _federation(tiny_bert, agnews_short, tmp_path)  # the default: everyone, always online
     clock = [r["fleet"]["sim_clock_s"] for r in rows[1:]]
     assert all(r["fleet"]["selected"] == 4 == len(r["clients"]) for r in rows[1:])
     assert clock == sorted(clock) and clock[0] > 0
@@ -135,14 +126,14 @@ def test_every_round_has_a_simulated_clock_and_the_policy_picks_who_trains(tiny_
             c = by_node[d["node_id"]]
             speed = {"rpi4": 0.35, "rpi5": 0.8, "jetson-orin-nano": 6.0, "laptop": 4.0}
             assert d["comp_s"] == pytest.approx(c["train_s"] / speed[c["device"]])
-    rows = _federation(tiny_bert, agnews, tmp_path / "random", **{
+    rows = _federation(tiny_bert, agnews_short, tmp_path / "random", **{
         "fleet.selection": "random", "fleet.per-round": 2})
     assert [len(r["clients"]) for r in rows[1:]] == [2, 2, 2]
 
 
-def test_fedlaavg_takes_the_longest_absent_and_keeps_their_updates(tiny_bert, agnews,
+def test_fedlaavg_takes_the_longest_absent_and_keeps_their_updates(tiny_bert, agnews_short,
                                                                     tmp_path):
-    rows = _federation(tiny_bert, agnews, tmp_path, **{
+    rows = _federation(tiny_bert, agnews_short, tmp_path, **{
         "fleet.selection": "fedlaavg", "fleet.per-round": 2})
     picked = [sorted(c["node_id"] for c in r["clients"]) for r in rows[1:]]
     assert len(set(map(tuple, picked[:2]))) == 2 and set(picked[0]) | set(picked[1]) == \
@@ -159,7 +150,7 @@ def test_fedlaavg_takes_the_longest_absent_and_keeps_their_updates(tiny_bert, ag
     np.testing.assert_allclose(out["l.lora_A.weight"][0], (1 + 12) / 4)
     np.testing.assert_allclose(out["l.lora_A.weight"][1], 0.0)  # zero-padded to r_max
     with pytest.raises(ConfigError, match="strategy='fedavg' or 'hetlora'"):
-        _federation(tiny_bert, agnews, tmp_path / "flex", strategy="flexlora",
+        _federation(tiny_bert, agnews_short, tmp_path / "flex", strategy="flexlora",
                     **{"fleet.selection": "fedlaavg"})
 
 

@@ -3,13 +3,11 @@ strategy, recorded per round in metrics.jsonl (in-process Flower grid, tiny mode
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 
-from inprocess_grid import InProcessGrid
-from strategies.lora.server import federate, prepare_run
+from benchmarks.common import run_inprocess
+from strategies.lora.server import prepare_run
 from strategies.robust.contribution import spearman
 from strategies.robust.influence import ProductSpace
 from strategies.robust.math import stack, update_of, unstack
@@ -18,27 +16,19 @@ from task.data import Examples
 from task.options import ConfigError
 
 
-def _raw(tiny_bert, agnews, tmp_path, **extra) -> dict:
-    data = tmp_path / "data"
-    data.mkdir(parents=True, exist_ok=True)
-    if not (data / "train.tsv").exists():
-        (data / "train.tsv").symlink_to(agnews / "train.tsv")
-        lines = (agnews / "test.tsv").read_text().splitlines()
-        (data / "test.tsv").write_text("\n".join(lines[:21]) + "\n")
-    return {"model": str(tiny_bert), "data.path": str(data), "strategy": "hetlora",
+def _raw(tiny_bert, agnews_short, tmp_path, **extra) -> dict:
+    return {"model": str(tiny_bert), "data.path": str(agnews_short(20)), "strategy": "hetlora",
             "results-dir": str(tmp_path / "r"), "num-server-rounds": 2,
             "train.local-steps": 2, "train.batch-size": 4, "eval.max-examples": 0,
             "data.partitioner": "iid", "train.lr": 5e-3, **extra}
 
 
 def _federation(raw: dict, devices: int = 5) -> list[dict]:
-    run_dir = federate(InProcessGrid(raw, num_nodes=devices),
-                       prepare_run(RunConfig.from_run_config(raw), run_id=7))
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return run_inprocess(raw, devices, run_id=7)[0]
 
 
-def test_krum_keeps_one_device_and_logs_every_refusal(tiny_bert, agnews, tmp_path):
-    rows = _federation(_raw(tiny_bert, agnews, tmp_path, **{"robust.aggregator": "krum"}))
+def test_krum_keeps_one_device_and_logs_every_refusal(tiny_bert, agnews_short, tmp_path):
+    rows = _federation(_raw(tiny_bert, agnews_short, tmp_path, **{"robust.aggregator": "krum"}))
     for row in rows[1:]:
         entry = row["robust"]
         nodes = {c["node_id"] for c in row["clients"]}
@@ -51,19 +41,19 @@ def test_krum_keeps_one_device_and_logs_every_refusal(tiny_bert, agnews, tmp_pat
         assert np.isfinite(row["accuracy"])
 
 
-def test_median_on_products_moves_the_model_and_weights_every_device(tiny_bert, agnews,
+def test_median_on_products_moves_the_model_and_weights_every_device(tiny_bert, agnews_short,
                                                                     tmp_path):
-    rows = _federation(_raw(tiny_bert, agnews, tmp_path, **{"robust.aggregator": "median"}))
+    rows = _federation(_raw(tiny_bert, agnews_short, tmp_path, **{"robust.aggregator": "median"}))
     entry = rows[-1]["robust"]
     assert entry["refused"] == 0 and sum(entry["weights"].values()) == pytest.approx(1.0)
     assert rows[-1]["loss"] != rows[0]["loss"]
 
 
-def test_contribution_estimate_ranks_devices_like_true_leave_one_out(tiny_bert, agnews,
+def test_contribution_estimate_ranks_devices_like_true_leave_one_out(tiny_bert, agnews_short,
                                                                      tmp_path):
     """Every round (round 2 after the simulated devices trained other ranks' adapters on the
     process's shared model), the estimate ranks the devices as exact leave-one-out does."""
-    raw = _raw(tiny_bert, agnews, tmp_path, **{
+    raw = _raw(tiny_bert, agnews_short, tmp_path, **{
         "robust.contribution": "report", "robust.exact-loo": True,
         "robust.contribution-examples": 24, "num-server-rounds": 2,
         "train.local-steps": 4, "data.partitioner": "pathological"})
@@ -77,8 +67,8 @@ def test_contribution_estimate_ranks_devices_like_true_leave_one_out(tiny_bert, 
         assert c["estimate_s"] > 0 and c["exact_s"] > 0  # costs reported (benchmark compares)
 
 
-def test_drop_harmful_gives_harmful_devices_no_weight(tiny_bert, agnews, tmp_path):
-    raw = _raw(tiny_bert, agnews, tmp_path, **{
+def test_drop_harmful_gives_harmful_devices_no_weight(tiny_bert, agnews_short, tmp_path):
+    raw = _raw(tiny_bert, agnews_short, tmp_path, **{
         "robust.contribution": "drop-harmful", "num-server-rounds": 1,
         "data.partitioner": "pathological"})
     row = _federation(raw)[-1]
@@ -89,17 +79,17 @@ def test_drop_harmful_gives_harmful_devices_no_weight(tiny_bert, agnews, tmp_pat
         assert (w == 0.0) == (estimate[node] <= 0.0)
 
 
-def test_robust_aggregation_refuses_strategies_that_aggregate_otherwise(tiny_bert, agnews,
+def test_robust_aggregation_refuses_strategies_that_aggregate_otherwise(tiny_bert, agnews_short,
                                                                         tmp_path):
     for extra in ({"strategy": "flora"}, {"fleet.selection": "fedlaavg"}):
-        raw = _raw(tiny_bert, agnews, tmp_path, **{"robust.aggregator": "median", **extra})
+        raw = _raw(tiny_bert, agnews_short, tmp_path, **{"robust.aggregator": "median", **extra})
         with pytest.raises(ConfigError, match="robust.aggregator='median'"):
             _federation(raw)
 
 
-def test_the_product_space_gradient_is_the_loss_slope(tiny_bert, agnews, tmp_path):
+def test_the_product_space_gradient_is_the_loss_slope(tiny_bert, agnews_short, tmp_path):
     """dL/dP by backprop through the frozen weight (x s) agrees with a finite difference."""
-    raw = _raw(tiny_bert, agnews, tmp_path)
+    raw = _raw(tiny_bert, agnews_short, tmp_path)
     cfg = RunConfig.from_run_config(raw)
     plan = prepare_run(cfg, run_id=3)
     state = plan.initial
@@ -122,9 +112,9 @@ def test_the_product_space_gradient_is_the_loss_slope(tiny_bert, agnews, tmp_pat
     assert (up - down) / (2 * eps) == pytest.approx(g @ direction, rel=0.05, abs=1e-5)
 
 
-def test_fltrust_trains_a_root_update_and_weights_by_cosine_trust(tiny_bert, agnews,
+def test_fltrust_trains_a_root_update_and_weights_by_cosine_trust(tiny_bert, agnews_short,
                                                                   tmp_path):
-    rows = _federation(_raw(tiny_bert, agnews, tmp_path, **{
+    rows = _federation(_raw(tiny_bert, agnews_short, tmp_path, **{
         "robust.aggregator": "fltrust", "robust.root-examples": 16}))
     for row in rows[1:]:
         entry = row["robust"]
@@ -135,16 +125,17 @@ def test_fltrust_trains_a_root_update_and_weights_by_cosine_trust(tiny_bert, agn
         assert all("cosine to root update" in r["reason"] for r in entry["refusals"])
 
 
-def test_too_few_replies_for_krum_keep_the_model_and_say_why(tiny_bert, agnews, tmp_path):
-    rows = _federation(_raw(tiny_bert, agnews, tmp_path, **{
+def test_too_few_replies_for_krum_keep_the_model_and_say_why(tiny_bert, agnews_short,
+                                                               tmp_path):
+    rows = _federation(_raw(tiny_bert, agnews_short, tmp_path, **{
         "robust.aggregator": "krum", "robust.f": 2, "num-server-rounds": 1}))
     assert "needs K >= 2f + 3" in rows[1]["robust"]["skipped"]
     assert rows[1]["loss"] == pytest.approx(rows[0]["loss"])  # the model did not move
 
 
-def test_every_contribution_drop_is_counted_and_logged_with_its_node(tiny_bert, agnews,
+def test_every_contribution_drop_is_counted_and_logged_with_its_node(tiny_bert, agnews_short,
                                                                      tmp_path):
-    raw = _raw(tiny_bert, agnews, tmp_path, **{
+    raw = _raw(tiny_bert, agnews_short, tmp_path, **{
         "robust.contribution": "drop-harmful", "num-server-rounds": 1,
         "data.partitioner": "pathological"})
     entry = _federation(raw)[-1]["robust"]
@@ -153,11 +144,11 @@ def test_every_contribution_drop_is_counted_and_logged_with_its_node(tiny_bert, 
     assert entry["dropped"] == len(dropped) >= 1
 
 
-def test_batched_per_example_gradients_equal_one_backward_per_example(tiny_bert, agnews,
+def test_batched_per_example_gradients_equal_one_backward_per_example(tiny_bert, agnews_short,
                                                                       tmp_path, monkeypatch):
     """The Linear hooks' per-example gradients (batches of 8) give the same mean gradient
     and diagonal Fisher as one backward per example."""
-    raw = _raw(tiny_bert, agnews, tmp_path)
+    raw = _raw(tiny_bert, agnews_short, tmp_path)
     cfg = RunConfig.from_run_config(raw)
     plan = prepare_run(cfg, run_id=4)
     state = plan.initial
