@@ -202,14 +202,17 @@ class RobustRound:
                                      updates.blocks()], axis=1) if empirical else None
         grads, estimate_s = timed(space.gradients, previous, updates.combine(w), updates.keys,
                                   directions)
-        del directions
-        g = unstack(grads.mean, updates.keys, updates.shapes)
-        fisher = unstack(grads.fisher_diag, updates.keys, updates.shapes)
-        diagonal, first = np.zeros(len(w)), np.zeros(len(w))
-        for key, _, block in updates.blocks():
-            d = loo_directions(block, w)                                  # (K, size)
-            first += influence_contributions(g[key].ravel(), None, d)
-            diagonal += influence_contributions(g[key].ravel(), fisher[key].ravel(), d)
+        # g^T d_k (+ 1/2 d_k^T diag(F) d_k): from the directions already formed, or block by
+        # block (both terms are sums over coordinates; one block's directions at a time)
+        pieces = [(directions, grads.mean, grads.fisher_diag)] if empirical else (
+            (loo_directions(block, w), g.ravel(), f.ravel()) for (_, _, block), g, f in zip(
+                updates.blocks(), unstack(grads.mean, updates.keys, updates.shapes).values(),
+                unstack(grads.fisher_diag, updates.keys, updates.shapes).values()))
+        first, diagonal = np.zeros(len(w)), np.zeros(len(w))
+        for d, g, f in pieces:
+            first += influence_contributions(g, None, d)
+            diagonal += influence_contributions(g, f, d)
+        del directions, pieces
         variants = {"first_order": first, "diagonal_fisher": diagonal}
         if grads.fisher_form is not None:
             variants["empirical_fisher"] = first + 0.5 * grads.fisher_form
