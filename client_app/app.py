@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import time
+
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
@@ -18,6 +20,7 @@ from client_app import infer, serve
 from strategies import registry
 from task.config import RunConfig
 from task.fleet import profile_reply
+from task.overhead import handled
 
 app = ClientApp()
 
@@ -41,11 +44,20 @@ def serve_call(msg: Message, context: Context) -> Message:
 
 def _dispatch(message_type: str):
     def handle(msg: Message, context: Context) -> Message:
+        started = time.time()
         cfg = RunConfig.from_run_config(context.run_config)
-        return registry.handler(cfg.strategy, message_type)(msg, context, cfg)
+        reply = registry.handler(cfg.strategy, message_type)(msg, context, cfg)
+        return _with_overhead(reply, started)
 
     handle.__name__ = message_type.replace(".", "_")
     return handle
+
+
+def _with_overhead(reply: Message, started: float) -> Message:
+    """Add what the round cost around training (`task.overhead`) to a reply's metrics."""
+    if reply.has_content() and "metrics" in reply.content.metric_records:
+        reply.content.metric_records["metrics"].update(handled(started))
+    return reply
 
 
 for _type in registry.message_types():  # "train", "train.gradient", ...

@@ -23,6 +23,7 @@ from task import capability
 from task.device import DeviceInfo
 from task.logs import get_logger
 from task.options import ConfigError
+from task.overhead import platform_fields
 
 log = get_logger()
 
@@ -33,7 +34,7 @@ def profile_reply(node_config: Mapping, msg: Message) -> Message:
     info = DeviceInfo.from_node_config(node_config)
     fields = {"device": info.device, "partition-id": info.partition_id,
               "num-partitions": info.num_partitions, "lora-rank": info.lora_rank,
-              "task": info.task}
+              "task": info.task, **platform_fields()}
     ask = msg.content.config_records.get("config")
     if ask is not None and ask.get("measure", False) and info.lora_rank <= 0:
         fields |= capability.report(node_config, info, ask)

@@ -87,3 +87,21 @@ def flower_env(tmp_path_factory):
     """Environment for `flwr run` against a private local SuperLink (see tests/flower_e2e.py)."""
     with local_superlink(tmp_path_factory.mktemp("flwr-home")) as env:
         yield env
+
+
+# ---------------------------------------------------------------------------------------
+# Timings that a test wants in CI's output (e.g. each part of the emulated arm64 job):
+# `timings.append("text")`; printed in a section at the end of the run, passed or failed.
+TIMINGS: list[str] = []
+
+
+@pytest.fixture(scope="session")
+def timings() -> list[str]:
+    return TIMINGS
+
+
+def pytest_terminal_summary(terminalreporter):
+    if TIMINGS:
+        terminalreporter.section("timings")
+        for line in TIMINGS:
+            terminalreporter.write_line(line)

@@ -68,6 +68,7 @@ class NodeProfile:
     device: str
     partition_id: int
     rank: int
+    platform: str = ""  # what the device said it runs on (platform.machine(): aarch64, ...)
 
 
 class HeterogeneousLoRA(FedAvg):
@@ -159,7 +160,8 @@ class HeterogeneousLoRA(FedAvg):
             rank = self._rank_from_capability(node, device, p)
         else:
             rank = self.cfg.rank_for(device, explicit)
-        return NodeProfile(node, device, int(p["partition-id"]), rank)
+        return NodeProfile(node, device, int(p["partition-id"]), rank,
+                           str(p.get("platform", "")))
 
     def _rank_from_capability(self, node: int, device: str, p: ConfigRecord) -> int:
         """S1's capability rank: the largest that fits the node's memory and the deadline
@@ -378,6 +380,11 @@ class HeterogeneousLoRA(FedAvg):
             "bytes_up": record_nbytes(msg.content[key]),
             "bytes_down": self._sent[node][1],
         }
+        if profile.platform:
+            row["platform"] = profile.platform
+        for key in ("startup-s", "handler-s", "process-task"):  # task.overhead
+            if key in metrics:
+                row[key.replace("-", "_")] = float(metrics[key])
         if node in self.capability:
             row["capability"] = self.capability[node]
         if "epsilon" in metrics:
