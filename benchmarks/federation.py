@@ -43,6 +43,25 @@ class Device:
     env: tuple[tuple[str, str], ...] = ()  # extra environment of this device's processes
 
 
+SLOW_START = """import os, sys, time
+# Every Python process of this device starts slowly, as on a loaded board, a cold SD card or
+# an emulated CPU (made by benchmarks/federation.py's slow_python_start).
+seconds = float(os.environ.get("EDGE_LAM_SLOW_START_S", "0"))
+if seconds > 0:
+    sys.stderr.write(f"[slow start] {os.path.basename(sys.argv[0] or 'python')}: {seconds:.0f} s\\n")
+    time.sleep(seconds)
+"""
+
+
+def slow_python_start(folder: Path, seconds: float) -> tuple[tuple[str, str], ...]:
+    """A device environment in which every Python process sleeps `seconds` before it runs
+    (a sitecustomize.py on PYTHONPATH): Device(env=slow_python_start(tmp, 45))."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(SLOW_START)
+    path = os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH", "")]))
+    return (("PYTHONPATH", path), ("EDGE_LAM_SLOW_START_S", str(seconds)))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -91,7 +91,7 @@ if [ ! -x "$sysroot/usr/bin/python$pyver" ]; then
   # merged /usr: the loader and libraries are looked up under /lib as well
   for d in bin lib sbin; do [ -e "$sysroot/$d" ] || ln -s "usr/$d" "$sysroot/$d"; done
 fi
-step "sysroot ($suite, Python $pyver, $(du -sm "$sysroot" | cut -f1) MB before wheels)" $t
+step "sysroot ($suite, Python $pyver, $(du -sm --exclude="python$pyver/dist-packages" "$sysroot" | cut -f1) MB without the wheels)" $t
 
 # 3. the project's dependencies for aarch64, resolved with the target's own markers
 t=$SECONDS
