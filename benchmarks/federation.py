@@ -81,8 +81,10 @@ class Federation:
     """Start with `with Federation(tmp, devices, ...) as fed:`; `fed.run(...)` submits a run."""
 
     def __init__(self, tmp: Path, devices: list[Device], arm64_env: dict | None = None,
-                 qemu_cpu: str = "cortex-a72"):
+                 qemu_cpu: str = "cortex-a72", server_env: tuple[tuple[str, str], ...] = (),
+                 server_flags: tuple[str, ...] = ()):
         self.tmp, self.devices = Path(tmp), devices
+        self.server_env, self.server_flags = dict(server_env), list(server_flags)
         self.arm64_env, self.qemu_cpu = arm64_env, qemu_cpu
         self.procs: dict[str, subprocess.Popen] = {}
         self.fleet, self.control = free_port(), free_port()
@@ -162,8 +164,9 @@ class Federation:
         self._start("superlink", [str(DEPLOY / "superlink.sh"), "--certs", str(self.certs),
                                   "--state", str(self.tmp / "state"),
                                   "--fleet", f"127.0.0.1:{self.fleet}",
-                                  "--control", f"127.0.0.1:{self.control}"],
-                    {"FLWR_HOME": str(self.tmp / "server-home")})
+                                  "--control", f"127.0.0.1:{self.control}",
+                                  *self.server_flags],
+                    {"FLWR_HOME": str(self.tmp / "server-home"), **self.server_env})
 
         def listening() -> bool:
             with socket.socket() as s:

@@ -58,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds between asks for a task while idle (default %(default)s)")
     p.add_argument("--max-tasks", type=int, default=0,
                    help="exit after this many tasks (0: run until stopped)")
+    p.add_argument("--ready-file", metavar="PATH",
+                   help="create this file once the imports are done (deploy/supernode.sh "
+                        "starts the SuperNode then, so the node is online only when it can "
+                        "take tasks at once)")
     return p
 
 
@@ -84,6 +88,7 @@ class Runtime:
         self.fab_hash: str | None = None
         self.fab_dir: Path | None = None
         self.stopping = False
+        self.in_task = False
 
     def client(self, *interceptors):
         return self._client_cls.from_server_address(
@@ -104,7 +109,14 @@ class Runtime:
                 res = claims.AcquireTask(AcquireTaskRequest(
                     supported_task_types=[TaskType.CLIENT_APP]))
                 if res.HasField("task") and res.token:
-                    self.run_task(res.token)
+                    try:
+                        self.in_task = True
+                        self.run_task(res.token)
+                    except KeyboardInterrupt:  # Flower's SIGINT after a refused (401) call
+                        print("edge-lam-device: task abandoned after the SuperNode refused "
+                              "its token", file=sys.stderr, flush=True)
+                    finally:
+                        self.in_task = False
                     done += 1
                 else:
                     time.sleep(self.args.poll_interval)
@@ -150,6 +162,9 @@ class Runtime:
             try:
                 if reply is not None and context is not None:
                     push_message(client, reply, context)
+            except (Exception, KeyboardInterrupt) as ex:  # pylint: disable=broad-except
+                status, details = SubStatus.FAILED, f"the reply could not be pushed: {ex!r}"
+                print(f"edge-lam-device: {details}", file=sys.stderr, flush=True)
             finally:
                 push_task_output(client, context, status, details)
                 if heartbeat.is_running:
@@ -167,22 +182,29 @@ class Runtime:
         if fab.hash_str != self.fab_hash:
             install_from_fab(fab.content, skip_prompt=True)
             new_dir = Path(get_project_dir(run.fab_id, run.fab_version, fab.hash_str))
-            if self.fab_dir is not None:
-                forget_app_modules(self.fab_dir)
+            # the app's code comes from this FAB: not from an earlier FAB, nor from the copy
+            # installed on the device (this module's own package was imported from there)
+            forget_app_modules(new_dir, self.fab_dir)
             self.fab_hash, self.fab_dir = fab.hash_str, new_dir
         load = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)
         return load(run.fab_id, run.fab_version, fab.hash_str)
 
 
-def forget_app_modules(project_dir: Path) -> list[str]:
-    """Drop the modules of the app in `project_dir` (its top-level packages and modules) from
-    `sys.modules` and its folder from `sys.path`, so the next load imports the new FAB's."""
-    tops = {p.name for p in project_dir.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
-    tops |= {p.stem for p in project_dir.glob("*.py")}
+def forget_app_modules(project_dir: Path, old_dir: Path | None = None) -> list[str]:
+    """Drop the modules named like the app's top-level packages and modules in `project_dir`
+    (and `old_dir`) from `sys.modules`, and `old_dir` from `sys.path`, so that the next load
+    imports them from `project_dir`. Returns the names dropped."""
+    tops: set[str] = set()
+    for folder in filter(None, (project_dir, old_dir)):
+        if folder.is_dir():
+            tops |= {p.name for p in folder.iterdir()
+                     if p.is_dir() and (p / "__init__.py").exists()}
+            tops |= {p.stem for p in folder.glob("*.py")}
     gone = [m for m in sys.modules if m.split(".", 1)[0] in tops]
     for name in gone:
         del sys.modules[name]
-    sys.path[:] = [p for p in sys.path if Path(p or ".").absolute() != project_dir.absolute()]
+    if old_dir is not None:
+        sys.path[:] = [p for p in sys.path if Path(p or ".").absolute() != old_dir.absolute()]
     importlib.invalidate_caches()
     return gone
 
@@ -198,12 +220,17 @@ def main(argv: list[str] | None = None) -> None:
     if args.parent_pid is not None:
         _exit_with_parent(args.parent_pid)
     seconds = preload(args.preload)
+    runtime = Runtime(args)
     print(f"edge-lam-device: preloaded {args.preload or 'nothing'} in {seconds:.1f} s; "
           f"claiming tasks at {args.runtime_api_address}", flush=True)
-    runtime = Runtime(args)
+    if args.ready_file:
+        Path(args.ready_file).touch()
 
-    def stop(*_):
+    def stop(*_):  # SIGTERM: finish the running task first; idle (or waiting for a SuperNode
+        # that is gone, retrying): stop now
         runtime.stopping = True
+        if not runtime.in_task:
+            raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, stop)
     done = runtime.serve()

@@ -44,6 +44,8 @@ done
 mkdir -p "$cache"
 cache="$(cd "$cache" && pwd)"
 t_all=$SECONDS
+# uv needs no interpreter of the target version: never fetch one (only package registries here)
+export UV_PYTHON_DOWNLOADS=never
 step() { echo "emulate-arm64: $1: $(( SECONDS - $2 )) s"; }
 
 # The Debian mirror this machine's apt already uses (no host name is written here).

@@ -47,12 +47,21 @@ if [ "$runtime" = flower ]; then
   exec "${supernode[@]}" "${extra[@]}"
 fi
 
-# warm: the SuperNode only hands out tasks; edge-lam-device claims and runs them
+# warm: edge-lam-device imports first; then the SuperNode comes online and hands it tasks, so
+# a node that the server sees online can start a task at once, however slow its imports were
+ready="$(mktemp -u "${TMPDIR:-/tmp}/edge-lam-ready.XXXXXX")"
+edge-lam-device --runtime-api-address "127.0.0.1:$port" --insecure --parent-pid $$ \
+  --ready-file "$ready" &
+runtime_pid=$!
+node_pid=""
+trap 'kill -TERM $node_pid "$runtime_pid" 2>/dev/null || true' TERM INT
+while [ ! -e "$ready" ]; do
+  kill -0 "$runtime_pid" 2>/dev/null || { wait "$runtime_pid"; exit $?; }
+  sleep 0.5
+done
+rm -f "$ready"
 "${supernode[@]}" --isolation process "${extra[@]}" &
 node_pid=$!
-edge-lam-device --runtime-api-address "127.0.0.1:$port" --insecure --parent-pid "$node_pid" &
-runtime_pid=$!
-trap 'kill -TERM "$node_pid" "$runtime_pid" 2>/dev/null || true' TERM INT
 set +e
 wait -n "$node_pid" "$runtime_pid"
 code=$?

@@ -10,12 +10,15 @@ the imports take minutes, far beyond Flower's 30 s start window, and the device 
 train every round exactly once.
 
 CI runs this (it is never skipped there); EDGE_LAM_SKIP_ARM64=1 skips it on a machine without
-root, apt or the network to fetch packages. EDGE_LAM_ARM64_SUITE=trixie runs Python 3.13.
+root, apt or the network to fetch packages. EDGE_LAM_ARM64_SUITE=trixie runs Python 3.13;
+EDGE_LAM_ARM64_RECORD=file.json writes what it measured (benchmarks/results/devices/).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import platform
 import re
 import subprocess
 import time
@@ -82,6 +85,17 @@ def test_emulated_pi4_supernode_trains_over_tls(arm64_env, tiny_bert, small_agne
             pytest.fail(str(err))
         device_log = fed.log("pi4-emulated")
     timings.append(f"arm64 test in all: {time.monotonic() - start:.0f} s")
+    record = os.environ.get("EDGE_LAM_ARM64_RECORD")
+    if record:
+        Path(record).write_text(json.dumps({
+            "suite": SUITE, "python": arm64_env["PYVER"], "qemu_cpu": CPU,
+            "host": platform.processor() or platform.machine(), "host_cpus": os.cpu_count(),
+            "command": f"EDGE_LAM_ARM64_SUITE={SUITE} EDGE_LAM_ARM64_CPU={CPU} python -m pytest "
+                       "tests/test_arm64_supernode.py", "status": status,
+            "timings": [t for t in timings if t.startswith("arm64")],
+            "rounds": [{k: c.get(k) for k in ("platform", "rank", "train_loss", "startup_s",
+                                               "handler_s", "train_s", "process_task")}
+                       for r in rows[1:] for c in r["clients"]]}, indent=1))
 
     assert [r["round"] for r in rows] == [0, 1, 2], out[-3000:]
     emulated = []

@@ -1,0 +1,72 @@
+"""The warm device runtime's pieces (client_app/runtime.py, task/overhead.py) in isolation;
+the runtime itself runs in tests/test_slow_start.py, test_deploy_netns.py and
+test_arm64_supernode.py against real SuperNodes."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import time
+
+import psutil
+import pytest
+
+from client_app.runtime import build_parser, forget_app_modules, preload
+from task import overhead
+
+
+def _app(folder, value: int):
+    (folder / "demoapp").mkdir(parents=True)
+    (folder / "demoapp" / "__init__.py").write_text("")
+    (folder / "demoapp" / "mod.py").write_text(f"VALUE = {value}\n")
+    (folder / "demo_top.py").write_text(f"VALUE = {value}\n")
+    return folder
+
+
+def test_a_new_fab_replaces_the_apps_modules_but_not_the_libraries(tmp_path, monkeypatch):
+    old, new = _app(tmp_path / "fab-1", 1), _app(tmp_path / "fab-2", 2)
+    monkeypatch.setattr(sys, "path", [str(old), *sys.path])
+    assert importlib.import_module("demoapp.mod").VALUE == 1
+    assert importlib.import_module("demo_top").VALUE == 1
+    torch_module = importlib.import_module("torch")
+
+    gone = forget_app_modules(new, old)
+    sys.path.insert(0, str(new))
+    assert set(gone) == {"demoapp", "demoapp.mod", "demo_top"}
+    assert str(old) not in sys.path
+    assert importlib.import_module("demoapp.mod").VALUE == 2
+    assert importlib.import_module("demo_top").VALUE == 2
+    assert sys.modules["torch"] is torch_module  # the preloaded libraries stay
+
+
+def test_startup_counts_from_the_claim_in_the_warm_runtime(monkeypatch):
+    monkeypatch.setenv(overhead.CLAIMED_AT_ENV, repr(1000.0))
+    assert overhead.startup_s(now=1002.5) == pytest.approx(2.5)
+
+
+def test_startup_counts_from_the_process_start_in_a_fresh_clientapp(monkeypatch):
+    monkeypatch.delenv(overhead.CLAIMED_AT_ENV, raising=False)
+    created = psutil.Process(os.getpid()).create_time()
+    assert overhead.process_started_at() == pytest.approx(created, abs=0.5)
+    now = time.time()
+    assert overhead.startup_s(now) == pytest.approx(now - created, abs=0.5)
+
+
+def test_handled_metrics_count_the_tasks_of_one_process(monkeypatch):
+    monkeypatch.setenv(overhead.CLAIMED_AT_ENV, repr(time.time() - 1.0))
+    first = overhead.handled(time.time() - 0.25)
+    second = overhead.handled(time.time())
+    assert second["process-task"] == first["process-task"] + 1
+    assert first["startup-s"] == pytest.approx(0.75, abs=0.2)
+    assert first["handler-s"] == pytest.approx(0.25, abs=0.2)
+
+
+def test_cli_defaults_and_preload_errors():
+    args = build_parser().parse_args(["--insecure"])
+    assert args.runtime_api_address == "127.0.0.1:9094" and args.max_tasks == 0
+    assert preload("") == pytest.approx(0.0, abs=0.05)
+    with pytest.raises(ModuleNotFoundError):
+        preload("json, no_such_module_here")
+    with pytest.raises(SystemExit):  # TLS and --insecure together make no sense
+        build_parser().parse_args(["--insecure", "--root-certificates", "ca.crt"])
