@@ -7,6 +7,7 @@ FROM ${FLWR_IMAGE}
 
 ARG TARGETARCH
 USER root
+# hadolint ignore=DL3008
 RUN apt-get update && apt-get install -y --no-install-recommends bash openssl openssh-client \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
@@ -16,10 +17,12 @@ COPY strategies strategies
 COPY client_app client_app
 COPY server_app server_app
 COPY deploy deploy
-# torch first: the CPU build on amd64 (PyPI's default pulls CUDA), PyPI's (CPU) build on arm64.
+# torch first, as pyproject.toml's markers want it: amd64 the CPU build (PyPI's default pulls
+# CUDA); arm64 PyPI's 2.9.1, CPU-only (2.11+ aarch64 wheels are CUDA builds, 2.10's dies with
+# SIGILL on a Pi 4's Cortex-A72).
 RUN if [ "$TARGETARCH" = "amd64" ]; then \
       python -m pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu; \
-    else python -m pip install --no-cache-dir torch==2.13.0; fi \
+    else python -m pip install --no-cache-dir torch==2.9.1; fi \
     && python -m pip install --no-cache-dir . \
     && chown -R app:app /app
 USER app

@@ -9,6 +9,7 @@ FROM ${FLWR_IMAGE}
 ARG TARGETARCH
 ARG INSTALL_TORCH=1
 USER root
+# hadolint ignore=DL3008
 RUN apt-get update && apt-get install -y --no-install-recommends bash openssl openssh-client \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
@@ -18,10 +19,13 @@ COPY strategies strategies
 COPY client_app client_app
 COPY server_app server_app
 COPY deploy deploy
+# torch first, as pyproject.toml's markers want it: amd64 the CPU build (PyPI's default pulls
+# CUDA); arm64 PyPI's 2.9.1, CPU-only (2.10's aarch64 wheel dies with SIGILL on a Pi 4's
+# Cortex-A72, 2.11+ are CUDA builds). docker/build-oci.sh builds the same image without Docker.
 RUN if [ "$INSTALL_TORCH" = "1" ]; then \
       if [ "$TARGETARCH" = "amd64" ]; then \
         python -m pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu; \
-      else python -m pip install --no-cache-dir torch==2.13.0; fi; \
+      else python -m pip install --no-cache-dir torch==2.9.1; fi; \
     fi \
     && python -m pip install --no-cache-dir . \
     && chown -R app:app /app

@@ -30,13 +30,37 @@ def test_dockerfiles_pin_flower_139_and_copy_existing_files(dockerfile, image):
     """Read as text (nothing is built): the base image is Flower 1.39.0 like pyproject's pin,
     every COPY source exists, and the entrypoint is one of the deploy scripts."""
     text = (ROOT / "docker" / dockerfile).read_text()
+    from packaging.requirements import Requirement
+
     pinned = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    assert any("flwr[simulation]>=1.39,<1.40" in d for d in pinned)
+    flwr = [Requirement(d).specifier for d in pinned if Requirement(d).name == "flwr"]
+    assert flwr and all("1.39.0" in s and "1.40.0" not in s for s in flwr), flwr
     assert f"ARG FLWR_IMAGE={image}:1.39.0" in text
     for src in re.findall(r"^COPY (\S+) ", text, re.M) + ["README.md"]:
         assert (ROOT / src).exists(), f"{dockerfile} copies missing {src}"
     entry = re.search(r'ENTRYPOINT \["/app/deploy/(\S+)"\]', text).group(1)
     assert entry in SCRIPTS
+
+
+TORCH_PIN = re.compile(r'TARGETARCH" = "amd64" ]; then \\\s+python -m pip install --no-cache-dir '
+                       r'torch==(\S+) --index-url \S+/whl/cpu; \\\s+else python -m pip install '
+                       r'--no-cache-dir torch==(\S+); fi')
+
+
+@pytest.mark.parametrize("dockerfile", ["superlink.Dockerfile", "supernode.Dockerfile"])
+def test_dockerfiles_install_the_torch_pyproject_allows(dockerfile):
+    """amd64: the CPU build, in the x86_64 range; arm64: a version the aarch64 (non-Jetson)
+    marker allows (< 2.10: 2.10 dies with SIGILL on a Pi 4, 2.11+ are CUDA builds)."""
+    from packaging.requirements import Requirement
+
+    amd64, arm64 = TORCH_PIN.search((ROOT / "docker" / dockerfile).read_text()).groups()
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    torch = [Requirement(d) for d in deps if Requirement(d).name == "torch"]
+    for machine, version in (("x86_64", amd64), ("aarch64", arm64)):
+        env = {"sys_platform": "linux", "platform_machine": machine,
+               "platform_release": "6.6.31+rpt-rpi-v8"}
+        specs = [r.specifier for r in torch if r.marker is None or r.marker.evaluate(env)]
+        assert specs and all(version in s for s in specs), (dockerfile, machine, version, specs)
 
 
 def _command_flags(service: dict) -> set[str]:
