@@ -33,8 +33,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT))  # first: an installed package may also be named `benchmarks`
 
 from benchmarks.federation import Device, Federation, FederationError, free_port  # noqa: E402
 
@@ -166,7 +165,7 @@ def connect_check(arch: str, timeout: float = 900) -> dict:
             fed = ImageFederation(Path(tmp), [Device(name, PROFILE[arch])], arch).__enter__()
         except FederationError as err:
             return {"ok": False, "error": str(err)[-3000:]}
-        with fed:
+        try:
             try:
                 ready = fed.wait_ready(timeout)
             except FederationError as err:
@@ -177,6 +176,8 @@ def connect_check(arch: str, timeout: float = 900) -> dict:
             log = fed.log(name)
             node_id = fed.node_ids[name]
             online = node_id in fed.online()
+        finally:
+            fed.close()
         return {"ok": online, "node_id": node_id, "online": online,
                 "ready_s": round(ready[name], 1), "total_s": round(time.monotonic() - start, 1),
                 "supernode_list": [ln for ln in listing.splitlines() if str(node_id) in ln],
