@@ -35,6 +35,7 @@ from benchmarks.common import machine_line, provenance, read_json, write_json  #
 from benchmarks.federation import read_env_file  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("UV_PYTHON_DOWNLOADS", "never")  # uv needs no interpreter of its own here
 OUT = ROOT / "benchmarks" / "results" / "devices"
 CUDA = re.compile(r"^(nvidia-|triton|cuda-)", re.I)
 PLATFORM = {"x86_64": "x86_64-manylinux_2_36", "aarch64": "aarch64-manylinux_2_36"}
@@ -111,7 +112,8 @@ def _cuda(lines: list[str]) -> int:
 
 
 def import_rows(arm64_env: Path | None, repeats: int) -> list[dict]:
-    """Median seconds of each import in a fresh process, natively and emulated."""
+    """Median seconds of each import in a fresh process, natively (`repeats` times) and
+    emulated (once)."""
     runners = [("x86-64 (this machine)", [sys.executable], {})]
     if arm64_env is not None:
         env = read_env_file(arm64_env)
@@ -120,10 +122,10 @@ def import_rows(arm64_env: Path | None, repeats: int) -> list[dict]:
                             {"QEMU_CPU": cpu}))
     rows = []
     for where, python, env in runners:
-        row = {"where": where}
+        row = {"where": where, "repeats": repeats if not env else 1}
         for name, code in IMPORTS.items():
             times = []
-            for _ in range(repeats):
+            for _ in range(row["repeats"]):  # emulated imports take minutes: once
                 start = time.perf_counter()
                 done = subprocess.run([*python, "-c", code], env={**os.environ, **env},
                                       capture_output=True, text=True, cwd=tempfile.gettempdir())

@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import importlib
 import os
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
 
 from client_app.runtime import build_parser, forget_app_modules, preload
 from task import overhead
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _app(folder, value: int):
@@ -70,3 +74,25 @@ def test_cli_defaults_and_preload_errors():
         preload("json, no_such_module_here")
     with pytest.raises(SystemExit):  # TLS and --insecure together make no sense
         build_parser().parse_args(["--insecure", "--root-certificates", "ca.crt"])
+
+
+def _python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=ROOT)
+
+
+def test_the_superlinks_start_window_reaches_flowers_state_modules():
+    done = _python("from server_app.superlink import set_start_window\n"
+                   "print(set_start_window(90))\n"
+                   "import flwr.supercore.corestate.in_memory_corestate as a\n"
+                   "import flwr.supercore.corestate.sql_corestate as b\n"
+                   "print(a.HEARTBEAT_DEFAULT_INTERVAL, b.HEARTBEAT_DEFAULT_INTERVAL)")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["90.0", "90.0", "90.0"]
+    never_shorter = _python("from server_app.superlink import set_start_window\n"
+                            "print(set_start_window(5))")
+    assert never_shorter.stdout.split() == ["30"]
+    too_late = _python("import flwr.supercore.corestate.in_memory_corestate\n"
+                       "from server_app.superlink import set_start_window\n"
+                       "set_start_window(90)")
+    assert too_late.returncode != 0 and "already read Flower's start window" in too_late.stderr

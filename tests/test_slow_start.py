@@ -10,6 +10,11 @@ emulated Pi of tests/test_arm64_supernode.py takes minutes) join one TLS federat
   answers the server's profile QUERY: the failure the issue reported, reproduced;
 - `--runtime warm` (deploy/supernode.sh's default, client_app/runtime.py): it pays the slow
   start once, before claiming, answers and trains in one process.
+
+The edge server starts its Python processes 40 s late too: its SuperLink would refuse the
+run's ServerApp the same way (the run never starts: seen by hand, 10 minutes without a
+round), but deploy/superlink.sh's --start-window (120 s, server_app/superlink.py) lets it in,
+and the run ends `finished:completed`.
 """
 
 from __future__ import annotations
@@ -35,9 +40,9 @@ def test_slow_device_trains_once_per_round_only_with_the_warm_runtime(tiny_bert,
     run_config = " ".join([f"model='{tiny_bert}'", f"data.path='{data}'", "num-server-rounds=1",
                            "min-devices=1", "train.local-steps=2", "train.batch-size=8",
                            "eval.max-examples=32", f"round-timeout={2 * SLOW_S + 20}.0"])
-    with Federation(tmp_path / "fed", devices) as fed:
+    with Federation(tmp_path / "fed", devices, server_env=slow) as fed:
         try:
-            fed.wait_ready(240)
+            fed.wait_ready(300)
             rows, out, run_id = fed.run(copy_app(tmp_path / "app"), run_config, timeout=900)
             status = fed.run_status(run_id)
         except FederationError as err:
