@@ -48,31 +48,16 @@ t_all=$SECONDS
 export UV_PYTHON_DOWNLOADS=never
 step() { echo "emulate-arm64: $1: $(( SECONDS - $2 )) s"; }
 
-# The Debian mirror this machine's apt already uses (no host name is written here).
-mirror="$(sed -n 's/^URIs:[[:space:]]*\([^ ]*debian\)$/\1/p' /etc/apt/sources.list.d/*.sources 2>/dev/null | head -1)"
-[ -n "$mirror" ] || mirror="$(awk '$1=="deb" && $0 !~ /security/ {for(i=2;i<=NF;i++) if ($i ~ /^https?:/) {print $i; exit}}' /etc/apt/sources.list 2>/dev/null)"
-[ -n "$mirror" ] || { echo "emulate-arm64: no Debian mirror found in /etc/apt/sources.list{,.d}" >&2; exit 2; }
-
-# apt for another suite / architecture, in a private state folder
-apt_private() {  # apt_private SUITE ARCH -- apt-get args...
-  local s="$1" arch="$2" dir="$cache/apt-$1-$2"; shift 3
-  mkdir -p "$dir/lists/partial" "$dir/archives/partial" "$dir/cache"
-  [ -f "$dir/status" ] || : > "$dir/status"
-  echo "deb [arch=$arch signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $mirror $s main" > "$dir/sources.list"
-  apt-get -q -o Dir::Etc::SourceList="$dir/sources.list" -o Dir::Etc::SourceParts=/dev/null \
-    -o Dir::Etc::Preferences=/dev/null -o Dir::Etc::PreferencesParts=/dev/null \
-    -o Dir::State::Lists="$dir/lists" -o Dir::State::Status="$dir/status" \
-    -o Dir::Cache="$dir/cache" -o Dir::Cache::Archives="$dir/archives" \
-    -o APT::Architecture="$arch" -o APT::Architectures="$arch" -o Debug::NoLocking=1 \
-    -o APT::Install-Recommends=false -o APT::Sandbox::User=root "$@"
-}
+# apt for another suite / architecture, in a private state folder (apt_private)
+. "$(dirname "$0")/debian-apt.sh"
+debian_mirror >/dev/null || exit 2
 
 # 1. QEMU user mode from trixie (static; >= 8)
 t=$SECONDS
 qemu="$cache/qemu/usr/bin/qemu-aarch64"
 if [ ! -x "$qemu" ]; then
-  apt_private trixie amd64 -- update -qq
-  apt_private trixie amd64 -- install --download-only -y -qq qemu-user >/dev/null
+  apt_private "$cache/apt-trixie-amd64" trixie amd64 -- update -qq
+  apt_private "$cache/apt-trixie-amd64" trixie amd64 -- install --download-only -y -qq qemu-user >/dev/null
   deb="$(ls "$cache"/apt-trixie-amd64/archives/qemu-user_*.deb | head -1)"
   rm -rf "$cache/qemu" && dpkg -x "$deb" "$cache/qemu"
 fi
@@ -85,8 +70,8 @@ step "QEMU ($qemu_version)" $t
 t=$SECONDS
 sysroot="$cache/$suite/sysroot"
 if [ ! -x "$sysroot/usr/bin/python$pyver" ]; then
-  apt_private "$suite" arm64 -- update -qq
-  apt_private "$suite" arm64 -- install --download-only -y -qq \
+  apt_private "$cache/apt-$suite-arm64" "$suite" arm64 -- update -qq
+  apt_private "$cache/apt-$suite-arm64" "$suite" arm64 -- install --download-only -y -qq \
     "python$pyver" libstdc++6 libgomp1 zlib1g ca-certificates >/dev/null
   rm -rf "$sysroot" && mkdir -p "$sysroot"
   for deb in "$cache/apt-$suite-arm64/archives/"*.deb; do dpkg -x "$deb" "$sysroot"; done

@@ -80,28 +80,14 @@ mb() { du -sb "$@" | awk '{s += $1} END {printf "%.0f\n", s / 1048576}'; }  # ap
 PACKAGES="python3.11 libstdc++6 libgomp1 zlib1g ca-certificates bash dash coreutils sed grep
   openssl openssh-client netbase"
 
-# The Debian mirror this machine's apt already uses (no host name is written here).
-mirror="$(sed -n 's/^URIs:[[:space:]]*\([^ ]*debian\)$/\1/p' /etc/apt/sources.list.d/*.sources 2>/dev/null | head -1)"
-[ -n "$mirror" ] || mirror="$(awk '$1=="deb" && $0 !~ /security/ {for(i=2;i<=NF;i++) if ($i ~ /^https?:/) {print $i; exit}}' /etc/apt/sources.list 2>/dev/null)"
-[ -n "$mirror" ] || die "no Debian mirror found in /etc/apt/sources.list{,.d}"
-
-apt_private() {  # apt_private ARCH -- apt-get args...: bookworm for ARCH in a private state
-  local a="$1" dir="$cache/apt-bookworm-$1"; shift 2
-  mkdir -p "$dir/lists/partial" "$dir/archives/partial" "$dir/cache"
-  [ -f "$dir/status" ] || : > "$dir/status"
-  echo "deb [arch=$a signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $mirror bookworm main" > "$dir/sources.list"
-  apt-get -q -o Dir::Etc::SourceList="$dir/sources.list" -o Dir::Etc::SourceParts=/dev/null \
-    -o Dir::Etc::Preferences=/dev/null -o Dir::Etc::PreferencesParts=/dev/null \
-    -o Dir::State::Lists="$dir/lists" -o Dir::State::Status="$dir/status" \
-    -o Dir::Cache="$dir/cache" -o Dir::Cache::Archives="$dir/archives" \
-    -o APT::Architecture="$a" -o APT::Architectures="$a" -o Debug::NoLocking=1 \
-    -o APT::Install-Recommends=false -o APT::Sandbox::User=root "$@"
-}
+# apt for bookworm / the image's architecture, in a private state folder (apt_private)
+. "$(dirname "$0")/../deploy/debian-apt.sh"
+debian_mirror >/dev/null || die "no Debian mirror in /etc/apt/sources.list{,.d}"
 
 deb_files() {  # deb_files: the .deb files apt picked for $PACKAGES, one a line
   local dir="$cache/apt-bookworm-$arch"
   # shellcheck disable=SC2086
-  apt_private "$arch" -- install -s -y $PACKAGES | awk '$1 == "Inst" {
+  apt_private "$cache/apt-bookworm-$arch" bookworm "$arch" -- install -s -y $PACKAGES | awk '$1 == "Inst" {
       v = $3; gsub(/[()]/, "", v); sub(/:/, "%3a", v)
       match($0, /\[[a-z0-9]+\]\)/); a = substr($0, RSTART + 1, RLENGTH - 3)
       print $2 "_" v "_" a ".deb" }' | while read -r f; do echo "$dir/archives/$f"; done
@@ -113,9 +99,9 @@ fetch_debs() {  # download the packages (emulate-arm64.sh's downloads are reused
   if [ "$arch" = arm64 ] && [ -d "$arm64_cache/apt-bookworm-arm64/archives" ]; then
     cp -n "$arm64_cache"/apt-bookworm-arm64/archives/*.deb "$dir/archives/" 2>/dev/null || true
   fi
-  apt_private "$arch" -- update -qq
+  apt_private "$cache/apt-bookworm-$arch" bookworm "$arch" -- update -qq
   # shellcheck disable=SC2086
-  apt_private "$arch" -- install --download-only -y -qq $PACKAGES >/dev/null
+  apt_private "$cache/apt-bookworm-$arch" bookworm "$arch" -- install --download-only -y -qq $PACKAGES >/dev/null
 }
 
 base_fixups() {  # base_fixups DIR: what maintainer scripts and debootstrap would have made
