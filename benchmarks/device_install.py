@@ -14,7 +14,8 @@ numpy, flwr), natively and on the emulated aarch64 (deploy/emulate-arm64.sh) wit
 (cortex-a72) and a Pi 5's (cortex-a76) CPU: emulation, a relative hint only.
 
     python benchmarks/device_install.py                 # measure, write the JSON, render
-    python benchmarks/device_install.py --render        # devices/install.md from the JSON
+    python benchmarks/device_install.py --torch-cpus 2.9.1,2.10.0   # Pi 4 / Pi 5 CPU check
+    python benchmarks/device_install.py --render        # the .md files from their JSON
 """
 
 from __future__ import annotations
@@ -137,6 +138,53 @@ def import_rows(arm64_env: Path | None, repeats: int) -> list[dict]:
     return rows
 
 
+def torch_cpu_rows(arm64_env: Path, versions: list[str], python: str) -> list[dict]:
+    """Does PyPI's aarch64 torch X import and multiply on a Pi 4's and a Pi 5's CPU (emulated)?"""
+    env = read_env_file(arm64_env)
+    rows = []
+    for version in versions:
+        with tempfile.TemporaryDirectory() as tmp:
+            subprocess.run(["uv", "pip", "install", "-q", "--no-config", "--no-deps", "--target",
+                            tmp, "--python-platform", PLATFORM["aarch64"], "--python-version",
+                            python, f"torch=={version}"], check=True)
+            lines = resolve_one("aarch64", python, f"torch=={version}")
+            row = {"torch": version, "cuda_packages": _cuda(lines)}
+            for cpu in ("cortex-a72", "cortex-a76"):
+                done = subprocess.run(
+                    [env["PY"], "-c", "import torch; x = torch.randn(64, 64); print((x @ x).shape)"],
+                    env={**os.environ, "QEMU_CPU": cpu, "PYTHONPATH": tmp},
+                    capture_output=True, text=True, cwd=tempfile.gettempdir())
+                row[cpu] = ("runs" if done.returncode == 0 else
+                            f"fails (exit {done.returncode}: "
+                            f"{(done.stderr.strip().splitlines() or ['?'])[-1][:80]})")
+            rows.append(row)
+    return rows
+
+
+def resolve_one(machine: str, python: str, requirement: str) -> list[str]:
+    with tempfile.TemporaryDirectory() as tmp:
+        req, out = Path(tmp) / "in.txt", Path(tmp) / "out.txt"
+        req.write_text(requirement + "\n")
+        subprocess.run(["uv", "pip", "compile", str(req), "--no-config", "--python-platform",
+                        PLATFORM[machine], "--python-version", python, "--no-header",
+                        "--no-annotate", "-q", "-o", str(out)], check=True)
+        return [ln.strip() for ln in out.read_text().splitlines() if "==" in ln]
+
+
+def render_torch_cpus(data: dict) -> str:
+    lines = ["# PyPI's aarch64 torch on a Raspberry Pi's CPU (emulated)", "",
+             f"Machine: {machine_line(data['machine'])}. QEMU user mode, `QEMU_CPU` = a Pi 4's "
+             "Cortex-A72 (ARMv8.0) or a Pi 5's Cortex-A76 (ARMv8.2); `import torch` and a 64 x 64 "
+             "matrix product.", "",
+             "| torch | CUDA packages it pulls on aarch64 | Cortex-A72 (Pi 4) | Cortex-A76 (Pi 5) |",
+             "|---|---|---|---|"]
+    for r in data["versions"]:
+        lines.append(f"| {r['torch']} | {r['cuda_packages']} | {r['cortex-a72']} | "
+                     f"{r['cortex-a76']} |")
+    lines += ["", f"Command: `{data['command']}`."]
+    return "\n".join(lines) + "\n"
+
+
 def render(data: dict) -> str:
     lines = ["# Installing and starting edge-lam on each platform", "",
              f"Machine: {machine_line(data['machine'])}. Python {data['python']}.", "",
@@ -165,8 +213,18 @@ def main() -> None:
     p.add_argument("--arm64-env", default="/var/cache/edge-lam-arm64/bookworm/env.sh",
                    help="deploy/emulate-arm64.sh's env.sh ('' to skip the emulated imports)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--torch-cpus", metavar="V1,V2",
+                   help="only check which aarch64 torch versions run on a Pi 4 / Pi 5 CPU "
+                        "(devices/torch_cpus.json), e.g. 2.9.1,2.10.0")
     p.add_argument("--render", action="store_true")
     args = p.parse_args()
+    if args.torch_cpus:
+        started, out = time.perf_counter(), OUT / "torch_cpus.json"
+        rows = torch_cpu_rows(Path(args.arm64_env), args.torch_cpus.split(","), args.python)
+        write_json(out, {"versions": rows, **provenance(started)})
+        (OUT / "torch_cpus.md").write_text(render_torch_cpus(read_json(out)))
+        print((OUT / "torch_cpus.md").read_text())
+        return
     path = OUT / "install.json"
     if not args.render:
         started = time.perf_counter()
@@ -176,6 +234,8 @@ def main() -> None:
         write_json(path, data)
     (OUT / "install.md").write_text(render(read_json(path)))
     print((OUT / "install.md").read_text())
+    if args.render and (OUT / "torch_cpus.json").is_file():
+        (OUT / "torch_cpus.md").write_text(render_torch_cpus(read_json(OUT / "torch_cpus.json")))
 
 
 if __name__ == "__main__":
