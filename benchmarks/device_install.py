@@ -59,7 +59,8 @@ def installed_mb(machine: str, python: str, lines: list[str], extra: list[str]) 
     with tempfile.TemporaryDirectory() as tmp:
         req, target = Path(tmp) / "req.txt", Path(tmp) / "site"
         req.write_text("\n".join(lines) + "\n")
-        subprocess.run(["uv", "pip", "install", "-q", "--no-config", "--target", str(target),
+        subprocess.run(["uv", "pip", "install", "-q", "--no-config", "--no-deps",  # resolved
+                        "--target", str(target),
                         "--python-platform", PLATFORM[machine], "--python-version", python,
                         "-r", str(req), *extra], check=True,
                        env={**os.environ, "UV_CACHE_DIR": os.environ.get(
@@ -200,7 +201,8 @@ def render(data: dict) -> str:
               "| where | import torch | warm runtime's preload |", "|---|---|---|"]
     for r in data["imports"]:
         lines.append(f"| {r['where']} | {r['torch_s']} | {r['preload_s']} |")
-    lines += ["", f"Command: `{data['command']}`."]
+    lines += ["", f"Command: `{data['command']}` (import times: "
+              f"`{data.get('imports_command', data['command'])}`)."]
     return "\n".join(lines) + "\n"
 
 
@@ -216,6 +218,8 @@ def main() -> None:
     p.add_argument("--torch-cpus", metavar="V1,V2",
                    help="only check which aarch64 torch versions run on a Pi 4 / Pi 5 CPU "
                         "(devices/torch_cpus.json), e.g. 2.9.1,2.10.0")
+    p.add_argument("--sizes-only", action="store_true",
+                   help="measure the install sizes again, keep the JSON's import times")
     p.add_argument("--render", action="store_true")
     args = p.parse_args()
     if args.torch_cpus:
@@ -229,8 +233,11 @@ def main() -> None:
     if not args.render:
         started = time.perf_counter()
         arm64 = Path(args.arm64_env) if args.arm64_env and Path(args.arm64_env).is_file() else None
+        old = read_json(path) if args.sizes_only else {}
+        imports = old["imports"] if old else import_rows(arm64, args.repeats)
         data = {"python": args.python, "platforms": platform_rows(args.python, [args.cpu_torch]),
-                "imports": import_rows(arm64, args.repeats), **provenance(started)}
+                "imports": imports, **provenance(started)}
+        data["imports_command"] = old.get("imports_command", old.get("command", data["command"]))
         write_json(path, data)
     (OUT / "install.md").write_text(render(read_json(path)))
     print((OUT / "install.md").read_text())
