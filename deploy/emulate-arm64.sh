@@ -49,7 +49,7 @@ export UV_PYTHON_DOWNLOADS=never
 step() { echo "emulate-arm64: $1: $(( SECONDS - $2 )) s"; }
 
 # apt for another suite / architecture, in a private state folder (apt_private)
-. "$(dirname "$0")/debian-apt.sh"
+. "$(dirname "$0")/lib/debian-apt.sh"
 debian_mirror >/dev/null || exit 2
 
 # 1. QEMU user mode from trixie (static; >= 8)

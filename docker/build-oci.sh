@@ -81,7 +81,7 @@ PACKAGES="python3.11 libstdc++6 libgomp1 zlib1g ca-certificates bash dash coreut
   openssl openssh-client netbase"
 
 # apt for bookworm / the image's architecture, in a private state folder (apt_private)
-. "$(dirname "$0")/../deploy/debian-apt.sh"
+. "$(dirname "$0")/../deploy/lib/debian-apt.sh"
 debian_mirror >/dev/null || die "no Debian mirror in /etc/apt/sources.list{,.d}"
 
 deb_files() {  # deb_files: the .deb files apt picked for $PACKAGES, one a line

@@ -1,4 +1,4 @@
-# Sourced by deploy/emulate-arm64.sh and docker/build-oci.sh: Debian packages of another suite
+# Sourced (not run) by deploy/emulate-arm64.sh and docker/build-oci.sh: Debian packages of another suite
 # or architecture through a private apt state (the host's apt and dpkg are not touched).
 
 debian_mirror() {  # the Debian mirror this machine's apt already uses (no host name is written here)
