@@ -34,7 +34,9 @@ def _simulation_process(env: dict) -> psutil.Process | None:
     database = str(Path(env["FLWR_HOME"]) / "state.db")
     for proc in psutil.process_iter(["cmdline"]):
         cmd = proc.info["cmdline"] or []
-        if any(c.endswith("flower-superlink") for c in cmd[:2]) and database in cmd:
+        superlink = (any(c.endswith("flower-superlink") for c in cmd[:2])
+                     or "server_app.superlink" in cmd[:3])  # tests' launcher (flower_e2e)
+        if superlink and database in cmd:
             for child in proc.children(recursive=True):
                 try:
                     if any(c.endswith("flwr-simulation") for c in child.cmdline()[:2]):
