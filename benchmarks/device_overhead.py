@@ -121,12 +121,12 @@ def main() -> None:
             raise SystemExit(f"unknown case(s) {unknown}: choose among {', '.join(CASES)}")
         arm64 = read_env_file(Path(args.arm64_env)) if any("arm64" in c for c in cases) else None
         results = []
-        for case in cases:
+        for case in cases:  # the JSON is rewritten after every case: a long run keeps what it has
             print(f"device_overhead: {case} ...", flush=True)
             results.append(run_case(case, args.rounds, args.steps, Path(args.data), arm64))
             print(f"device_overhead: {case}: later rounds "
                   f"{results[-1]['later_rounds_overhead_pct']:.1f}%", flush=True)
-        write_json(path, {"rounds": args.rounds, "cases": results, **provenance(started)})
+            write_json(path, {"rounds": args.rounds, "cases": results, **provenance(started)})
     (OUT / "overhead.md").write_text(render(read_json(path)))
     print((OUT / "overhead.md").read_text())
 
