@@ -64,7 +64,8 @@ class FedKDStrategy(HeterogeneousLoRA):
     def _make_profile(self, node: int, p: ConfigRecord) -> FedKDProfile:
         base = super()._make_profile(node, p)
         task = self.cfg.fedkd.task_for(base.partition_id, str(p.get("task", "")))
-        return FedKDProfile(node, base.device, base.partition_id, base.rank, base.platform, task)
+        return FedKDProfile(node, base.device, base.partition_id, base.rank, task,
+                            platform=base.platform)
 
     # ----------------------------------------------------------------- downlink
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,

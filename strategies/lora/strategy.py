@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -68,7 +68,9 @@ class NodeProfile:
     device: str
     partition_id: int
     rank: int
-    platform: str = ""  # what the device said it runs on (platform.machine(): aarch64, ...)
+    # what the device said it runs on (platform.machine(): aarch64, ...); keyword-only, so a
+    # subclass's own fields keep their positions
+    platform: str = field(default="", kw_only=True)
 
 
 class HeterogeneousLoRA(FedAvg):
@@ -161,7 +163,7 @@ class HeterogeneousLoRA(FedAvg):
         else:
             rank = self.cfg.rank_for(device, explicit)
         return NodeProfile(node, device, int(p["partition-id"]), rank,
-                           str(p.get("platform", "")))
+                           platform=str(p.get("platform", "")))
 
     def _rank_from_capability(self, node: int, device: str, p: ConfigRecord) -> int:
         """S1's capability rank: the largest that fits the node's memory and the deadline
