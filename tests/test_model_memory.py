@@ -21,7 +21,11 @@ from task.weights import safetensors_files
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_bf16_load_equals_the_fp32_file_cast_and_keeps_ties(tiny_llama):
+@pytest.mark.parametrize("block", [16 << 20, 4096])  # 4 KiB: the embedding in 120 blocks
+def test_bf16_load_equals_the_fp32_file_cast_and_keeps_ties(tiny_llama, block, monkeypatch):
+    from task import weights
+
+    monkeypatch.setattr(weights, "BLOCK_BYTES", block)
     fp32 = load_file(str(tiny_llama / "model.safetensors"))  # read by safetensors itself
     assert {t.dtype for t in fp32.values()} == {torch.float32}
     model = _load_causal_lm(str(tiny_llama), (), torch.bfloat16)
@@ -96,16 +100,17 @@ def wide_llama(tmp_path_factory) -> Path:
 
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs Linux /proc")
 def test_bf16_load_never_holds_the_fp32_model(wide_llama):
-    """In a fresh process the app's load adds the bf16 model plus a few 4 MiB tensors in
-    flight to the peak, well under the fp32 model; a memory-mapped `from_pretrained` (the
-    load before) kept the whole fp32 file resident beside the bf16 model (>= 1.5 x fp32,
-    checked by hand: LOAD_PEAK with 'plain')."""
+    """In a fresh process the app's load adds the bf16 model (half the file) plus a few
+    4 MiB tensors in flight (transformers' loader threads) to the peak: less than the fp32
+    model alone, which any moment holding it whole would add on top of what is loaded. A
+    memory-mapped `from_pretrained` (the load before) added the whole fp32 file beside the
+    bf16 model (>= 1.5 x fp32; LOAD_PEAK with 'plain', checked by hand: 195 MiB here)."""
     fp32 = (wide_llama / "model.safetensors").stat().st_size
     done = subprocess.run([sys.executable, "-c", LOAD_PEAK, str(wide_llama), "app"],
                           capture_output=True, text=True, check=True, cwd=ROOT)
     row = json.loads(done.stdout.strip().splitlines()[-1])
     added = row["peak"] - row["before"]
-    assert fp32 / 2 <= added < 0.75 * fp32, (added / 2**20, fp32 / 2**20)
+    assert fp32 / 2 <= added < fp32, (added / 2**20, fp32 / 2**20)
 
 
 def _tiny_gguf(path: Path, arch: str) -> Path:
