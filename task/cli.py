@@ -1,12 +1,17 @@
-"""`edge-lam` command line: evaluate or prompt a saved adapter (or a base model, zero-shot);
-print the run-config keys.
+r"""`edge-lam` command line: evaluate or prompt a saved adapter (or a base model, zero-shot);
+check a run config before `flwr run`; stop the local SuperLink; print the run-config keys.
 
-    edge-lam evaluate --adapter results/<run-id>/adapter --data ../shared/data/agnews
-    edge-lam evaluate --adapter ... --data test.tsv --rank 2 --json
-    edge-lam evaluate --model smollm2-135m-instruct --task lm-cls --data ../shared/data/agnews \
-        --set "data.template=Topic of: {text}\nAnswer:"          # zero-shot base model
-    edge-lam generate --adapter results/<run-id>/adapter --prompt "What is 12 * 7?"
-    edge-lam config --markdown      # README's key tables, from the section dataclasses
+examples:
+  edge-lam evaluate --adapter results/<run-id>/adapter --data ../shared/data/agnews
+  edge-lam evaluate --adapter results/<run-id>/adapter --data test.tsv --rank 2 --json
+  edge-lam evaluate --model smollm2-135m-instruct --task lm-cls \
+      --data ../shared/data/agnews --set "data.template=Topic of: {text} Answer:"
+  edge-lam generate --adapter results/<run-id>/adapter --prompt "What is 12 * 7?"
+  edge-lam config --check recipes/quickstart.toml     # before: flwr run . --run-config ...
+  edge-lam config --check "lora.alpha=32 train.lr=0.002"
+  edge-lam superlink status                           # the SuperLink `flwr run .` started
+  edge-lam superlink stop
+  edge-lam config --markdown                          # the key tables of the docs
 """
 
 from __future__ import annotations
@@ -50,7 +55,8 @@ def load_adapter(adapter: Path) -> tuple[RunConfig, tuple[str, ...], dict]:
 
 
 def evaluate_adapter(adapter: Path, data: Path, rank: int | None = None,
-                     batch_size: int | None = None, columns: dict | None = None) -> dict:
+                     batch_size: int | None = None, columns: dict | None = None,
+                     progress: bool = False) -> dict:
     """Accuracy and loss of a saved adapter (or its rank-`rank` truncation) on `data`."""
     from task.evaluation import truncated
     from task.data import load_split_frames, resolve_columns, to_examples
@@ -77,7 +83,8 @@ def evaluate_adapter(adapter: Path, data: Path, rank: int | None = None,
     examples = to_examples(frame, resolve_columns(frame, cfg), labels)
     model = get_lora_model(cfg, labels, rank)
     set_trainable_state(model, state)
-    metrics = evaluate(model, load_tokenizer(resolve_model_source(cfg.model)), examples, cfg)
+    metrics = evaluate(model, load_tokenizer(resolve_model_source(cfg.model)), examples, cfg,
+                       progress)
     return {**metrics, "rank": rank, "adapter_rank": full_rank, "adapter": str(adapter),
             "data": str(data)}
 
@@ -122,7 +129,8 @@ def load_model(adapter: Path | None, model: str | None, task: str, sets: list[st
     return cfg, labels, net
 
 
-def evaluate_model(model: str, task: str, data: Path, sets: list[str]) -> dict:
+def evaluate_model(model: str, task: str, data: Path, sets: list[str],
+                   progress: bool = False) -> dict:
     """Zero-shot accuracy and loss of a base model on `data`'s test split."""
     from task.evaluation import ServerTask
     from task.model import initial_lora_state
@@ -132,7 +140,8 @@ def evaluate_model(model: str, task: str, data: Path, sets: list[str]) -> dict:
                           "folder with test.tsv")
     cfg = base_config(model, task, [f"data.path={data}", *sets])
     server = ServerTask.prepare(cfg)  # B = 0: the LoRA update is zero, the base model speaks
-    return {**server.evaluate(initial_lora_state(cfg, server.label_names, 1)), "rank": 0,
+    return {**server.evaluate(initial_lora_state(cfg, server.label_names, 1), progress),
+            "rank": 0,
             "model": model, "data": str(data)}
 
 
@@ -185,55 +194,104 @@ def config_text() -> str:
     return "\n".join(f"{k} = {d}    # {m}" for _, rows in config_rows() for k, d, m in rows)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    from task.families import FAMILIES
+
     parser = argparse.ArgumentParser(prog="edge-lam", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     ev = sub.add_parser("evaluate", help="evaluate a saved adapter (or a base model) on data")
     ev.add_argument("--adapter", type=Path, help="results/<run-id>/adapter")
     ev.add_argument("--model", help="a base model instead (hub id, folder, .gguf, known name)")
-    ev.add_argument("--task", default="causal-lm", help="with --model: the model family")
+    ev.add_argument("--task", default="causal-lm", choices=tuple(FAMILIES),
+                    help="with --model: the model family (default: %(default)s)")
     ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="with --model: run-config keys (data columns, template, ...)")
     ev.add_argument("--data", required=True, type=Path,
                     help="a .tsv/.csv/.jsonl file, or a folder with test.* (else validation.*)")
     ev.add_argument("--rank", type=int, default=None,
                     help="evaluate the truncation a device of this rank would receive")
-    ev.add_argument("--batch-size", type=int, default=None)
+    ev.add_argument("--batch-size", type=int, default=None, metavar="N",
+                    help="examples per forward pass (default: the adapter's eval.batch-size)")
     for option in ("text-column", "label-column", "prompt-column", "response-column"):
         ev.add_argument(f"--{option}", default=None,
                         help=f"this data's {option.replace('-', ' ')} (default: the adapter's "
                              f"data.{option})")
+    ev.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                    help="a progress bar on stderr (default: when stderr is a terminal)")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     gen = sub.add_parser("generate", help="answer a prompt with a saved adapter or a model")
     gen.add_argument("--adapter", type=Path, help="results/<run-id>/adapter")
     gen.add_argument("--model", help="a base model instead (hub id, folder, .gguf, known name)")
-    gen.add_argument("--prompt", required=True)
-    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--prompt", required=True,
+                     help="the question, posed as in training (the chat template, if any)")
+    gen.add_argument("--max-new-tokens", type=int, default=128,
+                     help="longest answer in tokens (default: %(default)s)")
     gen.add_argument("--raw", action="store_true", help="no chat template")
-    conf = sub.add_parser("config", help="the run-config keys, their defaults and meaning")
-    conf.add_argument("--markdown", action="store_true", help="as README's tables")
-    args = parser.parse_args(argv)
-    if args.command == "config":
-        print(config_markdown() if args.markdown else config_text())
-        return 0
+    conf = sub.add_parser("config", help="the run-config keys, their defaults and meaning; "
+                          "--check a --run-config before `flwr run`")
+    conf.add_argument("--markdown", action="store_true", help="as the docs' key tables")
+    conf.add_argument("--check", nargs="+", metavar="RUN_CONFIG",
+                      help="what `flwr run . --run-config` would get: a recipe .toml or "
+                           "key=value pairs; names an unknown key and the closest known one")
+    conf.add_argument("--app", type=Path, default=None,
+                      help="with --check: the app folder whose pyproject.toml declares the "
+                           "keys (default: this installation's)")
+    link = sub.add_parser("superlink", help="the local SuperLink that `flwr run .` started "
+                          "(of this FLWR_HOME): where its runs write results; stop it")
+    link.add_argument("action", choices=("status", "stop"))
+    return parser
+
+
+def check_command(run_config: list[str], app: Path | None) -> int:
+    from task.runcheck import ROOT, check_run_config
+
+    cfg = check_run_config(run_config, app or ROOT)
+    print(f"ok: strategy={cfg.strategy} mode={cfg.mode} model={cfg.model} "
+          f"num-server-rounds={cfg.num_rounds}")
+    return 0
+
+
+def superlink_command(action: str) -> int:
+    from task import local_superlink
+
+    home = local_superlink.flwr_home()
+    if action == "stop":
+        print(local_superlink.stop(home))
+    else:
+        print("\n".join(local_superlink.status_lines(home)))
+    return 0
+
+
+def evaluate_command(args: argparse.Namespace) -> dict:
+    progress = sys.stderr.isatty() if args.progress is None else args.progress
+    if args.model is not None and args.adapter is None:
+        return {**evaluate_model(args.model, args.task, args.data, args.set, progress),
+                "adapter_rank": 0}
+    if args.adapter is None:
+        raise ConfigError("give --adapter (a saved adapter) or --model (a base model)")
+    columns = {name: getattr(args, name) for name in ("text_column", "label_column",
+                                                       "prompt_column", "response_column")
+               if getattr(args, name) is not None}
+    return evaluate_adapter(args.adapter, args.data, args.rank, args.batch_size, columns,
+                            progress)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
+        if args.command == "config":
+            if args.check:
+                return check_command(args.check, args.app)
+            print(config_markdown() if args.markdown else config_text())
+            return 0
+        if args.command == "superlink":
+            return superlink_command(args.action)
         if args.command == "generate":
             cfg, _, net = load_model(args.adapter, args.model, "causal-lm", [])
             print(generate(cfg, net, args.prompt, args.max_new_tokens, args.raw))
             return 0
-        if args.model is not None and args.adapter is None:
-            result = evaluate_model(args.model, args.task, args.data, args.set)
-            result["adapter_rank"] = 0
-        elif args.adapter is None:
-            raise ConfigError("give --adapter (a saved adapter) or --model (a base model)")
-        else:
-            columns = {name: getattr(args, name) for name in ("text_column", "label_column",
-                                                               "prompt_column",
-                                                               "response_column")
-                       if getattr(args, name) is not None}
-            result = evaluate_adapter(args.adapter, args.data, args.rank, args.batch_size,
-                                      columns)
+        result = evaluate_command(args)
     except ConfigError as err:
         print(f"edge-lam: error: {err}", file=sys.stderr)
         return 2

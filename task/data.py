@@ -9,6 +9,7 @@ the label names (sorted) and sends them to devices, so every device maps labels 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import warnings
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ import torch
 
 from task.families import family
 from task.config import ConfigError, RunConfig
+from task.sections import DataSection
 
 SUFFIXES = (".tsv", ".csv", ".jsonl", ".json")
 TEST_NAMES = ("test", "validation", "valid", "dev")
@@ -77,12 +79,30 @@ def _find_split(folder: Path, names: tuple[str, ...]) -> Path | None:
 
 
 def resolve_data_path(cfg: RunConfig, override: str = "") -> Path | None:
-    """The local data path to use, or None to fall back to the hub dataset."""
+    """The local data path to use, or None to fall back to the hub dataset: when data.path
+    is empty, or is the shipped default and that folder is absent. A data.path the user
+    set that does not exist is an error naming it (never replaced by the hub's data)."""
     raw = override or cfg.data.path
     if not raw:
         return None
     path = Path(raw).expanduser()
-    return path.resolve() if path.exists() else None
+    if path.exists():
+        return path.resolve()
+    if override:
+        return None  # the caller names the device's --node-config data-dir
+    if raw != _DEFAULT_PATH:
+        _missing(raw, path)
+    return None
+
+
+_DEFAULT_PATH = next(f.default for f in dataclasses.fields(DataSection) if f.name == "path")
+
+
+def _missing(raw: str, path: Path) -> None:
+    where = "" if path.is_absolute() else f" (relative to the working directory {Path.cwd()})"
+    raise ConfigError(f"data.path='{raw}' does not exist: {path.resolve()}{where}; give an "
+                      "existing folder with train.tsv and test.tsv (or one file), or "
+                      "data.path='' to use data.hub-dataset")
 
 
 @functools.lru_cache(maxsize=8)

@@ -101,11 +101,11 @@ class ServerTask:
                 "unlearn.aggregation and device ranks it was trained with")
         return {k: np.asarray(state[k], dtype=np.float32) for k in expected}
 
-    def evaluate(self, state: State) -> dict[str, float]:
+    def evaluate(self, state: State, progress: bool = False) -> dict[str, float]:
         model = get_lora_model(self.cfg, self.label_names, lora_rank(state))
         set_trainable_state(model, state)
         tokenizer = load_tokenizer(resolve_model_source(self.cfg.model))
-        return evaluate(model, tokenizer, self.test, self.cfg)
+        return evaluate(model, tokenizer, self.test, self.cfg, progress)
 
     def save_adapter(self, state: State, out_dir: Path) -> Path:
         """Standard PEFT folder (PeftModel.from_pretrained loads it) + our metadata file."""

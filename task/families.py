@@ -6,6 +6,8 @@ scored by label-word likelihood) is one `Family` and one line in FAMILIES.
 
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -14,16 +16,43 @@ import torch.nn.functional as F
 from peft import TaskType
 
 
+# The classification heads of AutoModelForSequenceClassification (PEFT's SEQ_CLS
+# `classifier_module_names`): a pretrained checkpoint never has one for our labels.
+HEAD_MODULES = ("classifier", "score")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class FreshHeadReport(logging.Filter):
+    """Drops transformers' load report ("... LOAD REPORT ... MISSING: those params were newly
+    initialized") when its only rows are the classification head's weights: the adapter
+    brings the head, or training fits it. A report with any other row is kept."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = _ANSI.sub("", record.getMessage())
+        if "LOAD REPORT" not in message:
+            return True
+        rows = [[cell.strip() for cell in line.split("|")] for line in message.splitlines()
+                if line.count("|") >= 2]
+        rows = [r for r in rows if r[0] not in ("Key", "") and set(r[0]) - set("-+")]
+        return not rows or not all(status == "MISSING" and key.split(".")[0] in HEAD_MODULES
+                                   for key, status, *_ in rows)
+
+
 def _load_classifier(source: str, label_names: tuple[str, ...], dtype=torch.float32):
     from transformers import (AutoModelForSequenceClassification,
                               MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING)
 
     from task.weights import load_pretrained
 
-    return load_pretrained(
-        AutoModelForSequenceClassification, MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING, source,
-        dtype, num_labels=len(label_names), id2label=dict(enumerate(label_names)),
-        label2id={name: i for i, name in enumerate(label_names)})
+    reporter, quiet = logging.getLogger("transformers.modeling_utils"), FreshHeadReport()
+    reporter.addFilter(quiet)
+    try:
+        return load_pretrained(
+            AutoModelForSequenceClassification, MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING,
+            source, dtype, num_labels=len(label_names), id2label=dict(enumerate(label_names)),
+            label2id={name: i for i, name in enumerate(label_names)})
+    finally:
+        reporter.removeFilter(quiet)
 
 
 def _load_causal_lm(source: str, label_names: tuple[str, ...], dtype=torch.float32):

@@ -10,6 +10,7 @@ error names the key and says how to fix it.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from collections.abc import Mapping
 from typing import Any
 
@@ -120,9 +121,16 @@ class Reader:
     def reject_unknown(self, prefixes: tuple[str, ...]) -> None:
         unknown = [k for k in self.raw if k not in self.seen and not k.startswith(prefixes)]
         if unknown:
+            named = ", ".join(f"{k}{did_you_mean(k, self.seen)}" for k in sorted(unknown))
             raise ConfigError(
-                f"unknown run-config key(s) {', '.join(sorted(unknown))}: check the spelling "
-                "against [tool.flwr.app.config] in pyproject.toml")
+                f"unknown run-config key(s) {named}: check the spelling against "
+                "`edge-lam config` (every key, its default and meaning)")
+
+
+def did_you_mean(key: str, known) -> str:
+    """" (did you mean 'x'?)" with the closest known key, or "" when none is close."""
+    close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def read_option(r: Reader, key: str, field: dataclasses.Field) -> Any:

@@ -136,7 +136,20 @@ def write_plots(rows: list[dict], plot_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     plot_dir.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(6, 4))
+    paths = []
+    for name, draw in (("accuracy.png", accuracy_figure), ("communication.png",
+                                                             communication_figure)):
+        fig = draw(rows)
+        _save(fig, plot_dir / name)
+        plt.close(fig)
+        paths.append(plot_dir / name)
+    return paths
+
+
+def accuracy_figure(rows: list[dict]):
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
     pts = [(r["round"], r["accuracy"]) for r in rows if r.get("accuracy") is not None]
     ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
             label="mean over tasks" if rows and "tasks" in rows[-1] else None)
@@ -144,34 +157,54 @@ def write_plots(rows: list[dict], plot_dir: Path) -> list[Path]:
         ax.plot([r["round"] for r in rows], [r["tasks"][task]["accuracy"] for r in rows],
                 marker=".", alpha=0.7, label=task)
     ax.set(xlabel="round", ylabel="accuracy (server test split)", title="Global model accuracy")
+    _integer_rounds(ax)
     if rows and "tasks" in rows[-1]:
-        ax.legend(fontsize=8)
+        _legend_outside(ax)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    acc_path = plot_dir / "accuracy.png"
-    _save(fig, acc_path)
-    plt.close(fig)
+    return fig
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+
+def communication_figure(rows: list[dict]):
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
     by_rank: dict[int, list[tuple[int, int, int]]] = {}
     for r in rows:
         for c in r.get("clients", []):
             by_rank.setdefault(c["rank"], []).append((r["round"], c["bytes_up"], c["bytes_down"]))
-    for rank in sorted(by_rank):
-        pts = by_rank[rank]
-        ax.scatter([p[0] for p in pts], [p[1] / 1e6 for p in pts], label=f"rank {rank} up",
-                   marker="^")
-        ax.scatter([p[0] for p in pts], [p[2] / 1e6 for p in pts], label=f"rank {rank} down",
-                   marker="v", alpha=0.5)
+    for i, rank in enumerate(sorted(by_rank)):
+        pts, color = by_rank[rank], f"C{i % 10}"
+        # uplink left of the round, downlink right of it, filled vs hollow: a device whose
+        # up and down bytes are equal still shows both markers
+        ax.scatter([p[0] - COMM_OFFSET for p in pts], [p[1] / 1e6 for p in pts], marker="^",
+                   color=color, label=f"rank {rank} up")
+        ax.scatter([p[0] + COMM_OFFSET for p in pts], [p[2] / 1e6 for p in pts], marker="v",
+                   facecolors="none", edgecolors=color, label=f"rank {rank} down")
     ax.set(xlabel="round", ylabel="MB per device", title="Communication per device per round")
+    _integer_rounds(ax)
+    ax.margins(x=0.1, y=0.1)
     ax.grid(alpha=0.3)
     if by_rank:
-        ax.legend(fontsize=7)
+        _legend_outside(ax)
     fig.tight_layout()
-    comm_path = plot_dir / "communication.png"
-    _save(fig, comm_path)
-    plt.close(fig)
-    return [acc_path, comm_path]
+    return fig
+
+
+# rounds apart on the x axis of communication.png: uplink at round - offset, downlink at +
+COMM_OFFSET = 0.12
+
+
+def _integer_rounds(ax) -> None:
+    """Round ticks at whole numbers only."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _legend_outside(ax) -> None:
+    """The legend right of the axes, where it hides no point."""
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
 
 
 def _save(fig, path: Path) -> None:

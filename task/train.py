@@ -4,6 +4,7 @@ run through it), its Opacus wrapping, and evaluation."""
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -203,10 +204,14 @@ def compute_gradient(model, tokenizer, examples: Examples, cfg: RunConfig, batch
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, examples: Examples, cfg: RunConfig) -> dict[str, float]:
+def evaluate(model, tokenizer, examples: Examples, cfg: RunConfig,
+             progress: bool = False) -> dict[str, float]:
     """Accuracy and mean loss: per example for classification (label-likelihood accuracy
     for `lm-cls`), per response token for `causal-lm` (plus its perplexity, and GSM8K's
-    exact match on greedy answers when `eval.metric` asks for it)."""
+    exact match on greedy answers when `eval.metric` asks for it). `progress`: a tqdm bar
+    of the examples scored, on stderr (`edge-lam evaluate`)."""
+    from tqdm.auto import tqdm
+
     device = torch_device()
     model.eval()
     fam = family(cfg)
@@ -216,11 +221,15 @@ def evaluate(model, tokenizer, examples: Examples, cfg: RunConfig) -> dict[str, 
     length = [len(t) + (len(examples.responses[i]) if examples.responses else 0)
               for i, t in enumerate(examples.texts)]
     by_length = examples.subset(sorted(range(len(examples)), key=lambda i: -length[i]))
+    bar = tqdm(total=len(examples), desc="evaluate", unit="example", file=sys.stderr,
+               disable=not progress, dynamic_ncols=True)
     for chunk in batches(by_length, cfg.eval.batch_size):
         batch = {k: v.to(device) for k, v in encode_batch(tokenizer, chunk, cfg).items()}
         batch_loss, batch_correct, batch_count = score(*fam.outputs(model, batch))
         loss_sum, correct, count = loss_sum + batch_loss, correct + batch_correct, \
             count + batch_count
+        bar.update(len(chunk))
+    bar.close()
     if count == 0:
         return {"accuracy": math.nan, "loss": math.nan, "examples": len(examples)}
     out = {"accuracy": correct / count, "loss": loss_sum / count, "examples": len(examples)}
