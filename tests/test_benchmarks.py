@@ -1,5 +1,5 @@
 """Every benchmark script runs end to end on a tiny model (CPU, seconds), writes the files
-README quotes, records where it ran, and renders its markdown from its JSON alone."""
+the docs quote, records where it ran, and renders its markdown from its JSON alone."""
 
 from __future__ import annotations
 
@@ -126,7 +126,7 @@ def test_client_cost_benchmark(tiny_bert, agnews, tmp_path):
 
 @pytest.mark.e2e
 def test_default_run_benchmark(flower_env, tiny_bert, agnews, tmp_path):
-    """README's quick start measured through a real `flwr run`, here with a tiny model."""
+    """The docs' quick start measured through a real `flwr run`, here with a tiny model."""
     out = tmp_path / "default"
     run_bench("default_run.py", "--run-config",
               f"model='{tiny_bert}' data.path='{agnews}' num-server-rounds=2 "

@@ -139,20 +139,23 @@ def _pyproject_keys() -> dict:
                                       .read_text())["tool"]["flwr"]["app"]["config"])
 
 
-def test_readme_pyproject_and_sections_declare_the_same_keys():
-    """README's table is what `edge-lam config --markdown` prints from the section
-    dataclasses, and pyproject.toml has exactly the declared keys (Flower only overrides
-    keys that exist there), each at the dataclass's default."""
+def test_docs_pyproject_and_sections_declare_the_same_keys():
+    """The docs' configuration reference holds what `edge-lam config --markdown` prints from
+    the section dataclasses, and pyproject.toml has exactly the declared keys (Flower only
+    overrides keys that exist there), each at the dataclass's default."""
+    import importlib.util
     from pathlib import Path
 
     from task.cli import config_markdown, config_rows
     from task.options import format_default
 
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    start = readme.index("<!-- config-table: generated")
-    block = readme[readme.index("\n", start) + 1:readme.index("<!-- config-table: end -->")]
-    assert block.strip() == config_markdown().strip(), \
-        "README's key table is stale: paste `edge-lam config --markdown` into it"
+    docs = Path(__file__).parents[1] / "docs"
+    spec = importlib.util.spec_from_file_location("gen_pages", docs / "gen_pages.py")
+    gen_pages = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen_pages)
+    page = (docs / "reference" / "configuration.md").read_text()
+    assert gen_pages.config_block(page) == config_markdown().strip(), \
+        "docs/reference/configuration.md is stale: run `python docs/gen_pages.py`"
     declared = {k: d for _, rows in config_rows() for k, d, _ in rows if "<" not in k}
     dynamic = ("devices.rank.", "fedkd.task.")
     in_pyproject = {k: v for k, v in _pyproject_keys().items() if not k.startswith(dynamic)}

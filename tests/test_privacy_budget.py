@@ -1,4 +1,5 @@
-"""The DP budget, checked against Opacus's own RDP accountant (README "Differential privacy").
+"""The DP budget, checked against Opacus's own RDP accountant (docs/unlearning-dp.md, its DP
+section).
 
 - dp.noise-multiplier=0: the noise multiplier z a device derives from dp.target-epsilon /
   dp.delta spends at most the target over the run's planned releases, and close to it

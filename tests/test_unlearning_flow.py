@@ -166,7 +166,7 @@ def test_cancelled_request_lets_training_go_ahead(tiny_bert, agnews, tmp_path):
         with pytest.raises(ConfigError, match=r"asks to forget devices \[5\].*cancelled"):
             prepare_run(RunConfig.from_run_config(config), run_id=2)
 
-    # the operator cancels it (README: set its "status" to "cancelled")
+    # the operator cancels it (docs/unlearning-dp.md: set its "status" to "cancelled")
     request = json.loads(request_file.read_text())
     request["status"] = "cancelled"
     request_file.write_text(json.dumps(request))
