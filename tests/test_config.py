@@ -71,7 +71,12 @@ def test_rank_above_layer_size(tiny_bert, agnews):
 
 
 def test_missing_data_says_how_to_point_at_local_data(tiny_bert, tmp_path):
+    # a data.path the user set is never replaced by the hub's data: it is named
     cfg = _cfg(tiny_bert, tmp_path / "nowhere", **{"data.hub-dataset": "no-such/dataset"})
+    with pytest.raises(ConfigError, match="data.path='.*nowhere' does not exist"):
+        ServerTask.prepare(cfg)
+    # data.path='': the hub dataset, and when that fails too, how to point at local data
+    cfg = _cfg(tiny_bert, "", **{"data.hub-dataset": "no-such/dataset"})
     with pytest.raises(ConfigError, match="Point data.path at a local folder"):
         ServerTask.prepare(cfg)
 

@@ -89,7 +89,10 @@ def device_task(cfg: RunConfig, info: DeviceInfo) -> tuple[str, DeviceInfo]:
 
 
 def _data_path(task_cfg: RunConfig, task: str, info: DeviceInfo) -> Path:
-    path = resolve_data_path(task_cfg, info.data_dir)
+    try:
+        path = resolve_data_path(task_cfg, info.data_dir)
+    except ConfigError:  # named below with the task's own key
+        path = None
     if path is None:
         wanted = info.data_dir or task_cfg.data.path
         raise ConfigError(f"data of FedKD task '{task}' not found at '{wanted}': set "

@@ -30,7 +30,7 @@ class FedKDServer:
         tasks = {}
         for name in cfg.fedkd.task_names:
             task_cfg = task_config(cfg, name)
-            if resolve_data_path(task_cfg) is None:
+            if _data_path_or_none(task_cfg) is None:
                 raise ConfigError(f"fedkd.task.{name}.path='{task_cfg.data.path}' does not "
                                   "exist: point it at a folder with train.tsv and test.tsv")
             try:
@@ -69,3 +69,12 @@ class FedKDServer:
         """out_dir/<task>/: a PEFT adapter (backbone + that task's head) for each task."""
         return {name: task.save_adapter(device_view(state, name), out_dir / name)
                 for name, task in self.tasks.items()}
+
+
+def _data_path_or_none(task_cfg: RunConfig):
+    """The task's data folder, or None when it does not exist (named by the caller with the
+    task's own key, fedkd.task.<name>.path)."""
+    try:
+        return resolve_data_path(task_cfg)
+    except ConfigError:
+        return None
