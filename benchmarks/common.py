@@ -99,11 +99,16 @@ def command_line() -> str:
     return " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])
 
 
-def run_fresh(script: str, *args: str) -> dict:
+def run_fresh(script: str, *args: str, python: str = sys.executable,
+              env: dict | None = None) -> dict:
     """Run `python <script> <args>` in a fresh process (peak memory and timings of one case
-    alone) and return the JSON object it printed last."""
-    done = subprocess.run([sys.executable, script, *args], capture_output=True, text=True,
-                          check=True)
+    alone) and return the JSON object it printed last. `python` may be another interpreter
+    (an emulated one, deploy/emulate-arm64.sh); `env` is added to this process's environment."""
+    done = subprocess.run([python, script, *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
+    if done.returncode != 0:
+        raise RuntimeError(f"{python} {script} {' '.join(args)} exited {done.returncode}:\n"
+                           f"{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

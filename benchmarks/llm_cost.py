@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import resource
 import statistics
 import sys
@@ -162,7 +163,7 @@ def _import_model_code(source: str) -> None:
 
 
 def measure(option: str, rank: int, steps: int, batch: int, seq: int, data: str,
-            model: str) -> dict:
+            model: str, warmup: int = 2) -> dict:
     started, load0 = _status()["VmRSS"], os.getloadavg()[0]
     import torch
 
@@ -180,15 +181,16 @@ def measure(option: str, rank: int, steps: int, batch: int, seq: int, data: str,
     frames = load_split_frames(str(Path(data).resolve()), "")
     ex = to_examples(frames["train"], resolve_columns(frames["train"], cfg), ())
     tok = load_tokenizer(source)
-    batches = _batches(cfg, tok, ex, steps + 2, batch, seq)
+    batches = _batches(cfg, tok, ex, steps + warmup, batch, seq)
     phases["data_tokenizer"] = _status()["VmRSS"]
     t0 = time.perf_counter()
     net = get_lora_model(cfg, (), rank)
     load_s = time.perf_counter() - t0
     phases["model"], phases["load_peak"] = _status()["VmRSS"], _status()["VmHWM"]
-    rec = _steps(option, cfg, net, batches, warmup=2)
+    rec = _steps(option, cfg, net, batches, warmup=warmup)
     peak, tensors, heap = _status()["VmHWM"], _tensor_mib(net), heap_in_use()
     return {"model": model, "option": option, "rank": rank, "batch": batch, "seq": seq,
+            "warmup": warmup, "platform": platform.machine(),
             "overrides": OPTIONS[option], "threads": torch.get_num_threads(),
             "cpus": os.cpu_count(), "load_s": load_s, "loadavg": [load0, os.getloadavg()[0]],
             "trainable_params": sum(p.numel() for p in net.parameters() if p.requires_grad),
@@ -258,7 +260,7 @@ def render(rows: list[dict]) -> str:
         f"GSM8K pairs (SmolLM2: chat template; Gemma-3 base: plain), batch {first['batch']} x "
         f"{first['seq']} tokens (about {first['response_tokens_per_batch']:.0f} response tokens "
         "per batch for SmolLM2), LoRA on q,k,v,o,gate,up,down; median of the timed steps after "
-        "2 warm-up steps; each row a fresh process.", "",
+        f"{first.get('warmup', 2)} warm-up steps; each row a fresh process.", "",
         f"Machine: {first['machine']}.{load}", "", *_cost_table(rows), "",
         f"\"Fits\": peak RSS + {OS_RESERVE_MIB} MiB for the OS within the board's RAM. Options "
         "are cumulative (each row adds to the one before, from `response-logits` on); "
@@ -276,6 +278,80 @@ def render(rows: list[dict]) -> str:
         "rest of the peak, activations and freed memory that glibc's heap still holds "
         "(live / held: mallinfo2's allocated bytes / the heap and mapped blocks).", "",
         "Command: `python benchmarks/llm_cost.py --all`."])
+
+
+ARM64_OPTIONS = ("malloc-trim", "malloc-trim-fp32")  # bf16 and fp32, all else equal
+
+
+def _env_sh(path: Path) -> dict[str, str]:
+    """The KEY="value" lines of deploy/emulate-arm64.sh's env.sh."""
+    pairs = (line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
+    return {k.strip(): v.strip().strip('"') for k, v in pairs}
+
+
+def run_arm64(args) -> None:
+    """The bf16 and fp32 rows of SmolLM2 under QEMU user mode (`QEMU_CPU=args.qemu_cpu`),
+    each in a fresh emulated process, into results/devices/llm_cost_arm64.{json,md}. Step
+    times are a relative hint only (QEMU translates every NEON instruction); peak RSS is the
+    QEMU process's, the emulated program's memory plus QEMU's own (translated code)."""
+    env = _env_sh(args.arm64)
+    _convert_once(args.model)  # on the host: the converted folder is the same on aarch64
+    rows, started = [], time.perf_counter()
+    for option in ARM64_OPTIONS:
+        rows.append(run_fresh(__file__, "--option", option, "--rank", "8", "--steps",
+                              str(args.steps), "--warmup", str(args.warmup), "--batch",
+                              str(args.batch), "--seq", str(args.seq), "--data", args.data,
+                              "--model", args.model, python=env["PY"],
+                              env={"QEMU_CPU": args.qemu_cpu}))
+        rows[-1]["qemu_cpu"] = args.qemu_cpu
+        print(f"arm64 {option}: {rows[-1]['step_s_median']:.1f} s/step, "
+              f"{rows[-1]['peak_rss_mib']:.0f} MiB", flush=True)
+    out = args.out / "devices" / "llm_cost_arm64.json"
+    doc = {"rows": rows, **provenance(started)}
+    write_json(out, doc)
+    x86 = args.out / "llm_cost.json"
+    out.with_suffix(".md").write_text(
+        render_arm64(doc, read_json(x86)["rows"] if x86.is_file() else []) + "\n")
+
+
+def render_arm64(doc: dict, x86_rows: list[dict]) -> str:
+    """The emulated rows beside the same options on the host (llm_cost.json)."""
+    rows = doc["rows"]
+    first = rows[0]
+    host = {(r.get("model", "smollm2-135m-instruct"), r["option"], r["rank"]): r
+            for r in x86_rows}
+    lines = ["| platform | option | frozen weights | s per step | CPU s per step | peak RSS MiB "
+             "| loss, first timed step |", "|---|---|---|---|---|---|---|"]
+    ratio = {}
+    for r in rows:
+        for label, row in ((f"aarch64, emulated ({r['qemu_cpu']})", r),
+                           ("x86-64 (this host)", host.get((r["model"], r["option"], 8)))):
+            if row is None:
+                continue
+            dtype = row["overrides"].get("train.dtype", "bfloat16")
+            ratio.setdefault(label, {})[dtype] = row["step_s_median"]
+            lines.append(f"| {label} | {row['option']} | {dtype} | {row['step_s_median']:.1f} | "
+                         f"{row['cpu_s_median']:.1f} | {row['peak_rss_mib']:.0f} | "
+                         f"{row['loss'][0]:.4f} |")
+    ratios = [f"{label}: {r['bfloat16'] / r['float32']:.2f}" for label, r in ratio.items()
+              if {"bfloat16", "float32"} <= r.keys()]
+    return "\n".join([
+        "# SmolLM2 LoRA training under emulated aarch64: bf16 against fp32", "",
+        f"SmolLM2-135M-Instruct, GSM8K pairs, batch {first['batch']} x {first['seq']} tokens, "
+        f"r=8 on all 7 projections, `train.malloc-trim` options (benchmarks/llm_cost.py); "
+        f"{first['warmup']} untimed and {len(first['step_s'])} timed step(s) per row, each row "
+        "a fresh process.", "",
+        f"Machine: {machine_line(doc['machine'])}; emulated rows: {first['machine']} under "
+        f"QEMU user mode, QEMU_CPU={first['qemu_cpu']} (a Raspberry Pi 4's core).", "",
+        *lines, "",
+        "bf16 step time / fp32 step time: " + ("; ".join(ratios) or "-") + ".", "",
+        "**Emulated: a relative hint, not a Pi's speed.** QEMU translates every aarch64 "
+        "instruction on this x86 host, so absolute times say nothing about a Cortex-A72; the "
+        "bf16/fp32 ratio hints at whether bf16 pays without the host's AMX units (x86's bf16 "
+        "matrix multiplications use AMX; neither a Pi 4's Cortex-A72 nor a Pi 5's Cortex-A76 "
+        "has bf16 instructions, which came with Armv8.6). Peak RSS under emulation is the QEMU process's: the "
+        "program's memory plus QEMU's translated code.", "",
+        f"Command: `{doc['command']}`."])
 
 
 def _convert_once(model: str) -> None:
@@ -303,16 +379,28 @@ def main() -> None:
                     "r=2 and r=16, then --gemma's rows, each in a fresh process")
     ap.add_argument("--gemma", default="gemma-3-270m", help="the second model of --all "
                     "(its bf16, malloc-trim and malloc-trim-fp32 rows; '' = none)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps before the timed ones")
+    ap.add_argument("--arm64", type=Path, metavar="ENV_SH", help="run the bf16 and fp32 "
+                    "SmolLM2 rows under emulated aarch64: the env.sh deploy/emulate-arm64.sh "
+                    "prints; writes results/devices/llm_cost_arm64.{json,md}")
+    ap.add_argument("--qemu-cpu", default="cortex-a72", help="QEMU_CPU of --arm64 (a Pi 4)")
     ap.add_argument("--render", action="store_true")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     if args.render:
         doc = read_json(args.out / "llm_cost.json")
         (args.out / "llm_cost.md").write_text(render(doc["rows"]) + "\n")
+        emulated = args.out / "devices" / "llm_cost_arm64.json"
+        if emulated.is_file():
+            emulated.with_suffix(".md").write_text(
+                render_arm64(read_json(emulated), doc["rows"]) + "\n")
+        return
+    if args.arm64:
+        run_arm64(args)
         return
     if not args.all:
         print(json.dumps(measure(args.option, args.rank, args.steps, args.batch, args.seq,
-                                 args.data, args.model)))
+                                 args.data, args.model, args.warmup)))
         return
     runs = [(args.model, o, 8) for o in OPTIONS] + \
         [(args.model, "malloc-trim", r) for r in (2, 16)]
