@@ -38,8 +38,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (machine_info, machine_line, provenance,  # noqa: E402
-                               read_json, run_fresh, write_json)
+from benchmarks.common import (command_line, machine_info, machine_line,  # noqa: E402
+                               provenance, read_json, run_fresh, write_json)
 
 _BEST = {"train.loss-chunk": 64, "train.gradient-checkpointing": True,
          "train.dtype": "bfloat16"}
@@ -290,68 +290,75 @@ def _env_sh(path: Path) -> dict[str, str]:
 
 
 def run_arm64(args) -> None:
-    """The bf16 and fp32 rows of SmolLM2 under QEMU user mode (`QEMU_CPU=args.qemu_cpu`),
-    each in a fresh emulated process, into results/devices/llm_cost_arm64.{json,md}. Step
-    times are a relative hint only (QEMU translates every NEON instruction); peak RSS is the
-    QEMU process's, the emulated program's memory plus QEMU's own (translated code)."""
+    """The bf16 and fp32 rows of SmolLM2 under QEMU user mode (`QEMU_CPU=args.qemu_cpu`) and
+    the same rows on this host, each in a fresh process, into
+    results/devices/llm_cost_arm64.{json,md}. Emulated step times are a relative hint only
+    (QEMU translates every NEON instruction); peak RSS under emulation is the QEMU process's,
+    the emulated program's memory plus QEMU's own (translated code)."""
     env = _env_sh(args.arm64)
     _convert_once(args.model)  # on the host: the converted folder is the same on aarch64
-    rows, started = [], time.perf_counter()
-    for option in ARM64_OPTIONS:
-        rows.append(run_fresh(__file__, "--option", option, "--rank", "8", "--steps",
-                              str(args.steps), "--warmup", str(args.warmup), "--batch",
-                              str(args.batch), "--seq", str(args.seq), "--data", args.data,
-                              "--model", args.model, python=env["PY"],
-                              env={"QEMU_CPU": args.qemu_cpu}))
-        rows[-1]["qemu_cpu"] = args.qemu_cpu
-        print(f"arm64 {option}: {rows[-1]['step_s_median']:.1f} s/step, "
-              f"{rows[-1]['peak_rss_mib']:.0f} MiB", flush=True)
     out = args.out / "devices" / "llm_cost_arm64.json"
-    doc = {"rows": rows, **provenance(started)}
+    kept = read_json(out)["rows"] if out.is_file() else []
+    rows, started = [], time.perf_counter()
+    for option in args.arm64_options.split(","):
+        for python, extra in ((env["PY"], {"QEMU_CPU": args.qemu_cpu}), (sys.executable, {})):
+            rows.append(run_fresh(__file__, "--option", option, "--rank", "8", "--steps",
+                                  str(args.steps), "--warmup", str(args.warmup), "--batch",
+                                  str(args.batch), "--seq", str(args.seq), "--data",
+                                  args.data, "--model", args.model, python=python, env=extra))
+            rows[-1]["qemu_cpu"] = extra.get("QEMU_CPU")
+            rows[-1]["command"] = command_line()
+            print(f"{rows[-1]['platform']} {option}: {rows[-1]['step_s_median']:.1f} s/step, "
+                  f"{rows[-1]['peak_rss_mib']:.0f} MiB", flush=True)
+    key = ("platform", "option", "batch", "seq", "rank")
+    new = {tuple(r[k] for k in key) for r in rows}
+    doc = {"rows": [r for r in kept if tuple(r[k] for k in key) not in new] + rows,
+           **provenance(started)}
     write_json(out, doc)
-    x86 = args.out / "llm_cost.json"
-    out.with_suffix(".md").write_text(
-        render_arm64(doc, read_json(x86)["rows"] if x86.is_file() else []) + "\n")
+    out.with_suffix(".md").write_text(render_arm64(doc) + "\n")
 
 
-def render_arm64(doc: dict, x86_rows: list[dict]) -> str:
-    """The emulated rows beside the same options on the host (llm_cost.json)."""
-    rows = doc["rows"]
-    first = rows[0]
-    host = {(r.get("model", "smollm2-135m-instruct"), r["option"], r["rank"]): r
-            for r in x86_rows}
-    lines = ["| platform | option | frozen weights | s per step | CPU s per step | peak RSS MiB "
-             "| loss, first timed step |", "|---|---|---|---|---|---|---|"]
+def render_arm64(doc: dict) -> str:
+    """The emulated rows beside the same rows on the host, run by the same command."""
+    rows = sorted(doc["rows"], key=lambda r: (r["batch"] * r["seq"], r["option"],
+                                              not r["qemu_cpu"]))
+    first = next(r for r in rows if r["qemu_cpu"])
+    lines = ["| batch x tokens | platform | option | frozen weights | warm-up + timed steps | "
+             "s per step | CPU s per step | peak RSS MiB | loss, first timed step |",
+             "|---|---|---|---|---|---|---|---|---|"]
     ratio = {}
-    for r in rows:
-        for label, row in ((f"aarch64, emulated ({r['qemu_cpu']})", r),
-                           ("x86-64 (this host)", host.get((r["model"], r["option"], 8)))):
-            if row is None:
-                continue
-            dtype = row["overrides"].get("train.dtype", "bfloat16")
-            ratio.setdefault(label, {})[dtype] = row["step_s_median"]
-            lines.append(f"| {label} | {row['option']} | {dtype} | {row['step_s_median']:.1f} | "
-                         f"{row['cpu_s_median']:.1f} | {row['peak_rss_mib']:.0f} | "
-                         f"{row['loss'][0]:.4f} |")
-    ratios = [f"{label}: {r['bfloat16'] / r['float32']:.2f}" for label, r in ratio.items()
-              if {"bfloat16", "float32"} <= r.keys()]
+    for row in rows:
+        label = (f"aarch64, emulated ({row['qemu_cpu']})" if row["qemu_cpu"] else
+                 f"{row['platform']} (this host)")
+        dtype = row["overrides"].get("train.dtype", "bfloat16")
+        ratio.setdefault((label, row["batch"], row["seq"]), {})[dtype] = row
+        lines.append(f"| {row['batch']} x {row['seq']} | {label} | {row['option']} | {dtype} | "
+                     f"{row['warmup']} + {len(row['step_s'])} | {row['step_s_median']:.1f} | "
+                     f"{row['cpu_s_median']:.1f} | {row['peak_rss_mib']:.0f} | "
+                     f"{row['loss'][0]:.4f} |")
+    ratios = [f"{label}, {b} x {t}: {r['bfloat16']['step_s_median'] / r['float32']['step_s_median']:.2f}"
+              f" (CPU s: {r['bfloat16']['cpu_s_median'] / r['float32']['cpu_s_median']:.2f})"
+              for (label, b, t), r in ratio.items() if {"bfloat16", "float32"} <= r.keys()]
     return "\n".join([
         "# SmolLM2 LoRA training under emulated aarch64: bf16 against fp32", "",
-        f"SmolLM2-135M-Instruct, GSM8K pairs, batch {first['batch']} x {first['seq']} tokens, "
-        f"r=8 on all 7 projections, `train.malloc-trim` options (benchmarks/llm_cost.py); "
-        f"{first['warmup']} untimed and {len(first['step_s'])} timed step(s) per row, each row "
-        "a fresh process.", "",
+        "SmolLM2-135M-Instruct, GSM8K pairs, r=8 on all 7 projections, the `malloc-trim` "
+        "options of benchmarks/llm_cost.md in bfloat16 and in float32; each row a fresh "
+        "process, emulated and host rows of one batch size run by the same command.", "",
         f"Machine: {machine_line(doc['machine'])}; emulated rows: {first['machine']} under "
-        f"QEMU user mode, QEMU_CPU={first['qemu_cpu']} (a Raspberry Pi 4's core).", "",
+        f"QEMU user mode, QEMU_CPU={first['qemu_cpu']} (a Raspberry Pi 4's core). A row with 0 warm-up "
+        "steps times the first step, which includes one-time costs.", "",
         *lines, "",
-        "bf16 step time / fp32 step time: " + ("; ".join(ratios) or "-") + ".", "",
+        "bf16 step time / fp32 step time: " + ("; ".join(ratios) or "-") + ". Other work "
+        "shared the host's 2 cores, which stretches wall seconds; CPU seconds less so.", "",
         "**Emulated: a relative hint, not a Pi's speed.** QEMU translates every aarch64 "
         "instruction on this x86 host, so absolute times say nothing about a Cortex-A72; the "
-        "bf16/fp32 ratio hints at whether bf16 pays without the host's AMX units (x86's bf16 "
-        "matrix multiplications use AMX; neither a Pi 4's Cortex-A72 nor a Pi 5's Cortex-A76 "
-        "has bf16 instructions, which came with Armv8.6). Peak RSS under emulation is the QEMU process's: the "
+        "bf16/fp32 ratio hints at whether bf16 pays on a core without bf16 arithmetic: neither "
+        "a Pi 4's Cortex-A72 nor a Pi 5's Cortex-A76 has bf16 instructions (they came with "
+        "Armv8.6), while this host's x86 CPU multiplies bf16 matrices in hardware where it "
+        "has AVX512-BF16 or AMX. Peak RSS under emulation is the QEMU process's: the "
         "program's memory plus QEMU's translated code.", "",
-        f"Command: `{doc['command']}`."])
+        "Commands: " + ", ".join(f"`{c}`" for c in dict.fromkeys(
+            r.get("command", doc["command"]) for r in rows)) + "."])
 
 
 def _convert_once(model: str) -> None:
@@ -384,6 +391,8 @@ def main() -> None:
                     "SmolLM2 rows under emulated aarch64: the env.sh deploy/emulate-arm64.sh "
                     "prints; writes results/devices/llm_cost_arm64.{json,md}")
     ap.add_argument("--qemu-cpu", default="cortex-a72", help="QEMU_CPU of --arm64 (a Pi 4)")
+    ap.add_argument("--arm64-options", default=",".join(ARM64_OPTIONS),
+                    help="the options --arm64 runs (rows of another batch or option are kept)")
     ap.add_argument("--render", action="store_true")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
@@ -392,8 +401,7 @@ def main() -> None:
         (args.out / "llm_cost.md").write_text(render(doc["rows"]) + "\n")
         emulated = args.out / "devices" / "llm_cost_arm64.json"
         if emulated.is_file():
-            emulated.with_suffix(".md").write_text(
-                render_arm64(read_json(emulated), doc["rows"]) + "\n")
+            emulated.with_suffix(".md").write_text(render_arm64(read_json(emulated)) + "\n")
         return
     if args.arm64:
         run_arm64(args)
