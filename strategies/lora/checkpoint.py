@@ -271,7 +271,9 @@ def check_global(ckpt: Checkpoint, initial: State, cfg: RunConfig,
         raise ConfigError(f"resume='{cfg.resume}': the checkpoint's global adapter does not "
                           f"fit model='{cfg.model}' at r_max={cfg.r_max} (the model folder "
                           "changed?): resume with the model the run started with")
-    return {k: np.array(v) for k, v in ckpt.global_state.items()}
+    # in the model's order (safetensors reads keys sorted): replies and the states sent to
+    # devices are in that order, and S6 pairs their layers by position
+    return {k: np.array(ckpt.global_state[k]) for k in initial}
 
 
 # ---------------------------------------------------------------------------- rounds
