@@ -17,6 +17,7 @@ from task.answer import (attacked, attacked_answers, generated_answers, label_pr
                          member_of)
 from task.config import RunConfig
 from task.device import DeviceInfo
+from task.families import family
 from task.records import to_record
 
 
@@ -28,7 +29,7 @@ def answer(msg: Message, context: Context) -> Message:
     member = member_of(cfg, context.node_config, info.partition_id)
     attacker = info.partition_id in cfg.infer.attackers
     own = np.random.default_rng([cfg.seed, info.partition_id, int(config["batch"])])
-    if cfg.task == "causal-lm":
+    if family(cfg).generates:
         answers, logprobs, cost = generated_answers(cfg, member, texts)
         if attacker:
             shared = np.random.default_rng([cfg.seed, 7919, int(config["batch"])])

@@ -1,8 +1,10 @@
 """The algorithm registry: how the ServerApp and the ClientApp find a federated algorithm.
 
 An algorithm plug-in is one package under `strategies/` that declares, in its `__init__.py`,
-one `Algorithm` and registers it. `strategies/__init__.py` imports the built-in packages (one
-line each), and the config finds them through the `edge_lam.plugins` entry point.
+one `Algorithm` and registers it in ALGORITHMS (a `task.registry.Registry`, kind
+"algorithm"). `strategies/__init__.py` imports the built-in packages (one line each); the
+config finds them through the `edge_lam.algorithm` entry points (pyproject.toml), a
+third-party package through its own (the older group `edge_lam.plugins` is read too).
 
 - `traits` + `section`: its config section (a dataclass of `task.options.option` keys that
   validates itself) and what the config derives from it (each device's rank, r_max, rounds);
@@ -21,8 +23,13 @@ from pathlib import Path
 from flwr.app import Context, Message
 from flwr.serverapp import Grid
 
-from task.config import RunConfig, Traits, register_algorithm
-from task.options import ConfigError
+from task.config import RunConfig, Traits
+from task.options import RunAborted
+from task.registry import registry
+from task.sections import CORE_SECTIONS
+
+__all__ = ["ALGORITHMS", "Algorithm", "RunAborted", "add_run_guard", "get", "handler",
+           "message_types", "register", "run_guards"]
 
 Handler = Callable[[Message, Context, RunConfig], Message]
 
@@ -37,35 +44,28 @@ class Algorithm:
     section: tuple[str, type] | None = None  # ("unlearn", UnlearnSection)
 
 
-ALGORITHMS: dict[str, Algorithm] = {}
+ALGORITHMS = registry("algorithm", key="strategy", groups=("edge_lam.plugins",))
 # Checks every training run makes first, whatever its algorithm: guard(cfg) -> (cfg to run,
 # what it asks the run to resume or None); a ConfigError refuses the run.
 _RUN_GUARDS: list[Callable[[RunConfig], tuple[RunConfig, object]]] = []
 
 
-class RunAborted(RuntimeError):
-    """A run cannot go on (the message says why and what is kept); the ServerApp stops."""
-
-
 def register(algorithm: Algorithm) -> Algorithm:
     """Make an algorithm known to the apps and to the run config (`strategy=<name>`)."""
-    if algorithm.name in ALGORITHMS:
-        raise ValueError(f"an algorithm named '{algorithm.name}' is already registered")
     for kind in algorithm.handlers:
         if kind.split(".")[0] not in ("train", "query"):
             raise ValueError(f"{algorithm.name}: handler '{kind}' is not a TRAIN or QUERY "
                              "message type")
-    ALGORITHMS[algorithm.name] = algorithm
-    register_algorithm(algorithm.name, algorithm.traits, algorithm.section)
-    return algorithm
+    if algorithm.section is not None:
+        sec_name, cls = algorithm.section
+        taken = {a.section[0]: a.section[1] for a in ALGORITHMS.registered().values() if a.section}
+        if sec_name in CORE_SECTIONS or taken.get(sec_name, cls) is not cls:
+            raise ValueError(f"config section '{sec_name}' is already taken")
+    return ALGORITHMS.register(algorithm.name, algorithm)
 
 
 def get(name: str) -> Algorithm:
-    try:
-        return ALGORITHMS[name]
-    except KeyError:
-        raise ConfigError(f"strategy='{name}' is not a registered algorithm: use one of "
-                          f"{', '.join(ALGORITHMS)}") from None
+    return ALGORITHMS.get(name)
 
 
 def handler(name: str, message_type: str) -> Handler:

@@ -198,7 +198,7 @@ def footprint_of(model, cfg) -> Footprint:
         hidden_size=int(getattr(conf, "hidden_size", 0)),
         num_layers=int(getattr(conf, "num_hidden_layers", 0)),
         num_heads=int(getattr(conf, "num_attention_heads", 0)),
-        logit_units=0 if cfg.task == "seq-cls" else int(getattr(conf, "vocab_size", 0)),
+        logit_units=int(getattr(conf, "vocab_size", 0)) if _family(cfg).lm_head else 0,
         activation_bytes=int(next(p for p in model.parameters()
                                   if not p.requires_grad).element_size()))
 
@@ -285,3 +285,9 @@ class Measured:
         out = asdict(self)
         out.pop("footprint")
         return out
+
+
+def _family(cfg):
+    from task.families import family  # torch and peft: only once a model is measured
+
+    return family(cfg)

@@ -8,30 +8,32 @@ sections that algorithm plug-ins register, e.g. `cfg.unlearn`, `cfg.fedkd`), and
 before anything runs, naming the key and the fix. Each key is declared once, with its
 documentation, by `task.options.option`; `edge-lam config --markdown` prints README's table.
 
-Algorithm plug-ins (package `strategies`, found through the `edge_lam.plugins` entry point)
-register their name, their section and their `Traits`: what the config derives from them
-(the LoRA rank of a device, r_max, how many rounds a run has).
+Names of plug-in kinds (`strategy`, `task`, `mode`, `serve.kind`, `robust.aggregator`,
+`attack.kind`, `fleet.selection`) are looked up in their registries (`task.registry`); the
+kinds declared outside this library come from entry points when a config is first parsed,
+never by import here. Algorithm plug-ins register their name, their section and their
+`Traits`: what the config derives from them (the LoRA rank of a device, r_max, how many
+rounds a run has). Cross-key checks run once per parse (`RunConfig.check`): each section's
+`check(cfg)`, the chosen algorithm's `Traits.check` and the chosen mode's `check`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
-from importlib import metadata
 from typing import Any
 
-from task.families import FAMILIES
 from task.options import (ConfigError, Reader, declared, key_of, option, parse_section,
                           read_option)
+from task.registry import Registry, registry
 from task.sections import (CORE_SECTIONS, DataSection, DevicesSection, DPSection, EvalSection,
                            FaultsSection, FleetSection, InferSection, LoraSection,
                            AttackSection, RobustSection, ServeSection, TrainSection)
 
-__all__ = ["ConfigError", "RunConfig", "Traits", "register_algorithm", "strategy_names"]
+__all__ = ["ConfigError", "RunConfig", "Traits", "algorithms", "sections", "strategy_names"]
 
 
 
@@ -81,44 +83,20 @@ class Traits:
         """Raise ConfigError when the config does not suit this algorithm."""
 
 
-_TRAITS: dict[str, Traits] = {}
-_SECTIONS: dict[str, type] = {}  # plug-in sections: name -> dataclass
-_PLUGINS_LOADED = False
-
-
-def register_algorithm(name: str, traits: Traits, section: tuple[str, type] | None = None
-                       ) -> None:
-    """Make `strategy=<name>` known to the config (and its section's keys, if any)."""
-    _TRAITS[name] = traits
-    if section is not None:
-        sec_name, cls = section
-        if sec_name in CORE_SECTIONS or _SECTIONS.get(sec_name, cls) is not cls:
-            raise ValueError(f"config section '{sec_name}' is already taken")
-        _SECTIONS[sec_name] = cls
-
-
-def load_plugins() -> None:
-    """Import the algorithm plug-ins named by the `edge_lam.plugins` entry points (the
-    installed project declares `strategies`); from a source tree, `strategies` itself."""
-    global _PLUGINS_LOADED
-    if _PLUGINS_LOADED:
-        return
-    _PLUGINS_LOADED = True
-    names = [ep.value for ep in metadata.entry_points(group="edge_lam.plugins")] or \
-        ["strategies"]
-    for name in dict.fromkeys(names):
-        importlib.import_module(name)
+def algorithms() -> Registry:
+    """The algorithm registry (declared in `strategies.registry`; its members come from the
+    `edge_lam.algorithm` entry points, loaded when a name is first looked up)."""
+    return registry("algorithm", key="strategy", groups=("edge_lam.plugins",))
 
 
 def strategy_names() -> tuple[str, ...]:
-    load_plugins()
-    return tuple(_TRAITS)
+    return algorithms().names()
 
 
 def sections() -> dict[str, type]:
-    """Every section, core first, then the plug-ins' in registration order."""
-    load_plugins()
-    return {**CORE_SECTIONS, **_SECTIONS}
+    """Every section, core first, then the registered algorithms' in registration order."""
+    plugins = dict(a.section for a in algorithms().values() if a.section is not None)
+    return {**CORE_SECTIONS, **plugins}
 
 
 # ---------------------------------------------------------------------------- the config
@@ -126,7 +104,8 @@ def sections() -> dict[str, type]:
 class RunConfig:
     """Every knob of a run. Top-level keys are fields; each section is one dataclass."""
 
-    strategy: str = option("hetlora", "the federated algorithm, a registered plug-in")
+    strategy: str = option("hetlora", "the federated algorithm, a registered plug-in",
+                           registry="algorithm")
     num_rounds: int = option(3, "federated rounds (with `unlearn`: the training rounds "
                              "before the request)", key="num-server-rounds", lo=1,
                              legacy="num_rounds")
@@ -141,7 +120,7 @@ class RunConfig:
     task: str = option("seq-cls", "model family: `seq-cls`, `causal-lm` (instruction tuning on "
                        "prompt/response) or `lm-cls` (classification posed to a causal LM "
                        "through `data.template`, answered by label-word likelihood)",
-                       choices=tuple(FAMILIES), legacy="task")
+                       registry="family", legacy="task")
     seed: int = option(42, "seeds partitions, initialisation and local shuffling",
                        legacy="seed")
     results_dir: str = option("results", "where `<run-id>/` is written", legacy="results_dir")
@@ -149,7 +128,7 @@ class RunConfig:
                        "`infer` (collaborative inference: every device answers the test "
                        "queries, the server combines them; the `infer.` keys) or `serve` "
                        "(a model's modules as micro-services on the devices; the `serve.` "
-                       "keys)")
+                       "keys)", registry="mode")
     resume: str = option("", "continue an interrupted training run from its last finished "
                          "round: its folder `results/<run-id>` (or the run id under "
                          "`results-dir`), whose `checkpoint/` every finished round rewrites. "
@@ -170,22 +149,30 @@ class RunConfig:
     robust: RobustSection = RobustSection()
     attack: AttackSection = AttackSection()
     faults: FaultsSection = FaultsSection()
-    # (name, section) of the plug-ins' sections, their defaults unless parsed
-    plugins: tuple[tuple[str, Any], ...] = dataclasses.field(
-        default_factory=lambda: tuple((n, c()) for n, c in sections().items()
-                                      if n not in CORE_SECTIONS))
+    # (name, section) of the plug-ins' sections that differ from their defaults; a section
+    # not here reads as its defaults (so a bare RunConfig() loads no plug-in)
+    plugins: tuple[tuple[str, Any], ...] = ()
 
     def __getattr__(self, name: str) -> Any:  # cfg.unlearn, cfg.fedkd: plug-in sections
+        if name.startswith("_"):
+            raise AttributeError(name)
         for sec_name, value in self.__dict__.get("plugins", ()):
             if sec_name == name:
                 return value
+        cls = sections().get(name)
+        if cls is not None and name not in CORE_SECTIONS:
+            return cls()
         raise AttributeError(f"RunConfig has no attribute or section '{name}'")
 
     # ------------------------------------------------------------------ derived values
     @property
     def traits(self) -> Traits:
-        load_plugins()
-        return _TRAITS[self.strategy]
+        return algorithms().get(self.strategy).traits
+
+    def reads_section(self, name: str) -> bool:
+        """Does the chosen algorithm declare the plug-in section `name` (`cfg.unlearn`)?"""
+        section = algorithms().get(self.strategy).section
+        return section is not None and section[0] == name
 
     @property
     def aggregation(self) -> str:
@@ -239,9 +226,9 @@ class RunConfig:
         if section in CORE_SECTIONS:
             return dataclasses.replace(
                 self, **{section: dataclasses.replace(getattr(self, section), **changes)})
-        plugins = tuple((n, dataclasses.replace(s, **changes) if n == section else s)
-                        for n, s in self.plugins)
-        return dataclasses.replace(self, plugins=plugins)
+        current = dict(self.plugins)
+        current[section] = dataclasses.replace(getattr(self, section), **changes)
+        return dataclasses.replace(self, plugins=_non_default(current))
 
     # ------------------------------------------------------------------ (de)serialising
     def to_dict(self) -> dict[str, Any]:
@@ -281,19 +268,28 @@ class RunConfig:
     def from_run_config(cls, raw: Mapping[str, Any]) -> RunConfig:
         """Parse Flower's flattened run config (unknown keys are an error: typos bite)."""
         r = Reader(_renamed(raw))
-        strategy = r.choice("strategy", "hetlora", strategy_names())
-        top = {f.name: read_option(r, key_of("", f), f) for f in declared(cls)
-               if f.name != "strategy"}
+        top = {f.name: read_option(r, key_of("", f), f) for f in declared(cls)}
         parsed = {}
         for name, sec_cls in sections().items():
             parse = getattr(sec_cls, "parse", None)
             parsed[name] = parse(name, r) if parse else parse_section(sec_cls, name, r)
         r.reject_unknown(prefixes=("devices.rank.",))
         core = {n: parsed.pop(n) for n in CORE_SECTIONS}
-        cfg = cls(strategy=strategy, **top, **core, plugins=tuple(parsed.items()))
-        for traits in dict.fromkeys(_TRAITS.values()):  # each algorithm's cross-checks
-            traits.check(cfg)
+        cfg = cls(**top, **core, plugins=_non_default(parsed))
+        cfg.check()
         return cfg
+
+    def check(self) -> None:
+        """The cross-key checks, once per parse: every section's `check(cfg)` (what its keys
+        need of the rest), the chosen algorithm's and the chosen mode's (ConfigError)."""
+        for name in sections():
+            getattr(self, name).check(self)
+        self.traits.check(self)
+        registry("mode").get(self.mode).check(self)
+
+
+def _non_default(sections_: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+    return tuple((n, s) for n, s in sections_.items() if s != type(s)())
 
 
 def _plain(value: Any) -> Any:

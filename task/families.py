@@ -1,7 +1,9 @@
 """Model families, by `task` key: how a family loads, what PEFT task it is, which columns its
 data has, how a batch is encoded, and how evaluation scores it. The rest of the code asks
-`family(cfg)` instead of branching on the task's name; a new family (e.g. a generative one
-scored by label-word likelihood) is one `Family` and one line in FAMILIES.
+`family(cfg)` (and its fields: `labelled`, `generates`, `label_words`, `lm_head`) instead of
+branching on the task's name; a new family is one `Family` registered in FAMILIES (a
+`task.registry.Registry`, kind "family"; a third-party one through the `edge_lam.family`
+entry points).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from peft import TaskType
+
+from task.registry import registry
 
 
 # The classification heads of AutoModelForSequenceClassification (PEFT's SEQ_CLS
@@ -158,23 +162,26 @@ class Family:
     min_labels: int = 0  # distinct labels the data must have
     label_words: bool = False  # a causal LM scoring label words after a prompt template
     targets: tuple[str, ...] = ("query", "value")  # LoRA targets of a typical model of it
+    generates: bool = False  # answers are generated text (prompt/response data)
+    lm_head: bool = False  # the model ends in the vocabulary projection (a causal LM)
 
 
 # attention and MLP projections of Llama / Gemma / Qwen-style decoders
 LLM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
-FAMILIES: dict[str, Family] = {
-    "seq-cls": Family("seq-cls", TaskType.SEQ_CLS, _load_classifier, labelled=True,
-                      outputs=_model_outputs, min_labels=2),
-    # instruction tuning: prompt/response pairs, loss on the response tokens only
-    "causal-lm": Family("causal-lm", TaskType.CAUSAL_LM, _load_causal_lm, labelled=False,
-                        outputs=_response_outputs, targets=LLM_TARGETS),
-    # classification posed to a causal LM as an instruction (data.template), answered by the
-    # most likely label word (data.label-words): accuracy by label-word likelihood
-    "lm-cls": Family("lm-cls", TaskType.CAUSAL_LM, _load_causal_lm, labelled=True,
-                     outputs=_label_word_outputs, min_labels=2, label_words=True,
-                     targets=LLM_TARGETS),
-}
+FAMILIES = registry("family", key="task")
+FAMILIES.register("seq-cls", Family("seq-cls", TaskType.SEQ_CLS, _load_classifier,
+                                    labelled=True, outputs=_model_outputs, min_labels=2))
+# instruction tuning: prompt/response pairs, loss on the response tokens only
+FAMILIES.register("causal-lm", Family(
+    "causal-lm", TaskType.CAUSAL_LM, _load_causal_lm, labelled=False,
+    outputs=_response_outputs, targets=LLM_TARGETS, generates=True, lm_head=True))
+# classification posed to a causal LM as an instruction (data.template), answered by the
+# most likely label word (data.label-words): accuracy by label-word likelihood
+FAMILIES.register("lm-cls", Family(
+    "lm-cls", TaskType.CAUSAL_LM, _load_causal_lm, labelled=True,
+    outputs=_label_word_outputs, min_labels=2, label_words=True, targets=LLM_TARGETS,
+    lm_head=True))
 
 
 def score(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int, int]:
@@ -185,13 +192,14 @@ def score(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int, int]:
 def training_loss(cfg, model, batch: dict) -> torch.Tensor:
     """The training loss of a batch: mean cross-entropy of the family's outputs, or, for
     `task='causal-lm'` with `train.loss-chunk` > 0, the same loss computed chunk by chunk."""
-    if cfg.task == "causal-lm" and cfg.train.loss_chunk:
+    fam = family(cfg)
+    if fam.generates and cfg.train.loss_chunk:
         return chunked_response_loss(model, batch, cfg.train.loss_chunk)
-    return F.cross_entropy(*family(cfg).outputs(model, dict(batch)))
+    return F.cross_entropy(*fam.outputs(model, dict(batch)))
 
 
 def family(cfg) -> Family:
-    return FAMILIES[cfg.task]
+    return FAMILIES.get(cfg.task)
 
 
 def lora_targets(cfg) -> tuple[str, ...]:

@@ -16,21 +16,30 @@ from typing import Any
 
 
 class ConfigError(ValueError):
-    """A run-config value is wrong; the message names the key and how to fix it."""
+    """A run-config value is wrong; the message names the key and how to fix it. Only for
+    configuration: what goes wrong while a run goes on raises `RunAborted`."""
+
+
+class RunAborted(RuntimeError):
+    """A run cannot go on (the message says why and what is kept); the ServerApp stops.
+    Run-time conditions only (too few replies, no feasible plan for the measured model):
+    a bad configuration is a ConfigError, found when the config is parsed."""
 
 
 def option(default: Any, doc: str, *, key: str = "", lo: float | None = None,
            hi: float | None = None, choices: tuple[str, ...] = (), allow_empty: bool = False,
-           kind: str = "", legacy: str = "") -> Any:
+           kind: str = "", legacy: str = "", registry: str = "") -> Any:
     """A run-config key: `default`, its documentation and its checks.
 
     `key` is the name users type inside the section (default: the field name with '-' for
     '_'); `kind` is 'names' (comma-separated list, a tuple here) or 'ids' (comma-separated
     whole numbers); `legacy` is the attribute name the flat RunConfig of releases before the
-    sections used (read back from older saved adapters).
+    sections used (read back from older saved adapters); `registry` names the plug-in kind
+    whose registered names the value must be (`task.registry`), `choices` then lists the
+    values accepted besides them (e.g. 'none').
     """
     meta = {"doc": doc, "key": key, "lo": lo, "hi": hi, "choices": choices,
-            "allow_empty": allow_empty, "kind": kind, "legacy": legacy}
+            "allow_empty": allow_empty, "kind": kind, "legacy": legacy, "registry": registry}
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -63,6 +72,16 @@ class Reader:
         value = self.str(key, default).lower()
         if value not in options:
             raise ConfigError(f"{key}='{value}' is not known: use one of {', '.join(options)}")
+        return value
+
+    def member(self, key: str, default: str, kind: str, also: tuple[str, ...] = ()) -> str:
+        """The name of a registered plug-in of `kind` (or one of `also`)."""
+        from task.registry import registry
+
+        value = self.str(key, default).lower()
+        reg = registry(kind)
+        if value not in also and value not in reg:
+            raise ConfigError(reg.unknown(value, also, key=key))
         return value
 
     def int(self, key: str, default: int, lo: float | None = None,
@@ -146,6 +165,8 @@ def read_option(r: Reader, key: str, field: dataclasses.Field) -> Any:
         return r.int(key, default, m.get("lo"), m.get("hi"))
     if isinstance(default, float):
         return r.float(key, default, m.get("lo"), m.get("hi"))
+    if m.get("registry"):
+        return r.member(key, default, m["registry"], m.get("choices", ()))
     if m.get("choices"):
         return r.choice(key, default, m["choices"])
     return r.str(key, default, m.get("allow_empty", False))
@@ -195,3 +216,7 @@ class Section:
 
     def validate(self) -> None:
         """Raise ConfigError (naming the key) when the section's values do not fit together."""
+
+    def check(self, cfg) -> None:
+        """Raise ConfigError when the section's values do not fit the rest of the run config
+        `cfg` (run once per parse, after every section is read)."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from task.hardware import HARDWARE
 from task.options import ConfigError, Reader, Section, option, parse_section
 
 PARTITIONERS = ("iid", "dirichlet", "pathological")
@@ -38,12 +39,12 @@ class LoraSection(Section):
 class DevicesSection(Section):
     """Device profiles: the simulated mix and each profile's LoRA rank."""
 
-    mix: tuple[str, ...] = option(("rpi4", "rpi5", "jetson-orin-nano", "laptop"),
+    mix: tuple[str, ...] = option(tuple(HARDWARE),
                                   "simulated device k gets profile mix[k % len]",
                                   kind="names", legacy="device_mix")
     # (profile, rank) pairs, sorted; `devices.rank.<profile>` keys (a tuple: hashable)
-    profile_ranks: tuple[tuple[str, int], ...] = (
-        ("jetson-orin-nano", 8), ("laptop", 16), ("rpi4", 2), ("rpi5", 4))
+    profile_ranks: tuple[tuple[str, int], ...] = tuple(sorted(
+        (name, hw.rank) for name, hw in HARDWARE.items()))
 
     @property
     def ranks(self) -> dict[str, int]:
@@ -238,7 +239,7 @@ class FleetSection(Section):
                             "(joint selection + bandwidth allocation, most progress per "
                             "simulated second) or `fedlaavg` (the longest absent; aggregation "
                             "over every device's latest update)",
-                            choices=("all", "random", "oort", "s2", "fedlaavg"))
+                            registry="selection")
     per_round: int = option(0, "devices per round for random / oort / fedlaavg (0: every "
                             "online device)", lo=0)
     bandwidth_mhz: float = option(20.0, "total uplink bandwidth B the devices share (MHz); "
@@ -276,10 +277,10 @@ class ServeSection(Section):
                        "device chosen by the placement), `moe` (the server runs attention and "
                        "gating, devices compute their experts, scheduled by Lyapunov "
                        "drift-plus-penalty), `split` (transformer layers partitioned over the "
-                       "devices by dynamic programming)", choices=("cot", "moe", "split"))
+                       "devices by dynamic programming)", registry="serve kind")
     timeout: float = option(300.0, "seconds to wait for a device's reply to one service call",
                             lo=1.0)
-    fleet: tuple[str, ...] = option(("rpi4", "rpi5", "jetson-orin-nano", "laptop"),
+    fleet: tuple[str, ...] = option(tuple(HARDWARE),
                                     "the devices the planners see, simulated device k being "
                                     "item k: profile names (`server_app.serve.fleet`) or one "
                                     "JSON fleet file (name, speed, memory_mib, up_mbps, "
@@ -343,8 +344,6 @@ class ServeSection(Section):
                                  "measured through a local SuperLink in simulation", lo=0.0)
 
 
-ROBUST_AGGREGATORS = ("none", "mean", "median", "trimmed-mean", "krum", "multi-krum",
-                      "norm-clip", "fltrust")
 CONTRIBUTION_MODES = ("off", "report", "drop-harmful", "softmax")
 
 
@@ -359,7 +358,7 @@ class RobustSection(Section):
                              "baseline on products), `median`, `trimmed-mean`, `krum`, "
                              "`multi-krum`, `norm-clip`, `fltrust` (cosine trust against an "
                              "update the server trains on its root set)",
-                             choices=ROBUST_AGGREGATORS)
+                             registry="robust rule", choices=("none",))
     f: int = option(1, "`krum` / `multi-krum`: Byzantine devices assumed (needs K >= 2f + 3 "
                     "replies); multi-Krum keeps K - f", lo=0)
     beta: float = option(0.2, "`trimmed-mean`: fraction dropped at each end per coordinate",
@@ -401,8 +400,7 @@ class AttackSection(Section):
                        "update), `backdoor` (trains on data where attack.poison of the "
                        "examples carry attack.trigger and the label attack.target), `collude` "
                        "(the attackers pool their data and all send -attack.factor x that "
-                       "update)", choices=("none", "sign-flip", "scale", "gaussian",
-                                           "backdoor", "collude"))
+                       "update)", registry="attack", choices=("none",))
     fraction: float = option(0.2, "fraction of the partitions that attack (drawn with the "
                              "run's seed)", lo=0.0, hi=0.49)
     factor: float = option(10.0, "`scale` / `collude`: the update's multiplier", lo=0.0)

@@ -17,7 +17,6 @@ from strategies.lora import device as lora_device
 from strategies.lora.math import factorize
 from strategies.lora.server import federate, prepare_run
 from strategies.lora.strategy import HeterogeneousLoRA
-from task import config as config_module
 from task.config import RunConfig, Traits
 from task.lora import factors, lora_layers, lora_products, pad_lora
 from task.records import from_record
@@ -55,8 +54,7 @@ def toy():
         "median-product", "toy: median of the LoRA products", Traits(), run=run,
         handlers={"train": lora_device.train}))
     yield algorithm
-    del registry.ALGORITHMS[algorithm.name]
-    del config_module._TRAITS[algorithm.name]
+    registry.ALGORITHMS.unregister(algorithm.name)
 
 
 def test_a_registered_algorithm_runs_with_no_edit_to_the_apps(toy, tiny_bert, agnews,

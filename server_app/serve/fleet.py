@@ -9,7 +9,8 @@ seconds on this machine and real payload sizes into predicted seconds per device
     t_comp(module, d) = measured_seconds(module) / speed_d
     t_comm(bytes, d)  = latency_d + 8 * bytes / (1e6 * mbps_d)
 
-`PROFILES` are coarse defaults for the simulated fleet (`serve.fleet='rpi4,rpi5,laptop'`),
+`PROFILES` (from `task.hardware`, the one profile table) are coarse defaults for the
+simulated fleet (`serve.fleet='rpi4,rpi5,laptop'`),
 relative to a 2-core x86 server vCPU running PyTorch on CPU; sources in each line. They are
 meant to be replaced by measurements (a JSON fleet file) when real devices are at hand.
 """
@@ -51,15 +52,11 @@ class ServeDevice:
             raise ConfigError(f"device '{self.name}': latency_s must be >= 0")
 
 
-# speed and memory: `task.hardware` (sources there). Links: Pi 4 / Pi 5 on Wi-Fi 5 (~100 /
-# 200 Mbit/s measured iperf3 range), Jetson and laptop on gigabit Ethernet; latencies one
-# way on a LAN.
-_LINKS = {"rpi4": (80, 100, 0.004), "rpi5": (150, 200, 0.003),
-          "jetson-orin-nano": (900, 900, 0.001), "laptop": (900, 900, 0.001)}
+# speed, memory and links: `task.hardware`, the one profile table (sources there)
 PROFILES: dict[str, ServeDevice] = {
-    name: ServeDevice(name, speed=HARDWARE[name].speed, memory_mib=HARDWARE[name].memory_mib,
-                      up_mbps=up, down_mbps=down, latency_s=latency)
-    for name, (up, down, latency) in _LINKS.items()}
+    name: ServeDevice(name, speed=hw.speed, memory_mib=hw.memory_mib, up_mbps=hw.up_mbps,
+                      down_mbps=hw.down_mbps, latency_s=hw.latency_s)
+    for name, hw in HARDWARE.items()}
 
 
 def fleet(spec: tuple[str, ...] | list[str] | str) -> list[ServeDevice]:

@@ -52,13 +52,13 @@ import numpy as np
 from scipy.optimize import linprog
 
 from server_app.serve.fleet import ServeDevice
+from task.hardware import HARDWARE
 from task.options import ConfigError
 
 OBJECTIVES = ("linear", "quadratic")
-# Typical power under load (W), for energy per token = watts x seconds per token: Raspberry Pi
-# 4 ~6.4 W and Pi 5 ~8.5 W running stress (Raspberry Pi Ltd power measurements), Jetson Orin
-# Nano in its 15 W mode (NVIDIA data sheet), a laptop CPU under load ~45 W (typical H-series TDP).
-WATTS = {"rpi4": 6.4, "rpi5": 8.5, "jetson-orin-nano": 15.0, "laptop": 45.0}
+# Typical power under load (W) of each profile, for energy per token = watts x seconds per
+# token: `task.hardware`, the one profile table (sources there).
+WATTS = {name: hw.watts for name, hw in HARDWARE.items()}
 
 
 def queue_update(backlog: np.ndarray, service: np.ndarray, arrivals: np.ndarray) -> np.ndarray:

@@ -30,6 +30,7 @@ from flwr.serverapp import Grid
 from server_app.serve.fleet import ServeDevice, fleet
 from server_app.serve.split_plan import Plan, UnitCosts, choose, plan_seconds
 from task.config import RunConfig
+from task.families import family
 from task.fleet import connected_by_partition
 from task.layers import (activation_bytes, monolithic_logits, unit_names, unit_param_bytes,
                          unit_seconds)
@@ -82,7 +83,7 @@ def make_batches(cfg: RunConfig, vocab_size: int):
     `task='lm-cls'`: the test split posed by data.template, right-padded, cut to
     serve.split-tokens; otherwise random token ids (seeded) of that length."""
     b, t, count = cfg.serve.split_batch, cfg.serve.split_tokens, cfg.serve.split_batches
-    if cfg.task != "lm-cls":
+    if not family(cfg).label_words:
         rng = np.random.default_rng(cfg.seed)
         ids = rng.integers(0, vocab_size, size=(count, b, t))
         return [(torch.from_numpy(x), torch.ones(b, t, dtype=torch.long)) for x in ids], \

@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass
 
 from task.config import RunConfig, Traits
+from task.families import family
 from task.options import ConfigError, Reader, Section, option, parse_section
 
 _TASK_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -150,7 +151,7 @@ class FedKDTraits(Traits):
         return cfg.fedkd.shared_rank
 
     def check(self, cfg: RunConfig) -> None:
-        if cfg.strategy == "fedkd" and cfg.fedkd.hidden_mse and cfg.task != "seq-cls":
+        if cfg.fedkd.hidden_mse and family(cfg).lm_head:
             raise ConfigError(f"fedkd.hidden-mse=true pairs encoder layers: it needs "
                               f"task='seq-cls', not '{cfg.task}'; set fedkd.hidden-mse=false")
 

@@ -16,9 +16,9 @@ round according to its availability process:
 `FleetFile` rows may override any profile field per profile name (JSON: {"rpi4": {"speed":
 0.3, ...}}); a missing or negative field fails before training, naming it.
 
-Speeds and memory come from `task.hardware`, the table the serving fleet uses too (sources
-there). Speed: compute relative to a 2-core x86 vCPU. SNRs: Wi-Fi links of 10-25 dB mean,
-typical indoor ranges. Memory (`memory_mib`, what `fleet.rank-from='capability'` gives a
+Speeds, SNRs and memory come from `task.hardware`, the one profile table the serving fleet
+reads too (sources there). Speed: compute relative to a 2-core x86 vCPU. SNRs: Wi-Fi links
+of 10-25 dB mean, typical indoor ranges. Memory (`memory_mib`, what `fleet.rank-from='capability'` gives a
 simulated device, S1): the board's RAM less what the OS keeps; 0 (a profile a fleet file
 adds without it): not modelled, the device's own measurement counts.
 """
@@ -56,10 +56,8 @@ class FleetProfile:
                               f"device's own measurement), got {self.memory_mib}")
 
 
-_SNR_DB = {"rpi4": 10.0, "rpi5": 15.0, "jetson-orin-nano": 20.0, "laptop": 25.0}
-PROFILES = {name: FleetProfile(speed=HARDWARE[name].speed, snr_db=snr,
-                               memory_mib=HARDWARE[name].memory_mib)
-            for name, snr in _SNR_DB.items()}
+PROFILES = {name: FleetProfile(speed=hw.speed, snr_db=hw.snr_db, memory_mib=hw.memory_mib)
+            for name, hw in HARDWARE.items()}
 
 
 def load_profiles(path: str) -> dict[str, FleetProfile]:

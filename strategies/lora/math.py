@@ -36,12 +36,14 @@ Tensors that are not LoRA factors (the classification head) are averaged whole i
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from task.lora import (BASE_DELTA, State, factors, is_base_delta_key, is_lora_key, lora_layers,
                        lora_products, lora_rank, pad_lora, trainable_part)
+from task.registry import Registry, registry
 
 
 def example_weights(num_examples: Sequence[int]) -> np.ndarray:
@@ -368,17 +370,33 @@ def aggregation_error(global_state: State, states: Sequence[State],
 Aggregator = Callable[[Sequence[State], Sequence[int], int], State]
 # (previous global, states sent, states returned, example counts, r_max) -> new global
 DeltaAggregator = Callable[[State, Sequence[State], Sequence[State], Sequence[int], int], State]
-DELTA_AGGREGATORS: dict[str, DeltaAggregator] = {"flexlora-delta": delta_aggregate,
-                                                  "flora": flora_aggregate,
-                                                  "fedex": fedex_aggregate}
 
-AGGREGATORS: dict[str, Aggregator] = {
-    "fedavg": hetlora_aggregate,  # every device at one rank: zero-padding is a no-op
-    "hetlora": hetlora_aggregate,
-    "flexlora": flexlora_aggregate,
-    "rankwise": rankwise_aggregate,
-    "hetlora-sw": norm_weighted_aggregate,
-}
+
+@dataclass(frozen=True)
+class AggregationRule:
+    """One LoRA aggregation: `fn` of the devices' models (an Aggregator), or, `on_updates`,
+    of what each device changed (a DeltaAggregator)."""
+
+    fn: Callable
+    on_updates: bool = False
+
+
+# The aggregation rules (`cfg.aggregation`): a `task.registry.Registry`, kind "aggregation
+# rule" (a third-party rule registers through the `edge_lam.aggregation_rule` entry points).
+AGGREGATION_RULES: Registry[AggregationRule] = registry("aggregation rule")
+for _name, _fn in (("fedavg", hetlora_aggregate),  # one rank: zero-padding is a no-op
+                   ("hetlora", hetlora_aggregate), ("flexlora", flexlora_aggregate),
+                   ("rankwise", rankwise_aggregate), ("hetlora-sw", norm_weighted_aggregate)):
+    AGGREGATION_RULES.register(_name, AggregationRule(_fn))
+for _name, _fn in (("flexlora-delta", delta_aggregate), ("flora", flora_aggregate),
+                   ("fedex", fedex_aggregate)):
+    AGGREGATION_RULES.register(_name, AggregationRule(_fn, on_updates=True))
+
+# name -> function, as mappings (live views of the registry; `.get` gives None when absent)
+DELTA_AGGREGATORS: Mapping[str, DeltaAggregator] = AGGREGATION_RULES.view(
+    lambda rule: rule.on_updates, lambda rule: rule.fn)
+AGGREGATORS: Mapping[str, Aggregator] = AGGREGATION_RULES.view(
+    lambda rule: not rule.on_updates, lambda rule: rule.fn)
 
 
 def check_reply(state: State, expected: State, rank: int, num_examples: object) -> str | None:
@@ -410,6 +428,7 @@ def aggregate(name: str, previous: State, sent: Sequence[State], states: Sequenc
               num_examples: Sequence[int], r_max: int) -> State:
     """The aggregation `name` (a strategy or unlearn.aggregation value), of models or of
     updates alike: what the in-process benchmarks call."""
-    if name in DELTA_AGGREGATORS:
-        return DELTA_AGGREGATORS[name](previous, sent, states, num_examples, r_max)
-    return AGGREGATORS[name](states, num_examples, r_max)
+    rule = AGGREGATION_RULES.get(name)
+    if rule.on_updates:
+        return rule.fn(previous, sent, states, num_examples, r_max)
+    return rule.fn(states, num_examples, r_max)

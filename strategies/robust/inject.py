@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 from flwr.app import Error, Message
@@ -46,6 +47,7 @@ from task.config import ConfigError, RunConfig
 from task.data import Examples
 from task.logs import get_logger
 from task.lora import State, truncate_lora
+from task.registry import registry
 
 log = get_logger()
 
@@ -158,18 +160,37 @@ def _keep_other_keys(attacked: Mapping[str, np.ndarray], trained: State) -> Stat
     return {k: attacked.get(k, v) for k, v in trained.items()}
 
 
+@dataclass(frozen=True)
+class Attack:
+    """One `attack.kind`: `poison(sent, trained, factor, sigma, rng)` turns an honest reply
+    (a model-poisoning attack), or None when the attack acts in the round itself
+    (`train_round`: poisoned data, colluding devices)."""
+
+    name: str
+    poison: Callable[..., State] | None = None
+
+
+# The attacks (`attack.kind`; 'none': honest devices): a `task.registry.Registry`, kind
+# "attack" (a third-party one registers through the `edge_lam.attack` entry points).
+ATTACKS = registry("attack", key="attack.kind")
+for _attack in (
+        Attack("sign-flip", lambda sent, trained, factor, sigma, rng:
+               attacks.sign_flip(sent, trained)),
+        Attack("scale", lambda sent, trained, factor, sigma, rng:
+               attacks.scale(sent, trained, factor)),
+        Attack("gaussian", lambda sent, trained, factor, sigma, rng:
+               attacks.gaussian(sent, trained, sigma, rng or np.random.default_rng())),
+        Attack("backdoor"), Attack("collude")):
+    ATTACKS.register(_attack.name, _attack)
+
+
 def poisoned_reply(kind: str, sent: State, trained: State, *, factor: float = 10.0,
                    sigma: float = 0.01, rng: np.random.Generator | None = None) -> State:
     """An honest reply turned by a model-poisoning attack (sign-flip, scale, gaussian)."""
-    if kind == "sign-flip":
-        out = attacks.sign_flip(sent, trained)
-    elif kind == "scale":
-        out = attacks.scale(sent, trained, factor)
-    elif kind == "gaussian":
-        out = attacks.gaussian(sent, trained, sigma, rng or np.random.default_rng())
-    else:
+    attack = ATTACKS.registered().get(kind)
+    if attack is None or attack.poison is None:
         raise ValueError(f"'{kind}' is not a reply-poisoning attack")
-    return _keep_other_keys(out, trained)
+    return _keep_other_keys(attack.poison(sent, trained, factor, sigma, rng), trained)
 
 
 def colluding_reply(sent: State, sent_c: State, trained_c: State, factor: float) -> State:

@@ -41,6 +41,7 @@ import numpy as np
 from strategies.lora.math import example_weights, factorize
 from task.lora import State, factors, is_base_delta_key, is_lora_key, lora_layers
 from task.options import ConfigError
+from task.registry import Registry, registry
 
 Update = dict[str, np.ndarray]  # layer prefix -> d_out x d_in, dense key -> its shape
 
@@ -348,8 +349,14 @@ def weighted_mean(previous: State, sent: Sequence[State], states: Sequence[State
                   np.ones(len(states), dtype=bool), [None] * len(states), r_max)
 
 
-# name -> (previous, sent, states, num_examples, r_max, **params) -> RobustResult
-ROBUST_AGGREGATORS: dict[str, Callable[..., RobustResult]] = {
-    "mean": weighted_mean, "median": coordinate_median, "trimmed-mean": trimmed_mean,
-    "krum": krum, "multi-krum": multi_krum, "norm-clip": norm_clip, "fltrust": fltrust,
-}
+# The robust rules (`robust.aggregator`; 'none' leaves the strategy's own aggregation): a
+# `task.registry.Registry`, kind "robust rule" (a third-party rule registers through the
+# `edge_lam.robust_rule` entry points); name -> (previous, sent, states, num_examples, r_max,
+# **params) -> RobustResult.
+ROBUST_AGGREGATORS: Registry[Callable[..., RobustResult]] = registry(
+    "robust rule", key="robust.aggregator")
+for _name, _rule in (("mean", weighted_mean), ("median", coordinate_median),
+                     ("trimmed-mean", trimmed_mean), ("krum", krum),
+                     ("multi-krum", multi_krum), ("norm-clip", norm_clip),
+                     ("fltrust", fltrust)):
+    ROBUST_AGGREGATORS.register(_name, _rule)

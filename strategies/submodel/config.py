@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from task.config import RunConfig, Traits
+from task.families import family
 from task.options import ConfigError, Section, option
 
 AGGREGATIONS = ("fedavg", "hetlora", "flexlora")
@@ -61,9 +62,7 @@ class SubmodelTraits(Traits):
         return self._agg(cfg).rank_for(cfg, device, explicit_rank)
 
     def check(self, cfg: RunConfig) -> None:
-        if cfg.strategy != "submodel":
-            return
-        if cfg.task != "causal-lm":
+        if not family(cfg).generates:
             raise ConfigError(f"strategy='submodel' trains token-embedding rows of a causal LM: "
                               f"set task='causal-lm' (not '{cfg.task}')")
         if cfg.dp.enabled:

@@ -39,6 +39,13 @@ class UnlearnSection(Section):
     grad_batches: int = option(4, "batches (of `train.batch-size`) each device averages its "
                                "gradient over", lo=1)
 
+    def check(self, cfg) -> None:
+        """unlearn.clients asks for an unlearning run: the algorithm must read this section."""
+        if self.clients and not cfg.reads_section("unlearn"):
+            raise ConfigError(
+                f"unlearn.clients is set but strategy='{cfg.strategy}': add "
+                "strategy='unlearn' to forget those devices, or clear unlearn.clients")
+
 
 class UnlearnTraits(Traits):
     """Rounds 1..T train, T+1..T+U unlearn, then R recovery rounds; ranks as the aggregation."""
@@ -74,12 +81,6 @@ class UnlearnTraits(Traits):
 
     def check(self, cfg: RunConfig) -> None:
         u = cfg.unlearn
-        if cfg.strategy != "unlearn":
-            if u.clients:
-                raise ConfigError(
-                    f"unlearn.clients is set but strategy='{cfg.strategy}': add "
-                    "strategy='unlearn' to forget those devices, or clear unlearn.clients")
-            return
         if not u.clients:
             raise ConfigError(
                 "strategy='unlearn' needs unlearn.clients: name the devices that opt out, "
