@@ -4,7 +4,8 @@ split, the simulated clock (S2), and FedLaAvg's stored latest updates (S5).
 The strategy asks `select` before a round (with every connected device's profile) and
 `finish` after it (with the measured training seconds and payload sizes); `finish` returns
 the round's `fleet` entry of metrics.jsonl: the simulated round time and clock, and each
-device's T_down / T_comp / T_up. Policies (`fleet.selection`):
+device's T_down / T_comp / T_up. Both the clock and the stored updates are checkpoint parts
+(`strategies.lora.resume`). Policies (`fleet.selection`, objects in `strategies.fleet.policy`):
 - `all`: every online device, the bandwidth split evenly (the default, today's behaviour);
 - `random`: `fleet.per-round` online devices uniformly (FedAvg's sampling);
 - `oort`: the `fleet.per-round` online devices of largest Oort utility (never-seen first);
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from strategies.fleet.model import Availability, FleetProfile, load_profiles
-from strategies.fleet.select import (longest_absent, oort_utility, random_subset, schedule)
+from strategies.fleet.policy import POLICIES
 from strategies.fleet.wireless import comm_seconds, db_to_linear
 from task.config import RunConfig
 from task.lora import State, pad_lora
@@ -81,7 +82,8 @@ class FleetClock:
         rng = np.random.default_rng([self.seed, server_round, 31])
         snr_mean = db_to_linear([self.members[n].profile.snr_db for n in nodes])
         snr = snr_mean * rng.exponential(1.0, size=len(nodes))  # Rayleigh fading
-        chosen, bandwidth = self._choose(nodes, online, snr, bits_up, rng)
+        bits = np.array([bits_up[n] for n in nodes], dtype=np.float64)
+        chosen, bandwidth = POLICIES[self.policy].choose(self, nodes, online, snr, bits, rng)
         picked = [n for n, c in zip(nodes, chosen) if c]
         self._plan = RoundPlan(picked, {n: float(b) for n, b, c in zip(nodes, bandwidth,
                                                                       chosen) if c},
@@ -96,47 +98,13 @@ class FleetClock:
                                        [self.members[n].profile for n in nodes], self.seed)
         return self._avail.step(server_round)
 
-    def _predicted_comp(self, nodes: list[int]) -> np.ndarray:
+    def predicted_comp(self, nodes: list[int]) -> np.ndarray:
+        """(K,) predicted device seconds of training: the last measured (or the mean of the
+        measured, or fleet.step-seconds) / speed."""
         seen = [m.train_s for m in self.members.values() if np.isfinite(m.train_s)]
         fallback = float(np.mean(seen)) if seen else self.step_s_default
         return np.array([(m.train_s if np.isfinite(m.train_s) else fallback) /
                          m.profile.speed for m in (self.members[n] for n in nodes)])
-
-    def _choose(self, nodes, online, snr, bits_up, rng) -> tuple[np.ndarray, np.ndarray]:
-        k = len(nodes)
-        count = self.per_round or k
-        bits = np.array([bits_up[n] for n in nodes], dtype=np.float64)
-        if self.policy == "s2":
-            comp = self._predicted_comp(nodes)
-            down = comm_seconds(bits, self.down_hz / max(int(online.sum()), 1), snr)
-            progress = np.where(online, [self.members[n].examples for n in nodes], 0)
-            alloc = schedule(progress.astype(float), bits, down, comp, snr, self.total_hz)
-            return alloc.selected, alloc.bandwidth_hz
-        if self.policy == "all":
-            chosen = online.copy()
-        elif self.policy == "random":
-            chosen = random_subset(online, count, rng)
-        elif self.policy == "fedlaavg":
-            last = np.array([self.members[n].last_round for n in nodes])
-            chosen = longest_absent(online, last, count, rng)
-        else:  # oort: utility from the last round's loss; never-seen devices first
-            chosen = self._oort(nodes, online, count, snr, bits)
-        share = self.total_hz / max(int(chosen.sum()), 1)
-        return chosen, np.where(chosen, share, 0.0)
-
-    def _oort(self, nodes, online, count, snr, bits) -> np.ndarray:
-        members = [self.members[n] for n in nodes]
-        comp = self._predicted_comp(nodes)
-        up = comm_seconds(bits, self.total_hz / max(count, 1), snr)
-        t = comp + up
-        loss = np.array([m.loss if np.isfinite(m.loss) else np.inf for m in members])
-        util = oort_utility(np.array([m.examples for m in members]), loss ** 2, t,
-                            preferred_s=float(np.median(t[online])) if online.any() else 1.0)
-        util = np.where(online, np.nan_to_num(util, posinf=np.finfo(float).max), -np.inf)
-        out = np.zeros(len(nodes), dtype=bool)
-        order = np.argsort(-util, kind="stable")[:min(count, int(online.sum()))]
-        out[order] = True
-        return out
 
     def finish(self, server_round: int, measured: dict[int, dict]) -> dict:
         """Advance the clock by the round's simulated time. `measured[node]`: train_s,
@@ -162,30 +130,34 @@ class FleetClock:
                 "selected": len(plan.nodes) if plan else 0, "round_sim_s": slowest,
                 "sim_clock_s": self.clock_s, "devices": devices}
 
-    def snapshot(self, key) -> dict:
-        """The clock, each member (by `key(node)`, its partition-based name) and a markov
-        availability's random state: what an exact resume needs (JSON-able)."""
+    # ----------------------------------------------------------------- checkpoint part
+    entry = "fleet"  # its entry in the checkpoint (strategies.lora.resume.CheckpointPart)
+
+    def checkpoint_state(self, name_of) -> tuple[dict, State]:
+        """The clock, each member (by `name_of(node)`, its partition-based name) and a
+        markov availability's random state: what an exact resume needs (JSON-able)."""
         avail = None
         if self._avail is not None:
             a = self._avail
             avail = {"partitions": list(a.partitions), "rng": a.rng.bit_generator.state,
                      "online": a.online.tolist(), "phase": a.phase.tolist()}
         return {"clock_s": self.clock_s, "availability": avail,
-                "members": [{"device": key(n), "partition": m.partition,
+                "members": [{"device": name_of(n), "partition": m.partition,
                              "last_round": m.last_round, "train_s": m.train_s,
                              "examples": m.examples, "loss": m.loss}
-                            for n, m in self.members.items()]}
+                            for n, m in self.members.items()]}, {}
 
-    def restore(self, saved: dict, node_of: dict[str, int], profile_of_key) -> None:
-        """Take up `snapshot`: members under the node ids `node_of` gives their names."""
+    def restore(self, saved: dict, restored) -> None:
+        """Take up `checkpoint_state`: members under their placeholder node ids, with the
+        fleet profile of the device each was saved as."""
         self.clock_s = float(saved["clock_s"])
         self.members = {}
         for m in saved["members"]:
-            node = node_of[m["device"]]
-            self.members[node] = Member(node, int(m["partition"]),
-                                        profile_of_key(m["device"]), int(m["last_round"]),
-                                        float(m["train_s"]), int(m["examples"]),
-                                        float(m["loss"]))
+            node = restored.node_of[m["device"]]
+            profile = self.profile_of(restored.profiles[m["device"]]["device"])
+            self.members[node] = Member(node, int(m["partition"]), profile,
+                                        int(m["last_round"]), float(m["train_s"]),
+                                        int(m["examples"]), float(m["loss"]))
         a = saved.get("availability")
         self._avail = None
         if a:
@@ -197,6 +169,13 @@ class FleetClock:
             avail.online = np.asarray(a["online"], dtype=bool)
             avail.phase = np.asarray(a["phase"], dtype=np.float64)
             self._avail = avail
+
+    def move(self, old: int, new: int) -> None:
+        from strategies.lora.resume import moved  # lazily: strategies.lora imports this
+
+        if old in self.members:
+            self.members = moved(self.members, old, new)
+            self.members[new].node = new
 
 
 def make_fleet(cfg: RunConfig) -> FleetClock:
@@ -229,6 +208,30 @@ class LatestUpdates:
     def store(self, node: int, sent: State, trained: State, examples: int) -> None:
         update = {k: trained[k] - sent[k] for k in trained}
         self.updates[node] = (pad_lora(update, self.r_max), int(examples))
+
+    # ----------------------------------------------------------------- checkpoint part
+    entry = "latest"  # its entry in the checkpoint (strategies.lora.resume.CheckpointPart)
+
+    def checkpoint_state(self, name_of) -> tuple[list, State]:
+        """[{device, examples}] and the updates as arrays `latest/<device>/<key>`."""
+        meta = [{"device": name_of(n), "examples": int(count)}
+                for n, (_, count) in self.updates.items()]
+        arrays = {}
+        for n, (update, _) in self.updates.items():
+            arrays.update({f"latest/{name_of(n)}/{k}": v for k, v in update.items()})
+        return meta, arrays
+
+    def restore(self, saved: list | None, restored) -> None:
+        for entry in saved or []:
+            prefix = f"latest/{entry['device']}/"
+            update = {name[len(prefix):]: np.array(v) for name, v in restored.arrays.items()
+                      if name.startswith(prefix)}
+            self.updates[restored.node_of[entry["device"]]] = (update, int(entry["examples"]))
+
+    def move(self, old: int, new: int) -> None:
+        from strategies.lora.resume import moved  # lazily: strategies.lora imports this
+
+        self.updates = moved(self.updates, old, new)
 
     def apply(self, start: State) -> State:
         total = sum(n for _, n in self.updates.values())

@@ -12,6 +12,14 @@ heterogeneous ranks:
 The global state is always LoRA factors at r_max (plus the head). A device that replies
 `budget-exhausted` (its differential-privacy budget is spent) is logged and not asked again.
 
+The concerns around the round loop are parts of their own, as Flower splits them:
+- who is who: `profiles.ProfileDirectory` (and the capability rank, `profiles.capability_rank`);
+- which devices train: the fleet clock's selection policy (`strategies.fleet.policy`);
+- the aggregation rule: `strategies.lora.math` (AGGREGATORS, DELTA_AGGREGATORS), through
+  `self.aggregation`, which `strategies.robust.wrapper` wraps when robust.* is on (S6);
+- the DP budget stop: `budget.PrivacyBudget`;
+- exact resume: `resume.StrategyCheckpoint` over the parts that keep state (`CheckpointPart`).
+
 Contract for subclasses (FedKD, unlearning): override only these hooks.
 - `_downlink(node, global_state, server_round)` -> (payload, state the device will hold,
   extra config): what one device receives;
@@ -25,52 +33,31 @@ Contract for subclasses (FedKD, unlearning): override only these hooks.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from strategies.fleet.model import FleetProfile
 from strategies.fleet.scheduler import FleetClock, LatestUpdates, make_fleet
-from strategies.robust.aggregate import RobustRound, s6_active
+from strategies.lora.budget import PrivacyBudget, has_payload
 from strategies.lora.math import (AGGREGATORS, DELTA_AGGREGATORS, aggregation_error,
                                   check_reply)
-from task.capability import Measured, choose_rank, memory_needed_mib
+from strategies.lora.profiles import (NodeProfile, ProfileDirectory, capability_rank,
+                                      check_rank_source, device_budget, profile_query)
+from strategies.lora.resume import NodeTable, StrategyCheckpoint
+from strategies.robust.wrapper import wrap_robust
 from task.config import RunConfig
-from task.families import family
-from task.fleet import origin, query_profiles, unicast
+from task.fleet import origin, unicast
 from task.lora import State, is_base_delta_key, truncate_lora
 from task.records import from_record, record_nbytes, to_record
 from task.logs import get_logger
-from task.options import ConfigError
 
 log = get_logger()
 
-
-def device_budget(measured: Measured, profile: FleetProfile) -> tuple[float, float, str]:
-    """(free MiB, seconds per step on the device, where they come from) for the rank rule:
-    a real device's own measurement; a simulated one's fleet model (`memory_mib`, and the
-    step time measured here / `speed`, as the simulated clock scales train-s). A profile
-    without memory_mib keeps the measured memory."""
-    if not measured.simulated:
-        return measured.free_memory_mib, measured.step_s, "measured"
-    memory = profile.memory_mib or measured.free_memory_mib
-    return memory, measured.step_s / profile.speed, "fleet model"
-
-
-@dataclass(frozen=True)
-class NodeProfile:
-    node_id: int
-    device: str
-    partition_id: int
-    rank: int
-    # what the device said it runs on (platform.machine(): aarch64, ...); keyword-only, so a
-    # subclass's own fields keep their positions
-    platform: str = field(default="", kw_only=True)
+__all__ = ["HeterogeneousLoRA", "NodeProfile", "OwnAggregation", "device_budget"]
 
 
 class HeterogeneousLoRA(FedAvg):
@@ -89,103 +76,43 @@ class HeterogeneousLoRA(FedAvg):
         self._round_start: State | None = None
         self.on_train_round = on_train_round or (lambda rnd, info: None)
         self.query_timeout = query_timeout
-        self.profiles: dict[int, NodeProfile] = {}
-        self.exhausted: dict[int, float] = {}  # node -> epsilon spent when it stopped (DP)
-        self.capability: dict[int, dict] = {}  # node -> what it measured, what the rule used
-        if cfg.fleet.rank_from == "capability" and not label_names and family(cfg).labelled:
-            raise ConfigError(f"fleet.rank-from='capability' measures one model with the run's "
-                              f"labels, which strategy='{cfg.strategy}' does not have (its "
-                              "devices train several tasks' heads): use "
-                              "fleet.rank-from='profile'")
+        self.directory = ProfileDirectory()
+        self.profiles: dict[int, NodeProfile] = self.directory.profiles
+        self.budget = PrivacyBudget(cfg.dp.target_epsilon)
+        self.exhausted = self.budget.exhausted  # node -> epsilon spent when it stopped (DP)
+        self.capability = NodeTable("capability")  # node -> what it measured, the rank rule
+        check_rank_source(cfg, label_names)
         self._sent: dict[int, tuple[State, int]] = {}  # node -> (state sent, bytes down)
         self._outbox: list[Message] = []  # this round's TRAIN messages (ids set when pushed)
         # the simulated fleet (S2, S5): who is online and trains, the simulated clock
         self.fleet: FleetClock = make_fleet(cfg)
         self.latest = LatestUpdates(cfg.r_max) if cfg.fleet.selection == "fedlaavg" else None
         self._bytes_at_rank: dict[int, int] = {}  # rank -> uplink bytes (for the clock)
-        # S6: robust aggregation on products and contributions (None: off)
-        self.robust = RobustRound(cfg, tuple(label_names)) if s6_active(cfg) else None
-        if self.robust is not None:
-            self._check_robust()
-
-    @property
-    def trust(self) -> dict[int, float]:
-        """S6 trust per node: its last weight in the aggregate x K (1 = an equal share);
-        empty without robust.*."""
-        return self.robust.trust if self.robust is not None else {}
-
-    @trust.setter
-    def trust(self, value: dict[int, float]) -> None:
-        if self.robust is not None:
-            self.robust.trust = dict(value)
-
-    def _check_robust(self) -> None:
-        """robust.* replaces `_aggregate` of the LoRA aggregations on factors only."""
-        cfg, why = self.cfg, ""
-        if type(self)._aggregate is not HeterogeneousLoRA._aggregate:
-            why = f"strategy='{cfg.strategy}' aggregates its own way"
-        elif cfg.merges_into_base:
-            why = f"strategy='{cfg.strategy}' merges updates into the frozen weights"
-        elif cfg.fleet.selection == "fedlaavg":
-            why = "fleet.selection='fedlaavg' aggregates every device's stored update"
-        if why:
-            raise ConfigError(f"robust.aggregator='{cfg.robust.aggregator}' / robust."
-                              f"contribution='{cfg.robust.contribution}' work on the LoRA "
-                              f"aggregations of factors (fedavg, hetlora, flexlora, rankwise,"
-                              f" hetlora-sw, flexlora-delta), but {why}: set robust.aggregator"
-                              "='none' robust.contribution='off' or pick one of those")
+        # the accepted replies -> the new global state; S6 wraps it (robust.*)
+        self.aggregation = wrap_robust(cfg, tuple(label_names), OwnAggregation(self))
+        self.resume = StrategyCheckpoint(
+            (self.directory, self.exhausted, self.capability, self.aggregation, self.fleet,
+             self.latest), self.profiles.get)
 
     # ----------------------------------------------------------------- who is who
     def _learn_profiles(self, grid: Grid, node_ids: Iterable[int]) -> None:
-        """Ask devices we have not met yet for their profile (one QUERY each)."""
-        unknown = [n for n in node_ids if n not in self.profiles]
-        met = query_profiles(grid, unknown, self.query_timeout, self._make_profile,
-                             self._profile_query())
-        for node, profile in met.items():
-            self.profiles[node] = profile
-            log.info("node %d is a '%s' device (partition %d): LoRA rank %d",
-                     node, profile.device, profile.partition_id, profile.rank)
-
-    def _profile_query(self) -> dict:
-        """The profile QUERY's config: with `fleet.rank-from='capability'`, ask devices to
-        measure, with the run config and labels their measurement trains with."""
-        if self.cfg.fleet.rank_from != "capability":
-            return {}
-        return {"measure": True, "run-config": json.dumps(self.cfg.to_dict()),
-                "label-names": list(self.label_names)}
+        """Ask devices we have not met yet for their profile (one QUERY each); devices of
+        an interrupted run take up their saved state (`resume`)."""
+        self.directory.learn(grid, node_ids, self.query_timeout, self._make_profile,
+                             profile_query(self.cfg, self.label_names))
+        self.resume.adopt(self.profiles)
 
     def _make_profile(self, node: int, p: ConfigRecord) -> NodeProfile:
         """A node's profile from its QUERY reply (ConfigError: leave the node out)."""
         device = self.cfg.device_for(int(p["partition-id"]), str(p["device"]))
         explicit = int(p["lora-rank"])
         if self.cfg.fleet.rank_from == "capability" and explicit <= 0:
-            rank = self._rank_from_capability(node, device, p)
+            rank, self.capability[node] = capability_rank(
+                self.cfg, node, device, self.fleet.profile_of(device), p)
         else:
             rank = self.cfg.rank_for(device, explicit)
         return NodeProfile(node, device, int(p["partition-id"]), rank,
                            platform=str(p.get("platform", "")))
-
-    def _rank_from_capability(self, node: int, device: str, p: ConfigRecord) -> int:
-        """S1's capability rank: the largest that fits the node's memory and the deadline
-        (`task.capability.choose_rank`), from its measurement, or in simulation from its
-        fleet profile (`device_budget`). Recorded in `self.capability` (metrics.jsonl)."""
-        measured = Measured.from_reply(p)
-        free_mib, step_s, source = device_budget(measured, self.fleet.profile_of(device))
-        t = self.cfg.train
-        try:
-            rank = choose_rank(measured.footprint, free_mib, step_s, measured.step_rank,
-                               local_steps=t.local_steps, deadline_s=self.cfg.fleet.deadline_s,
-                               batch=t.batch_size, max_length=t.max_length,
-                               r_max=self.cfg.r_max)
-        except ConfigError as err:
-            raise ConfigError(f"'{device}' device, {source}: {err}") from err
-        need = memory_needed_mib(measured.footprint, rank, t.batch_size, t.max_length)
-        self.capability[node] = {**measured.as_dict(), "source": source,
-                                 "memory_mib": free_mib, "device_step_s": step_s,
-                                 "rank": rank, "needs_mib": need}
-        log.info("node %d ('%s', %s): %.0f MiB free, %.4f s per step -> LoRA rank %d "
-                 "(needs %.0f MiB)", node, device, source, free_mib, step_s, rank, need)
-        return rank
 
     # ----------------------------------------------------------------- downlink
     def _train_node_ids(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -195,8 +122,7 @@ class HeterogeneousLoRA(FedAvg):
         those whose privacy budget is spent."""
         sampled = super().configure_train(server_round, arrays, ConfigRecord(dict(config)),
                                           grid)
-        nodes = [m.metadata.dst_node_id for m in sampled
-                 if m.metadata.dst_node_id not in self.exhausted]
+        nodes = self.budget.available(m.metadata.dst_node_id for m in sampled)
         self._learn_profiles(grid, nodes)
         for node in nodes:
             if node in self.profiles:
@@ -289,24 +215,6 @@ class HeterogeneousLoRA(FedAvg):
         reason = check_reply(state, expected, self.profiles[node].rank, num_examples)
         return reason or (state, int(num_examples), metrics)
 
-    def _stopped(self, server_round: int, msg: Message, node: int) -> bool:
-        """Did the device say its privacy budget is spent? (logged; it is not asked again)"""
-        if msg.has_error() or "metrics" not in msg.content:
-            return False
-        metrics = msg.content["metrics"]
-        if not int(metrics.get("budget-exhausted", 0)):
-            return False
-        self.exhausted[node] = float(metrics.get("epsilon", float("nan")))
-        log.warning("round %d: node %d stopped: privacy budget exhausted (epsilon %.3f of "
-                    "dp.target-epsilon=%g)%s", server_round, node, self.exhausted[node],
-                    self.cfg.dp.target_epsilon,
-                    "" if self._has_payload(msg) else "; nothing to aggregate from it")
-        return True
-
-    @staticmethod
-    def _has_payload(msg: Message) -> bool:
-        return "arrays" in msg.content or "gradient" in msg.content
-
     def _collect(self, server_round: int, replies: Iterable[Message], key: str = "arrays"
                  ) -> tuple[list[tuple[int, State, int, dict]], dict]:
         """Validated replies: (accepted [(node, state, n_k, metrics)], the round's info)."""
@@ -314,7 +222,7 @@ class HeterogeneousLoRA(FedAvg):
         for msg in replies:
             node = self._origin(msg)
             replied.add(node)
-            if self._stopped(server_round, msg, node) and not self._has_payload(msg):
+            if self.budget.stopped(server_round, msg, node) and not has_payload(msg):
                 continue
             outcome = self._accept(msg, node, key)
             if isinstance(outcome, str):
@@ -349,20 +257,10 @@ class HeterogeneousLoRA(FedAvg):
             self.on_train_round(server_round, info)
             return None, None
         nodes, states, counts, _ = map(list, zip(*accepted))
-        new_state = None
-        if self.robust is not None:  # S6: robust statistic / contributions on products
-            try:
-                new_state, s6 = self.robust.aggregate(
-                    server_round, self._round_start, [self._sent[n][0] for n in nodes],
-                    states, counts, nodes)
-            except ConfigError as err:  # e.g. too few replies for Krum this round
-                log.warning("round %d: robust.aggregator='%s' cannot aggregate these %d "
-                            "replies (%s); keeping the previous global model", server_round,
-                            self.cfg.robust.aggregator, len(states), err)
-                new_state, s6 = self._round_start, {"robust": {"skipped": str(err)}}
-            info.update(s6)
-        if new_state is None:
-            new_state = self._aggregate(states, counts, nodes)
+        new_state, extra = self.aggregation.aggregate(
+            server_round, self._round_start, [self._sent[n][0] for n in nodes], states,
+            counts, nodes)
+        info.update(extra)
         info["aggregation_error"] = aggregation_error(new_state, states, counts)
         self.on_train_round(server_round, info)
         weights = np.asarray(counts, dtype=np.float64) / sum(counts)
@@ -409,100 +307,25 @@ class HeterogeneousLoRA(FedAvg):
     # ----------------------------------------------------------------- exact resume (R3)
     def checkpoint_state(self) -> tuple[dict, State]:
         """This strategy's state for an exact resume (`strategies.lora.checkpoint`): (JSON-able
-        dict, arrays). Per-device entries are keyed by partition id (`p3`; `n<node id>` for
-        a device without one): a resumed simulation gives every device a new node id.
-        Subclasses add theirs, or set `refuse_resume` to the reason they cannot resume."""
-        key = self._checkpoint_key
-        profiles = {k: dict(v) for k, v in getattr(self, "_restored_profiles", {}).items()
-                    if k in getattr(self, "_pending", {})}  # not seen again yet
-        profiles.update({key(n): {"device": p.device, "rank": p.rank,
-                                  "partition_id": p.partition_id}
-                         for n, p in self.profiles.items()})
-        meta = {"profiles": profiles,
-                "exhausted": {key(n): eps for n, eps in self.exhausted.items()},
-                "capability": {key(n): c for n, c in self.capability.items()},
-                "trust": {key(n): float(t) for n, t in
-                          (getattr(self, "trust", None) or {}).items()},
-                "fleet": self.fleet.snapshot(key), "latest": None}
-        arrays: State = {}
-        if self.latest is not None:
-            meta["latest"] = [{"device": key(n), "examples": int(count)}
-                              for n, (_, count) in self.latest.updates.items()]
-            for n, (update, _) in self.latest.updates.items():
-                arrays.update({f"latest/{key(n)}/{k}": v for k, v in update.items()})
-        return meta, arrays
-
-    def _checkpoint_key(self, node: int) -> str:
-        held = getattr(self, "_placeholder_keys", {})
-        if node in held:
-            return held[node]
-        profile = self.profiles.get(node)
-        if profile is not None and profile.partition_id >= 0:
-            return f"p{profile.partition_id}"
-        return f"n{node}"
+        dict, arrays), from its parts (`strategies.lora.resume`). Subclasses add theirs, or
+        set `refuse_resume` to the reason they cannot resume."""
+        return self.resume.state()
 
     def restore_checkpoint(self, meta: dict, arrays: State) -> None:
-        """Take up `checkpoint_state`'s output. Until a device is met again (its profile
-        QUERY, in this run under a new node id), its entries wait under a placeholder id
-        (negative); `_adopt_restored` moves them to the device's node id and keeps the
-        rank it trained at."""
-        self._restored_profiles = {k: dict(v) for k, v in meta["profiles"].items()}
-        self._pending = {k: -(i + 1) for i, k in enumerate(self._restored_profiles)}
-        self._placeholder_keys = {v: k for k, v in self._pending.items()}
-        held = self._pending
-        self.exhausted = {held[k]: float(v) for k, v in meta["exhausted"].items()}
-        self.capability = {held[k]: v for k, v in meta["capability"].items()}
-        if meta.get("trust") or hasattr(self, "trust"):
-            self.trust = {held[k]: float(v) for k, v in meta.get("trust", {}).items()}
-        self.fleet.restore(meta["fleet"], held, lambda k: self.fleet.profile_of(
-            self._restored_profiles[k]["device"]))
-        if self.latest is not None:
-            for entry in meta.get("latest") or []:
-                prefix = f"latest/{entry['device']}/"
-                update = {name[len(prefix):]: np.array(v) for name, v in arrays.items()
-                          if name.startswith(prefix)}
-                self.latest.updates[held[entry["device"]]] = (update, int(entry["examples"]))
-        learn = self._learn_profiles
-
-        def learn_and_adopt(grid: Grid, node_ids: Iterable[int]) -> None:
-            learn(grid, node_ids)
-            self._adopt_restored()
-
-        self._learn_profiles = learn_and_adopt
-
-    def _adopt_restored(self) -> None:
-        """Devices of the interrupted run met again: their saved entries move from the
-        placeholder id to the node id, and they keep the rank they trained at."""
-        from dataclasses import replace
-
-        for node, profile in list(self.profiles.items()):
-            key = f"p{profile.partition_id}" if profile.partition_id >= 0 else f"n{node}"
-            placeholder = self._pending.pop(key, None)
-            if placeholder is None:
-                continue
-            self._placeholder_keys.pop(placeholder, None)
-            saved = self._restored_profiles[key]
-            if saved["rank"] != profile.rank or saved["device"] != profile.device:
-                log.warning("node %d (%s) trained as '%s' at rank %d before the interruption "
-                            "and stays so (it says '%s', rank %d now)", node, key,
-                            saved["device"], saved["rank"], profile.device, profile.rank)
-                self.profiles[node] = replace(profile, device=saved["device"],
-                                              rank=int(saved["rank"]))
-            for name in ("exhausted", "capability", "trust"):
-                table = getattr(self, name, None)
-                if isinstance(table, dict):
-                    setattr(self, name, _moved(table, placeholder, node))
-            if placeholder in self.fleet.members:
-                self.fleet.members = _moved(self.fleet.members, placeholder, node)
-                self.fleet.members[node].node = node
-            if self.latest is not None:
-                self.latest.updates = _moved(self.latest.updates, placeholder, node)
-            log.info("node %d is %s of the interrupted run: its state is restored", node, key)
+        """Take up `checkpoint_state`'s output; each device's entries move to its new node
+        id when it is met again (`_learn_profiles`)."""
+        self.resume.restore(meta, arrays)
 
 
-def _moved(table: dict, old: int, new: int) -> dict:
-    """`table` with key `old` renamed `new`, in place in the order (a value `new` already
-    had is replaced: the saved one is what the interrupted run used)."""
-    if old not in table:
-        return table
-    return {(new if k == old else k): v for k, v in table.items() if k != new}
+class OwnAggregation:
+    """The strategy's own `_aggregate` hook as its aggregation (what S6 wraps)."""
+
+    def __init__(self, strategy: HeterogeneousLoRA):
+        self.strategy = strategy
+        # a subclass that aggregates its own way (S6 works on the LoRA aggregations only)
+        self.overridden = type(strategy)._aggregate is not HeterogeneousLoRA._aggregate
+
+    def aggregate(self, server_round: int, start: State, sent: Sequence[State],
+                  states: Sequence[State], counts: Sequence[int], nodes: Sequence[int]
+                  ) -> tuple[State, dict]:
+        return self.strategy._aggregate(list(states), list(counts), list(nodes)), {}

@@ -1,10 +1,11 @@
 """S6 on the server, one round at a time: robust aggregation of the replies' product updates,
 each device's leave-one-out contribution, and the weights that follow from both.
 
-`RobustRound.aggregate` is what `HeterogeneousLoRA` calls in place of its own aggregation
-when `robust.aggregator` is not `none` or `robust.contribution` re-weights (`drop-harmful`,
-`softmax`); with `robust.contribution='report'` and no robust aggregator the strategy keeps
-its own aggregation and only the contributions are added to the round's row.
+`RobustRound.aggregate` is what the wrapper of the strategy's aggregation
+(`strategies.robust.wrapper.RobustAggregation`) calls in its place when `robust.aggregator`
+is not `none` or `robust.contribution` re-weights (`drop-harmful`, `softmax`); with
+`robust.contribution='report'` and no robust aggregator the wrapped aggregation stays and only
+the contributions are added to the round's row.
 
 The contribution model is linear in product space (`strategies.robust.contribution`):
 theta_new = theta + sum_k w_k Delta_k with w the aggregator's weights (example counts for
@@ -185,9 +186,7 @@ class RobustRound:
     def _contributions(self, previous: State, updates: Updates, weights: np.ndarray,
                        nodes: Sequence[int]) -> tuple[dict, np.ndarray | None]:
         """S6 estimate (and exact LOO with robust.exact-loo) per node; the new weights when
-        robust.contribution re-weights (None: report only). Block by block: the LOO
-        directions and both terms of the estimate are sums over coordinates."""
-        r = self.cfg.robust
+        robust.contribution re-weights (None: report only)."""
         w = np.asarray(weights, dtype=np.float64)
         out: dict = {"estimate": {}, "weights": {str(n): float(x) for n, x in zip(nodes, w)}}
         if (w < 1.0 - 1e-12).sum() < 2 or (w > 0).sum() < 2:
@@ -195,6 +194,17 @@ class RobustRound:
                              "leave-one-out model"
             out["estimate"] = {str(n): 0.0 for n in nodes}
             return out, None
+        estimate, variants, losses = self._estimate(previous, updates, w, nodes, out)
+        if self.cfg.robust.exact_loo:
+            self._check_exact(previous, updates, w, nodes, losses, estimate, variants, out)
+        return out, self._reweighted(estimate, w)
+
+    def _estimate(self, previous: State, updates: Updates, w: np.ndarray,
+                  nodes: Sequence[int], out: dict) -> tuple[np.ndarray, dict, np.ndarray]:
+        """(the estimate, every variant of it, the validation losses), recorded in `out`.
+        Block by block: the LOO directions and both terms of the estimate are sums over
+        coordinates."""
+        r = self.cfg.robust
         space = self.space()
         empirical = r.fisher == "empirical" and \
             len(w) * updates.size * 8 <= EMPIRICAL_FISHER_BYTES
@@ -227,18 +237,28 @@ class RobustRound:
         out["val_loss"] = float(grads.losses.mean())
         out["estimate_s"] = estimate_s
         out["validation_examples"] = len(grads.losses)
-        losses = grads.losses
-        if r.exact_loo:
-            exact, exact_s = timed(self._exact, previous, updates, w, float(losses.mean()))
-            out["exact"] = {str(n): float(c) for n, c in zip(nodes, exact)}
-            out["exact_s"] = exact_s
-            if np.ptp(exact) > 0 and np.ptp(estimate) > 0:
-                out["spearman"] = spearman(estimate, exact)
-                out["spearman_by_estimate"] = {
-                    name: spearman(values, exact) for name, values in variants.items()
-                    if np.ptp(values) > 0}
+        return estimate, variants, grads.losses
+
+    def _check_exact(self, previous: State, updates: Updates, w: np.ndarray,
+                     nodes: Sequence[int], losses: np.ndarray, estimate: np.ndarray,
+                     variants: dict, out: dict) -> None:
+        """robust.exact-loo: every true LOO change and its rank correlation with the
+        estimates, recorded in `out`."""
+        exact, exact_s = timed(self._exact, previous, updates, w, float(losses.mean()))
+        out["exact"] = {str(n): float(c) for n, c in zip(nodes, exact)}
+        out["exact_s"] = exact_s
+        if np.ptp(exact) > 0 and np.ptp(estimate) > 0:
+            out["spearman"] = spearman(estimate, exact)
+            out["spearman_by_estimate"] = {
+                name: spearman(values, exact) for name, values in variants.items()
+                if np.ptp(values) > 0}
+
+    def _reweighted(self, estimate: np.ndarray, w: np.ndarray) -> np.ndarray | None:
+        """The weights robust.contribution gives (None: report only): w' = alpha q +
+        (1 - alpha) w, q from the contributions."""
+        r = self.cfg.robust
         if r.contribution == "report":
-            return out, None
+            return None
         if r.contribution == "drop-harmful" and not (estimate > 0).any():
             log.warning("every device's contribution is <= 0 this round: keeping the "
                         "aggregator's weights")
@@ -246,8 +266,8 @@ class RobustRound:
         else:
             q = contribution_weights(estimate, w, r.contribution, r.contribution_temperature)
         if r.trust_alpha == 1.0:
-            return out, q
-        return out, compose_with_trust(q, w, r.trust_alpha, 1.0 - r.trust_alpha)
+            return q
+        return compose_with_trust(q, w, r.trust_alpha, 1.0 - r.trust_alpha)
 
     def _exact(self, previous: State, updates: Updates, w: np.ndarray, base: float
                ) -> np.ndarray:
