@@ -24,8 +24,8 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from server_app import modes
-from strategies.registry import RunAborted
 from task.config import ConfigError, RunConfig
+from task.options import RunAborted
 from task.logs import get_logger
 
 log = get_logger()

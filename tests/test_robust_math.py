@@ -72,7 +72,7 @@ def test_trimmed_mean_by_hand():
     previous, sent, states = _tiny([[1, 5], [2, -50], [3, 6], [4, 7], [90, 8]])
     out = trimmed_mean(previous, sent, states, [1] * 5, 1, beta=0.2)  # drop 1 each side
     np.testing.assert_allclose(out.update[L], [[3, 6]], atol=1e-5)  # (2+3+4)/3, (5+6+7)/3
-    with pytest.raises(ConfigError, match="beta"):
+    with pytest.raises(ValueError, match="beta"):
         trimmed_mean(previous, sent, states, [1] * 5, 1, beta=0.5)
 
 
@@ -99,7 +99,7 @@ def test_norm_clip_by_hand():
     np.testing.assert_allclose(out.update[L], [[1, 2 / 3]], atol=1e-5)  # mean of 1,0 0,2 2,0
     assert out.reasons[:2] == [None, None] and "clipped" in out.reasons[2]
     np.testing.assert_allclose(out.weights, np.array([1, 1, 2 / 3]) / (8 / 3), atol=1e-6)
-    with pytest.raises(ConfigError, match="tau"):
+    with pytest.raises(ValueError, match="tau"):
         norm_clip(previous, sent, states, [1, 1, 1], 1, tau=0.0)
 
 

@@ -22,6 +22,7 @@ from server_app.serve.split_plan import (MIB, Segment, UnitCosts, best_single, c
                                          choose, fits, parse_plan, plan_seconds,
                                          segment_seconds, split_dp)
 from task.config import ConfigError, RunConfig
+from task.options import RunAborted
 from task.layers import held_param_bytes, load_units, monolithic_logits, run_units
 from test_benchmarks import check_provenance, check_render, run_bench
 
@@ -118,7 +119,7 @@ def test_memory_aware_dp_equals_brute_force():
                                       rng.uniform(3, 14, size=3))
         truth = _brute_force(costs, devices)
         if not np.isfinite(truth):
-            with pytest.raises(ConfigError, match="does not fit the fleet's memory"):
+            with pytest.raises(RunAborted, match="does not fit the fleet's memory"):
                 split_dp(costs, devices)
             continue
         plan = split_dp(costs, devices)
@@ -182,9 +183,9 @@ def test_no_device_gets_more_units_than_fit():
     assert next(s.end - s.start for s in plan.segments) == 2  # embedding + 1 layer = 51 MiB
     with pytest.raises(ConfigError, match="give it fewer units"):
         choose(costs, fleet, "0:0-3,1:3-10")
-    with pytest.raises(ConfigError, match="does not fit the fleet's memory"):
+    with pytest.raises(RunAborted, match="does not fit the fleet's memory"):
         choose(costs, fleet[:2], "dp")
-    with pytest.raises(ConfigError, match="no device of the fleet holds the whole model"):
+    with pytest.raises(RunAborted, match="no device of the fleet holds the whole model"):
         choose(costs, fleet, "single")
     # a faster device with room takes the most units
     mixed = [_device("pi", 0.35, mem=60), _device("laptop", 4.0, mem=75),

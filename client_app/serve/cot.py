@@ -18,7 +18,7 @@ import time
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from task.answer import _member_model, member_of  # the member's model, as mode='infer'
-from task.config import ConfigError, RunConfig
+from task.config import RunConfig
 from task.device import DeviceInfo
 from task.steps import continue_chains, measure_costs, peak_memory_bytes
 
@@ -35,8 +35,8 @@ def handle(msg: Message, context: Context, cfg: RunConfig) -> Message:
     elif op == "step":
         questions, chains = list(config["questions"]), list(config["chains"])
         if len(questions) != len(chains):
-            raise ConfigError(f"CoT step query: {len(questions)} questions but {len(chains)} "
-                              "chains; the server must send one chain per question")
+            raise ValueError(f"CoT step query: {len(questions)} questions but {len(chains)} "
+                             "chains; the server must send one chain per question")
         start = time.perf_counter()
         steps = continue_chains(model, tokenizer, mcfg, questions, chains,
                                 int(config["max-tokens"]), cfg.serve.cot_batch_size)
@@ -48,6 +48,6 @@ def handle(msg: Message, context: Context, cfg: RunConfig) -> Message:
             "metrics": MetricRecord({"seconds": seconds,
                                      "peak-memory-bytes": peak_memory_bytes()})}
     else:
-        raise ConfigError(f"CoT query op '{op}' is not known: 'step' or 'profile'")
+        raise ValueError(f"CoT query op '{op}' is not known: 'step' or 'profile'")
     return Message(RecordDict({**content, "member": ConfigRecord({"name": member.name})}),
                    reply_to=msg)

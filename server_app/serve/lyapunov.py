@@ -53,7 +53,6 @@ from scipy.optimize import linprog
 
 from server_app.serve.fleet import ServeDevice
 from task.hardware import HARDWARE
-from task.options import ConfigError
 
 OBJECTIVES = ("linear", "quadratic")
 # Typical power under load (W) of each profile, for energy per token = watts x seconds per
@@ -133,8 +132,8 @@ def best_assignment(demand, backlog, service, cost, V, allowed: np.ndarray,
     demand (E,); backlog, service, cost (D,); allowed (E, D) bool: alive hosts. Returns (E,)
     device indices, -1 for an expert with no alive host (its tokens are dropped)."""
     if objective not in OBJECTIVES:
-        raise ConfigError(f"Lyapunov objective '{objective}' is not known: use one of "
-                          f"{', '.join(OBJECTIVES)}")
+        raise ValueError(f"Lyapunov objective '{objective}' is not known: use one of "
+                         f"{', '.join(OBJECTIVES)}")
     choice = np.full(len(demand), -1)
     live = allowed.any(1)
     if not live.any():
@@ -216,12 +215,12 @@ def check_hosts(hosts: np.ndarray, max_experts: int | None = None) -> np.ndarray
     `max_experts` experts (its memory)."""
     hosts = np.asarray(hosts, dtype=bool)
     if hosts.ndim != 2 or not hosts.any(1).all():
-        raise ConfigError(f"hosts must be an (experts, devices) bool matrix with every expert on "
-                          f"some device; experts without a device: "
-                          f"{np.flatnonzero(~hosts.any(1)).tolist() if hosts.ndim == 2 else '?'}")
+        raise ValueError(f"hosts must be an (experts, devices) bool matrix with every expert on "
+                         f"some device; experts without a device: "
+                         f"{np.flatnonzero(~hosts.any(1)).tolist() if hosts.ndim == 2 else '?'}")
     if max_experts is not None and (hosts.sum(0) > max_experts).any():
-        raise ConfigError(f"devices {np.flatnonzero(hosts.sum(0) > max_experts).tolist()} hold "
-                          f"more than {max_experts} experts: place fewer replicas")
+        raise ValueError(f"devices {np.flatnonzero(hosts.sum(0) > max_experts).tolist()} hold "
+                         f"more than {max_experts} experts: place fewer replicas")
     return hosts
 
 
@@ -230,7 +229,7 @@ def striped_hosts(experts: int, devices: int, replicas: int) -> np.ndarray:
     on devices far apart in the fleet list (so across device types); each device holds
     ceil(E x replicas / D) experts at most."""
     if not 1 <= replicas <= devices:
-        raise ConfigError(f"replicas must be in 1..{devices} (the devices), got {replicas}")
+        raise ValueError(f"replicas must be in 1..{devices} (the devices), got {replicas}")
     hosts = np.zeros((experts, devices), bool)
     step = max(1, devices // replicas)
     for e in range(experts):
@@ -247,8 +246,8 @@ def energy_costs(devices: list[ServeDevice], base_seconds_per_token: float):
     for d in devices:
         profile = d.name.rsplit("-", 1)[0] if d.name not in WATTS else d.name
         if profile not in WATTS:
-            raise ConfigError(f"no power figure for device '{d.name}': pass cost_per_token "
-                              f"yourself or name it after one of {', '.join(WATTS)}")
+            raise ValueError(f"no power figure for device '{d.name}': pass cost_per_token "
+                             f"yourself or name it after one of {', '.join(WATTS)}")
         watts.append(WATTS[profile])
     return np.array(watts) * spt, spt
 
@@ -262,11 +261,11 @@ class _Queues:
         self.hosts = check_hosts(hosts)
         n = len(self.devices)
         if self.hosts.shape[1] != n:
-            raise ConfigError(f"hosts has {self.hosts.shape[1]} device columns for {n} devices")
+            raise ValueError(f"hosts has {self.hosts.shape[1]} device columns for {n} devices")
         self.cost = np.asarray(cost_per_token, float).reshape(n)  # (D,)
         self.seconds_per_token = np.asarray(seconds_per_token, float).reshape(n)  # (D,)
         if (self.cost < 0).any() or not (self.seconds_per_token > 0).all() or slot_s <= 0:
-            raise ConfigError("cost_per_token must be >= 0, seconds_per_token and slot_s > 0")
+            raise ValueError("cost_per_token must be >= 0, seconds_per_token and slot_s > 0")
         self.nominal_service = slot_s / self.seconds_per_token  # tokens per slot, (D,)
         self.backlog = np.zeros(n)  # Q(t), (D,)
         self.pending: np.ndarray | None = None  # A(t) awaiting observe, (D,)
@@ -315,10 +314,10 @@ class LyapunovScheduler(_Queues):
                  slot_s: float = 1.0, objective: str = "quadratic", brute_limit: int = 4096):
         super().__init__(devices, hosts, cost_per_token, seconds_per_token, slot_s)
         if V < 0:
-            raise ConfigError(f"the Lyapunov V must be >= 0, got {V}")
+            raise ValueError(f"the Lyapunov V must be >= 0, got {V}")
         if objective not in OBJECTIVES:
-            raise ConfigError(f"Lyapunov objective '{objective}' is not known: use one of "
-                              f"{', '.join(OBJECTIVES)}")
+            raise ValueError(f"Lyapunov objective '{objective}' is not known: use one of "
+                             f"{', '.join(OBJECTIVES)}")
         self.V, self.objective, self.brute_limit = float(V), objective, int(brute_limit)
 
     def assign(self, slot: int, demand: np.ndarray, alive: np.ndarray) -> np.ndarray:
@@ -342,7 +341,7 @@ class BaselineScheduler(_Queues):
                  slot_s: float = 1.0, seed: int = 0):
         super().__init__(devices, hosts, cost_per_token, seconds_per_token, slot_s)
         if rule not in BASELINES:
-            raise ConfigError(f"baseline '{rule}' is not known: use one of {', '.join(BASELINES)}")
+            raise ValueError(f"baseline '{rule}' is not known: use one of {', '.join(BASELINES)}")
         self.rule, self.rng = rule, np.random.default_rng(seed)
         self.turn = np.zeros(self.hosts.shape[0], int)
 

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from server_app.serve.fleet import ServeDevice
-from task.options import ConfigError
+from task.options import ConfigError, RunAborted
 
 METHODS = ("exact", "heuristic", "greedy", "random")
 
@@ -113,9 +113,9 @@ def check_feasible(problem: Problem) -> None:
     s_count, _ = problem.shape
     for s in range(s_count):
         if not np.isfinite(problem.node[s]).any():
-            raise ConfigError(f"CoT step {s + 1} fits on no device of serve.fleet (too little "
-                              "memory for the model and its context): add a larger device or "
-                              "lower serve.cot-max-steps / serve.cot-step-tokens")
+            raise RunAborted(f"CoT step {s + 1} fits on no device of serve.fleet (too little "
+                             "memory for the model and its context): add a larger device or "
+                             "lower serve.cot-max-steps / serve.cot-step-tokens")
     if problem.capacity.sum() < s_count:
         raise ConfigError(f"{s_count} steps but the fleet's {len(problem.capacity)} devices "
                           f"take only {int(problem.capacity.sum())} (serve.cot-device-steps): "
@@ -125,8 +125,8 @@ def check_feasible(problem: Problem) -> None:
 def solve(problem: Problem, method: str, seed: int = 0) -> Placement:
     """The placement of `method` (METHODS), timed."""
     if method not in METHODS:
-        raise ConfigError(f"serve.cot-placement='{method}' is not known: use one of "
-                          f"{', '.join(METHODS)}")
+        raise ValueError(f"serve.cot-placement='{method}' is not known: use one of "
+                         f"{', '.join(METHODS)}")
     check_feasible(problem)
     start = time.perf_counter()
     if method == "exact":
@@ -207,8 +207,8 @@ def _milp(problem: Problem) -> list[int]:
                integrality=np.ones(nx + ny), bounds=Bounds(np.zeros(nx + ny), upper),
                options={"mip_rel_gap": 0.0})  # HiGHS stops at a 1e-4 gap by default
     if res.x is None:
-        raise ConfigError(f"the placement ILP found no solution ({res.message}): check "
-                          "serve.fleet memory and serve.cot-device-steps")
+        raise RunAborted(f"the placement ILP found no solution ({res.message}): check "
+                         "serve.fleet memory and serve.cot-device-steps")
     return [int(v) for v in res.x[:nx].reshape(s_count, d_count).argmax(axis=1)]
 
 
@@ -232,8 +232,8 @@ def greedy(problem: Problem) -> list[int]:
         cost = problem.node[s] + (problem.edge[s - 1, out[-1]] if out else 0.0)
         cost = np.where(left > 0, cost, np.inf)
         if not np.isfinite(cost).any():
-            raise ConfigError(f"greedy placement ran out of devices at step {s + 1}: use "
-                              "serve.cot-placement='exact'")
+            raise RunAborted(f"greedy placement ran out of devices at step {s + 1}: use "
+                             "serve.cot-placement='exact'")
         out.append(int(cost.argmin()))
         left[out[-1]] -= 1
     return out
@@ -254,8 +254,8 @@ def random_placement(problem: Problem, rng: np.random.Generator, tries: int = 10
             left[out[-1]] -= 1
         if len(out) == s_count:
             return out
-    raise ConfigError("random placement found no feasible assignment: use "
-                      "serve.cot-placement='exact'")
+    raise RunAborted("random placement found no feasible assignment: use "
+                     "serve.cot-placement='exact'")
 
 
 def heuristic(problem: Problem, max_passes: int = 50) -> list[int]:
@@ -293,8 +293,8 @@ def _repair(problem: Problem, place: list[int]) -> list[int]:
                 if secs < best_s:
                     best, best_s = cand, secs
         if best is None:
-            raise ConfigError("heuristic placement could not meet the capacities: use "
-                              "serve.cot-placement='exact'")
+            raise RunAborted("heuristic placement could not meet the capacities: use "
+                             "serve.cot-placement='exact'")
         place = best
 
 

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from server_app.serve.fleet import ServeDevice
-from task.options import ConfigError
+from task.options import ConfigError, RunAborted
 
 MIB = 2 ** 20
 MAX_STATES = 1 << 16  # profile-count states the exact DP may visit
@@ -55,9 +55,9 @@ class UnitCosts:
     def __post_init__(self) -> None:
         n = len(self.seconds)
         if not n or len(self.param_bytes) != n or len(self.boundary_bytes) != n + 1:
-            raise ConfigError(f"unit costs: {n} seconds, {len(self.param_bytes)} parameter "
-                              f"sizes and {len(self.boundary_bytes)} boundaries; need n, n "
-                              "and n + 1 with n >= 1")
+            raise ValueError(f"unit costs: {n} seconds, {len(self.param_bytes)} parameter "
+                             f"sizes and {len(self.boundary_bytes)} boundaries; need n, n "
+                             "and n + 1 with n >= 1")
 
     @property
     def n(self) -> int:
@@ -220,9 +220,9 @@ def split_dp(costs: UnitCosts, devices: list[ServeDevice]) -> Plan:
     count = [int(((s // radix[:-1]) % (radix[1:] // radix[:-1])).sum()) for s in range(states)]
     order = sorted(range(1, states), key=lambda s: (best[s][n], count[s]))
     if not np.isfinite(best[order[0]][n]):
-        raise ConfigError(f"the model ({costs.segment_bytes(0, n) / MIB:.0f} MiB with "
-                          "activations) does not fit the fleet's memory, even split over "
-                          "every device: add devices or memory (serve.fleet)")
+        raise RunAborted(f"the model ({costs.segment_bytes(0, n) / MIB:.0f} MiB with "
+                         "activations) does not fit the fleet's memory, even split over "
+                         "every device: add devices or memory (serve.fleet)")
     return Plan(_backtrack(back, groups, radix, order[0], n), float(best[order[0]][n]), "dp")
 
 
@@ -270,8 +270,8 @@ def choose(costs: UnitCosts, devices: list[ServeDevice], how: str) -> tuple[Plan
     compared = {"single": single.seconds if single else None}
     if how == "single":
         if single is None:
-            raise ConfigError("serve.split-plan='single': no device of the fleet holds the "
-                              "whole model; use 'dp' to split it")
+            raise RunAborted("serve.split-plan='single': no device of the fleet holds the "
+                             "whole model; use 'dp' to split it")
         return single, compared
     if how == "dp":
         dp = split_dp(costs, devices)

@@ -241,7 +241,7 @@ def trimmed_mean(previous: State, sent: Sequence[State], states: Sequence[State]
     k = len(states)
     trim = int(np.floor(beta * k))
     if not 0.0 <= beta < 0.5 or k - 2 * trim < 1:
-        raise ConfigError(f"robust trimmed-mean beta={beta} must be in [0, 0.5) and leave at "
+        raise ValueError(f"robust trimmed-mean beta={beta} must be in [0, 0.5) and leave at "
                           f"least one of the {k} devices: lower beta")
     return _coordinate_result(previous, sent, states, r_max, trim, "trimmed mean")
 
@@ -272,7 +272,7 @@ def multi_krum(previous: State, sent: Sequence[State], states: Sequence[State],
     k = len(states)
     m = k - f if m is None else m
     if not 1 <= m <= k:
-        raise ConfigError(f"multi-Krum m={m} must be between 1 and the {k} replies")
+        raise ValueError(f"multi-Krum m={m} must be between 1 and the {k} replies")
     scores = krum_scores(None, f, gram=updates.gram()[0])
     chosen = np.argsort(scores, kind="stable")[:m]
     accepted = np.zeros(k, dtype=bool)
@@ -299,8 +299,8 @@ def norm_clip(previous: State, sent: Sequence[State], states: Sequence[State],
     norms = np.sqrt(np.maximum(np.diag(updates.gram()[0]), 0.0))             # (K,)
     tau = float(np.median(norms)) if tau is None else tau
     if not tau > 0:
-        raise ConfigError(f"robust norm-clip tau={tau} must be > 0 (leave it unset for the "
-                          f"median update norm)")
+        raise ValueError(f"robust norm-clip tau={tau} must be > 0 (leave it unset for the "
+                         f"median update norm)")
     scale = np.minimum(1.0, tau / np.maximum(norms, 1e-300))                # (K,)
     weights = example_weights(num_examples)
     reasons = [None if c >= 1.0 else f"clipped: norm {n:.4g} > tau {tau:.4g}"
