@@ -93,8 +93,14 @@ def _load_base(cfg: RunConfig, source: str, label_names: tuple[str, ...]):
         if not model.supports_gradient_checkpointing:
             raise ConfigError(f"train.gradient-checkpointing=true: {cfg.model} does not "
                               "support it; set it to false")
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
-            "use_reentrant": False})
+        # transformers >= 5.x names it activation checkpointing (the old name warns)
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
+                "use_reentrant": False})
+        model.config.use_cache = False  # no KV cache while training (it would warn)
     return model
 
 
