@@ -81,52 +81,15 @@ def live_cascade(grid: Grid, nodes: list[int], task: ServerTask, truth: np.ndarr
     threshold); then each scored batch goes to the cheapest device only, and only its unsure
     queries go on to the next cheapest, whose answers are averaged in (`mean_probs`), and so
     on."""
-    texts, labels = task.test.texts, task.label_names
+    texts, labels, refs = task.test.texts, task.label_names, task.test.responses
     generation = cfg.task == "causal-lm"
-    refs = task.test.responses
     n_cal = min(cfg.infer.calibration, len(texts) - 1)
-    calib = collect(grid, nodes, texts[:n_cal], labels, cfg)
-    if generation:
-        truth = np.zeros(len(texts), int)  # the calibration's from its answers, below
-        truth[:n_cal] = generated_votes(calib, refs[:n_cal], n_cal)
-    plan = choose_cascade(calib, truth[:n_cal], knobs)
+    calib, truth, plan = _calibrate(grid, nodes, texts[:n_cal], len(texts), labels, refs,
+                                    truth, knobs, cfg)
     order = [nodes[i] for i in plan["order"]]
-    log.info("infer cascade: %s, threshold %.3f (calibration: %.4f at %.4f s per query vs "
-             "everyone %.4f at %.4f s)", " -> ".join(calib.names[i] for i in plan["order"]),
-             plan["threshold"], plan["calibration_accuracy"], plan["calibration_seconds"],
-             plan["everyone_accuracy"], plan["everyone_seconds"])
     rest = np.arange(n_cal, len(texts))
-    stages = Answers([""] * len(order), np.zeros((len(order), len(rest), len(labels))),
-                     np.zeros((len(order), len(rest)), bool),
-                     np.full((len(order), len(rest)), np.nan), np.zeros(len(rest), int),
-                     texts=np.full((len(order), len(rest)), None, dtype=object),
-                     conf=np.zeros((len(order), len(rest))))
-    stage = np.full(len(rest), len(order) - 1)
-    failures: list[dict] = []
-    for start in range(0, len(rest), cfg.infer.batch_size):
-        open_ = np.arange(start, min(start + cfg.infer.batch_size, len(rest)))
-        for s, node in enumerate(order):
-            got = collect(grid, [node], [texts[n_cal + i] for i in open_], labels, cfg,
-                          batch_offset=n_cal + start)
-            failures += got.failures
-            ok = open_[got.valid[0]]
-            stages.names[s] = got.names[0]
-            stages.valid[s, ok] = True
-            stages.seconds[s, ok] = got.seconds[0][got.valid[0]]
-            if generation:
-                stages.texts[s, ok] = got.texts[0][got.valid[0]]
-                stages.conf[s, ok] = got.conf[0][got.valid[0]]
-            else:
-                stages.probs[s, ok] = got.probs[0][got.valid[0]]
-            if s == len(order) - 1:
-                break
-            mean = _stage_means(stages, s, open_, refs, n_cal, generation)
-            done = stages.valid[:s + 1, open_].any(axis=0) & \
-                (confidence(mean, knobs.confidence) >= plan["threshold"])
-            stage[open_[done]] = s
-            open_ = open_[~done]
-            if not len(open_):
-                break
+    stages, stage, failures = _cascade_stages(grid, order, texts, labels, refs, n_cal, plan,
+                                              knobs, cfg)
     mean = _stage_means(stages, len(order) - 1, np.arange(len(rest)), refs, n_cal, generation)
     answer = np.where(stages.valid.any(axis=0), mean.argmax(axis=1), -1)
     if generation:
@@ -144,6 +107,86 @@ def live_cascade(grid: Grid, nodes: list[int], task: ServerTask, truth: np.ndarr
                   for i, n in enumerate(calib.names)],
               "plan": {**plan, "order": [calib.names[i] for i in plan["order"]]},
               "cascade_live": live, "failures": calib.failures + failures}
+    _write_cascade(run_dir, report, stages, stage, answer, truth, refs, n_cal, labels, cfg,
+                   started)
+    log.info("infer cascade: accuracy %.4f at %.4f s per query, %.0f%% escalated, %.0f%% of "
+             "asking everyone saved", live["accuracy"], live["seconds_per_query"],
+             100 * live["escalated"], 100 * live["saved_share"])
+    return run_dir
+
+
+def _calibrate(grid: Grid, nodes: list[int], texts: list[str], queries: int,
+               labels: tuple[str, ...], refs: list[str], truth: np.ndarray, knobs: Knobs,
+               cfg: RunConfig) -> tuple[Answers, np.ndarray, dict]:
+    """Every device answers the calibration queries `texts` (the first of `queries`):
+    (their answers, the truth (generated answers: the calibration's from its answers), the
+    cascade's plan)."""
+    n_cal = len(texts)
+    calib = collect(grid, nodes, texts, labels, cfg)
+    if cfg.task == "causal-lm":
+        truth = np.zeros(queries, int)  # the calibration's from its answers; the rest later
+        truth[:n_cal] = generated_votes(calib, refs[:n_cal], n_cal)
+    plan = choose_cascade(calib, truth[:n_cal], knobs)
+    log.info("infer cascade: %s, threshold %.3f (calibration: %.4f at %.4f s per query vs "
+             "everyone %.4f at %.4f s)", " -> ".join(calib.names[i] for i in plan["order"]),
+             plan["threshold"], plan["calibration_accuracy"], plan["calibration_seconds"],
+             plan["everyone_accuracy"], plan["everyone_seconds"])
+    return calib, truth, plan
+
+
+def _cascade_stages(grid: Grid, order: list[int], texts: list[str], labels: tuple[str, ...],
+                    refs: list[str], n_cal: int, plan: dict, knobs: Knobs, cfg: RunConfig
+                    ) -> tuple[Answers, np.ndarray, list[dict]]:
+    """The scored queries (after the `n_cal` calibration ones), batch by batch, through the
+    devices in `order` until sure: (each stage's answers, the stage each query stopped at,
+    the failures)."""
+    generation = cfg.task == "causal-lm"
+    rest = np.arange(n_cal, len(texts))
+    stages = Answers([""] * len(order), np.zeros((len(order), len(rest), len(labels))),
+                     np.zeros((len(order), len(rest)), bool),
+                     np.full((len(order), len(rest)), np.nan), np.zeros(len(rest), int),
+                     texts=np.full((len(order), len(rest)), None, dtype=object),
+                     conf=np.zeros((len(order), len(rest))))
+    stage = np.full(len(rest), len(order) - 1)
+    failures: list[dict] = []
+    for start in range(0, len(rest), cfg.infer.batch_size):
+        open_ = np.arange(start, min(start + cfg.infer.batch_size, len(rest)))
+        for s, node in enumerate(order):
+            got = collect(grid, [node], [texts[n_cal + i] for i in open_], labels, cfg,
+                          batch_offset=n_cal + start)
+            failures += got.failures
+            _take_stage(stages, s, open_, got, generation)
+            if s == len(order) - 1:
+                break
+            mean = _stage_means(stages, s, open_, refs, n_cal, generation)
+            done = stages.valid[:s + 1, open_].any(axis=0) & \
+                (confidence(mean, knobs.confidence) >= plan["threshold"])
+            stage[open_[done]] = s
+            open_ = open_[~done]
+            if not len(open_):
+                break
+    return stages, stage, failures
+
+
+def _take_stage(stages: Answers, s: int, open_: np.ndarray, got: Answers,
+                generation: bool) -> None:
+    """Stage `s`'s answers `got` (one device) on the open queries into `stages`."""
+    ok = open_[got.valid[0]]
+    stages.names[s] = got.names[0]
+    stages.valid[s, ok] = True
+    stages.seconds[s, ok] = got.seconds[0][got.valid[0]]
+    if generation:
+        stages.texts[s, ok] = got.texts[0][got.valid[0]]
+        stages.conf[s, ok] = got.conf[0][got.valid[0]]
+    else:
+        stages.probs[s, ok] = got.probs[0][got.valid[0]]
+
+
+def _write_cascade(run_dir: Path, report: dict, stages: Answers, stage: np.ndarray,
+                   answer: np.ndarray, truth: np.ndarray, refs: list[str], n_cal: int,
+                   labels: tuple[str, ...], cfg: RunConfig, started: float) -> None:
+    """`infer_queries.jsonl` (per scored query) and `infer.json` of a live cascade."""
+    generation = cfg.task == "causal-lm"
     run_dir.mkdir(parents=True, exist_ok=True)
     rows = [json.dumps({"query": int(n_cal + i), "label": int(truth[n_cal + i]),
                         "answer": int(answer[i]), "stage": int(stage[i]),
@@ -151,15 +194,11 @@ def live_cascade(grid: Grid, nodes: list[int], task: ServerTask, truth: np.ndarr
                        | ({"reference": refs[n_cal + i],
                            "answers": [t for t in stages.texts[:, i] if t is not None]}
                           if generation else {}))
-            for i in range(len(rest))]
+            for i in range(len(answer))]
     atomic_write_text(run_dir / "infer_queries.jsonl", "\n".join(rows) + "\n")
     atomic_write_text(run_dir / "infer.json", json.dumps(
         {**report, "label_names": list(labels), "wall_s": time.perf_counter() - started,
          "run_config": cfg.to_dict()}, indent=1))
-    log.info("infer cascade: accuracy %.4f at %.4f s per query, %.0f%% escalated, %.0f%% of "
-             "asking everyone saved", live["accuracy"], live["seconds_per_query"],
-             100 * live["escalated"], 100 * live["saved_share"])
-    return run_dir
 
 
 def _stage_means(stages: Answers, s: int, idx: np.ndarray, refs: list[str], offset: int,

@@ -19,6 +19,14 @@ def has_payload(msg: Message) -> bool:
     return "arrays" in msg.content or "gradient" in msg.content
 
 
+def privacy_spent(metrics: dict) -> dict:
+    """A DP device's row entries in metrics.jsonl (none without dp.enabled)."""
+    if "epsilon" not in metrics:
+        return {}
+    return {"epsilon": float(metrics["epsilon"]), "private_steps": int(metrics["private-steps"]),
+            "budget_exhausted": bool(metrics.get("budget-exhausted", 0))}
+
+
 class PrivacyBudget:
     """Which devices stopped, and the epsilon each had spent then."""
 

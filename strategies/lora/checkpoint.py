@@ -4,9 +4,9 @@ what `resume='results/<run-id>'` reads back.
 The folder, swapped in whole (written as `.checkpoint.tmp`, then renamed; a crash between
 the two renames leaves `.checkpoint.old`, which `load` falls back to):
 - `state.json`: format, the round it follows, the run config (`RunConfig.to_dict`), the
-  labels, the run ids that wrote the folder, the strategy's state (every per-device entry
-  keyed by partition id, `p<id>`, as node ids are new in every simulation; `n<node id>` for a
-  device without one), the server's RNG states (Python's `random`, which Flower's node
+  labels, the run ids that wrote the folder, the strategy's state (its stateful parts'
+  entries, `strategies.lora.resume`: every per-device entry keyed by partition id, `p<id>`,
+  as node ids are new in every simulation; `n<node id>` for a device without one), the server's RNG states (Python's `random`, which Flower's node
   sampling uses and which `federate` seeds with `seed`; numpy's and torch's global ones) and
   the communication counters (bytes up / down summed over the rounds so far);
 - `global.safetensors`: the global adapter after that round;

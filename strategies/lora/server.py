@@ -84,6 +84,34 @@ def federate(grid: Grid, plan: RunPlan,
     (`plan.resumed`) trains the rounds after its checkpoint's."""
     cfg, task, run_dir, resumed = plan.cfg, plan.task, plan.run_dir, plan.resumed
     done = resumed.round if resumed else 0  # rounds finished before this run
+    recorder, run_ids = _recorder(plan)
+    log.info("%s: %s at r_max=%d, %d rounds; results in %s", cfg.strategy, cfg.model,
+             cfg.r_max, cfg.total_rounds, run_dir)
+    strategy = (make_strategy(plan, recorder) if make_strategy else HeterogeneousLoRA(
+        cfg, task.label_names, on_train_round=recorder.record_train))
+    if resumed is not None:
+        _resume(strategy, plan, run_ids)
+    else:
+        random.seed(cfg.seed)  # Flower samples nodes with `random`: seeded, and checkpointed
+    final = {"state": plan.initial}
+    started = time.perf_counter()
+    strategy.start(grid=grid, initial_arrays=to_record(plan.initial),
+                   num_rounds=cfg.total_rounds - done, timeout=cfg.round_timeout,
+                   train_config=ConfigRecord({}),
+                   evaluate_fn=_evaluate_fn(plan, strategy, recorder, run_ids, final))
+    task.save_adapter(final["state"], run_dir / "adapter")
+    write_plots(recorder.rows, run_dir / "plots")
+    if finish is not None:
+        finish(recorder)
+    recorder.close()
+    log.info("done in %.1fs: %s", time.perf_counter() - started, run_dir)
+    return run_dir
+
+
+def _recorder(plan: RunPlan) -> tuple[RunRecorder, list]:
+    """The run's recorder (a resumed run's goes on with the rows so far) and the run ids
+    that wrote its folder."""
+    task, resumed = plan.task, plan.resumed
     extra = {"run_id": plan.run_id, "label_names": list(task.label_names),
              "data_source": task.data_source, "global_adapter_bytes": state_nbytes(plan.initial)}
     run_ids = [plan.run_id]
@@ -91,23 +119,31 @@ def federate(grid: Grid, plan: RunPlan,
         run_ids = resumed.run_ids + [plan.run_id]
         extra |= {"run_id": resumed.config_json.get("run_id", run_ids[0]),
                   "resumed": resumed.config_json.get("resumed", []) + [
-                      {"run_id": plan.run_id, "after_round": done}]}
-    recorder = RunRecorder(run_dir, cfg, extra=extra, rows=resumed.rows if resumed else None)
-    log.info("%s: %s at r_max=%d, %d rounds; results in %s", cfg.strategy, cfg.model,
-             cfg.r_max, cfg.total_rounds, run_dir)
-    strategy = (make_strategy(plan, recorder) if make_strategy else HeterogeneousLoRA(
-        cfg, task.label_names, on_train_round=recorder.record_train))
-    if resumed is not None:
-        strategy.restore_checkpoint(resumed.strategy_state, resumed.arrays)
-        checkpoint.set_rng_state(resumed.state["rng"])
-        checkpoint.shift_rounds(strategy, done)
-        log.info("resuming %s after round %d of %d (run ids %s): Flower counts the %d rounds "
-                 "left from 1, they are rounds %d..%d", run_dir, done, cfg.total_rounds,
-                 run_ids, cfg.total_rounds - done, done + 1, cfg.total_rounds)
-    else:
-        random.seed(cfg.seed)  # Flower samples nodes with `random`: seeded, and checkpointed
+                      {"run_id": plan.run_id, "after_round": resumed.round}]}
+    recorder = RunRecorder(plan.run_dir, plan.cfg, extra=extra,
+                           rows=resumed.rows if resumed else None)
+    return recorder, run_ids
+
+
+def _resume(strategy: HeterogeneousLoRA, plan: RunPlan, run_ids: list) -> None:
+    """The strategy's state, the RNGs and the round numbers of the checkpoint `plan`
+    resumes."""
+    resumed, cfg, done = plan.resumed, plan.cfg, plan.resumed.round
+    strategy.restore_checkpoint(resumed.strategy_state, resumed.arrays)
+    checkpoint.set_rng_state(resumed.state["rng"])
+    checkpoint.shift_rounds(strategy, done)
+    log.info("resuming %s after round %d of %d (run ids %s): Flower counts the %d rounds "
+             "left from 1, they are rounds %d..%d", plan.run_dir, done, cfg.total_rounds,
+             run_ids, cfg.total_rounds - done, done + 1, cfg.total_rounds)
+
+
+def _evaluate_fn(plan: RunPlan, strategy: HeterogeneousLoRA, recorder: RunRecorder,
+                 run_ids: list, final: dict) -> Callable[[int, ArrayRecord], MetricRecord]:
+    """Flower's evaluate_fn: evaluate the global adapter after every round, record its row,
+    checkpoint the run; `final["state"]` is the last global adapter."""
+    cfg, task, resumed = plan.cfg, plan.task, plan.resumed
+    done = resumed.round if resumed else 0
     phase_of = getattr(strategy, "phase", lambda rnd: "train")
-    final = {"state": plan.initial}
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         if resumed is not None and server_round == 0:  # start's "round 0": round `done`
@@ -118,7 +154,7 @@ def federate(grid: Grid, plan: RunPlan,
         t0 = time.perf_counter()
         metrics = {**task.evaluate(final["state"]), "eval_s": time.perf_counter() - t0}
         row = recorder.record_eval(server_round, metrics, phase_of(server_round))
-        checkpoint.save(run_dir, server_round, cfg, task.label_names, final["state"],
+        checkpoint.save(plan.run_dir, server_round, cfg, task.label_names, final["state"],
                         strategy, recorder.rows, run_ids)
         log.info("round %d (%s): accuracy %.4f loss %.4f (%d devices, %d rejected, agg. "
                  "error %s)", server_round, row["phase"], metrics["accuracy"],
@@ -126,17 +162,7 @@ def federate(grid: Grid, plan: RunPlan,
                  row["aggregation_error"])
         return MetricRecord({"accuracy": metrics["accuracy"], "loss": metrics["loss"]})
 
-    started = time.perf_counter()
-    strategy.start(grid=grid, initial_arrays=to_record(plan.initial),
-                   num_rounds=cfg.total_rounds - done, timeout=cfg.round_timeout,
-                   train_config=ConfigRecord({}), evaluate_fn=evaluate_fn)
-    task.save_adapter(final["state"], run_dir / "adapter")
-    write_plots(recorder.rows, run_dir / "plots")
-    if finish is not None:
-        finish(recorder)
-    recorder.close()
-    log.info("done in %.1fs: %s", time.perf_counter() - started, run_dir)
-    return run_dir
+    return evaluate_fn
 
 
 def run(grid: Grid, context: Context, cfg: RunConfig) -> Path:

@@ -42,7 +42,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from strategies.fleet.scheduler import FleetClock, LatestUpdates, make_fleet
-from strategies.lora.budget import PrivacyBudget, has_payload
+from strategies.lora.budget import PrivacyBudget, has_payload, privacy_spent
 from strategies.lora.math import (AGGREGATORS, DELTA_AGGREGATORS, aggregation_error,
                                   check_reply)
 from strategies.lora.profiles import (NodeProfile, ProfileDirectory, capability_rank,
@@ -287,10 +287,7 @@ class HeterogeneousLoRA(FedAvg):
                 row[key.replace("-", "_")] = float(metrics[key])
         if node in self.capability:
             row["capability"] = self.capability[node]
-        if "epsilon" in metrics:
-            row.update(epsilon=float(metrics["epsilon"]),
-                       private_steps=int(metrics["private-steps"]),
-                       budget_exhausted=bool(metrics.get("budget-exhausted", 0)))
+        row.update(privacy_spent(metrics))
         return row
 
     def _aggregate(self, states: list[State], counts: list[int], nodes: list[int]) -> State:
