@@ -33,6 +33,7 @@ class Mode:
     name: str
     run: Callable[[Grid, Context, RunConfig], object]
     check: Callable[[RunConfig], None] = _no_check
+    resumable: bool = False  # `resume` may continue a run of this mode (its checkpoint)
 
 
 def train(grid: Grid, context: Context, cfg: RunConfig) -> Path:
@@ -77,7 +78,7 @@ def check_serve(cfg: RunConfig) -> None:
     SERVE_KINDS.get(cfg.serve.kind).check(cfg)
 
 
-for _mode in (Mode("train", train), Mode("infer", infer, check_infer),
+for _mode in (Mode("train", train, resumable=True), Mode("infer", infer, check_infer),
               Mode("serve", serve, check_serve)):
     MODES.register(_mode.name, _mode)
 

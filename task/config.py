@@ -79,6 +79,15 @@ class Traits:
         """Does the global state carry per-layer frozen base deltas (`task.lora.BASE_DELTA`)?"""
         return False
 
+    def aggregates_own_way(self, cfg: RunConfig) -> bool:
+        """Does its strategy replace the LoRA aggregation of `cfg.aggregation` by its own
+        (S6's robust rules and FedLaAvg's stored updates then do not apply)?"""
+        return False
+
+    def shares_labels(self, cfg: RunConfig) -> bool:
+        """Do all devices train one model with the run's labels (FedKD: one head per task)?"""
+        return True
+
     def check(self, cfg: RunConfig) -> None:
         """Raise ConfigError when the config does not suit this algorithm."""
 
@@ -285,7 +294,11 @@ class RunConfig:
         for name in sections():
             getattr(self, name).check(self)
         self.traits.check(self)
-        registry("mode").get(self.mode).check(self)
+        mode = registry("mode").get(self.mode)
+        mode.check(self)
+        if self.resume and not getattr(mode, "resumable", False):
+            raise ConfigError(f"resume='{self.resume}' continues a training run, not mode="
+                              f"'{self.mode}': set resume=''")
 
 
 def _non_default(sections_: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:

@@ -266,6 +266,23 @@ class FleetSection(Section):
                                "in simulation); a device that cannot make it is left out "
                                "(0: no deadline)", lo=0.0)
 
+    def check(self, cfg) -> None:
+        """What the selection policy needs of the config (`policy.check`), and the run's
+        labels for `rank-from='capability'` (the device measures one model with them)."""
+        from task.registry import registry
+
+        policy = registry("selection").get(self.selection)
+        if hasattr(policy, "check"):
+            policy.check(cfg)
+        if self.rank_from == "capability" and not cfg.traits.shares_labels(cfg):
+            from task.families import family
+
+            if family(cfg).labelled:
+                raise ConfigError(f"fleet.rank-from='capability' measures one model with the "
+                                  f"run's labels, which strategy='{cfg.strategy}' does not "
+                                  "have (its devices train several tasks' heads): use "
+                                  "fleet.rank-from='profile'")
+
 
 @dataclass(frozen=True)
 class ServeSection(Section):
@@ -389,6 +406,30 @@ class RobustSection(Section):
     exact_loo: bool = option(False, "also compute the true leave-one-out contribution (K + "
                              "1 validation passes: a check of the estimate, for benchmarks)")
 
+    def check(self, cfg) -> None:
+        """S6 works on the LoRA aggregations of factors: not with a strategy that aggregates
+        its own way or merges into the frozen weights, nor a selection policy that
+        aggregates stored updates."""
+        if self.aggregator == "none" and self.contribution == "off":
+            return
+        from task.registry import registry
+
+        why = ""
+        if cfg.traits.aggregates_own_way(cfg):
+            why = f"strategy='{cfg.strategy}' aggregates its own way"
+        elif cfg.merges_into_base:
+            why = f"strategy='{cfg.strategy}' merges updates into the frozen weights"
+        elif getattr(registry("selection").get(cfg.fleet.selection), "keeps_latest_updates",
+                     False):
+            why = (f"fleet.selection='{cfg.fleet.selection}' aggregates every device's "
+                   "stored update")
+        if why:
+            raise ConfigError(f"robust.aggregator='{self.aggregator}' / robust.contribution="
+                              f"'{self.contribution}' work on the LoRA aggregations of factors"
+                              f" (fedavg, hetlora, flexlora, rankwise, hetlora-sw, flexlora-"
+                              f"delta), but {why}: set robust.aggregator='none' robust."
+                              "contribution='off' or pick one of those")
+
 
 @dataclass(frozen=True)
 class AttackSection(Section):
@@ -411,6 +452,23 @@ class AttackSection(Section):
                          "label)", allow_empty=True)
     poison: float = option(0.5, "`backdoor`: fraction of an attacker's examples poisoned",
                            lo=0.0, hi=1.0)
+
+    def check(self, cfg) -> None:
+        """Some attackers, and a labelled task for an attack that poisons labels
+        (`Attack.needs_labels`)."""
+        if self.kind == "none":
+            return
+        from task.families import family
+        from task.registry import registry
+
+        if self.fraction <= 0.0:
+            raise ConfigError(f"attack.kind='{self.kind}' with attack.fraction=0 draws no "
+                              "attacker: set attack.fraction in (0, 0.5) or attack.kind='none'")
+
+        if getattr(registry("attack").get(self.kind), "needs_labels", False) \
+                and not family(cfg).labelled:
+            raise ConfigError(f"attack.kind='{self.kind}' needs a labelled task (seq-cls / "
+                              f"lm-cls), not task='{cfg.task}'")
 
 
 @dataclass(frozen=True)

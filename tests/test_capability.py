@@ -86,12 +86,13 @@ def test_meminfo_and_the_simulated_rule():
         is_simulated({"device-measure": "yes"})
 
 
-def test_fedkd_without_one_label_set_is_refused_before_training():
-    from strategies.fedkd.strategy import FedKDStrategy
-
-    cfg = RunConfig.from_run_config({"strategy": "fedkd", "fleet.rank-from": "capability"})
-    with pytest.raises(ConfigError, match="use fleet.rank-from='profile'"):
-        FedKDStrategy(cfg, {"agnews": ("a", "b")})
+def test_fedkd_without_one_label_set_is_refused_when_the_config_is_parsed():
+    with pytest.raises(ConfigError) as err:
+        RunConfig.from_run_config({"strategy": "fedkd", "fleet.rank-from": "capability"})
+    assert str(err.value) == (
+        "fleet.rank-from='capability' measures one model with the run's labels, which "
+        "strategy='fedkd' does not have (its devices train several tasks' heads): use "
+        "fleet.rank-from='profile'")
 
 
 def test_simulated_devices_take_the_fleet_model():

@@ -56,7 +56,7 @@ def test_third_party_entry_points_load_lazily(monkeypatch):
 def test_every_kind_is_one_registry_declared_where_it_is_defined():
     import server_app.modes
     import server_app.serve.mode
-    import strategies.fleet.select
+    import strategies.fleet.policy
     import strategies.lora.math
     import strategies.registry
     import strategies.robust.inject
@@ -68,7 +68,7 @@ def test_every_kind_is_one_registry_declared_where_it_is_defined():
              "robust rule": strategies.robust.math.ROBUST_AGGREGATORS,
              "family": task.families.FAMILIES, "mode": server_app.modes.MODES,
              "serve kind": server_app.serve.mode.SERVE_KINDS,
-             "selection": strategies.fleet.select.SELECTION,
+             "selection": strategies.fleet.policy.SELECTION,
              "attack": strategies.robust.inject.ATTACKS}
     for kind, reg in kinds.items():
         assert registry(kind) is reg and isinstance(reg, Registry)

@@ -12,6 +12,7 @@ from strategies.lora.math import factorize
 from strategies.robust import attacks
 from strategies.robust.math import (
     ROBUST_AGGREGATORS,
+    TooFewReplies,
     apply_update,
     coordinate_median,
     fltrust,
@@ -89,8 +90,11 @@ def test_krum_picks_hand_computed_device():
     multi = multi_krum(previous, sent, states, [1] * 5, 1, f=1, m=3)  # devices 1, 0, 2
     np.testing.assert_array_equal(multi.accepted, [True, True, True, False, False])
     np.testing.assert_allclose(multi.update[L], [[1, 0]], atol=1e-5)
-    with pytest.raises(ConfigError, match="2f \\+ 3"):
+    with pytest.raises(TooFewReplies, match="2f \\+ 3"):  # a run-time condition
         krum(previous, sent[:4], states[:4], [1] * 4, 1, f=1)
+    with pytest.raises(TooFewReplies, match="2f \\+ 3"):  # before multi-Krum's m check
+        multi_krum(previous, sent[:1], states[:1], [1], 1, f=1)
+    assert not issubclass(TooFewReplies, ConfigError)
 
 
 def test_norm_clip_by_hand():
@@ -234,7 +238,7 @@ def test_colluding_pair_sends_negated_honest_mean():
     b, a = factorize(-2.0 * honest, 2)  # sent product is 0 (B = 0)
     np.testing.assert_allclose(update_of(sent[4], out[4])[L], b @ a, atol=1e-4)
     assert all(out[k] is trained[k] for k in range(3))
-    with pytest.raises(ConfigError, match="colluders"):
+    with pytest.raises(ValueError, match="colluders"):
         attacks.collude(sent, trained, list(range(5)))
 
 
@@ -242,5 +246,5 @@ def test_pick_attackers_fraction():
     rng = np.random.default_rng(0)
     assert len(attacks.pick_attackers(10, 0.3, rng)) == 3
     assert len(attacks.pick_attackers(5, 0.1, rng)) == 1
-    with pytest.raises(ConfigError, match="fraction"):
+    with pytest.raises(ValueError, match="fraction"):
         attacks.pick_attackers(10, 0.6, rng)

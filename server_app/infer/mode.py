@@ -29,7 +29,8 @@ from flwr.serverapp import Grid
 
 from server_app.infer.combine import accuracy, confidence, mean_probs
 from server_app.infer.report import Answers, Knobs, choose_cascade, generated_votes, summarise
-from task.config import ConfigError, RunConfig
+from task.config import RunConfig
+from task.families import family
 from task.evaluation import ServerTask
 from task.fleet import connected_by_partition, origin, unicast
 from task.logs import get_logger
@@ -41,10 +42,8 @@ MESSAGE_TYPE = f"{MessageType.QUERY}.infer"
 
 
 def run(grid: Grid, context: Context, cfg: RunConfig) -> Path:
-    if cfg.task not in ("lm-cls", "causal-lm"):
-        raise ConfigError(f"mode='infer' needs task='lm-cls' (labels posed as instructions: "
-                          f"data.template, data.label-words) or task='causal-lm' (generated "
-                          f"answers), not '{cfg.task}'")
+    """Collaborative inference (the family is checked at parse time,
+    `server_app.modes.check_infer`)."""
     task = ServerTask.prepare(cfg, with_model=False)
     truth = np.asarray(task.test.labels)  # causal-lm: from the answers (generated_votes)
     run_dir = (Path(cfg.results_dir) / str(context.run_id)).resolve()
@@ -57,7 +56,7 @@ def run(grid: Grid, context: Context, cfg: RunConfig) -> Path:
     if cfg.infer.method == "cascade":
         return live_cascade(grid, nodes, task, truth, knobs, cfg, run_dir, started)
     answers = collect(grid, nodes, task.test.texts, task.label_names, cfg)
-    if cfg.task == "causal-lm":
+    if family(cfg).generates:
         truth = generated_votes(answers, task.test.responses, cfg.infer.calibration)
     report = summarise(answers, truth, knobs)
     write_results(run_dir, report, answers, truth, task.label_names,
@@ -82,7 +81,7 @@ def live_cascade(grid: Grid, nodes: list[int], task: ServerTask, truth: np.ndarr
     queries go on to the next cheapest, whose answers are averaged in (`mean_probs`), and so
     on."""
     texts, labels, refs = task.test.texts, task.label_names, task.test.responses
-    generation = cfg.task == "causal-lm"
+    generation = family(cfg).generates
     n_cal = min(cfg.infer.calibration, len(texts) - 1)
     calib, truth, plan = _calibrate(grid, nodes, texts[:n_cal], len(texts), labels, refs,
                                     truth, knobs, cfg)
@@ -123,7 +122,7 @@ def _calibrate(grid: Grid, nodes: list[int], texts: list[str], queries: int,
     cascade's plan)."""
     n_cal = len(texts)
     calib = collect(grid, nodes, texts, labels, cfg)
-    if cfg.task == "causal-lm":
+    if family(cfg).generates:
         truth = np.zeros(queries, int)  # the calibration's from its answers; the rest later
         truth[:n_cal] = generated_votes(calib, refs[:n_cal], n_cal)
     plan = choose_cascade(calib, truth[:n_cal], knobs)
@@ -140,7 +139,7 @@ def _cascade_stages(grid: Grid, order: list[int], texts: list[str], labels: tupl
     """The scored queries (after the `n_cal` calibration ones), batch by batch, through the
     devices in `order` until sure: (each stage's answers, the stage each query stopped at,
     the failures)."""
-    generation = cfg.task == "causal-lm"
+    generation = family(cfg).generates
     rest = np.arange(n_cal, len(texts))
     stages = Answers([""] * len(order), np.zeros((len(order), len(rest), len(labels))),
                      np.zeros((len(order), len(rest)), bool),
@@ -186,7 +185,7 @@ def _write_cascade(run_dir: Path, report: dict, stages: Answers, stage: np.ndarr
                    answer: np.ndarray, truth: np.ndarray, refs: list[str], n_cal: int,
                    labels: tuple[str, ...], cfg: RunConfig, started: float) -> None:
     """`infer_queries.jsonl` (per scored query) and `infer.json` of a live cascade."""
-    generation = cfg.task == "causal-lm"
+    generation = family(cfg).generates
     run_dir.mkdir(parents=True, exist_ok=True)
     rows = [json.dumps({"query": int(n_cal + i), "label": int(truth[n_cal + i]),
                         "answer": int(answer[i]), "stage": int(stage[i]),
@@ -221,7 +220,7 @@ def collect(grid: Grid, nodes: list[int], texts: list[str], label_names: tuple[s
     q, k, m = len(texts), len(label_names), len(nodes)
     probs, valid = np.zeros((m, q, k)), np.zeros((m, q), dtype=bool)
     seconds = np.full((m, q), np.nan)
-    generation = cfg.task == "causal-lm"
+    generation = family(cfg).generates
     answers, conf = np.full((m, q), None, dtype=object), np.zeros((m, q))
     batch_of = np.arange(q) // cfg.infer.batch_size
     names = [f"node {n}" for n in nodes]  # + ": <member>" once the device has answered

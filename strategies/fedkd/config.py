@@ -150,6 +150,12 @@ class FedKDTraits(Traits):
     def rank_for(self, cfg: RunConfig, device: str, explicit_rank: int = 0) -> int:
         return cfg.fedkd.shared_rank
 
+    def aggregates_own_way(self, cfg: RunConfig) -> bool:
+        return True  # the shared module's FedAvg (S3 compression), heads kept per task
+
+    def shares_labels(self, cfg: RunConfig) -> bool:
+        return False  # each task its own labels and head
+
     def check(self, cfg: RunConfig) -> None:
         if cfg.fedkd.hidden_mse and family(cfg).lm_head:
             raise ConfigError(f"fedkd.hidden-mse=true pairs encoder layers: it needs "

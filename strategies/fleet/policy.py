@@ -2,26 +2,44 @@
 `choose(fleet, nodes, online, snr, bits_up, rng) -> (chosen (K,) bool, bandwidth_hz (K,))`,
 over the round's connected `nodes` (their `online` mask, fading `snr`, uplink `bits_up`).
 The arithmetic is in `strategies.fleet.select` (pure numpy); a policy only gathers its
-inputs from the fleet's members. `POLICIES`: name -> policy.
+inputs from the fleet's members.
+
+SELECTION is the policies' `task.registry.Registry` (kind "selection", declared here; the
+config and `strategies.fleet.scheduler.FleetClock` find a policy through it, a third-party
+one through the `edge_lam.selection` entry points). Besides `choose`, a policy says what
+else it needs (`SelectionPolicy`'s defaults hold for one that does not):
+- `keeps_latest_updates`: aggregation runs over every device's latest update, stale ones
+  included (FedLaAvg, S5; the strategy keeps them, `scheduler.LatestUpdates`);
+- `check(cfg)`: what it needs of the rest of the config (ConfigError), run at parse time.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from strategies.fleet.select import longest_absent, oort_utility, random_subset, schedule
 from strategies.fleet.wireless import comm_seconds
+from task.options import ConfigError
+from task.registry import registry
 
 if TYPE_CHECKING:
     from strategies.fleet.scheduler import FleetClock
+    from task.config import RunConfig
 
 
-class SelectionPolicy(Protocol):
+class SelectionPolicy:
+    """The base of a policy: override `choose`, and what differs below."""
+
+    keeps_latest_updates = False  # aggregate every device's latest update (FedLaAvg)
+
     def choose(self, fleet: FleetClock, nodes: list[int], online: np.ndarray, snr: np.ndarray,
                bits: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        ...
+        raise NotImplementedError
+
+    def check(self, cfg: RunConfig) -> None:
+        """Raise ConfigError when the config does not suit this policy (at parse time)."""
 
 
 def even_split(fleet: FleetClock, chosen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -30,22 +48,34 @@ def even_split(fleet: FleetClock, chosen: np.ndarray) -> tuple[np.ndarray, np.nd
     return chosen, np.where(chosen, share, 0.0)
 
 
-class AllOnline:
+class AllOnline(SelectionPolicy):
     """`all`: every online device, the bandwidth split evenly."""
 
     def choose(self, fleet, nodes, online, snr, bits, rng):
         return even_split(fleet, online.copy())
 
 
-class Random:
+class Random(SelectionPolicy):
     """`random`: `fleet.per-round` online devices uniformly (FedAvg's sampling)."""
 
     def choose(self, fleet, nodes, online, snr, bits, rng):
         return even_split(fleet, random_subset(online, fleet.per_round or len(nodes), rng))
 
 
-class LongestAbsent:
-    """`fedlaavg`: the `fleet.per-round` online devices absent longest (S5)."""
+class LongestAbsent(SelectionPolicy):
+    """`fedlaavg`: the `fleet.per-round` online devices absent longest (S5); aggregation
+    runs over every device's latest update, zero-padded to r_max and averaged (the LoRA
+    aggregation rules whose `pads_factors` says they compute that mean)."""
+
+    keeps_latest_updates = True
+
+    def check(self, cfg: RunConfig) -> None:
+        rules = registry("aggregation rule")
+        padding = [n for n, rule in rules.items() if getattr(rule, "pads_factors", False)]
+        if cfg.aggregation not in padding:
+            names = " or ".join(f"'{n}'" for n in padding)
+            raise ConfigError(f"fleet.selection='fedlaavg' averages updates of the LoRA "
+                              f"factors: use strategy={names}, not '{cfg.strategy}'")
 
     def choose(self, fleet, nodes, online, snr, bits, rng):
         last = np.array([fleet.members[n].last_round for n in nodes])
@@ -53,7 +83,7 @@ class LongestAbsent:
                                                 rng))
 
 
-class Oort:
+class Oort(SelectionPolicy):
     """`oort`: the `fleet.per-round` online devices of largest Oort utility, from the last
     round's loss (never-seen devices first)."""
 
@@ -73,7 +103,7 @@ class Oort:
         return even_split(fleet, out)
 
 
-class JointS2:
+class JointS2(SelectionPolicy):
     """`s2`: joint selection and bandwidth allocation, largest progress per simulated
     second (S2)."""
 
@@ -85,6 +115,7 @@ class JointS2:
         return alloc.selected, alloc.bandwidth_hz
 
 
-POLICIES: dict[str, SelectionPolicy] = {"all": AllOnline(), "random": Random(),
-                                        "oort": Oort(), "s2": JointS2(),
-                                        "fedlaavg": LongestAbsent()}
+SELECTION = registry("selection", key="fleet.selection")
+for _name, _policy in (("all", AllOnline()), ("random", Random()), ("oort", Oort()),
+                       ("s2", JointS2()), ("fedlaavg", LongestAbsent())):
+    SELECTION.register(_name, _policy)

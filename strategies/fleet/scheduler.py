@@ -5,13 +5,16 @@ The strategy asks `select` before a round (with every connected device's profile
 `finish` after it (with the measured training seconds and payload sizes); `finish` returns
 the round's `fleet` entry of metrics.jsonl: the simulated round time and clock, and each
 device's T_down / T_comp / T_up. Both the clock and the stored updates are checkpoint parts
-(`strategies.lora.resume`). Policies (`fleet.selection`, objects in `strategies.fleet.policy`):
+(`strategies.lora.resume`). Policies (`fleet.selection`, objects registered in
+`strategies.fleet.policy.SELECTION`; a third-party one through its entry point):
 - `all`: every online device, the bandwidth split evenly (the default, today's behaviour);
 - `random`: `fleet.per-round` online devices uniformly (FedAvg's sampling);
 - `oort`: the `fleet.per-round` online devices of largest Oort utility (never-seen first);
 - `s2`: joint selection and bandwidth allocation, largest progress per simulated second;
 - `fedlaavg`: the `fleet.per-round` online devices absent longest; aggregation then runs
-  over every device's latest update (`LatestUpdates`).
+  over every device's latest update (`LatestUpdates`; `keeps_latest_updates`).
+What a policy needs of the rest of the config is checked when the config is parsed
+(`FleetSection.check` asks the policy).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from strategies.fleet.model import Availability, FleetProfile, load_profiles
-from strategies.fleet.policy import POLICIES
+from strategies.fleet.policy import SELECTION, SelectionPolicy
 from strategies.fleet.wireless import comm_seconds, db_to_linear
 from task.config import RunConfig
 from task.lora import State, pad_lora
@@ -64,6 +67,16 @@ class FleetClock:
     _avail: Availability | None = None
     _plan: RoundPlan | None = None
 
+    @property
+    def selection(self) -> SelectionPolicy:
+        """The registered policy `fleet.selection` names."""
+        return SELECTION.get(self.policy)
+
+    @property
+    def keeps_latest_updates(self) -> bool:
+        """Does aggregation run over every device's latest update (`LatestUpdates`)?"""
+        return getattr(self.selection, "keeps_latest_updates", False)
+
     def profile_of(self, device: str) -> FleetProfile:
         """A device's fleet profile; a profile the fleet does not know computes at this
         machine's speed on a 20 dB link."""
@@ -83,7 +96,7 @@ class FleetClock:
         snr_mean = db_to_linear([self.members[n].profile.snr_db for n in nodes])
         snr = snr_mean * rng.exponential(1.0, size=len(nodes))  # Rayleigh fading
         bits = np.array([bits_up[n] for n in nodes], dtype=np.float64)
-        chosen, bandwidth = POLICIES[self.policy].choose(self, nodes, online, snr, bits, rng)
+        chosen, bandwidth = self.selection.choose(self, nodes, online, snr, bits, rng)
         picked = [n for n, c in zip(nodes, chosen) if c]
         self._plan = RoundPlan(picked, {n: float(b) for n, b, c in zip(nodes, bandwidth,
                                                                       chosen) if c},
@@ -180,11 +193,9 @@ class FleetClock:
 
 def make_fleet(cfg: RunConfig) -> FleetClock:
     """The run's fleet from `fleet.*`: a bad fleet file or availability trace fails here,
-    before training."""
+    before training (the files are read when the run starts, not when the config is
+    parsed)."""
     f = cfg.fleet
-    if f.selection == "fedlaavg" and cfg.aggregation not in ("fedavg", "hetlora"):
-        raise ConfigError(f"fleet.selection='fedlaavg' averages updates of the LoRA factors: "
-                          f"use strategy='fedavg' or 'hetlora', not '{cfg.strategy}'")
     profiles = load_profiles(f.file)
     for device in cfg.devices.mix:
         if device not in profiles:

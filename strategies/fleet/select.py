@@ -22,6 +22,9 @@ the preferred round time T).
 
 FedLaAvg (S5): `longest_absent` prefers, among the available devices, those that have gone
 longest without taking part.
+
+The selection policies (`fleet.selection`) that call these are objects registered in
+`strategies.fleet.policy`.
 """
 
 from __future__ import annotations
@@ -31,7 +34,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from strategies.fleet.wireless import bandwidth_for
-from task.registry import registry
 
 EXACT_LIMIT = 40  # devices up to which `allocate` solves the knapsack exactly
 MAX_CANDIDATES = 128  # deadlines `schedule` tries at most
@@ -183,18 +185,3 @@ def longest_absent(available: np.ndarray, last_round: np.ndarray, count: int,
     out = np.zeros(len(available), dtype=bool)
     out[idx[order[:count]]] = True
     return out
-
-
-# The selection policies (`fleet.selection`): a `task.registry.Registry`, kind "selection"
-# (a third-party policy registers through the `edge_lam.selection` entry points); name ->
-# the pure function the policy selects with.
-# `strategies.fleet.scheduler.FleetClock` runs them each round.
-SELECTION = registry("selection", key="fleet.selection")
-def all_online(available: np.ndarray) -> np.ndarray:
-    """(K,) bool: every online device (`fleet.selection='all'`)."""
-    return np.asarray(available, dtype=bool).copy()
-
-
-for _name, _policy in (("all", all_online), ("random", random_subset), ("oort", oort_utility),
-                       ("s2", schedule), ("fedlaavg", longest_absent)):
-    SELECTION.register(_name, _policy)

@@ -148,10 +148,7 @@ def load(cfg: RunConfig) -> Checkpoint:
     naming `resume` and what to do; nothing in the folder is changed)."""
     from safetensors.numpy import load_file
 
-    if cfg.mode != "train":
-        raise ConfigError(f"resume='{cfg.resume}' continues a training run, not mode="
-                          f"'{cfg.mode}': set resume=''")
-    _check_resumable(cfg)
+    _check_resumable(cfg)  # (a mode that does not resume is refused at parse time)
     run_dir = resume_folder(cfg)
     folder = run_dir / FOLDER
     if not (folder / STATE_FILE).is_file() and (run_dir / ".checkpoint.old" / STATE_FILE).is_file():

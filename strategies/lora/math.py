@@ -375,10 +375,13 @@ DeltaAggregator = Callable[[State, Sequence[State], Sequence[State], Sequence[in
 @dataclass(frozen=True)
 class AggregationRule:
     """One LoRA aggregation: `fn` of the devices' models (an Aggregator), or, `on_updates`,
-    of what each device changed (a DeltaAggregator)."""
+    of what each device changed (a DeltaAggregator). `pads_factors`: it is the weighted
+    mean of the factors zero-padded to r_max, which FedLaAvg's stored updates compute too
+    (`fleet.selection='fedlaavg'` runs with it)."""
 
     fn: Callable
     on_updates: bool = False
+    pads_factors: bool = False
 
 
 # The aggregation rules (`cfg.aggregation`): a `task.registry.Registry`, kind "aggregation
@@ -387,7 +390,8 @@ AGGREGATION_RULES: Registry[AggregationRule] = registry("aggregation rule")
 for _name, _fn in (("fedavg", hetlora_aggregate),  # one rank: zero-padding is a no-op
                    ("hetlora", hetlora_aggregate), ("flexlora", flexlora_aggregate),
                    ("rankwise", rankwise_aggregate), ("hetlora-sw", norm_weighted_aggregate)):
-    AGGREGATION_RULES.register(_name, AggregationRule(_fn))
+    AGGREGATION_RULES.register(_name, AggregationRule(
+        _fn, pads_factors=_fn is hetlora_aggregate))
 for _name, _fn in (("flexlora-delta", delta_aggregate), ("flora", flora_aggregate),
                    ("fedex", fedex_aggregate)):
     AGGREGATION_RULES.register(_name, AggregationRule(_fn, on_updates=True))

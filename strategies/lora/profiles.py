@@ -18,7 +18,6 @@ from strategies.fleet.model import FleetProfile
 from strategies.lora.resume import Restored
 from task.capability import Measured, choose_rank, memory_needed_mib
 from task.config import RunConfig
-from task.families import family
 from task.fleet import query_profiles
 from task.logs import get_logger
 from task.lora import State
@@ -47,15 +46,6 @@ def device_budget(measured: Measured, profile: FleetProfile) -> tuple[float, flo
         return measured.free_memory_mib, measured.step_s, "measured"
     memory = profile.memory_mib or measured.free_memory_mib
     return memory, measured.step_s / profile.speed, "fleet model"
-
-
-def check_rank_source(cfg: RunConfig, label_names: tuple[str, ...]) -> None:
-    """`fleet.rank-from='capability'` needs the run's labels (ConfigError otherwise)."""
-    if cfg.fleet.rank_from == "capability" and not label_names and family(cfg).labelled:
-        raise ConfigError(f"fleet.rank-from='capability' measures one model with the run's "
-                          f"labels, which strategy='{cfg.strategy}' does not have (its "
-                          "devices train several tasks' heads): use "
-                          "fleet.rank-from='profile'")
 
 
 def profile_query(cfg: RunConfig, label_names: tuple[str, ...]) -> dict:

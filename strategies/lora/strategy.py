@@ -14,7 +14,9 @@ The global state is always LoRA factors at r_max (plus the head). A device that 
 
 The concerns around the round loop are parts of their own, as Flower splits them:
 - who is who: `profiles.ProfileDirectory` (and the capability rank, `profiles.capability_rank`);
-- which devices train: the fleet clock's selection policy (`strategies.fleet.policy`);
+- which devices train: the fleet clock's selection policy (`strategies.fleet.policy`,
+  registered in SELECTION; one that `keeps_latest_updates` makes `_aggregate` average every
+  device's stored update, `scheduler.LatestUpdates`);
 - the aggregation rule: `strategies.lora.math` (AGGREGATORS, DELTA_AGGREGATORS), through
   `self.aggregation`, which `strategies.robust.wrapper` wraps when robust.* is on (S6);
 - the DP budget stop: `budget.PrivacyBudget`;
@@ -46,7 +48,7 @@ from strategies.lora.budget import PrivacyBudget, has_payload, privacy_spent
 from strategies.lora.math import (AGGREGATORS, DELTA_AGGREGATORS, aggregation_error,
                                   check_reply)
 from strategies.lora.profiles import (NodeProfile, ProfileDirectory, capability_rank,
-                                      check_rank_source, device_budget, profile_query)
+                                      device_budget, profile_query)
 from strategies.lora.resume import NodeTable, StrategyCheckpoint
 from strategies.robust.wrapper import wrap_robust
 from task.config import RunConfig
@@ -81,12 +83,12 @@ class HeterogeneousLoRA(FedAvg):
         self.budget = PrivacyBudget(cfg.dp.target_epsilon)
         self.exhausted = self.budget.exhausted  # node -> epsilon spent when it stopped (DP)
         self.capability = NodeTable("capability")  # node -> what it measured, the rank rule
-        check_rank_source(cfg, label_names)
         self._sent: dict[int, tuple[State, int]] = {}  # node -> (state sent, bytes down)
         self._outbox: list[Message] = []  # this round's TRAIN messages (ids set when pushed)
         # the simulated fleet (S2, S5): who is online and trains, the simulated clock
         self.fleet: FleetClock = make_fleet(cfg)
-        self.latest = LatestUpdates(cfg.r_max) if cfg.fleet.selection == "fedlaavg" else None
+        # FedLaAvg (S5): the policy aggregates every device's stored latest update
+        self.latest = LatestUpdates(cfg.r_max) if self.fleet.keeps_latest_updates else None
         self._bytes_at_rank: dict[int, int] = {}  # rank -> uplink bytes (for the clock)
         # the accepted replies -> the new global state; S6 wraps it (robust.*)
         self.aggregation = wrap_robust(cfg, tuple(label_names), OwnAggregation(self))

@@ -31,8 +31,8 @@ from strategies.robust.contribution import (compose_with_trust, contribution_wei
                                             influence_contributions,
                                             loo_directions, spearman)
 from strategies.robust.influence import ProductSpace, timed
-from strategies.robust.math import (ROBUST_AGGREGATORS, RobustResult, Updates, finish,
-                                    unstack, update_of)
+from strategies.robust.math import (ROBUST_AGGREGATORS, RobustResult, RobustRule, Updates,
+                                    finish, unstack, update_of)
 from strategies.lora.math import example_weights
 from task.config import RunConfig
 from task.data import Examples
@@ -46,14 +46,20 @@ log = get_logger()
 EMPIRICAL_FISHER_BYTES = 2 << 30
 
 
+def robust_rule(cfg: RunConfig) -> RobustRule | None:
+    """The registered rule `robust.aggregator` names (None: `none`, the strategy's own)."""
+    name = cfg.robust.aggregator
+    return None if name == "none" else ROBUST_AGGREGATORS.get(name)
+
+
 def robust_active(cfg: RunConfig) -> bool:
     """Does S6 replace the strategy's own aggregation?"""
-    return cfg.robust.aggregator != "none" or cfg.robust.contribution in ("drop-harmful",
-                                                                           "softmax")
+    return robust_rule(cfg) is not None or cfg.robust.contribution in ("drop-harmful",
+                                                                         "softmax")
 
 
 def s6_active(cfg: RunConfig) -> bool:
-    return cfg.robust.aggregator != "none" or cfg.robust.contribution != "off"
+    return robust_rule(cfg) is not None or cfg.robust.contribution != "off"
 
 
 @dataclass
@@ -112,8 +118,9 @@ class RobustRound:
         r = self.cfg.robust
         info: dict = {}
         result = None
-        if r.aggregator != "none":
-            result = self._robust(server_round, previous, sent, states, counts)
+        rule = robust_rule(self.cfg)
+        if rule is not None:
+            result = self._robust(rule, server_round, previous, sent, states, counts)
             info["robust"] = self._describe(server_round, result, nodes)
         if r.contribution == "off":
             return (result.state if result else None), info
@@ -148,16 +155,14 @@ class RobustRound:
         self._remember(nodes, new_weights)
         return final.state, info
 
-    def _robust(self, server_round: int, previous: State, sent, states, counts
-                ) -> RobustResult:
-        r = self.cfg.robust
-        params = {"median": {}, "mean": {}, "trimmed-mean": {"beta": r.beta},
-                  "krum": {"f": r.f}, "multi-krum": {"f": r.f},
-                  "norm-clip": {"tau": r.tau or None}}.get(r.aggregator)
-        if r.aggregator == "fltrust":
-            params = {"root_update": self.root_update(previous, server_round)}
-        return ROBUST_AGGREGATORS[r.aggregator](previous, sent, states, counts,
-                                                self.cfg.r_max, **params)
+    def _robust(self, rule: RobustRule, server_round: int, previous: State, sent, states,
+                counts) -> RobustResult:
+        """The rule's statistic, with its `robust.*` parameters (and FLTrust's root update
+        when it `needs_root_update`)."""
+        params = dict(getattr(rule, "params", lambda robust: {})(self.cfg.robust))
+        if getattr(rule, "needs_root_update", False):
+            params["root_update"] = self.root_update(previous, server_round)
+        return rule(previous, sent, states, counts, self.cfg.r_max, **params)
 
     def _describe(self, server_round: int, result: RobustResult, nodes: Sequence[int]
                   ) -> dict:

@@ -28,7 +28,6 @@ from task.lora import (
     lora_layers,
     lora_rank,
 )
-from task.options import ConfigError
 
 
 def _with_updates(sent: Mapping[str, np.ndarray], updates: Mapping[str, np.ndarray]) -> State:
@@ -63,7 +62,7 @@ def gaussian(sent: State, trained: State, sigma: float, rng: np.random.Generator
     every dense tensor (the Gaussian attack of Blanchard et al., NeurIPS 2017); the layer's
     noise is then the best rank-r approximation of it (rank of the reply kept)."""
     if not sigma > 0:
-        raise ConfigError(f"gaussian attack sigma={sigma} must be > 0")
+        raise ValueError(f"gaussian attack sigma={sigma} must be > 0")
     noise = {k: sigma * rng.standard_normal(d.shape) for k, d in update_of(sent, trained).items()}
     return _with_updates(sent, noise)
 
@@ -76,8 +75,8 @@ def collude(sent: Sequence[State], trained: Sequence[State], colluders: Sequence
     bad = set(colluders)
     honest = [k for k in range(len(trained)) if k not in bad]
     if not bad or not honest or not bad <= set(range(len(trained))):
-        raise ConfigError(f"colluders {sorted(bad)} must be some, not all, of the device "
-                          f"indices 0..{len(trained) - 1}")
+        raise ValueError(f"colluders {sorted(bad)} must be some, not all, of the device "
+                         f"indices 0..{len(trained) - 1}")
     updates = [update_of(sent[k], trained[k]) for k in honest]
     crafted = {key: -factor * np.mean([u[key] for u in updates], axis=0) for key in updates[0]}
     return [_with_updates(sent[k], crafted) if k in bad else trained[k]
@@ -88,7 +87,7 @@ def pick_attackers(num_devices: int, fraction: float, rng: np.random.Generator) 
     """round(fraction x K) device indices, at least one, drawn without replacement (the
     issue asks for 10-30% of devices)."""
     if not 0.0 < fraction < 0.5:
-        raise ConfigError(f"attack fraction {fraction} must be in (0, 0.5): robust "
-                          f"aggregation assumes an honest majority")
+        raise ValueError(f"attack fraction {fraction} must be in (0, 0.5): robust "
+                         f"aggregation assumes an honest majority")
     count = max(1, round(fraction * num_devices))
     return sorted(rng.choice(num_devices, size=count, replace=False).tolist())

@@ -108,8 +108,8 @@ def attackers(cfg: RunConfig, num_partitions: int) -> list[int]:
 
 def target_label(cfg: RunConfig, label_names: tuple[str, ...]) -> int:
     """Index of attack.target among the labels (the first label when empty)."""
-    if not label_names:
-        raise ConfigError("attack.kind='backdoor' needs a labelled task (seq-cls / lm-cls)")
+    if not label_names:  # a labelled task is checked at parse time (AttackSection.check)
+        raise ValueError("the backdoor's target label needs the run's label names")
     target = cfg.attack.target or label_names[0]
     if target not in label_names:
         raise ConfigError(f"attack.target='{target}' is not a label: use one of "
@@ -132,7 +132,7 @@ def poison(examples: Examples, idx, trigger: str, target: int) -> Examples:
     """`examples` with the texts at `idx` triggered and their labels set to `target`."""
     idx = {int(i) for i in idx}
     if not examples.labels:
-        raise ConfigError("attack.kind='backdoor' needs labelled examples")
+        raise ValueError("poison needs labelled examples (a labelled task's)")
     return Examples([triggered(t, trigger) if i in idx else t
                      for i, t in enumerate(examples.texts)],
                     [target if i in idx else y for i, y in enumerate(examples.labels)],
@@ -163,25 +163,15 @@ def _keep_other_keys(attacked: Mapping[str, np.ndarray], trained: State) -> Stat
 @dataclass(frozen=True)
 class Attack:
     """One `attack.kind`: `poison(sent, trained, factor, sigma, rng)` turns an honest reply
-    (a model-poisoning attack), or None when the attack acts in the round itself
-    (`train_round`: poisoned data, colluding devices)."""
+    (a model-poisoning attack), or `round(cfg, info, label_names, rank, state, server_round,
+    attackers, **train)` is the attacker's whole round (poisoned data, colluding devices);
+    `needs_labels`: it poisons labels, so the config needs a labelled task (checked at
+    parse time, `AttackSection.check`)."""
 
     name: str
     poison: Callable[..., State] | None = None
-
-
-# The attacks (`attack.kind`; 'none': honest devices): a `task.registry.Registry`, kind
-# "attack" (a third-party one registers through the `edge_lam.attack` entry points).
-ATTACKS = registry("attack", key="attack.kind")
-for _attack in (
-        Attack("sign-flip", lambda sent, trained, factor, sigma, rng:
-               attacks.sign_flip(sent, trained)),
-        Attack("scale", lambda sent, trained, factor, sigma, rng:
-               attacks.scale(sent, trained, factor)),
-        Attack("gaussian", lambda sent, trained, factor, sigma, rng:
-               attacks.gaussian(sent, trained, sigma, rng or np.random.default_rng())),
-        Attack("backdoor"), Attack("collude")):
-    ATTACKS.register(_attack.name, _attack)
+    round: Callable[..., tuple[State, int, dict]] | None = None
+    needs_labels: bool = False
 
 
 def poisoned_reply(kind: str, sent: State, trained: State, *, factor: float = 10.0,
@@ -210,42 +200,74 @@ def train_round(cfg: RunConfig, info, label_names: tuple[str, ...], rank: int, s
                 ) -> tuple[State, int, dict]:
     """`task.device.train_round`, or the attacked version of it when this partition is an
     attacker (attack.kind != 'none'): same return, (state, n_k, metrics)."""
-    from task.device import local_examples
     from task.device import train_round as honest
 
     a = cfg.attack
+    train = {"tag": tag, "privacy": privacy, "r_max": r_max}
     if a.kind == "none":
-        return honest(cfg, info, label_names, rank, state, server_round, tag=tag,
-                      privacy=privacy, r_max=r_max)
+        return honest(cfg, info, label_names, rank, state, server_round, **train)
     if info.partition_id < 0 or info.num_partitions <= 0:
         raise ConfigError("attack.kind needs partitioned simulation devices (--node-config "
                           "partition-id and num-partitions): attackers are drawn by "
                           "partition")
     bad = attackers(cfg, info.num_partitions)
     if info.partition_id not in bad:
-        return honest(cfg, info, label_names, rank, state, server_round, tag=tag,
-                      privacy=privacy, r_max=r_max)
+        return honest(cfg, info, label_names, rank, state, server_round, **train)
     log.warning("%s ATTACKING (attack.kind=%s, attackers %s: a simulation knob)", tag, a.kind,
                 bad)
-    if a.kind == "backdoor":
-        own = local_examples(cfg, info, label_names)
-        data = poison(own, poison_indices(len(own), a.poison, cfg.seed, info.partition_id),
-                      a.trigger, target_label(cfg, label_names))
-        return honest(cfg, info, label_names, rank, state, server_round, tag=tag,
-                      examples=data, privacy=privacy, r_max=r_max)
-    if a.kind == "collude":
-        parts = [local_examples(cfg, dataclasses.replace(info, partition_id=p), label_names)
-                 for p in bad]
-        r_c = collusion_rank(cfg, rank)
-        sent_c = truncate_lora(state, r_c)
-        leader = dataclasses.replace(info, partition_id=bad[0])  # the shared training seed
-        trained_c, _, metrics = honest(cfg, leader, label_names, r_c, sent_c, server_round,
-                                       tag=tag, examples=pooled(parts), privacy=privacy,
-                                       r_max=r_max)
-        own_n = len(parts[bad.index(info.partition_id)])
-        return colluding_reply(state, sent_c, trained_c, a.factor), own_n, metrics
-    trained, n, metrics = honest(cfg, info, label_names, rank, state, server_round, tag=tag,
-                                 privacy=privacy, r_max=r_max)
+    attack = ATTACKS.get(a.kind)
+    if attack.round is not None:
+        return attack.round(cfg, info, label_names, rank, state, server_round, bad, **train)
+    trained, n, metrics = honest(cfg, info, label_names, rank, state, server_round, **train)
     rng = np.random.default_rng([cfg.seed, server_round, info.partition_id, 31])
     return poisoned_reply(a.kind, state, trained, factor=a.factor, sigma=a.sigma,
                           rng=rng), n, metrics
+
+
+def backdoor_round(cfg: RunConfig, info, label_names: tuple[str, ...], rank: int,
+                   state: State, server_round: int, bad: list[int], **train
+                   ) -> tuple[State, int, dict]:
+    """`backdoor`: an honest round on this partition with attack.poison of its examples
+    triggered and labelled attack.target."""
+    from task.device import local_examples
+    from task.device import train_round as honest
+
+    a = cfg.attack
+    own = local_examples(cfg, info, label_names)
+    data = poison(own, poison_indices(len(own), a.poison, cfg.seed, info.partition_id),
+                  a.trigger, target_label(cfg, label_names))
+    return honest(cfg, info, label_names, rank, state, server_round, examples=data, **train)
+
+
+def collude_round(cfg: RunConfig, info, label_names: tuple[str, ...], rank: int,
+                  state: State, server_round: int, bad: list[int], **train
+                  ) -> tuple[State, int, dict]:
+    """`collude`: the attackers' pooled round at rank r_c, sent as -attack.factor x that
+    update (`colluding_reply`)."""
+    from task.device import local_examples
+    from task.device import train_round as honest
+
+    parts = [local_examples(cfg, dataclasses.replace(info, partition_id=p), label_names)
+             for p in bad]
+    r_c = collusion_rank(cfg, rank)
+    sent_c = truncate_lora(state, r_c)
+    leader = dataclasses.replace(info, partition_id=bad[0])  # the shared training seed
+    trained_c, _, metrics = honest(cfg, leader, label_names, r_c, sent_c, server_round,
+                                   examples=pooled(parts), **train)
+    own_n = len(parts[bad.index(info.partition_id)])
+    return colluding_reply(state, sent_c, trained_c, cfg.attack.factor), own_n, metrics
+
+
+# The attacks (`attack.kind`; 'none': honest devices): a `task.registry.Registry`, kind
+# "attack" (a third-party one registers through the `edge_lam.attack` entry points).
+ATTACKS = registry("attack", key="attack.kind")
+for _attack in (
+        Attack("sign-flip", lambda sent, trained, factor, sigma, rng:
+               attacks.sign_flip(sent, trained)),
+        Attack("scale", lambda sent, trained, factor, sigma, rng:
+               attacks.scale(sent, trained, factor)),
+        Attack("gaussian", lambda sent, trained, factor, sigma, rng:
+               attacks.gaussian(sent, trained, sigma, rng or np.random.default_rng())),
+        Attack("backdoor", round=backdoor_round, needs_labels=True),
+        Attack("collude", round=collude_round)):
+    ATTACKS.register(_attack.name, _attack)

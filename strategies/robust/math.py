@@ -40,10 +40,15 @@ import numpy as np
 
 from strategies.lora.math import example_weights, factorize
 from task.lora import State, factors, is_base_delta_key, is_lora_key, lora_layers
-from task.options import ConfigError
 from task.registry import Registry, registry
 
 Update = dict[str, np.ndarray]  # layer prefix -> d_out x d_in, dense key -> its shape
+
+
+class TooFewReplies(ValueError):
+    """A run-time condition, not a configuration error: this round has fewer replies than
+    the rule needs (Krum: K >= 2f + 3). The robust wrapper keeps the previous global model
+    for the round; any other ValueError of a rule is a bug and propagates."""
 
 
 @dataclass(frozen=True)
@@ -252,14 +257,20 @@ def krum_scores(matrix: np.ndarray, f: int, gram: np.ndarray | None = None) -> n
     inner products (then matrix may be None)."""
     gram = matrix @ matrix.T if gram is None else gram
     k = gram.shape[0]
-    if f < 0 or k < 2 * f + 3:
-        raise ConfigError(f"Krum with f={f} Byzantine devices needs K >= 2f + 3 replies, got "
-                          f"{k}: lower robust f or wait for more replies")
+    _enough_for_krum(k, f)
     sq = np.diag(gram)
     dist = np.maximum(sq[:, None] + sq[None, :] - 2.0 * gram, 0.0)             # (K, K)
     np.fill_diagonal(dist, np.inf)
     nearest = np.sort(dist, axis=1)[:, :k - f - 2]                               # (K, K-f-2)
     return nearest.sum(axis=1)
+
+
+def _enough_for_krum(k: int, f: int) -> None:
+    if f < 0:
+        raise ValueError(f"Krum's f={f} Byzantine devices must be >= 0")
+    if k < 2 * f + 3:
+        raise TooFewReplies(f"Krum with f={f} Byzantine devices needs K >= 2f + 3 replies, "
+                            f"got {k}: lower robust f or wait for more replies")
 
 
 def multi_krum(previous: State, sent: Sequence[State], states: Sequence[State],
@@ -271,6 +282,7 @@ def multi_krum(previous: State, sent: Sequence[State], states: Sequence[State],
     updates = Updates(sent, states)
     k = len(states)
     m = k - f if m is None else m
+    _enough_for_krum(k, f)
     if not 1 <= m <= k:
         raise ValueError(f"multi-Krum m={m} must be between 1 and the {k} replies")
     scores = krum_scores(None, f, gram=updates.gram()[0])
@@ -349,14 +361,30 @@ def weighted_mean(previous: State, sent: Sequence[State], states: Sequence[State
                   np.ones(len(states), dtype=bool), [None] * len(states), r_max)
 
 
+@dataclass(frozen=True)
+class RobustRule:
+    """One robust rule (`robust.aggregator`): `fn(previous, sent, states, num_examples,
+    r_max, **params) -> RobustResult` (calling the rule calls it), `params(robust)`: its
+    keyword arguments from the `robust.*` section; `needs_root_update`: it also takes
+    `root_update`, the update the server trains on its own root set (FLTrust)."""
+
+    fn: Callable[..., RobustResult]
+    params: Callable[..., dict] = lambda robust: {}
+    needs_root_update: bool = False
+
+    def __call__(self, *args, **kwargs) -> RobustResult:
+        return self.fn(*args, **kwargs)
+
+
 # The robust rules (`robust.aggregator`; 'none' leaves the strategy's own aggregation): a
 # `task.registry.Registry`, kind "robust rule" (a third-party rule registers through the
-# `edge_lam.robust_rule` entry points); name -> (previous, sent, states, num_examples, r_max,
-# **params) -> RobustResult.
-ROBUST_AGGREGATORS: Registry[Callable[..., RobustResult]] = registry(
-    "robust rule", key="robust.aggregator")
-for _name, _rule in (("mean", weighted_mean), ("median", coordinate_median),
-                     ("trimmed-mean", trimmed_mean), ("krum", krum),
-                     ("multi-krum", multi_krum), ("norm-clip", norm_clip),
-                     ("fltrust", fltrust)):
+# `edge_lam.robust_rule` entry points, a RobustRule or a bare function of no parameters).
+ROBUST_AGGREGATORS: Registry[RobustRule] = registry("robust rule", key="robust.aggregator")
+for _name, _rule in (
+        ("mean", RobustRule(weighted_mean)), ("median", RobustRule(coordinate_median)),
+        ("trimmed-mean", RobustRule(trimmed_mean, lambda r: {"beta": r.beta})),
+        ("krum", RobustRule(krum, lambda r: {"f": r.f})),
+        ("multi-krum", RobustRule(multi_krum, lambda r: {"f": r.f})),
+        ("norm-clip", RobustRule(norm_clip, lambda r: {"tau": r.tau or None})),
+        ("fltrust", RobustRule(fltrust, needs_root_update=True))):
     ROBUST_AGGREGATORS.register(_name, _rule)

@@ -17,10 +17,10 @@ from typing import Protocol
 
 from strategies.lora.resume import NodeTable, Restored
 from strategies.robust.aggregate import RobustRound, s6_active
+from strategies.robust.math import TooFewReplies
 from task.config import RunConfig
 from task.logs import get_logger
 from task.lora import State
-from task.options import ConfigError
 
 log = get_logger()
 
@@ -55,7 +55,7 @@ class RobustAggregation:
         try:
             new_state, info = self.round.aggregate(server_round, start, sent, states, counts,
                                                    nodes)
-        except ConfigError as err:  # e.g. too few replies for Krum this round
+        except TooFewReplies as err:  # e.g. K < 2f + 3 replies for Krum this round
             log.warning("round %d: robust.aggregator='%s' cannot aggregate these %d "
                         "replies (%s); keeping the previous global model", server_round,
                         self.cfg.robust.aggregator, len(states), err)
@@ -78,21 +78,15 @@ class RobustAggregation:
 
 def wrap_robust(cfg: RunConfig, label_names: tuple[str, ...], inner: Aggregation
                 ) -> Aggregation:
-    """`inner` wrapped in S6 when `robust.aggregator` / `robust.contribution` are on
-    (ConfigError where S6 does not apply: it works on the LoRA aggregations of factors)."""
+    """`inner` wrapped in S6 when `robust.aggregator` / `robust.contribution` are on. Where
+    S6 does not apply (it works on the LoRA aggregations of factors) the config is refused
+    when parsed (`RobustSection.check`, from the algorithm's `Traits.aggregates_own_way`);
+    a strategy that overrides `_aggregate` while its Traits say otherwise is a plug-in bug
+    (TypeError)."""
     if not s6_active(cfg):
         return inner
-    why = ""
     if inner.overridden:
-        why = f"strategy='{cfg.strategy}' aggregates its own way"
-    elif cfg.merges_into_base:
-        why = f"strategy='{cfg.strategy}' merges updates into the frozen weights"
-    elif cfg.fleet.selection == "fedlaavg":
-        why = "fleet.selection='fedlaavg' aggregates every device's stored update"
-    if why:
-        raise ConfigError(f"robust.aggregator='{cfg.robust.aggregator}' / robust."
-                          f"contribution='{cfg.robust.contribution}' work on the LoRA "
-                          f"aggregations of factors (fedavg, hetlora, flexlora, rankwise,"
-                          f" hetlora-sw, flexlora-delta), but {why}: set robust.aggregator"
-                          "='none' robust.contribution='off' or pick one of those")
+        raise TypeError(f"strategy='{cfg.strategy}' overrides _aggregate, but its algorithm's "
+                        "Traits.aggregates_own_way(cfg) is False: return True there, so that "
+                        "robust.* is refused when the config is parsed")
     return RobustAggregation(cfg, tuple(label_names), inner)

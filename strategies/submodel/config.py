@@ -61,6 +61,9 @@ class SubmodelTraits(Traits):
     def rank_for(self, cfg: RunConfig, device: str, explicit_rank: int = 0) -> int:
         return self._agg(cfg).rank_for(cfg, device, explicit_rank)
 
+    def aggregates_own_way(self, cfg: RunConfig) -> bool:
+        return True  # the LoRA aggregation plus the embedding rows' (S7)
+
     def check(self, cfg: RunConfig) -> None:
         if not family(cfg).generates:
             raise ConfigError(f"strategy='submodel' trains token-embedding rows of a causal LM: "

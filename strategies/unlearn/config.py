@@ -79,6 +79,9 @@ class UnlearnTraits(Traits):
         train = self.training_rounds(cfg) + cfg.unlearn.recovery_rounds
         return train * cfg.train.local_steps + cfg.unlearn.rounds * cfg.unlearn.grad_batches
 
+    def aggregates_own_way(self, cfg: RunConfig) -> bool:
+        return True  # unlearning rounds aggregate gradients (S4)
+
     def check(self, cfg: RunConfig) -> None:
         u = cfg.unlearn
         if not u.clients:
