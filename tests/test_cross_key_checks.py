@@ -71,6 +71,8 @@ def test_the_kinds_say_what_they_need_instead_of_being_named():
     assert [n for n, m in modes.items() if m.resumable] == ["train"]
     aggregations = registry("aggregation rule")
     assert [n for n, r in aggregations.items() if r.pads_factors] == ["fedavg", "hetlora"]
+    assert [n for n, r in aggregations.items() if r.refactorises] == ["flexlora",
+                                                                      "flexlora-delta"]
 
 
 def test_a_third_party_selection_policy_runs_without_touching_the_scheduler():

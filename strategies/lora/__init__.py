@@ -1,8 +1,14 @@
 """LoRA aggregation across heterogeneous ranks (S1): fedavg, hetlora, flexlora, rankwise,
 hetlora-sw, flexlora-delta, flora, fedex.
 
-- `math`: the aggregations as pure functions; `strategy`: the Flower strategy (unicast
-  per-rank payloads, validated replies); `server`: the run driver; `device`: the TRAIN handler.
+- `math`: the aggregations as pure functions, registered as AGGREGATION_RULES;
+- `strategy`: the Flower strategy (FedAvg subclass: unicast per-rank payloads, validated
+  replies, the aggregation hook S6 wraps, `strategies.robust.wrapper`), with its concerns
+  split out: `profiles` (who is who: the profile QUERY, the capability rank), `budget` (the
+  DP budget stop), `resume` (the CheckpointPart state protocol, StrategyCheckpoint);
+  selection is the fleet clock's registered policy (`strategies.fleet.policy`);
+- `checkpoint`: the exact-resume files of a run; `server`: the run driver; `device`: the
+  TRAIN handler.
 - fedavg: every device at lora.fedavg-rank; hetlora / flexlora: each at its profile's rank.
 """
 

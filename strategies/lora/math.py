@@ -377,11 +377,13 @@ class AggregationRule:
     """One LoRA aggregation: `fn` of the devices' models (an Aggregator), or, `on_updates`,
     of what each device changed (a DeltaAggregator). `pads_factors`: it is the weighted
     mean of the factors zero-padded to r_max, which FedLaAvg's stored updates compute too
-    (`fleet.selection='fedlaavg'` runs with it)."""
+    (`fleet.selection='fedlaavg'` runs with it); `refactorises`: it re-factorises a mean
+    product by SVD, so its aggregate is not linear in the devices' factors."""
 
     fn: Callable
     on_updates: bool = False
     pads_factors: bool = False
+    refactorises: bool = False
 
 
 # The aggregation rules (`cfg.aggregation`): a `task.registry.Registry`, kind "aggregation
@@ -391,10 +393,11 @@ for _name, _fn in (("fedavg", hetlora_aggregate),  # one rank: zero-padding is a
                    ("hetlora", hetlora_aggregate), ("flexlora", flexlora_aggregate),
                    ("rankwise", rankwise_aggregate), ("hetlora-sw", norm_weighted_aggregate)):
     AGGREGATION_RULES.register(_name, AggregationRule(
-        _fn, pads_factors=_fn is hetlora_aggregate))
+        _fn, pads_factors=_fn is hetlora_aggregate, refactorises=_fn is flexlora_aggregate))
 for _name, _fn in (("flexlora-delta", delta_aggregate), ("flora", flora_aggregate),
                    ("fedex", fedex_aggregate)):
-    AGGREGATION_RULES.register(_name, AggregationRule(_fn, on_updates=True))
+    AGGREGATION_RULES.register(_name, AggregationRule(
+        _fn, on_updates=True, refactorises=_fn is delta_aggregate))
 
 # name -> function, as mappings (live views of the registry; `.get` gives None when absent)
 DELTA_AGGREGATORS: Mapping[str, DeltaAggregator] = AGGREGATION_RULES.view(

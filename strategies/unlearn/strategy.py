@@ -22,6 +22,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
+from strategies.lora.math import AGGREGATION_RULES
 from strategies.lora.strategy import HeterogeneousLoRA, NodeProfile
 from strategies.registry import RunAborted
 from strategies.unlearn.steps import remove_drift, unlearning_step
@@ -180,7 +181,7 @@ class FederatedUnlearning(HeterogeneousLoRA):
             return super()._aggregate(states, counts, nodes)
         states = remove_drift(states, self._global, self.before, self.cfg.r_max)
         aggregate = super()._aggregate(states, counts, nodes)
-        if self.cfg.aggregation == "flexlora":
+        if AGGREGATION_RULES.get(self.cfg.aggregation).refactorises:
             # FlexLoRA re-factorises the mean of the products B A by SVD, which is not linear
             # in the factors: its aggregate can regain a component along d (cos 0.08 seen in
             # a second recovery round), so the aggregate's own update is stripped too. The
