@@ -23,7 +23,8 @@ from benchmarks.common import (machine_line, parse_value, provenance, read_json,
                                write_json)
 from task.device import DeviceInfo, train_round  # noqa: E402
 from task.evaluation import ServerTask  # noqa: E402
-from strategies.lora.math import aggregate, aggregation_error  # noqa: E402
+from strategies.lora.diagnostics import aggregation_error  # noqa: E402
+from strategies.lora.math import aggregate  # noqa: E402
 from task.config import RunConfig  # noqa: E402
 from task.lora import state_nbytes, truncate_lora  # noqa: E402
 

@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 
-from strategies.lora.math import (aggregation_error, example_weights, factorize,
-                                flexlora_aggregate, hetlora_aggregate, weighted_products)
+from strategies.lora.diagnostics import aggregation_error
+from strategies.lora.math import (example_weights, factorize, flexlora_aggregate,
+                                  hetlora_aggregate, weighted_products)
 from task.lora import lora_products, lora_rank, pad_lora, truncate_lora
 
 L = "base_model.model.layer.0.query"

@@ -5,7 +5,7 @@ import pytest
 from flwr.app import Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from strategies.lora.math import check_reply
+from strategies.lora.diagnostics import check_reply
 from strategies.lora.strategy import HeterogeneousLoRA, NodeProfile
 from task.config import RunConfig
 from task.lora import truncate_lora

@@ -24,8 +24,8 @@
   old model + sum_k w_k (B_k' A_k' - B_k A_k), goes into the frozen base delta; truncation to
   r_k moves the dropped components there too (`task.lora.truncate_lora`), so every device
   trains from exactly the global model and nothing shrinks or is lost over rounds.
-- `aggregation_error`: ||Bbar Abar - sum_k w_k B_k A_k||_F / ||sum_k w_k B_k A_k||_F averaged over
-  adapted layers: the number that separates them.
+- `aggregation_error` (strategies/lora/diagnostics.py): how far an aggregate is from the
+  exact mean product, the number that separates them.
 
 FlexLoRA's SVD never forms the d_out x d_in product: sum_k w_k B_k A_k = B_cat A_cat with
 B_cat = [w_1 B_1 ... w_K B_K], A_cat = [A_1; ...; A_K] of inner size R = sum_k r_k, so two
@@ -334,39 +334,6 @@ def fedex_aggregate(previous: State, sent: Sequence[State], states: Sequence[Sta
                    lambda prefix: factors(averaged, prefix))
 
 
-ERROR_BUDGET = 4096  # (device, layer) products aggregation_error forms at most per round
-
-
-def aggregation_error(global_state: State, states: Sequence[State],
-                      num_examples: Sequence[int]) -> float | None:
-    """S1: mean over layers of ||Bbar Abar - sum w_k B_k A_k||_F / ||sum w_k B_k A_k||_F.
-
-    One layer at a time (one d_out x d_in product held, not all layers'); with more than
-    ERROR_BUDGET (device, layer) pairs, over evenly spaced layers only, so the diagnostic
-    stays cheap at 100 devices. None when undefined (no replies, every target product is
-    zero, or a global state with base deltas: `flora`/`fedex` merge the exact update, tested
-    in tests/test_lora_aggregators).
-    """
-    if not states or any(is_base_delta_key(k) for k in global_state):
-        return None
-    weights = example_weights(num_examples)
-    layers = lora_layers(global_state)
-    keep = max(1, min(len(layers), ERROR_BUDGET // len(states)))
-    errors = []
-    for prefix in [layers[i] for i in np.linspace(0, len(layers) - 1, keep).round().astype(int)]:
-        target = 0.0
-        for w, state in zip(weights, states):
-            b, a = factors(state, prefix)
-            target = target + w * (b.astype(np.float64) @ a.astype(np.float64))
-        norm = np.linalg.norm(target)
-        if norm == 0.0:
-            continue
-        b, a = factors(global_state, prefix)
-        got = b.astype(np.float64) @ a.astype(np.float64)
-        errors.append(np.linalg.norm(got - target) / norm)
-    return float(np.mean(errors)) if errors else None
-
-
 Aggregator = Callable[[Sequence[State], Sequence[int], int], State]
 # (previous global, states sent, states returned, example counts, r_max) -> new global
 DeltaAggregator = Callable[[State, Sequence[State], Sequence[State], Sequence[int], int], State]
@@ -404,31 +371,6 @@ DELTA_AGGREGATORS: Mapping[str, DeltaAggregator] = AGGREGATION_RULES.view(
     lambda rule: rule.on_updates, lambda rule: rule.fn)
 AGGREGATORS: Mapping[str, Aggregator] = AGGREGATION_RULES.view(
     lambda rule: not rule.on_updates, lambda rule: rule.fn)
-
-
-def check_reply(state: State, expected: State, rank: int, num_examples: object) -> str | None:
-    """Why a device's reply must be rejected, or None if it is sound.
-
-    `expected` is the truncated state that device was sent (keys and shapes at its rank;
-    its frozen base deltas are not sent back).
-    """
-    expected = trainable_part(expected)
-    if isinstance(num_examples, bool) or not isinstance(num_examples, (int, float)) \
-            or num_examples <= 0 or num_examples != int(num_examples):
-        return f"missing or invalid num-examples ({num_examples!r})"
-    missing = sorted(set(expected) - set(state))
-    extra = sorted(set(state) - set(expected))
-    if missing or extra:
-        return f"wrong keys: missing {missing[:3]}, unexpected {extra[:3]}"
-    for key, ref in expected.items():
-        got = state[key]
-        if got.shape != ref.shape:
-            what = "rank" if is_lora_key(key) else "shape"
-            return (f"wrong {what} for {key}: got {tuple(got.shape)}, expected "
-                    f"{tuple(ref.shape)} (assigned rank {rank})")
-        if not np.all(np.isfinite(got)):
-            return f"non-finite values (NaN/Inf) in {key}"
-    return None
 
 
 def aggregate(name: str, previous: State, sent: Sequence[State], states: Sequence[State],

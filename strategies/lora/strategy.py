@@ -45,8 +45,8 @@ from flwr.serverapp.strategy import FedAvg
 
 from strategies.fleet.scheduler import FleetClock, LatestUpdates, make_fleet
 from strategies.lora.budget import PrivacyBudget, has_payload, privacy_spent
-from strategies.lora.math import (AGGREGATORS, DELTA_AGGREGATORS, aggregation_error,
-                                  check_reply)
+from strategies.lora.diagnostics import aggregation_error, check_reply
+from strategies.lora.math import AGGREGATORS, DELTA_AGGREGATORS
 from strategies.lora.profiles import (NodeProfile, ProfileDirectory, capability_rank,
                                       device_budget, profile_query)
 from strategies.lora.resume import NodeTable, StrategyCheckpoint
