@@ -75,7 +75,7 @@ def measure(method: str, devices: int, layers: int) -> dict:
     import torch  # noqa: F401  (loaded before the clock, as in the server, which evaluates)
 
     from strategies.lora.math import AGGREGATORS
-    from task.lora import state_nbytes
+    from edge_lam.training.lora import state_nbytes
 
     states = make_states(devices, layers)
     counts = [100 + 7 * k for k in range(devices)]

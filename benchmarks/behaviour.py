@@ -40,7 +40,7 @@ scenario, file, row or key present on one side only is reported as `missing` (in
 What it needs from the code it runs: pyproject.toml's `serverapp` and run config, the config
 keys in SCENARIOS, the result files above, `tests/inprocess_grid.py` (the ClientApp,
 `strategies.registry`, `strategies.robust.inject`), `tests/tiny_models.py` and
-`benchmarks/common.py` (`provenance`, `write_json`; it imports `task.options`). It imports
+`benchmarks/common.py` (`provenance`, `write_json`; it imports `edge_lam.config.options`). It imports
 no app module itself, so a refactor that moves modules fixes those helpers, not this script.
 Rows are matched by position, so a refactor that reorders a list (the `clients` of a round)
 shows up as differences: state it or keep the order.
@@ -166,7 +166,7 @@ EXCLUDED_KEYS = {
     "requested_at": "unlearning.json: a timestamp",
     "completed_at": "unlearning.json: a timestamp",
     "at": "unlearning.json history: timestamps",
-    "process_task": "count of tasks this process has handled (task.overhead): depends on "
+    "process_task": "count of tasks this process has handled (edge_lam.training.overhead): depends on "
                     "which scenarios ran before in the same process, not on the code",
 }
 
@@ -303,7 +303,7 @@ def app_code() -> dict:
         return subprocess.run(["git", "-C", str(ROOT), *a], capture_output=True,
                               text=True).stdout.strip()
 
-    dirty = git("status", "--porcelain", "--", "task", "strategies", "client_app",
+    dirty = git("status", "--porcelain", "--", "edge_lam", "strategies", "client_app",
                 "server_app", "pyproject.toml", "tests/inprocess_grid.py",
                 "tests/tiny_models.py")
     return {"head": git("rev-parse", "HEAD"), "app_uncommitted": dirty.splitlines()}

@@ -31,9 +31,9 @@ def measure(rank: int, steps: int, batch: int, seq: int, data: str, model_name: 
             padding: str = "max", base_dropout: bool = False) -> dict:
     import torch
 
-    from task.config import RunConfig
-    from task.data import load_split_frames, resolve_columns, to_examples, label_names_of
-    from task.model import get_lora_model, load_tokenizer, resolve_model_source
+    from edge_lam.config.run_config import RunConfig
+    from edge_lam.data.text import load_split_frames, resolve_columns, to_examples, label_names_of
+    from edge_lam.models.lora_model import get_lora_model, load_tokenizer, resolve_model_source
 
     cfg = RunConfig.from_run_config({"strategy": "fedavg", "lora.fedavg-rank": rank,
                                      "model": model_name, "train.base-dropout": base_dropout})

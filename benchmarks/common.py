@@ -26,12 +26,12 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from task.options import parse_value  # noqa: F401  (also re-exported for the scripts)
+from edge_lam.config.options import parse_value  # noqa: F401  (also re-exported for the scripts)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
 # What `flwr run` needs of the checkout (it rewrites pyproject.toml: runs get a copy).
-APP_FILES = ("pyproject.toml", "README.md", "task", "strategies", "client_app", "server_app")
+APP_FILES = ("pyproject.toml", "README.md", "edge_lam", "strategies", "client_app", "server_app")
 LIBRARIES = ("torch", "transformers", "peft", "flwr", "opacus", "numpy", "flwr-datasets")
 
 
@@ -50,7 +50,7 @@ def _git_commit() -> str | None:
         out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
                              capture_output=True, text=True, timeout=10)
         dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--",
-                                "task", "strategies", "client_app", "server_app", "benchmarks"],
+                                "edge_lam", "strategies", "client_app", "server_app", "benchmarks"],
                                capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
@@ -128,7 +128,7 @@ def run_inprocess(raw: dict, devices: int, run_id: int,
         sys.path.insert(0, str(ROOT / "tests"))
     from inprocess_grid import InProcessGrid
 
-    from task.config import RunConfig
+    from edge_lam.config.run_config import RunConfig
 
     module = importlib.import_module(server)
     plan = module.prepare_run(RunConfig.from_run_config(raw), run_id)

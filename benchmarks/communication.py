@@ -18,10 +18,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import machine_line, provenance, read_json, write_json  # noqa: E402
-from task.config import RunConfig  # noqa: E402
-from task.lora import state_nbytes  # noqa: E402
-from task.model import get_lora_model, get_trainable_state  # noqa: E402
-from task.records import record_nbytes, to_record  # noqa: E402
+from edge_lam.config.run_config import RunConfig  # noqa: E402
+from edge_lam.training.lora import state_nbytes  # noqa: E402
+from edge_lam.models.lora_model import get_lora_model, get_trainable_state  # noqa: E402
+from edge_lam.records import record_nbytes, to_record  # noqa: E402
 
 LABELS = ("Business", "Sci/Tech", "Sports", "World")
 

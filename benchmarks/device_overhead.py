@@ -3,7 +3,7 @@
 Each case is a real deployment (benchmarks/federation.py: a SuperLink with TLS and node
 authentication, one SuperNode started by deploy/supernode.sh, `flwr run`), one device so no
 two trainings share the 2 cores, 3 rounds of the run's local training. Every reply reports
-(task.overhead) `startup-s` (the task's claim to the handler: a fresh `flwr-clientapp`'s start
+(edge_lam.training.overhead) `startup-s` (the task's claim to the handler: a fresh `flwr-clientapp`'s start
 and imports, or only Flower's pulls in the warm runtime), `handler-s` and `train-s`; the
 round's overhead is startup + handler - train (model load, data preparation, hand-over).
 

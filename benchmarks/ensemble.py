@@ -6,7 +6,7 @@ answers with token log-probabilities, voting on the final number, exact match).
 Members: the base LLM, adapters fine-tuned here on different devices' data (each on one
 Dirichlet partition, so each is biased toward its device's classes), and optionally a
 different LLM (`--other gemma-3-270m`). Each member scores the same queries with the very
-function devices run (`task.answer.label_probabilities`), timed on this machine; the
+function devices run (`edge_lam.serving.answer.label_probabilities`), timed on this machine; the
 combination, trust and cascade are `server_app.infer.report.summarise`, as in `mode='infer'`.
 Byzantine: the f = floor((M - 1) / 3) members of best calibration quality answer `wrong`
 (certainty on a label other than their own best) or at random.
@@ -30,11 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import machine_line, provenance, read_json, write_json  # noqa: E402
 from server_app.infer.report import Answers, Knobs, generated_votes, summarise  # noqa: E402
-from task.answer import (Member, attacked, attacked_answers, generated_answers,  # noqa: E402
-                         label_probabilities)
-from task.config import RunConfig  # noqa: E402
-from task.device import DeviceInfo, train_round  # noqa: E402
-from task.evaluation import ServerTask  # noqa: E402
+from edge_lam.serving.answer import (Member, attacked, attacked_answers, generated_answers,  # noqa: E402
+                                     label_probabilities)
+from edge_lam.config.run_config import RunConfig  # noqa: E402
+from edge_lam.training.device import DeviceInfo, train_round  # noqa: E402
+from edge_lam.training.evaluation import ServerModel  # noqa: E402
 
 TASKS = {  # data folder name -> (template, label words)
     "agnews": ("What is the topic of this news article: World, Sports, Business or "
@@ -68,7 +68,7 @@ def make_config(args) -> RunConfig:
         "data.partitioner": "dirichlet", "data.dirichlet-alpha": 0.5})
 
 
-def train_adapters(cfg: RunConfig, task: ServerTask, count: int, out: Path) -> list[Member]:
+def train_adapters(cfg: RunConfig, task: ServerModel, count: int, out: Path) -> list[Member]:
     """One adapter per device partition (of 10), fine-tuned from the base model alone."""
     members = []
     for k in range(count):
@@ -300,7 +300,7 @@ def main() -> None:
             truth = generated_votes(ans, references, args.calibration)
     else:
         cfg = make_config(args)
-        task = ServerTask.prepare(cfg)
+        task = ServerModel.prepare(cfg)
         work = Path("/tmp") / f"edge-lam-ensemble-{args.seed}"
         members = [Member(cfg.model)] + train_adapters(cfg, task, args.adapters, work)
         if args.other:

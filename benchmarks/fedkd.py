@@ -35,12 +35,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (machine_line, parse_value, provenance, read_json,  # noqa: E402
                                write_json)
-from task.device import DeviceInfo  # noqa: E402
+from edge_lam.training.device import DeviceInfo  # noqa: E402
 from strategies.fedkd.device import DeviceStore, device_round, device_task, train_modules  # noqa: E402
 from strategies.fedkd.evaluation import FedKDServer  # noqa: E402
 from strategies.fedkd.math import (aggregate_fedkd, decode_update, device_view,  # noqa: E402
                               encode_update, energy_threshold, payload_nbytes)
-from task.config import RunConfig  # noqa: E402
+from edge_lam.config.run_config import RunConfig  # noqa: E402
 
 SETUPS = {  # name -> (device mode, run-config overrides)
     "fedkd": ("fedkd", {"fedkd.compress": False}),

@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from benchmarks.common import (machine_line, provenance, read_json,  # noqa: E402
                                run_inprocess, set_overrides, write_json)
-from task.config import RunConfig  # noqa: E402
+from edge_lam.config.run_config import RunConfig  # noqa: E402
 
 SELECTIONS = ("all", "random", "oort", "s2")
 
@@ -103,15 +103,15 @@ def study_intermittent(args, work: Path) -> dict:
 
 
 def per_class(raw: dict, run_dir: Path) -> dict[str, float]:
-    from task.evaluation import ServerTask
+    from edge_lam.training.evaluation import ServerModel
 
-    task = ServerTask.prepare(RunConfig.from_run_config(raw))
+    task = ServerModel.prepare(RunConfig.from_run_config(raw))
     state = task.load_state(run_dir / "adapter", "the run's adapter")
     labels = np.asarray(task.test.labels)
     out = {}
     for k, name in enumerate(task.label_names):
         idx = np.flatnonzero(labels == k)
-        sub = ServerTask(task.cfg, task.label_names, task.test.subset(idx), task.data_source)
+        sub = ServerModel(task.cfg, task.label_names, task.test.subset(idx), task.data_source)
         out[name] = sub.evaluate(state)["accuracy"]
     return out
 

@@ -3,14 +3,14 @@ tuning (SmolLM2-135M-Instruct, then Gemma-3-270M), per memory option, each in a 
 and where the peak goes.
 
 GSM8K prompt/response pairs, batch 4, every sequence cut (prompt middle first,
-`task.data.fit`) and padded to exactly 256 tokens, LoRA on q,k,v,o + MLP. Options:
+`edge_lam.data.text.fit`) and padded to exactly 256 tokens, LoRA on q,k,v,o + MLP. Options:
 
 - `naive`: fp32, the model's own loss (`labels=`): logits for every position x vocabulary.
 - `response-logits`: our default: logits only where a response token is predicted.
 - `chunked`: + `train.loss-chunk=64` (vocabulary projection 64 tokens at a time).
 - `checkpointing`: + `train.gradient-checkpointing=true`.
 - `bf16`: + `train.dtype=bfloat16` frozen weights (LoRA stays fp32).
-- `mmap-threshold`: + `train.malloc-mmap-threshold=4096` (glibc, `task.memory`).
+- `mmap-threshold`: + `train.malloc-mmap-threshold=4096` (glibc, `edge_lam.training.memory`).
 - `malloc-trim`: + `train.malloc-trim=true` (the heap's free pages back to the OS after each
   forward pass and each step).
 - `malloc-trim-fp32`: the same in float32 (bf16 against fp32 step time, all else equal).
@@ -49,7 +49,7 @@ OPTIONS = {  # name -> run-config overrides (cumulative, as a device would turn 
     "chunked": {"train.loss-chunk": 64},
     "checkpointing": {"train.loss-chunk": 64, "train.gradient-checkpointing": True},
     "bf16": _BEST,
-    # + glibc's mmap threshold fixed (task/memory.py): large tensors never pile up in the heap
+    # + glibc's mmap threshold fixed (edge_lam/training/memory.py): large tensors never pile up in the heap
     "mmap-threshold": {**_BEST, "train.malloc-mmap-threshold": 4096},
     # + the heap's free pages handed back after each forward pass and each step
     "malloc-trim": {**_BEST, "train.malloc-mmap-threshold": 4096, "train.malloc-trim": True},
@@ -66,7 +66,7 @@ MIB = 2**20
 
 def _status() -> dict[str, float]:
     """VmRSS / VmHWM / RssAnon / RssFile now, in MiB."""
-    from task.memory import process_status
+    from edge_lam.training.memory import process_status
 
     return {k: v / 1024 for k, v in process_status().items()}
 
@@ -75,7 +75,7 @@ def _batches(cfg, tok, ex, steps: int, batch: int, seq: int) -> list[dict]:
     """The GSM8K batches, every one cut and padded to exactly `seq` tokens."""
     import torch
 
-    from task.data import encode_pairs
+    from edge_lam.data.text import encode_pairs
 
     out = []
     for i in range(steps):
@@ -99,8 +99,8 @@ def _steps(option: str, cfg, net, batches: list[dict], warmup: int) -> dict:
     (pages the process took fresh from the OS), and per step the RSS after it."""
     import torch
 
-    from task.memory import releaser
-    from task.train import run_steps, task_loss
+    from edge_lam.training.memory import releaser
+    from edge_lam.training.loop import run_steps, task_loss
 
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)
     net.train()
@@ -167,10 +167,10 @@ def measure(option: str, rank: int, steps: int, batch: int, seq: int, data: str,
     started, load0 = _status()["VmRSS"], os.getloadavg()[0]
     import torch
 
-    from task.config import RunConfig
-    from task.data import load_split_frames, resolve_columns, to_examples
-    from task.memory import heap_in_use
-    from task.model import get_lora_model, load_tokenizer, resolve_model_source
+    from edge_lam.config.run_config import RunConfig
+    from edge_lam.data.text import load_split_frames, resolve_columns, to_examples
+    from edge_lam.training.memory import heap_in_use
+    from edge_lam.models.lora_model import get_lora_model, load_tokenizer, resolve_model_source
 
     cfg = RunConfig.from_run_config({"model": model, "task": "causal-lm", "strategy": "fedavg",
                                      "lora.fedavg-rank": rank, "train.max-length": seq,
@@ -266,7 +266,7 @@ def render(rows: list[dict]) -> str:
         "are cumulative (each row adds to the one before, from `response-logits` on); "
         "`naive` is the model's own loss with full-vocabulary logits at every position; "
         "`mmap-threshold` adds `train.malloc-mmap-threshold=4096` (glibc's M_MMAP_THRESHOLD, "
-        "task/memory.py), `malloc-trim` adds `train.malloc-trim=true` (malloc_trim after each "
+        "edge_lam/training/memory.py), `malloc-trim` adds `train.malloc-trim=true` (malloc_trim after each "
         "forward pass and each step), `malloc-trim-fp32` is the same in float32. Page faults: "
         "pages the process took fresh from the OS during a step (the price of both).", "",
         "Where the peak goes (MiB; the first five columns add up to the peak):", "",
@@ -366,7 +366,7 @@ def _convert_once(model: str) -> None:
     otherwise count in the first row's peak."""
     import subprocess
 
-    subprocess.run([sys.executable, "-c", "import sys; from task.model import "
+    subprocess.run([sys.executable, "-c", "import sys; from edge_lam.models.lora_model import "
                     "resolve_model_source; resolve_model_source(sys.argv[1])", model],
                    check=True, cwd=Path(__file__).resolve().parents[1])
 

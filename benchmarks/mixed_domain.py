@@ -27,10 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import (machine_line, parse_value, provenance, read_json,  # noqa: E402
                                write_json)
 from strategies.lora.math import aggregate  # noqa: E402
-from task.config import RunConfig  # noqa: E402
-from task.device import DeviceInfo, train_round  # noqa: E402
-from task.evaluation import ServerTask  # noqa: E402
-from task.lora import state_nbytes, truncate_lora  # noqa: E402
+from edge_lam.config.run_config import RunConfig  # noqa: E402
+from edge_lam.training.device import DeviceInfo, train_round  # noqa: E402
+from edge_lam.training.evaluation import ServerModel  # noqa: E402
+from edge_lam.training.lora import state_nbytes, truncate_lora  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"  # ../shared/data
 AGNEWS_TEMPLATE = ("What is the topic of this news article: World, Sports, Business or "
@@ -51,7 +51,7 @@ def domain_configs(base: dict, data_root: Path) -> dict[str, RunConfig]:
             for d, over in DOMAINS.items()}
 
 
-def evaluate_all(servers: dict[str, ServerTask], state) -> dict[str, dict]:
+def evaluate_all(servers: dict[str, ServerModel], state) -> dict[str, dict]:
     return {d: {k: v for k, v in s.evaluate(state).items()
                 if k in ("accuracy", "loss", "perplexity", "exact_match", "examples")}
             for d, s in servers.items()}
@@ -64,7 +64,7 @@ def run(setup: str, cfgs: dict[str, RunConfig], per_domain: int, eval_every: int
     domains = list(cfgs) if setup == "federated" else [setup.removeprefix("alone-")]
     devices = [(d, i) for d in domains for i in range(per_domain)]
     any_cfg = cfgs[domains[0]]
-    servers = {d: ServerTask.prepare(c) for d, c in cfgs.items()}
+    servers = {d: ServerModel.prepare(c) for d, c in cfgs.items()}
     if setup != "federated" and own_only:  # a domain alone: scored on its own test set
         servers = {d: s for d, s in servers.items() if d in domains}
     state = servers[domains[0]].initial_state()

@@ -27,7 +27,7 @@ from benchmarks.common import ROOT, machine_line, provenance, read_json, write_j
 PROBE = """
 import json, sys, time
 t0 = time.perf_counter()
-from task.model import resolve_model_source
+from edge_lam.models.lora_model import resolve_model_source
 folder = resolve_model_source(sys.argv[1])
 resolved = time.perf_counter() - t0
 import torch

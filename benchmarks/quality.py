@@ -1,8 +1,8 @@
 """Quality of fedavg (r=2, r=16), hetlora, flexlora and centralised LoRA (r=16) on AG News.
 
 The federation is driven in-process with the very functions the Flower apps call
-(task.device.train_round, strategies.lora.math.AGGREGATORS, task.lora.truncate_lora,
-task.evaluation.ServerTask), so it runs anywhere torch runs (a GPU box without Flower
+(edge_lam.training.device.train_round, strategies.lora.math.AGGREGATORS, edge_lam.training.lora.truncate_lora,
+edge_lam.training.evaluation.ServerModel), so it runs anywhere torch runs (a GPU box without Flower
 installed, too). Bytes are payload bytes (raw array bytes; see benchmarks/common.py).
 
     python benchmarks/quality.py --data ../shared/data/agnews --rounds 20 --devices 10
@@ -21,12 +21,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (machine_line, parse_value, provenance, read_json,  # noqa: E402
                                write_json)
-from task.device import DeviceInfo, train_round  # noqa: E402
-from task.evaluation import ServerTask  # noqa: E402
+from edge_lam.training.device import DeviceInfo, train_round  # noqa: E402
+from edge_lam.training.evaluation import ServerModel  # noqa: E402
 from strategies.lora.diagnostics import aggregation_error  # noqa: E402
 from strategies.lora.math import aggregate  # noqa: E402
-from task.config import RunConfig  # noqa: E402
-from task.lora import state_nbytes, truncate_lora  # noqa: E402
+from edge_lam.config.run_config import RunConfig  # noqa: E402
+from edge_lam.training.lora import state_nbytes, truncate_lora  # noqa: E402
 
 SETUPS = {  # name -> run-config overrides (`-rlr`: lora.rank-matched-lr, the default)
     "fedavg-r2": {"strategy": "fedavg", "lora.fedavg-rank": 2},
@@ -48,7 +48,7 @@ SETUPS = {  # name -> run-config overrides (`-rlr`: lora.rank-matched-lr, the de
 
 
 def federated(cfg: RunConfig, num_devices: int, log) -> list[dict]:
-    task = ServerTask.prepare(cfg)
+    task = ServerModel.prepare(cfg)
     state = task.initial_state()
     rows = [{"round": 0, **task.evaluate(state), "wall_s": 0.0}]
     ranks = [cfg.rank_for(cfg.device_for(p)) for p in range(num_devices)]
@@ -78,7 +78,7 @@ def federated(cfg: RunConfig, num_devices: int, log) -> list[dict]:
 
 def centralised(cfg: RunConfig, num_devices: int, log) -> list[dict]:
     """One rank-16 model on the union of the data, as many steps per round as the federation."""
-    task = ServerTask.prepare(cfg)
+    task = ServerModel.prepare(cfg)
     state = task.initial_state()
     rows = [{"round": 0, **task.evaluate(state), "wall_s": 0.0}]
     steps = cfg.updated("train", local_steps=cfg.train.local_steps * num_devices)

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from benchmarks.common import (machine_line, provenance, read_json,  # noqa: E402
                                run_inprocess, set_overrides, write_json)
-from task.config import RunConfig  # noqa: E402
+from edge_lam.config.run_config import RunConfig  # noqa: E402
 
 ATTACKS = ("none", "sign-flip", "scale", "gaussian", "backdoor", "collude")  # table order
 AGGREGATORS = ("none", "mean", "median", "trimmed-mean", "krum", "multi-krum", "norm-clip",
@@ -85,15 +85,15 @@ def attack_success(raw: dict, run_dir: Path) -> dict:
     """Backdoor: the share of triggered test texts (true label != target) that the run's
     final adapter classifies as the target, and the clean accuracy of the same adapter."""
     from strategies.robust.inject import backdoor_test, target_label
-    from task.evaluation import ServerTask
+    from edge_lam.training.evaluation import ServerModel
 
     cfg = RunConfig.from_run_config(raw)
-    task = ServerTask.prepare(cfg)
+    task = ServerModel.prepare(cfg)
     state = task.load_state(run_dir / "adapter", "the run's adapter")
     target = target_label(cfg, task.label_names)
     test = backdoor_test(task.test, cfg.attack.trigger, target)
     test.labels = [target] * len(test)  # accuracy against the target = success rate
-    sub = ServerTask(task.cfg, task.label_names, test, task.data_source)
+    sub = ServerModel(task.cfg, task.label_names, test, task.data_source)
     return {"attack_success": sub.evaluate(state)["accuracy"], "triggered_examples": len(test),
             "target": task.label_names[target]}
 

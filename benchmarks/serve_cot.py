@@ -42,7 +42,7 @@ from benchmarks.common import machine_line, provenance, read_json, write_json  #
 from server_app.serve import cot  # noqa: E402
 from server_app.serve.fleet import PROFILES, ServeDevice  # noqa: E402
 from server_app.serve.placement import METHODS, chain_problem, solve  # noqa: E402
-from task.generation import final_number  # noqa: E402
+from edge_lam.serving.generation import final_number  # noqa: E402
 
 FLEET = "rpi4,rpi4,rpi4,rpi5,rpi5,rpi5,jetson-orin-nano,jetson-orin-nano,laptop,laptop"
 
@@ -53,7 +53,7 @@ def flow_run(args, step_tokens: int, work: Path) -> tuple[dict, list[dict]]:
     from inprocess_grid import InProcessGrid
 
     from server_app import modes
-    from task.config import RunConfig
+    from edge_lam.config.run_config import RunConfig
 
     raw = {"mode": "serve", "serve.kind": "cot", "task": "causal-lm", "model": args.model,
            "data.path": str(args.data), "eval.max-examples": args.questions,

@@ -1,5 +1,5 @@
 """MoE layers as micro-services (S8), measured: a dense LLM made a mixture of experts without
-training (`task.moe`), its quality at k/E = 25%, 50%, 100% against the dense model in the same
+training (`edge_lam.serving.moe`), its quality at k/E = 25%, 50%, 100% against the dense model in the same
 run, and its serving over devices through the real ClientApp (`mode='serve'`,
 `serve.kind='moe'`, in-process Flower grid): bytes per layer per token, work per device and
 predicted seconds on the simulated fleet, for round-robin, greedy and Lyapunov
@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # InProc
 
 from benchmarks.common import RESULTS, machine_line, provenance, read_json, write_json  # noqa
 from benchmarks.ensemble import TASKS  # noqa: E402
-from task.config import RunConfig  # noqa: E402
-from task.evaluation import ServerTask  # noqa: E402
+from edge_lam.config.run_config import RunConfig  # noqa: E402
+from edge_lam.training.evaluation import ServerModel  # noqa: E402
 
 NAME = "serve_moe"
 
@@ -54,12 +54,12 @@ def make_config(args, queries: int, top_k: int, scheduler: str = "round-robin",
 
 def quality(args) -> tuple[dict, list[dict]]:
     """The dense model and the MoE at each k, on the same queries."""
-    import task.moe as moe_mod
+    import edge_lam.serving.moe as moe_mod
     from server_app.serve.moe import label_logits, moe_model
     from server_app.serve.moe import quality as score
 
     cfg = RunConfig.from_run_config(make_config(args, args.queries, args.experts))
-    task = ServerTask.prepare(cfg, with_model=False)
+    task = ServerModel.prepare(cfg, with_model=False)
     truth = np.asarray(task.test.labels)
     started = time.perf_counter()
     tokenizer, model, plan = moe_model(cfg, task.label_names)
@@ -94,7 +94,7 @@ def oracle_routing(args, model, layers, tokenizer, cfg, task, dense, truth) -> d
     all E (no saving): the best any router could do with these experts."""
     from server_app.serve.moe import label_logits
     from server_app.serve.moe import quality as score
-    from task.moe import expert_output
+    from edge_lam.serving.moe import expert_output
 
     k = max(1, args.experts // 2)
 
@@ -122,7 +122,7 @@ def oracle_routing(args, model, layers, tokenizer, cfg, task, dense, truth) -> d
 
 def random_routing(args, model, layers, tokenizer, cfg, task, dense, truth) -> dict:
     """k = E / 2 experts per token drawn at random (seeded): the router's baseline."""
-    import task.moe as moe_mod
+    import edge_lam.serving.moe as moe_mod
     from server_app.serve.moe import label_logits
     from server_app.serve.moe import quality as score
 
@@ -150,7 +150,7 @@ def serving(args) -> dict:
 
     from server_app.serve import mode
     from server_app.serve.moe import label_logits, moe_model
-    from task.moe import MoEPlan, moefy
+    from edge_lam.serving.moe import MoEPlan, moefy
 
     k = max(1, args.experts // 2)
     out = {"queries": args.serve_queries, "top_k": k, "devices": args.devices,
@@ -171,7 +171,7 @@ def serving(args) -> dict:
             "slots", "tokens_per_device", "pairs_per_device", "predicted_expert_s",
             "pair_seconds", "server_params", "expert_params", "wall_seconds")})
         print(out["schedulers"][-1], flush=True)
-    task = ServerTask.prepare(cfg, with_model=False)
+    task = ServerModel.prepare(cfg, with_model=False)
     tokenizer, model, _ = moe_model(cfg, task.label_names)
     layers = moefy(model, MoEPlan.from_arrays(dict(np.load(run_dir / "moe_plan.npz"))), k)
     local = label_logits(model, layers, tokenizer, cfg, task.test)

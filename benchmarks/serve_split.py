@@ -36,10 +36,10 @@ from server_app.serve.fleet import PROFILES, ServeDevice, fleet  # noqa: E402
 from server_app.serve.split import measure_costs, run_batch  # noqa: E402
 from server_app.serve.split_plan import (MIB, choose, even_segments,  # noqa: E402
                                          fixed_plan, plan_seconds)
-from task.options import ConfigError  # noqa: E402
-from task.config import RunConfig  # noqa: E402
-from task.layers import unit_names  # noqa: E402
-from task.model import resolve_model_source  # noqa: E402
+from edge_lam.config.options import ConfigError  # noqa: E402
+from edge_lam.config.run_config import RunConfig  # noqa: E402
+from edge_lam.serving.layers import unit_names  # noqa: E402
+from edge_lam.models.lora_model import resolve_model_source  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results" / "serve-split"
 

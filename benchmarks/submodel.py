@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from benchmarks.common import (machine_line, provenance, read_json, run_inprocess,  # noqa: E402
                                write_json)
-from task.config import RunConfig  # noqa: E402
+from edge_lam.config.run_config import RunConfig  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 
@@ -65,9 +65,9 @@ def part_bytes(args) -> list[dict]:
     from strategies.submodel.device import device_request
     from strategies.submodel.math import decoy_rate, row_bytes, secure_row_bytes
     from strategies.submodel.rows import base_table
-    from task.device import DeviceInfo
-    from task.lora import state_nbytes
-    from task.model import get_lora_model, initial_lora_state
+    from edge_lam.training.device import DeviceInfo
+    from edge_lam.training.lora import state_nbytes
+    from edge_lam.models.lora_model import get_lora_model, initial_lora_state
 
     out = []
     for model in args.models.split(","):
@@ -170,8 +170,8 @@ def extended_model(model: str, domain_dir: Path, k: int, folder: Path) -> list[i
     import torch
     from transformers import AutoModelForCausalLM
 
-    from task.data import load_split_frames
-    from task.model import load_tokenizer, resolve_model_source
+    from edge_lam.data.text import load_split_frames
+    from edge_lam.models.lora_model import load_tokenizer, resolve_model_source
 
     source = resolve_model_source(model)
     tok = load_tokenizer(source)
@@ -198,12 +198,12 @@ def new_token_nll(model_dir: Path, adapter: Path, raw: dict, new_ids: list[int])
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from task.data import batches, encode_batch
-    from task.evaluation import ServerTask
-    from task.model import load_tokenizer, torch_device
+    from edge_lam.data.text import batches, encode_batch
+    from edge_lam.training.evaluation import ServerModel
+    from edge_lam.models.lora_model import load_tokenizer, torch_device
 
     cfg = RunConfig.from_run_config(raw)
-    test = ServerTask.prepare(cfg, with_model=False).test
+    test = ServerModel.prepare(cfg, with_model=False).test
     base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     model = PeftModel.from_pretrained(base, str(adapter)).to(torch_device()).eval()
     tok = load_tokenizer(str(model_dir))

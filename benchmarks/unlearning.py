@@ -17,9 +17,9 @@ Measured: backdoor attack success rate (triggered test texts of other classes pr
 the target), clean test accuracy, membership-inference AUC (loss threshold) on the forgotten
 device's training texts vs unseen texts, and cost (rounds, bytes, wall time) vs retraining.
 
-Runs in-process with the functions the Flower apps call (task.device.train_round /
-gradient_round, strategies.lora.math.AGGREGATORS, strategies.unlearn.steps, ServerTask,
-task.privacy.DevicePrivacy), so it needs torch, not a Flower deployment:
+Runs in-process with the functions the Flower apps call (edge_lam.training.device.train_round /
+gradient_round, strategies.lora.math.AGGREGATORS, strategies.unlearn.steps, ServerModel,
+edge_lam.training.privacy.DevicePrivacy), so it needs torch, not a Flower deployment:
 
     python benchmarks/unlearning.py --model .device/minilm-fp16 --data .device/agnews
     python benchmarks/unlearning.py --tiny --rounds 1 --devices 3 --local-steps 2 \
@@ -46,18 +46,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import machine_line, provenance, read_json, write_json  # noqa: E402
-from task.device import DeviceInfo, gradient_round, local_examples, train_round  # noqa: E402
-from task.evaluation import ServerTask  # noqa: E402
+from edge_lam.training.device import (DeviceInfo, gradient_round, local_examples, train_round)  # noqa: E402
+from edge_lam.training.evaluation import ServerModel  # noqa: E402
 from strategies.lora.math import AGGREGATORS  # noqa: E402
 from strategies.unlearn.math import flatten_state, pad_for_projection, unflatten  # noqa: E402
 from strategies.unlearn.math import unlearning_objective  # noqa: E402
 from strategies.unlearn.steps import remove_drift, unlearning_step  # noqa: E402
-from task.config import RunConfig  # noqa: E402
-from task.data import Examples, encode_batch  # noqa: E402
-from task.lora import State, state_nbytes, truncate_lora  # noqa: E402
-from task.model import get_lora_model, load_tokenizer, resolve_model_source, \
-    set_trainable_state, torch_device  # noqa: E402
-from task.privacy import DevicePrivacy  # noqa: E402
+from edge_lam.config.run_config import RunConfig  # noqa: E402
+from edge_lam.data.text import Examples, encode_batch  # noqa: E402
+from edge_lam.training.lora import State, state_nbytes, truncate_lora  # noqa: E402
+from edge_lam.models.lora_model import (get_lora_model, load_tokenizer, resolve_model_source,  # noqa: E402
+                                        set_trainable_state, torch_device)
+from edge_lam.training.privacy import DevicePrivacy  # noqa: E402
 
 
 # ------------------------------------------------------------------------------ backdoor
@@ -103,10 +103,10 @@ class Batches:
 
 
 @torch.no_grad()
-def predict(cfg: RunConfig, task: ServerTask, state: State, data: Batches
+def predict(cfg: RunConfig, task: ServerModel, state: State, data: Batches
             ) -> tuple[np.ndarray, np.ndarray]:
     """(predicted labels, per-example cross-entropy) of the global model `state`."""
-    from task.lora import lora_rank
+    from edge_lam.training.lora import lora_rank
 
     model = get_lora_model(cfg, task.label_names, lora_rank(state))
     set_trainable_state(model, state)
@@ -169,7 +169,7 @@ class Probe:
 class Federation:
     """In-process devices and server, counting rounds, bytes and wall time per phase."""
 
-    def __init__(self, cfg: RunConfig, task: ServerTask, data: dict[int, Examples],
+    def __init__(self, cfg: RunConfig, task: ServerModel, data: dict[int, Examples],
                  dp: bool, local_steps: dict[int, int] | None = None):
         self.cfg, self.task, self.data = cfg, task, data
         self.ranks = {p: cfg.rank_for(cfg.device_for(p)) for p in data}
@@ -277,7 +277,7 @@ def new_cost() -> dict:
 # ------------------------------------------------------------------------------ the study
 def run_study(cfg: RunConfig, args, probe_seed: int, dp: bool, log) -> dict:
     """Train with the backdoor, then every way of forgetting; returns results and curves."""
-    task = ServerTask.prepare(cfg)
+    task = ServerModel.prepare(cfg)
     labels = task.label_names
     target = labels.index(args.target) if args.target in labels else 0
     data = {p: local_examples(cfg, DeviceInfo(partition_id=p, num_partitions=args.devices),

@@ -1,7 +1,7 @@
 """The Flower ClientApp each device runs (simulation worker or `flower-supernode`).
 
 - QUERY: tell the server who this device is (profile, partition, explicit rank, task), from
-  its `--node-config` (`task.fleet.profile_reply`); any app mode may ask.
+  its `--node-config` (`edge_lam.messaging.profile_reply`); any app mode may ask.
 - QUERY `infer`: answer a batch of queries (`mode='infer'`, `client_app.infer`).
 - QUERY `serve`: run one micro-service call (`mode='serve'`, `client_app.serve`).
 - TRAIN (and TRAIN.<kind>, e.g. "gradient"): handled by the algorithm the run config names,
@@ -18,9 +18,9 @@ from flwr.clientapp import ClientApp
 
 from client_app import infer, serve
 from strategies import registry
-from task.config import RunConfig
-from task.fleet import profile_reply
-from task.overhead import handled
+from edge_lam.config.run_config import RunConfig
+from edge_lam.messaging import profile_reply
+from edge_lam.training.overhead import handled
 
 app = ClientApp()
 
@@ -54,7 +54,7 @@ def _dispatch(message_type: str):
 
 
 def _with_overhead(reply: Message, started: float) -> Message:
-    """Add what the round cost around training (`task.overhead`) to a reply's metrics."""
+    """Add what the round cost around training (`edge_lam.training.overhead`) to a reply's metrics."""
     if reply.has_content() and "metrics" in reply.content.metric_records:
         reply.content.metric_records["metrics"].update(handled(started))
     return reply

@@ -13,12 +13,12 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from task.answer import (attacked, attacked_answers, generated_answers, label_probabilities,
-                         member_of)
-from task.config import RunConfig
-from task.device import DeviceInfo
-from task.families import family
-from task.records import to_record
+from edge_lam.serving.answer import (attacked, attacked_answers, generated_answers,
+                                     label_probabilities, member_of)
+from edge_lam.config.run_config import RunConfig
+from edge_lam.training.device import DeviceInfo
+from edge_lam.models.families import family
+from edge_lam.records import to_record
 
 
 def answer(msg: Message, context: Context) -> Message:

@@ -13,7 +13,7 @@ window does not run yet); then it claims tasks as `flower-superexec` does (`Acqu
 SuperNode's Runtime API), starts the task's heartbeat at once and runs the ClientApp in this
 process, exactly as `flwr-clientapp` would (pull the message, install the FAB, load the app,
 call it, push the reply and the task's status). The window is met in milliseconds whatever the
-device's speed, and `task.model` keeps the base model loaded across rounds.
+device's speed, and `edge_lam.models.lora_model` keeps the base model loaded across rounds.
 
     flower-supernode --isolation process ... &        # deploy/supernode.sh does both
     edge-lam-device --runtime-api-address 127.0.0.1:9094 --insecure --parent-pid $!
@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from task.overhead import CLAIMED_AT_ENV
+from edge_lam.training.overhead import CLAIMED_AT_ENV
 
 DEFAULT_PRELOAD = "torch,transformers,peft,numpy"
 

@@ -193,7 +193,7 @@ make_site() {  # the dependencies, then the project itself (always fresh) on top
   UV_CACHE_DIR="$cache/uv-cache" uv pip install -q --no-config --no-deps --reinstall \
     --target "$work/project" --python-platform "$platform" --python-version 3.11 "$project"
   rm -rf "$work/project/bin" "$work/site"/edge_lam-*.dist-info
-  for pkg in task strategies client_app server_app; do rm -rf "${work:?}/site/$pkg"; done
+  for pkg in edge_lam strategies client_app server_app; do rm -rf "${work:?}/site/$pkg"; done
   cp -r --remove-destination "$work/project"/. "$work/site"/  # never into a hard-linked file
   step "site-packages ($(wc -l < "$work/requirements.txt") packages, $(grep -i '^torch==' "$work/requirements.txt"), $(mb "$work/site") MB)" $t
 }
@@ -201,7 +201,7 @@ make_site() {  # the dependencies, then the project itself (always fresh) on top
 make_app() {  # /app as in the Dockerfile (the Flower app and deploy/), and /usr/local/bin
   rm -rf "$work/app" "$work/launchers" && mkdir -p "$work/app" "$work/launchers"
   tar -C "$project" -c --exclude=__pycache__ --exclude='*.pyc' --exclude=deploy/certs \
-    pyproject.toml README.md task strategies client_app server_app deploy | tar -C "$work/app" -x
+    pyproject.toml README.md edge_lam strategies client_app server_app deploy | tar -C "$work/app" -x
   python3 - "$work/site" "$work/launchers" <<'EOF'
 import configparser, pathlib, sys
 site, dest = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])

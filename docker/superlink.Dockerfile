@@ -12,7 +12,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends bash openssl op
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
 COPY pyproject.toml README.md ./
-COPY task task
+COPY edge_lam edge_lam
 COPY strategies strategies
 COPY client_app client_app
 COPY server_app server_app

@@ -4,7 +4,7 @@
     python docs/gen_pages.py --check   # exit 1 if a committed page differs (tests/test_docs.py)
 
 - `docs/reference/configuration.md`: every run-config key, from the option declarations
-  (`task.cli.config_rows`, the same rows as `edge-lam config --markdown`).
+  (`edge_lam.cli.main.config_rows`, the same rows as `edge-lam config --markdown`).
 - `docs/benchmarks/index.md` and one page per rendered table in `benchmarks/results/`: each
   page embeds the table (the `.md` that `benchmarks/<script>.py --render` writes from its
   JSON) and links the files it came from.
@@ -44,7 +44,7 @@ the same list as text, `edge-lam config --markdown` as the tables below. A key i
 once, where its section is defined (`option(default, doc, checks)` in a section dataclass);
 this page is generated from those declarations, and a test fails when it is stale or when
 `pyproject.toml` and the declarations disagree. A renamed key keeps working for a while
-(`task.config.RENAMED`, with a deprecation warning).
+(`edge_lam.config.run_config.RENAMED`, with a deprecation warning).
 
 The number of simulated devices is the federation's `options.num-supernodes` (6 by default),
 changed with `flwr run . --federation-config "num-supernodes=10"`. A new device profile is a
@@ -128,7 +128,7 @@ def _cell(text: str) -> str:
 
 def config_page() -> str:
     sys.path.insert(0, str(ROOT))
-    from task.cli import config_rows
+    from edge_lam.cli.main import config_rows
 
     lines = [CONFIG_INTRO.format(mark=MARK), TABLE_START]
     for title, rows in config_rows():

@@ -24,9 +24,9 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from server_app import modes
-from task.config import ConfigError, RunConfig
-from task.options import RunAborted
-from task.logs import get_logger
+from edge_lam.config.run_config import ConfigError, RunConfig
+from edge_lam.config.options import RunAborted
+from edge_lam.logs import get_logger
 
 log = get_logger()
 

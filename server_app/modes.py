@@ -1,12 +1,12 @@
 """What the ServerApp can do, by `mode`: each mode is one `Mode` in MODES (a
-`task.registry.Registry`, kind "mode", declared here; the config finds it through the
+`edge_lam.config.registry.Registry`, kind "mode", declared here; the config finds it through the
 `edge_lam.mode` entry point), with its `run(grid, context, cfg)` and its `check(cfg)`: what
 the mode needs of the rest of the config, run when the config is parsed, so that a bad
 combination never reaches the ServerApp.
 
 Training is one mode; inference modes (collaborative inference, micro-service serving) are
 added the same way: a function here (or in their own module) and one registration. Every
-mode talks to devices through `task.fleet` (profile QUERY, unicast) and Flower messages.
+mode talks to devices through `edge_lam.messaging` (profile QUERY, unicast) and Flower messages.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid
 
-from task.config import ConfigError, RunConfig
-from task.registry import registry
+from edge_lam.config.run_config import ConfigError, RunConfig
+from edge_lam.config.registry import registry
 
 MODES = registry("mode", key="mode")
 
@@ -51,7 +51,7 @@ def infer(grid: Grid, context: Context, cfg: RunConfig) -> Path:
 
 
 def check_infer(cfg: RunConfig) -> None:
-    from task.families import family
+    from edge_lam.models.families import family
 
     fam = family(cfg)
     if not (fam.label_words or fam.generates):
@@ -72,7 +72,7 @@ def check_serve(cfg: RunConfig) -> None:
     """serve.fleet's profile names (a JSON fleet file is read when the run starts), then
     what the serve kind needs."""
     from server_app.serve.mode import SERVE_KINDS
-    from task.hardware import check_fleet_names
+    from edge_lam.config.hardware import check_fleet_names
 
     check_fleet_names("serve.fleet", cfg.serve.fleet)
     SERVE_KINDS.get(cfg.serve.kind).check(cfg)

@@ -1,12 +1,12 @@
 """The algorithm registry: how the ServerApp and the ClientApp find a federated algorithm.
 
 An algorithm plug-in is one package under `strategies/` that declares, in its `__init__.py`,
-one `Algorithm` and registers it in ALGORITHMS (a `task.registry.Registry`, kind
+one `Algorithm` and registers it in ALGORITHMS (a `edge_lam.config.registry.Registry`, kind
 "algorithm"). `strategies/__init__.py` imports the built-in packages (one line each); the
 config finds them through the `edge_lam.algorithm` entry points (pyproject.toml), a
 third-party package through its own (the older group `edge_lam.plugins` is read too).
 
-- `traits` + `section`: its config section (a dataclass of `task.options.option` keys that
+- `traits` + `section`: its config section (a dataclass of `edge_lam.config.options.option` keys that
   validates itself) and what the config derives from it (each device's rank, r_max, rounds);
 - `run(grid, context, cfg)`: its server side, the whole run (a Flower Strategy driven by
   `Strategy.start`) and its result files; returns the run's results folder;
@@ -23,10 +23,10 @@ from pathlib import Path
 from flwr.app import Context, Message
 from flwr.serverapp import Grid
 
-from task.config import RunConfig, Traits
-from task.options import RunAborted
-from task.registry import registry
-from task.sections import CORE_SECTIONS
+from edge_lam.config.run_config import RunConfig, Traits
+from edge_lam.config.options import RunAborted
+from edge_lam.config.registry import registry
+from edge_lam.config.sections import CORE_SECTIONS
 
 __all__ = ["ALGORITHMS", "Algorithm", "RunAborted", "add_run_guard", "get", "handler",
            "message_types", "register", "run_guards"]

@@ -9,10 +9,10 @@ import logging
 import pytest
 
 from inprocess_grid import InProcessGrid
-from task import cli
-from task.config import ConfigError, RunConfig
-from task.data import load_split_frames
-from task.evaluation import ServerTask
+from edge_lam.cli import main as cli
+from edge_lam.config.run_config import ConfigError, RunConfig
+from edge_lam.data.text import load_split_frames
+from edge_lam.training.evaluation import ServerModel
 
 
 def _rows(n: int = 12, labels=("a", "b")) -> list[str]:
@@ -34,8 +34,8 @@ def test_non_utf8_bytes_name_the_file_and_line_and_an_encoding_helps(tiny_bert, 
     cfg = RunConfig.from_run_config({"model": str(tiny_bert), "data.path": str(folder)})
     with pytest.raises(ConfigError, match=r"train\.tsv, line 5, byte 4: 0xe9 is not valid "
                                           r"utf-8.*data\.encoding='latin-1'"):
-        ServerTask.prepare(cfg)
-    task = ServerTask.prepare(cfg.updated("data", encoding="latin-1"))
+        ServerModel.prepare(cfg)
+    task = ServerModel.prepare(cfg.updated("data", encoding="latin-1"))
     assert task.label_names == ("a", "b")
     with pytest.raises(ConfigError, match="data.encoding='klingon' is not a known encoding"):
         RunConfig.from_run_config({"data.encoding": "klingon"})
@@ -57,7 +57,7 @@ def test_a_label_never_seen_in_training_is_named_with_its_counts(tiny_bert, tmp_
     logging.getLogger("edge_lam").addHandler(caplog.handler)
     try:
         with caplog.at_level(logging.WARNING, logger="edge_lam"):
-            task = ServerTask.prepare(cfg)
+            task = ServerModel.prepare(cfg)
     finally:
         logging.getLogger("edge_lam").removeHandler(caplog.handler)
     assert task.label_names == ("a", "b", "c")
@@ -132,7 +132,7 @@ def test_many_devices_at_a_small_dirichlet_alpha_all_get_data():
     fewer, on every device alike, and covers every row exactly once."""
     import numpy as np
 
-    from task.data import Examples, partition_indices
+    from edge_lam.data.text import Examples, partition_indices
 
     cfg = RunConfig.from_run_config({})
     labels = list(np.random.default_rng(0).integers(0, 4, 10_000))

@@ -11,12 +11,12 @@ from inprocess_grid import InProcessGrid
 from strategies.fleet.model import FleetProfile, load_profiles
 from strategies.lora.server import federate, prepare_run
 from strategies.lora.strategy import device_budget
-from task.capability import (HEADROOM, Footprint, Measured, candidate_ranks, choose_rank,
-                             footprint_of, is_simulated, meminfo_available_mib,
-                             memory_needed_mib, step_seconds_at)
-from task.config import RunConfig
-from task.model import get_lora_model
-from task.options import ConfigError
+from edge_lam.training.capability import (HEADROOM, Footprint, Measured, candidate_ranks,
+                                          choose_rank, footprint_of, is_simulated,
+                                          meminfo_available_mib, memory_needed_mib, step_seconds_at)
+from edge_lam.config.run_config import RunConfig
+from edge_lam.models.lora_model import get_lora_model
+from edge_lam.config.options import ConfigError
 
 MIB = 2 ** 20
 # 100 MiB of base weights; 65,536 LoRA parameters per rank x 16 bytes (weight, gradient,
@@ -119,7 +119,7 @@ def _raw(tiny_bert, agnews_short, tmp_path, **extra):
 def test_ranks_follow_simulated_memory_and_explicit_rank_wins(tiny_bert, agnews_short, tmp_path):
     raw = _raw(tiny_bert, agnews_short, tmp_path)
     cfg = RunConfig.from_run_config(raw)
-    labels = prepare_run(cfg, run_id=7).task.label_names
+    labels = prepare_run(cfg, run_id=7).server_model.label_names
     fp = footprint_of(get_lora_model(cfg, labels, 1), cfg)
     # the rpi4 holds rank 4 but not 8; the rpi5 not even rank 1 (left out); the jetson
     # is started with an explicit lora-rank; the laptop (12,000 MiB) gets r_max = 16

@@ -10,15 +10,15 @@ import pytest
 import torch
 
 from flower_e2e import ROOT
-from task.cli import evaluate_model, generate, load_model
-from task.config import ConfigError
+from edge_lam.cli.main import evaluate_model, generate, load_model
+from edge_lam.config.run_config import ConfigError
 from test_task import response_token_metrics
 
 PAIRS = [(f"Add {i} and {i}.", str(2 * i)) for i in range(6)]
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "task.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "edge_lam.cli", *args], capture_output=True,
                           text=True, cwd=ROOT)
 
 

@@ -10,7 +10,7 @@ import pytest
 
 matplotlib.use("Agg")
 
-from task.cli import build_parser  # noqa: E402
+from edge_lam.cli.main import build_parser  # noqa: E402
 
 
 def _help(*argv: str) -> str:
@@ -46,7 +46,7 @@ def test_progress_defaults_to_a_terminal_and_can_be_forced():
 
 
 def test_evaluate_draws_a_progress_bar_on_stderr(tiny_bert, agnews_short, capsys):
-    from task.cli import evaluate_model
+    from edge_lam.cli.main import evaluate_model
 
     result = evaluate_model(str(tiny_bert), "seq-cls", agnews_short(40), [], progress=True)
     assert result["examples"] == 40
@@ -55,7 +55,7 @@ def test_evaluate_draws_a_progress_bar_on_stderr(tiny_bert, agnews_short, capsys
 
 
 def test_only_a_fresh_head_report_is_silenced():
-    from task.families import FreshHeadReport
+    from edge_lam.models.families import FreshHeadReport
 
     def record(rows: str) -> logging.LogRecord:
         message = ("\x1b[1mBertForSequenceClassification LOAD REPORT\x1b[0m from: x\n"
@@ -73,7 +73,7 @@ def test_only_a_fresh_head_report_is_silenced():
 
 
 def test_loading_a_classifier_prints_no_load_report(tiny_bert, caplog):
-    from task.families import _load_classifier
+    from edge_lam.models.families import _load_classifier
 
     with caplog.at_level(logging.WARNING, logger="transformers.modeling_utils"):
         _load_classifier(str(tiny_bert), ("a", "b", "c", "d"))
@@ -88,7 +88,7 @@ ROWS = [{"round": r, "accuracy": 0.25 + 0.1 * r,
 
 @pytest.mark.parametrize("draw", ["accuracy_figure", "communication_figure"])
 def test_round_ticks_are_whole_numbers(draw):
-    import task.results as results
+    import edge_lam.results as results
 
     fig = getattr(results, draw)(ROWS)
     fig.canvas.draw()
@@ -97,7 +97,7 @@ def test_round_ticks_are_whole_numbers(draw):
 
 
 def test_upload_and_download_markers_do_not_overlap_and_the_legend_hides_none():
-    from task.results import communication_figure
+    from edge_lam.results import communication_figure
 
     fig = communication_figure(ROWS)
     fig.canvas.draw()

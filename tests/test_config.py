@@ -2,8 +2,8 @@
 
 import pytest
 
-from task.evaluation import ServerTask
-from task.config import ConfigError, RunConfig
+from edge_lam.training.evaluation import ServerModel
+from edge_lam.config.run_config import ConfigError, RunConfig
 
 
 def test_defaults_match_pyproject():
@@ -61,42 +61,42 @@ def _cfg(model, data, **extra):
 
 def test_unknown_target_module(tiny_bert, agnews):
     with pytest.raises(ConfigError, match="lora.target-modules: 'q_proj'.*choose among.*query"):
-        ServerTask.prepare(_cfg(tiny_bert, agnews, **{"lora.target-modules": "q_proj"}))
+        ServerModel.prepare(_cfg(tiny_bert, agnews, **{"lora.target-modules": "q_proj"}))
 
 
 def test_rank_above_layer_size(tiny_bert, agnews):
     # the tiny BERT's attention layers are 32 x 32
     with pytest.raises(ConfigError, match="rank 64 is above the size"):
-        ServerTask.prepare(_cfg(tiny_bert, agnews, **{"devices.rank.laptop": 64}))
+        ServerModel.prepare(_cfg(tiny_bert, agnews, **{"devices.rank.laptop": 64}))
 
 
 def test_missing_data_says_how_to_point_at_local_data(tiny_bert, tmp_path):
     # a data.path the user set is never replaced by the hub's data: it is named
     cfg = _cfg(tiny_bert, tmp_path / "nowhere", **{"data.hub-dataset": "no-such/dataset"})
     with pytest.raises(ConfigError, match="data.path='.*nowhere' does not exist"):
-        ServerTask.prepare(cfg)
+        ServerModel.prepare(cfg)
     # data.path='': the hub dataset, and when that fails too, how to point at local data
     cfg = _cfg(tiny_bert, "", **{"data.hub-dataset": "no-such/dataset"})
     with pytest.raises(ConfigError, match="Point data.path at a local folder"):
-        ServerTask.prepare(cfg)
+        ServerModel.prepare(cfg)
 
 
 def test_folder_without_train_file(tiny_bert, tmp_path):
     (tmp_path / "notes.txt").write_text("hi")
     with pytest.raises(ConfigError, match="no train.tsv"):
-        ServerTask.prepare(_cfg(tiny_bert, tmp_path))
+        ServerModel.prepare(_cfg(tiny_bert, tmp_path))
 
 
 def test_unknown_columns(tiny_bert, agnews):
     with pytest.raises(ConfigError, match="data.label-column='topic'.*columns are text, label"):
-        ServerTask.prepare(_cfg(tiny_bert, agnews, **{"data.label-column": "topic"}))
+        ServerModel.prepare(_cfg(tiny_bert, agnews, **{"data.label-column": "topic"}))
     with pytest.raises(ConfigError, match="data.text-column='body'"):
-        ServerTask.prepare(_cfg(tiny_bert, agnews, **{"data.text-column": "body"}))
+        ServerModel.prepare(_cfg(tiny_bert, agnews, **{"data.text-column": "body"}))
 
 
 def test_missing_model_folder(agnews):
     with pytest.raises(ConfigError, match="not a folder"):
-        ServerTask.prepare(_cfg("./no/such/model", agnews))
+        ServerModel.prepare(_cfg("./no/such/model", agnews))
 
 
 # ------------------------------------------------------------------ S4 unlearning and DP keys
@@ -151,8 +151,8 @@ def test_docs_pyproject_and_sections_declare_the_same_keys():
     import importlib.util
     from pathlib import Path
 
-    from task.cli import config_markdown, config_rows
-    from task.options import format_default
+    from edge_lam.cli.main import config_markdown, config_rows
+    from edge_lam.config.options import format_default
 
     docs = Path(__file__).parents[1] / "docs"
     spec = importlib.util.spec_from_file_location("gen_pages", docs / "gen_pages.py")
@@ -184,7 +184,7 @@ def test_results_files_of_earlier_releases_still_load():
 
 
 def test_a_renamed_key_keeps_working_with_a_deprecation_warning(monkeypatch):
-    from task import config
+    from edge_lam.config import run_config as config
 
     monkeypatch.setitem(config.RENAMED, "train.steps", "train.local-steps")
     with pytest.warns(FutureWarning, match="train.steps is deprecated: use train.local-steps"):

@@ -5,8 +5,8 @@ named (selection policies, robust rules, attacks, modes)."""
 
 import pytest
 
-from task.config import ConfigError, RunConfig
-from task.registry import registry
+from edge_lam.config.run_config import ConfigError, RunConfig
+from edge_lam.config.registry import registry
 
 ROBUST_TAIL = (" work on the LoRA aggregations of factors (fedavg, hetlora, flexlora, rankwise,"
                " hetlora-sw, flexlora-delta), but {why}: set robust.aggregator='none' "

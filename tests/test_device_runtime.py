@@ -1,4 +1,4 @@
-"""The warm device runtime's pieces (client_app/runtime.py, task/overhead.py) in isolation;
+"""The warm device runtime's pieces (client_app/runtime.py, edge_lam/training/overhead.py) in isolation;
 the runtime itself runs in tests/test_slow_start.py, test_deploy_netns.py and
 test_arm64_supernode.py against real SuperNodes."""
 
@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from client_app.runtime import build_parser, forget_app_modules, preload
-from task import overhead
+from edge_lam.training import overhead
 
 ROOT = Path(__file__).resolve().parents[1]
 

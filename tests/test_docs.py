@@ -63,7 +63,7 @@ def test_benchmarks_index_covers_every_result():
 
 def test_configuration_page_is_every_declared_key():
     """The reference's tables are `edge-lam config --markdown`, pipes escaped for tables."""
-    from task.cli import config_markdown, config_rows
+    from edge_lam.cli.main import config_markdown, config_rows
 
     gen = _gen_pages()
     page = (DOCS / "reference" / "configuration.md").read_text()

@@ -95,7 +95,7 @@ def test_two_round_fedkd_simulation(flower_env, tiny_bert, mixed_tasks, tmp_path
 
     # one standard PEFT adapter per task; the CLI evaluates it on that task's data and finds
     # exactly what the server logged for the final global module on the same 120 examples
-    cli = [sys.executable, "-m", "task.cli", "evaluate", "--adapter",
+    cli = [sys.executable, "-m", "edge_lam.cli", "evaluate", "--adapter",
            str(run / "adapter" / "sst2"), "--data", str(mixed_tasks["sst2"]), "--json"]
     result = json.loads(subprocess.run(cli, capture_output=True, text=True, check=True,
                                        env=flower_env, cwd=ROOT).stdout.splitlines()[-1])

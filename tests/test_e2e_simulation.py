@@ -130,7 +130,7 @@ def test_two_round_hetlora_simulation(flower_env, tiny_bert, agnews, tmp_path):
     assert model.peft_config["default"].r == 16
 
     # the CLI evaluates it, whole and truncated to a Raspberry Pi 4's rank
-    cli = [sys.executable, "-m", "task.cli", "evaluate", "--adapter", str(adapter),
+    cli = [sys.executable, "-m", "edge_lam.cli", "evaluate", "--adapter", str(adapter),
            "--data", str(data / "test.tsv"), "--json"]
     full = json.loads(subprocess.run(cli, capture_output=True, text=True, check=True,
                                      env=flower_env, cwd=ROOT).stdout.splitlines()[-1])

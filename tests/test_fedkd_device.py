@@ -7,19 +7,19 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-import task.model
+import edge_lam.models.lora_model
 from strategies.fedkd.device import train as train_fedkd
-from task.device import DeviceInfo, local_examples
+from edge_lam.training.device import DeviceInfo, local_examples
 from strategies.fedkd.device import (LOCAL, SHARED, DeviceStore, device_task, load_local_module,
                               receive_shared, train_modules)
 from strategies.fedkd.evaluation import FedKDServer
 from strategies.fedkd.math import SEP, device_view, encode_update, is_compressed
 from strategies.fedkd.config import local_module_config
-from task.config import ConfigError, RunConfig
-from task.data import load_split_frames
-from task.lora import lora_rank
-from task.model import get_trainable_state, initial_lora_state, load_tokenizer
-from task.records import from_record, to_record
+from edge_lam.config.run_config import ConfigError, RunConfig
+from edge_lam.data.text import load_split_frames
+from edge_lam.training.lora import lora_rank
+from edge_lam.models.lora_model import get_trainable_state, initial_lora_state, load_tokenizer
+from edge_lam.records import from_record, to_record
 
 
 @pytest.fixture
@@ -61,8 +61,8 @@ def _context(raw_config, partition_id):
 
 def _clear_process_caches():
     """What a ClientApp restart loses: models, adapters' initial states, data, tokenizers."""
-    task.model._MODELS.clear()
-    task.model._INITIAL.clear()
+    edge_lam.models.lora_model._MODELS.clear()
+    edge_lam.models.lora_model._INITIAL.clear()
     local_examples.cache_clear()
     load_split_frames.cache_clear()
     load_tokenizer.cache_clear()

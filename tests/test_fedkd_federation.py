@@ -14,9 +14,9 @@ from strategies.fedkd.math import (aggregate_fedkd, decode_update, device_view, 
                               task_names)
 from strategies.fedkd.strategy import FedKDProfile, FedKDStrategy
 from strategies.fedkd.config import local_module_config, task_config
-from task.config import ConfigError, RunConfig
-from task.lora import state_nbytes
-from task.records import from_record, record_nbytes, to_record
+from edge_lam.config.run_config import ConfigError, RunConfig
+from edge_lam.training.lora import state_nbytes
+from edge_lam.records import from_record, record_nbytes, to_record
 
 L = "m.layer.0.query"
 A, B = f"{L}.lora_A.weight", f"{L}.lora_B.weight"

@@ -97,7 +97,7 @@ import json  # noqa: E402
 from benchmarks.common import run_inprocess  # noqa: E402
 from strategies.fleet.model import Availability, load_profiles  # noqa: E402
 from strategies.fleet.scheduler import LatestUpdates  # noqa: E402
-from task.options import ConfigError  # noqa: E402
+from edge_lam.config.options import ConfigError  # noqa: E402
 
 
 def _federation(tiny_bert, agnews_short, tmp_path, **extra):

@@ -12,9 +12,9 @@ from flwr.app import Context, RecordDict
 
 from inprocess_grid import InProcessGrid
 from server_app import modes
-from task.config import ConfigError, RunConfig
-from task.generation import final_number
-from task.records import to_record
+from edge_lam.config.run_config import ConfigError, RunConfig
+from edge_lam.serving.generation import final_number
+from edge_lam.records import to_record
 
 
 @pytest.fixture()

@@ -17,10 +17,10 @@ from inprocess_grid import InProcessGrid
 from strategies.lora.math import factorize
 from strategies.robust import inject
 from strategies.robust.math import update_of
-from task.config import ConfigError, RunConfig
-from task.data import Examples
-from task.lora import lora_products, truncate_lora
-from task.records import from_record
+from edge_lam.config.run_config import ConfigError, RunConfig
+from edge_lam.data.text import Examples
+from edge_lam.training.lora import lora_products, truncate_lora
+from edge_lam.records import from_record
 
 L = "layer"
 B_KEY, A_KEY = f"{L}.lora_B.weight", f"{L}.lora_A.weight"

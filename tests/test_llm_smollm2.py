@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from task import model_sources
-from task.config import ConfigError, RunConfig
-from task.device import DeviceInfo, train_round
-from task.evaluation import ServerTask
-from task.model import get_lora_model, load_tokenizer, resolve_model_source, \
-    set_trainable_state
+from edge_lam.models import sources as model_sources
+from edge_lam.config.run_config import ConfigError, RunConfig
+from edge_lam.training.device import DeviceInfo, train_round
+from edge_lam.training.evaluation import ServerModel
+from edge_lam.models.lora_model import (get_lora_model, load_tokenizer, resolve_model_source,
+                                        set_trainable_state)
 
 PAIRS = [("What is the capital of France?", "Paris."), ("What is 2 + 3?", "5."),
          ("Name a primary colour.", "Red."), ("What is the opposite of hot?", "Cold."),
@@ -80,7 +80,7 @@ def test_two_lora_steps_generation_and_a_plain_peft_round_trip(smollm2, tmp_path
         "lora.target-modules": "q_proj,v_proj", "strategy": "fedavg", "lora.fedavg-rank": 4,
         "train.local-steps": 2, "train.batch-size": 3, "train.lr": 5e-4,
         "train.max-length": 64, "data.partitioner": "iid"})
-    task = ServerTask.prepare(cfg)
+    task = ServerModel.prepare(cfg)
     state = task.initial_state()
     before = task.evaluate(state)
     new, n, metrics = train_round(cfg, DeviceInfo(partition_id=0, num_partitions=1), (), 4,

@@ -11,15 +11,15 @@ import pytest
 import torch
 
 from inprocess_grid import InProcessGrid
-from task.config import ConfigError, RunConfig
-from task.data import (encode_pairs, fit, load_split_frames, resolve_columns, to_examples)
-from task.device import DeviceInfo, local_examples, train_round
-from task.evaluation import ServerTask
-from task.families import chunked_response_loss, family
-from task.generation import answers, final_number
-from task.lora import truncate_lora
-from task.model import get_lora_model, load_tokenizer, resolve_model_source, \
-    set_trainable_state
+from edge_lam.config.run_config import ConfigError, RunConfig
+from edge_lam.data.text import (encode_pairs, fit, load_split_frames, resolve_columns, to_examples)
+from edge_lam.training.device import DeviceInfo, local_examples, train_round
+from edge_lam.training.evaluation import ServerModel
+from edge_lam.models.families import chunked_response_loss, family
+from edge_lam.serving.generation import answers, final_number
+from edge_lam.training.lora import truncate_lora
+from edge_lam.models.lora_model import (get_lora_model, load_tokenizer, resolve_model_source,
+                                        set_trainable_state)
 from conftest import shared_data_dir
 
 
@@ -97,7 +97,7 @@ def test_plain_format_when_no_chat_template_and_loss_only_on_the_response(tiny_l
 def test_chunked_loss_equals_the_full_loss_and_gradient(learnable_llama, tmp_path):
     pairs = [(f"Add {i} and {i}.", f"The sum is {2 * i}.") for i in range(6)]
     cfg = _cfg(learnable_llama, _pairs_dir(tmp_path, pairs), **{"lora.dropout": 0.0})
-    task = ServerTask.prepare(cfg)
+    task = ServerModel.prepare(cfg)
     model = get_lora_model(cfg, (), 4)
     state = truncate_lora(task.initial_state(), 4)
     state = {k: v + 0.05 * np.random.default_rng(0).standard_normal(v.shape).astype(np.float32)
@@ -132,7 +132,7 @@ def test_memory_options_train_the_same_model(learnable_llama, tmp_path):
     def trained(**extra):
         cfg = _cfg(learnable_llama, data, **{"train.local-steps": 3, "lora.dropout": 0.0,
                                              **extra})
-        task = ServerTask.prepare(cfg)
+        task = ServerModel.prepare(cfg)
         new, _, metrics = train_round(cfg, info, (), 4, truncate_lora(task.initial_state(), 4),
                                       server_round=1)
         return new, metrics["train_loss"]
@@ -171,7 +171,7 @@ def test_exact_match_is_the_metric_on_gsm8k_like_data(learnable_llama, tmp_path)
     cfg = _cfg(learnable_llama, _pairs_dir(tmp_path, pairs), **{
         "train.local-steps": 80, "train.lr": 0.01, "eval.max-new-tokens": 8,
         "lora.target-modules": "auto", "lora.fedavg-rank": 8})
-    task = ServerTask.prepare(cfg)
+    task = ServerModel.prepare(cfg)
     state = task.initial_state()
     before = task.evaluate(state)
     assert before["exact_match"] == 0.0 and before["generated"] == 4
@@ -179,13 +179,13 @@ def test_exact_match_is_the_metric_on_gsm8k_like_data(learnable_llama, tmp_path)
                             server_round=1)
     after = task.evaluate(new)
     assert after["exact_match"] >= 0.75 and after["perplexity"] < before["perplexity"] / 2
-    nll = ServerTask.prepare(cfg.updated("eval", metric="nll")).evaluate(new)
+    nll = ServerModel.prepare(cfg.updated("eval", metric="nll")).evaluate(new)
     assert "exact_match" not in nll and nll["loss"] == pytest.approx(after["loss"])
 
 
 # ---------------------------------------------------------------------------- algorithms
 def test_opacus_dp_training_on_a_causal_lm(tiny_llama, tmp_path):
-    from task.privacy import DevicePrivacy
+    from edge_lam.training.privacy import DevicePrivacy
 
     pairs = [(f"question {i}", f"answer {i}") for i in range(32)]
     cfg = _cfg(tiny_llama, _pairs_dir(tmp_path, pairs), **{
@@ -193,7 +193,7 @@ def test_opacus_dp_training_on_a_causal_lm(tiny_llama, tmp_path):
         "train.batch-size": 8})
     info = DeviceInfo(partition_id=0, num_partitions=1)
     privacy = DevicePrivacy(cfg, len(local_examples(cfg, info, ())))
-    task = ServerTask.prepare(cfg)
+    task = ServerModel.prepare(cfg)
     sent = truncate_lora(task.initial_state(), 4)
     new, _, metrics = train_round(cfg, info, (), 4, sent, server_round=1, privacy=privacy)
     assert metrics["private_steps"] == 2 and metrics["epsilon"] > 0
@@ -246,7 +246,7 @@ def test_unlearning_flow_on_an_llm(tiny_llama, agnews, tmp_path):
 def test_a_character_level_gguf_tokenizer_is_refused():
     """transformers 5.17 converts Gemma-3's GGUF tokenizer without merges; training on it
     would be meaningless, so the conversion stops with what to do."""
-    from task.model_sources import check_tokenizer
+    from edge_lam.models.sources import check_tokenizer
 
     class CharLevel:
         def __call__(self, text, add_special_tokens=False):

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from task.config import ConfigError, RunConfig
-from task.device import DeviceInfo, train_round
-from task.evaluation import ServerTask
+from edge_lam.config.run_config import ConfigError, RunConfig
+from edge_lam.training.device import DeviceInfo, train_round
+from edge_lam.training.evaluation import ServerModel
 from tiny_models import merged_llama
 
 ROWS = [("the team won the cup final", "Sports"), ("shares fell on the stock market", "Business"),
@@ -51,7 +51,7 @@ def test_label_word_classification_learns_and_matches_a_hand_computation(learnab
         "lora.target-modules": "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
         "strategy": "fedavg", "lora.fedavg-rank": 8, "train.local-steps": 40,
         "train.lr": 0.01, "train.batch-size": 8})
-    task = ServerTask.prepare(cfg)
+    task = ServerModel.prepare(cfg)
     assert task.label_names == ("Business", "Sci/Tech", "Sports", "World")
     state = task.initial_state()
     assert all("lora_" in k for k in state)  # no classification head: the LM answers
@@ -71,7 +71,7 @@ def test_label_word_classification_learns_and_matches_a_hand_computation(learnab
 def test_label_words_must_fit_the_labels(learnable_llama, tmp_path):
     base = {"model": str(learnable_llama), "task": "lm-cls", "data.path": str(_data(tmp_path))}
     with pytest.raises(ConfigError, match="3 words for 4 labels"):
-        ServerTask.prepare(RunConfig.from_run_config({**base, "data.label-words": "a,b,c"}))
+        ServerModel.prepare(RunConfig.from_run_config({**base, "data.label-words": "a,b,c"}))
     with pytest.raises(ConfigError, match="do not all start with different tokens"):
-        ServerTask.prepare(RunConfig.from_run_config(
+        ServerModel.prepare(RunConfig.from_run_config(
             {**base, "data.label-words": "sport,sport,news,tech"}))

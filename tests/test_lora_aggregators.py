@@ -16,9 +16,9 @@ from strategies.lora.math import (AGGREGATORS, DELTA_AGGREGATORS, delta_aggregat
                                   hetlora_aggregate, lowrank_svd,
                                   norm_weighted_aggregate, rankwise_aggregate,
                                   weighted_products)
-from task.lora import BASE_DELTA, lora_products, trainable_part, truncate_lora
+from edge_lam.training.lora import BASE_DELTA, lora_products, trainable_part, truncate_lora
 from strategies.lora.server import federate, prepare_run
-from task.config import RunConfig
+from edge_lam.config.run_config import RunConfig
 
 L = "layer"
 
@@ -212,7 +212,7 @@ def test_rank_matched_lr_is_standalone_lora_at_the_devices_own_scaling():
     """Adam on (B', A') = c (B, A) at lr c eta under scaling s is Adam on (B, A) at lr eta
     under scaling s c^2: with c = sqrt(r_max / r_k), alpha / r_max becomes alpha / r_k."""
     import torch
-    from task.device import lora_lr_scale
+    from edge_lam.training.device import lora_lr_scale
 
     cfg = RunConfig.from_run_config({"lora.rank-matched-lr": True})
     assert lora_lr_scale(cfg, 2, 16) == pytest.approx(8 ** 0.5)
@@ -241,7 +241,7 @@ def test_rank_matched_lr_is_standalone_lora_at_the_devices_own_scaling():
 
 def test_a_base_delta_sets_the_frozen_weight_and_is_undone(tiny_bert):
     import torch
-    from task.model import get_lora_model, get_trainable_state, set_trainable_state
+    from edge_lam.models.lora_model import get_lora_model, get_trainable_state, set_trainable_state
 
     cfg = RunConfig.from_run_config({"model": str(tiny_bert), "strategy": "fedex"})
     model = get_lora_model(cfg, ("a", "b"), 4)
@@ -286,13 +286,13 @@ def test_new_aggregations_run_end_to_end(strategy, tiny_bert, agnews, tmp_path):
     if strategy in ("flora", "fedex"):  # exact by construction: no approximation error
         assert rows[2]["aggregation_error"] is None
         # the merged update is saved beside the adapter and comes back with it
-        from task.cli import evaluate_adapter, load_adapter
+        from edge_lam.cli.main import evaluate_adapter, load_adapter
         _, _, state = load_adapter(adapter)
         assert any(k.endswith(BASE_DELTA) for k in state)
         assert np.abs(np.concatenate([v.ravel() for k, v in state.items()
                                       if k.endswith(BASE_DELTA)])).max() > 0
         # the downlink carries the dense merged weights on top of the adapter sent back
-        from task.records import record_nbytes, to_record
+        from edge_lam.records import record_nbytes, to_record
         dense = record_nbytes(to_record({k: v for k, v in state.items()
                                          if k.endswith(BASE_DELTA)}))
         for client in rows[2]["clients"]:

@@ -6,7 +6,7 @@ import pytest
 from strategies.lora.diagnostics import aggregation_error
 from strategies.lora.math import (example_weights, factorize, flexlora_aggregate,
                                   hetlora_aggregate, weighted_products)
-from task.lora import lora_products, lora_rank, pad_lora, truncate_lora
+from edge_lam.training.lora import lora_products, lora_rank, pad_lora, truncate_lora
 
 L = "base_model.model.layer.0.query"
 
@@ -129,13 +129,13 @@ def test_mixed_ranks_in_one_state_are_refused():
 
 def test_initial_state_is_fresh_even_after_training(tiny_bert, agnews):
     """A process that trained an adapter still hands out the untrained initial state."""
-    from task.evaluation import ServerTask
-    from task.config import RunConfig
-    from task.model import get_lora_model, get_trainable_state, set_trainable_state
+    from edge_lam.training.evaluation import ServerModel
+    from edge_lam.config.run_config import RunConfig
+    from edge_lam.models.lora_model import get_lora_model, get_trainable_state, set_trainable_state
 
     cfg = RunConfig.from_run_config({"model": str(tiny_bert), "data.path": str(agnews),
                                      "eval.max-examples": 20})
-    task = ServerTask.prepare(cfg)
+    task = ServerModel.prepare(cfg)
     first = task.initial_state()
     assert all(not v.any() for k, v in first.items() if "lora_B" in k)
     model = get_lora_model(cfg, task.label_names, cfg.r_max)

@@ -15,15 +15,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from task.families import _load_causal_lm
-from task.weights import safetensors_files
+from edge_lam.models.families import _load_causal_lm
+from edge_lam.models.weights import safetensors_files
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("block", [16 << 20, 4096])  # 4 KiB: the embedding in 120 blocks
 def test_bf16_load_equals_the_fp32_file_cast_and_keeps_ties(tiny_llama, block, monkeypatch):
-    from task import weights
+    from edge_lam.models import weights
 
     monkeypatch.setattr(weights, "BLOCK_BYTES", block)
     fp32 = load_file(str(tiny_llama / "model.safetensors"))  # read by safetensors itself
@@ -71,7 +71,7 @@ def status():
 MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(sys.argv[1]))]  # code, not weights
 before = status()
 if sys.argv[2] == "app":
-    from task.families import _load_causal_lm
+    from edge_lam.models.families import _load_causal_lm
     model = _load_causal_lm(sys.argv[1], (), torch.bfloat16)
 else:
     from transformers import AutoModelForCausalLM
@@ -168,7 +168,7 @@ def test_gguf_streamed_equals_transformers_whole_conversion(arch, tmp_path, monk
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    from task import gguf as streamed
+    from edge_lam.models import gguf as streamed
 
     path = _tiny_gguf(tmp_path / f"tiny-{arch}.gguf", arch)
     config = AutoConfig.from_pretrained(str(tmp_path), gguf_file=path.name)
@@ -203,7 +203,7 @@ def mapped_after(size):
     return mapped - libc.mallinfo2().hblkhd
 big = libc.malloc(8 << 20); libc.free(big)  # glibc now serves up to 8 MiB from the heap
 before = mapped_after(3 << 20)
-from task.memory import set_mmap_threshold
+from edge_lam.training.memory import set_mmap_threshold
 assert set_mmap_threshold(2048)
 print(json.dumps([before, mapped_after(3 << 20), mapped_after(1 << 20)]))
 """
@@ -221,7 +221,7 @@ def test_mmap_threshold_sends_large_blocks_to_their_own_mapping():
 
 
 def test_memory_option_is_declared_and_checked():
-    from task.config import ConfigError, RunConfig
+    from edge_lam.config.run_config import ConfigError, RunConfig
 
     base = {"model": "m", "task": "causal-lm", "strategy": "fedavg"}
     assert RunConfig.from_run_config(base).train.malloc_mmap_threshold == 0

@@ -17,9 +17,9 @@ from strategies.lora import device as lora_device
 from strategies.lora.math import factorize
 from strategies.lora.server import federate, prepare_run
 from strategies.lora.strategy import HeterogeneousLoRA
-from task.config import RunConfig, Traits
-from task.lora import factors, lora_layers, lora_products, pad_lora
-from task.records import from_record
+from edge_lam.config.run_config import RunConfig, Traits
+from edge_lam.training.lora import factors, lora_layers, lora_products, pad_lora
+from edge_lam.records import from_record
 
 
 def median_aggregate(states, r_max: int) -> dict:
@@ -45,7 +45,7 @@ class MedianProducts(HeterogeneousLoRA):
 def run(grid, context, cfg):
     return federate(grid, prepare_run(cfg, context.run_id),
                     lambda plan, recorder: MedianProducts(
-                        cfg, plan.task.label_names, on_train_round=recorder.record_train))
+                        cfg, plan.server_model.label_names, on_train_round=recorder.record_train))
 
 
 @pytest.fixture
@@ -78,7 +78,7 @@ def test_a_registered_algorithm_runs_with_no_edit_to_the_apps(toy, tiny_bert, ag
             if rnd == 2 and "arrays" in m.content]
     assert len(last) == 3
     expected = median_aggregate(last, cfg.r_max)
-    saved = prepare_run(cfg, 5).task.load_state(run_dir / "adapter", "adapter")
+    saved = prepare_run(cfg, 5).server_model.load_state(run_dir / "adapter", "adapter")
     for key, value in expected.items():
         np.testing.assert_allclose(saved[key], value, rtol=1e-5, atol=1e-6)
     # and it is not what hetlora would have made of the same replies
@@ -89,7 +89,7 @@ def test_a_registered_algorithm_runs_with_no_edit_to_the_apps(toy, tiny_bert, ag
 
 
 def test_an_unknown_algorithm_is_refused_naming_the_registered_ones():
-    from task.options import ConfigError
+    from edge_lam.config.options import ConfigError
 
     with pytest.raises(ConfigError, match="strategy='median-product' is not known: use one "
                                           "of fedavg, hetlora, flexlora, rankwise, hetlora-sw, "

@@ -17,14 +17,14 @@ from opacus.accountants import RDPAccountant
 
 from client_app.app import app as client_app
 from strategies.unlearn.math import unlearning_objective
-from task.device import DeviceInfo, gradient_round, local_examples
+from edge_lam.training.device import DeviceInfo, gradient_round, local_examples
 from inprocess_grid import InProcessGrid
 from inprocess_grid import federate, prepare_run
-from task.evaluation import ServerTask
-from task.config import RunConfig
-from task.lora import truncate_lora
-from task.model import get_lora_model
-from task.privacy import DevicePrivacy
+from edge_lam.training.evaluation import ServerModel
+from edge_lam.config.run_config import RunConfig
+from edge_lam.training.lora import truncate_lora
+from edge_lam.models.lora_model import get_lora_model
+from edge_lam.training.privacy import DevicePrivacy
 
 
 def _cfg(tiny_bert, agnews, **extra):
@@ -37,7 +37,7 @@ def _cfg(tiny_bert, agnews, **extra):
 def test_opacus_clips_per_example_on_trainable_lora_params_only(tiny_bert, agnews):
     cfg = _cfg(tiny_bert, agnews, **{"dp.noise-multiplier": 0.3, "dp.max-grad-norm": 1e-3,
                                      "dp.target-epsilon": 1e9})
-    task = ServerTask.prepare(cfg)
+    task = ServerModel.prepare(cfg)
     model = get_lora_model(cfg, task.label_names, 4)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     hooks = sum(len(m._forward_hooks) + len(m._backward_hooks) for m in model.modules())
@@ -71,7 +71,7 @@ def test_unlearning_gradients_carry_noise_of_scale_z_times_c(tiny_bert, agnews):
     z, clip = 4.0, 0.5
     cfg = _cfg(tiny_bert, agnews, **{"dp.noise-multiplier": z, "dp.max-grad-norm": clip,
                                      "dp.target-epsilon": 1e9, "unlearn.grad-batches": 1})
-    task = ServerTask.prepare(cfg)
+    task = ServerModel.prepare(cfg)
     info = DeviceInfo(partition_id=2, num_partitions=4)
     privacy = DevicePrivacy(cfg, len(local_examples(cfg, info, task.label_names)))
     state = truncate_lora(task.initial_state(), 8)
@@ -101,7 +101,7 @@ def test_epsilon_rises_per_round_and_a_device_stops_past_its_budget(tiny_bert, a
            "strategy": "fedavg", "lora.fedavg-rank": 2, "num-server-rounds": 3,
            "results-dir": str(tmp_path), "dp.enabled": True, "dp.noise-multiplier": z}
     cfg = RunConfig.from_run_config(raw)
-    task = ServerTask.prepare(cfg)
+    task = ServerModel.prepare(cfg)
     sample_rate = DevicePrivacy(cfg, len(local_examples(
         cfg, DeviceInfo(partition_id=0, num_partitions=2), task.label_names))).sample_rate
     # budget: 3 steps fit, a 4th does not -> round 1: 2 steps, round 2: 1 step then stop

@@ -18,12 +18,12 @@ import pytest
 from opacus.accountants import RDPAccountant
 from torch.utils.data import DataLoader
 
-from task.device import DeviceInfo, local_examples
+from edge_lam.training.device import DeviceInfo, local_examples
 from inprocess_grid import InProcessGrid
 from inprocess_grid import federate, prepare_run
-from task.evaluation import ServerTask
-from task.config import RunConfig
-from task.privacy import DevicePrivacy
+from edge_lam.training.evaluation import ServerModel
+from edge_lam.config.run_config import RunConfig
+from edge_lam.training.privacy import DevicePrivacy
 
 DELTA = 1e-5
 PARTITIONS = 100  # flow tests: iid partitions of AG News' 10,000 training texts (100 each)
@@ -105,7 +105,7 @@ def test_devices_end_the_planned_rounds_at_the_derived_budget(tiny_bert, agnews,
     per_round = {node: [c["epsilon"] for r in rows[1:] for c in r["clients"]
                         if c["node_id"] == node] for node in grid.contexts}
 
-    label_names = ServerTask.prepare(cfg).label_names
+    label_names = ServerModel.prepare(cfg).label_names
     for node, context in grid.contexts.items():
         partition = context.node_config["partition-id"]
         n = len(local_examples(cfg, DeviceInfo(partition_id=partition,
@@ -161,7 +161,7 @@ def test_privacy_ledger_carries_epsilon_and_the_budget_across_runs(tiny_bert, ag
         return clients, grid
 
     cfg = RunConfig.from_run_config(raw)
-    label_names = ServerTask.prepare(cfg).label_names
+    label_names = ServerModel.prepare(cfg).label_names
     q, q_1 = (loader_sample_rate(len(local_examples(
         cfg, DeviceInfo(partition_id=p, num_partitions=PARTITIONS), label_names)),
         cfg.train.batch_size) for p in (0, 1))

@@ -17,7 +17,7 @@ import pytest
 
 from benchmarks.common import copy_app
 from flower_e2e import ROOT
-from task.runcheck import app_defaults, check_run_config, parse_overrides
+from edge_lam.cli.runcheck import app_defaults, check_run_config, parse_overrides
 
 RECIPES = sorted((ROOT / "recipes").glob("*.toml"))
 # the setups issue 26 asks a recipe for

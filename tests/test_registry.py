@@ -1,4 +1,4 @@
-"""The one registry mechanism (`task.registry`), every kind on it, the parse-time cross-key
+"""The one registry mechanism (`edge_lam.config.registry`), every kind on it, the parse-time cross-key
 checks (exact messages) and the one device-profile table."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from task import registry as registry_module
-from task.config import RunConfig
-from task.options import ConfigError
-from task.registry import Registry, registry
+from edge_lam.config import registry as registry_module
+from edge_lam.config.run_config import RunConfig
+from edge_lam.config.options import ConfigError
+from edge_lam.config.registry import Registry, registry
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,12 +61,12 @@ def test_every_kind_is_one_registry_declared_where_it_is_defined():
     import strategies.registry
     import strategies.robust.inject
     import strategies.robust.math
-    import task.families
+    import edge_lam.models.families
 
     kinds = {"algorithm": strategies.registry.ALGORITHMS,
              "aggregation rule": strategies.lora.math.AGGREGATION_RULES,
              "robust rule": strategies.robust.math.ROBUST_AGGREGATORS,
-             "family": task.families.FAMILIES, "mode": server_app.modes.MODES,
+             "family": edge_lam.models.families.FAMILIES, "mode": server_app.modes.MODES,
              "serve kind": server_app.serve.mode.SERVE_KINDS,
              "selection": strategies.fleet.policy.SELECTION,
              "attack": strategies.robust.inject.ATTACKS}
@@ -89,7 +89,7 @@ def test_every_kind_is_one_registry_declared_where_it_is_defined():
 
 
 def test_a_bare_config_imports_no_plug_in():
-    code = ("import sys; from task.config import RunConfig; c = RunConfig(); c.to_dict; "
+    code = ("import sys; from edge_lam.config.run_config import RunConfig; c = RunConfig(); c.to_dict; "
             "bad = [m for m in sys.modules if m.split('.')[0] in "
             "('strategies', 'server_app', 'client_app')]; print(bad)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
@@ -98,11 +98,32 @@ def test_a_bare_config_imports_no_plug_in():
 
 
 def test_the_shared_library_names_no_plug_in_package():
-    for path in (ROOT / "task").glob("*.py"):
+    paths = sorted((ROOT / "edge_lam").rglob("*.py"))
+    assert len(paths) > 30
+    for path in paths:
         text = path.read_text()
         for package in ("strategies", "server_app", "client_app"):
             assert f"from {package}" not in text and f"import {package}" not in text \
                 and f'import_module("{package}' not in text, (path.name, package)
+
+
+def test_the_library_never_imports_its_command_line():
+    """edge_lam/cli/ imports the library; nothing else in edge_lam/ (nor the apps) imports it."""
+    for top in ("edge_lam", "strategies", "server_app", "client_app"):
+        for path in (ROOT / top).rglob("*.py"):
+            if path.is_relative_to(ROOT / "edge_lam" / "cli"):
+                continue
+            text = path.read_text()
+            assert "edge_lam.cli" not in text and "from edge_lam import cli" not in text, path
+
+
+def test_the_old_package_name_is_gone():
+    """The library was `task/` until issue 26 item 6; `task` now only names the model's job."""
+    assert not (ROOT / "task").exists()
+    code = "import importlib.util; print(importlib.util.find_spec('task'))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, check=True).stdout
+    assert out.strip() == "None"
 
 
 @pytest.mark.parametrize("raw, message", [
@@ -157,9 +178,9 @@ def test_one_profile_table_with_the_numbers_of_the_four_it_replaces():
     from server_app.serve.fleet import PROFILES as SERVE
     from server_app.serve.lyapunov import WATTS
     from strategies.fleet.model import PROFILES as FLEET
-    from task.sections import DevicesSection
+    from edge_lam.config.sections import DevicesSection
 
-    # the values of the four tables before the merge (task/hardware.py, fleet/model.py
+    # the values of the four tables before the merge (edge_lam/config/hardware.py, fleet/model.py
     # _SNR_DB, serve/fleet.py _LINKS, serve/lyapunov.py WATTS) and the default ranks
     speed_mem = {"rpi4": (0.35, 3000.0), "rpi5": (0.8, 6500.0),
                  "jetson-orin-nano": (6.0, 6000.0), "laptop": (4.0, 12000.0)}

@@ -17,8 +17,8 @@ from inprocess_grid import InProcessGrid
 
 from strategies.lora import checkpoint
 from strategies.lora.server import federate, prepare_run
-from task.config import RunConfig
-from task.options import ConfigError
+from edge_lam.config.run_config import RunConfig
+from edge_lam.config.options import ConfigError
 
 
 class Crash(Exception):

@@ -86,7 +86,7 @@ def test_an_old_checkpoints_strategy_state_round_trips(inputs, tmp_path):
     """Restored from the old checkpoint and met again, every device's saved entries are
     written back under the same names and values (robust: S6 trust, availability)."""
     from strategies.lora import checkpoint
-    from task.config import RunConfig
+    from edge_lam.config.run_config import RunConfig
 
     model, data = inputs
     devices, extra = make.SCENARIOS["robust"]

@@ -24,8 +24,8 @@ from strategies.robust.math import (
     update_of,
     weighted_mean,
 )
-from task.lora import lora_products, truncate_lora
-from task.options import ConfigError
+from edge_lam.training.lora import lora_products, truncate_lora
+from edge_lam.config.options import ConfigError
 
 L = "layer"
 B_KEY, A_KEY = f"{L}.lora_B.weight", f"{L}.lora_A.weight"

@@ -11,9 +11,9 @@ from strategies.lora.server import prepare_run
 from strategies.robust.contribution import spearman
 from strategies.robust.influence import ProductSpace
 from strategies.robust.math import stack, update_of, unstack
-from task.config import RunConfig
-from task.data import Examples
-from task.options import ConfigError
+from edge_lam.config.run_config import RunConfig
+from edge_lam.data.text import Examples
+from edge_lam.config.options import ConfigError
 
 
 def _raw(tiny_bert, agnews_short, tmp_path, **extra) -> dict:
@@ -97,9 +97,9 @@ def test_the_product_space_gradient_is_the_loss_slope(tiny_bert, agnews_short, t
     trained = {k: v + 0.05 * rng.standard_normal(v.shape).astype(v.dtype)
                for k, v in state.items()}
     matrix, keys, shapes = stack([update_of(state, trained)])
-    valid = plan.task.test.subset(range(6))
+    valid = plan.server_model.test.subset(range(6))
     assert isinstance(valid, Examples)
-    space = ProductSpace(cfg, plan.task.label_names, valid)
+    space = ProductSpace(cfg, plan.server_model.label_names, valid)
     g, fisher, losses, _ = space.gradients(state, unstack(matrix[0], keys, shapes), keys)
     assert fisher.shape == g.shape and np.all(fisher >= g * g - 1e-12)  # E[x^2] >= E[x]^2
     assert losses.mean() == pytest.approx(space.loss(state, unstack(matrix[0], keys, shapes)),
@@ -156,7 +156,8 @@ def test_batched_per_example_gradients_equal_one_backward_per_example(tiny_bert,
     trained = {k: v + 0.05 * rng.standard_normal(v.shape).astype(v.dtype)
                for k, v in state.items()}
     update = update_of(state, trained)
-    space = ProductSpace(cfg, plan.task.label_names, plan.task.test.subset(range(11)))
+    server_model = plan.server_model
+    space = ProductSpace(cfg, server_model.label_names, server_model.test.subset(range(11)))
     directions = rng.standard_normal((3, sum(v.size for v in update.values())))
     g, fisher, losses, form = space.gradients(state, update, list(update), directions)
     monkeypatch.setattr(ProductSpace, "_linear_of", lambda self, params: None)

@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 
 from benchmarks.common import copy_app
-from task.config import ConfigError, RunConfig
+from edge_lam.config.run_config import ConfigError, RunConfig
 
 
 # ------------------------------------------------------------------------ misspelled keys
 def test_config_check_names_the_unknown_key_and_the_closest(capsys):
-    from task.cli import main
+    from edge_lam.cli.main import main
 
     assert main(["config", "--check", "lora-rnak=4"]) == 2
     err = capsys.readouterr().err
@@ -30,7 +30,7 @@ def test_config_check_names_the_unknown_key_and_the_closest(capsys):
 
 
 def test_config_check_of_a_recipe_file(tmp_path, capsys):
-    from task.cli import main
+    from edge_lam.cli.main import main
 
     bad = tmp_path / "bad.toml"
     bad.write_text('strategy = "flexlora"\n[train]\nlrr = 0.1\n')
@@ -43,7 +43,7 @@ def test_config_check_of_a_recipe_file(tmp_path, capsys):
 
 
 def test_config_check_names_a_bad_value(capsys):
-    from task.cli import main
+    from edge_lam.cli.main import main
 
     assert main(["config", "--check", "num-server-rounds=0"]) == 2
     assert "num-server-rounds=0 is too small" in capsys.readouterr().err
@@ -56,7 +56,7 @@ def test_the_app_parser_suggests_the_closest_key_too():
 
 # ------------------------------------------------------------------------ data.path
 def test_a_data_path_that_does_not_exist_is_named(tmp_path):
-    from task.data import resolve_data_path
+    from edge_lam.data.text import resolve_data_path
 
     missing = tmp_path / "agnwes"
     cfg = RunConfig.from_run_config({"data.path": str(missing)})
@@ -116,7 +116,7 @@ def test_a_config_error_fails_the_run_with_one_line(flower_env, tiny_bert, agnew
 def test_superlink_stop_stops_only_the_one_of_this_flwr_home(tmp_path, monkeypatch):
     """Two stand-ins named flower-superlink, started as `flwr run` starts it (--log-file
     under FLWR_HOME): `stop` ends this FLWR_HOME's, by PID, and leaves the other running."""
-    from task import local_superlink
+    from edge_lam.cli import local_superlink
 
     def fake_superlink(home: Path) -> subprocess.Popen:
         log = local_superlink.log_file_of(home)
@@ -135,7 +135,7 @@ def test_superlink_stop_stops_only_the_one_of_this_flwr_home(tmp_path, monkeypat
         status = local_superlink.status_lines(local_superlink.flwr_home())
         assert any(f"SuperLink PID {mine.pid} (this FLWR_HOME's)" in s and str(tmp_path) in s
                    for s in status), status
-        from task.cli import main
+        from edge_lam.cli.main import main
 
         assert main(["superlink", "stop"]) == 0
         assert mine.wait(timeout=10) is not None
@@ -149,7 +149,7 @@ def test_superlink_stop_stops_only_the_one_of_this_flwr_home(tmp_path, monkeypat
 
 
 def test_superlink_status_without_one(tmp_path, monkeypatch):
-    from task import local_superlink
+    from edge_lam.cli import local_superlink
 
     monkeypatch.setattr(local_superlink, "superlinks", lambda proc=None: [])
     assert "no SuperLink runs" in local_superlink.status_lines(tmp_path)[0]

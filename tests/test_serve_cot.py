@@ -16,9 +16,9 @@ from server_app import modes
 from server_app.serve.fleet import ServeDevice
 from server_app.serve.placement import (ChainSteps, Problem, brute_force, chain_problem,
                                         chain_seconds, solve, viterbi)
-from task.config import ConfigError, RunConfig
-from task.options import RunAborted
-from task.steps import chain_done
+from edge_lam.config.run_config import ConfigError, RunConfig
+from edge_lam.config.options import RunAborted
+from edge_lam.serving.steps import chain_done
 from test_benchmarks import check_provenance, check_render, run_bench
 
 
@@ -240,9 +240,9 @@ def test_serve_cot_benchmark(tiny_llama, small_gsm8k, tmp_path):
 
 
 def test_a_one_step_chain_is_the_monolithic_greedy_answer(tiny_llama):
-    from task.answer import Member, _member_model
-    from task.generation import scored_answers
-    from task.steps import continue_chains
+    from edge_lam.serving.answer import Member, _member_model
+    from edge_lam.serving.generation import scored_answers
+    from edge_lam.serving.steps import continue_chains
 
     cfg = RunConfig.from_run_config({"model": str(tiny_llama), "task": "causal-lm"})
     model, tokenizer, mcfg = _member_model(cfg, Member(str(tiny_llama)), ())

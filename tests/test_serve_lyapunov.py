@@ -19,8 +19,8 @@ from server_app.serve.lyapunov import (BaselineScheduler, LyapunovScheduler,
                                        capacity_margin, check_hosts, energy_costs,
                                        greedy_assignment, late_tokens, optimal_average_cost,
                                        queue_update, simulate, slot_objective, striped_hosts)
-from task.config import RunConfig
-from task.options import ConfigError
+from edge_lam.config.run_config import RunConfig
+from edge_lam.config.options import ConfigError
 
 
 def test_queue_update_by_hand():

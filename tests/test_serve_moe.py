@@ -20,21 +20,11 @@ from server_app.serve import mode
 from server_app.serve.fleet import PROFILES
 from server_app.serve.moe import label_logits, moe_model
 from server_app.serve.moe_scheduling import GreedyScheduler, round_robin
-from task.config import ConfigError, RunConfig
-from task.evaluation import ServerTask
-from task.moe import (
-    MoEPlan,
-    balanced_assign,
-    balanced_kmeans,
-    build_plan,
-    calibration_inputs,
-    experts_output,
-    ffn_flops_ratio,
-    moefy,
-    representatives,
-    router_scores,
-    top_k_mask,
-)
+from edge_lam.config.run_config import ConfigError, RunConfig
+from edge_lam.training.evaluation import ServerModel
+from edge_lam.serving.moe import (MoEPlan, balanced_assign, balanced_kmeans, build_plan,
+                                  calibration_inputs, experts_output, ffn_flops_ratio, moefy,
+                                  representatives, router_scores, top_k_mask)
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = "Topic of this news: World, Sports, Business or Sci/Tech?\n{text}\nAnswer:"
@@ -169,7 +159,7 @@ def _serve(grid, raw):
 def _local_logits(raw, run_dir):
     """The single-process MoE of the run's plan, its label logits."""
     cfg = RunConfig.from_run_config(raw)
-    task = ServerTask.prepare(cfg, with_model=False)
+    task = ServerModel.prepare(cfg, with_model=False)
     tokenizer, model, _ = moe_model(cfg, task.label_names)
     plan = MoEPlan.from_arrays(dict(np.load(run_dir / "moe_plan.npz")))
     layers = moefy(model, plan, cfg.serve.moe_top_k)

@@ -21,9 +21,9 @@ from server_app.serve.fleet import ServeDevice
 from server_app.serve.split_plan import (MIB, Segment, UnitCosts, best_single, chain_dp,
                                          choose, fits, parse_plan, plan_seconds,
                                          segment_seconds, split_dp)
-from task.config import ConfigError, RunConfig
-from task.options import RunAborted
-from task.layers import held_param_bytes, load_units, monolithic_logits, run_units
+from edge_lam.config.run_config import ConfigError, RunConfig
+from edge_lam.config.options import RunAborted
+from edge_lam.serving.layers import held_param_bytes, load_units, monolithic_logits, run_units
 from test_benchmarks import check_provenance, check_render, run_bench
 
 
@@ -31,7 +31,7 @@ def _batch(seed=0):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(5, 1000, (3, 12), generator=g)
     mask = torch.ones(3, 12, dtype=torch.long)
-    mask[1, 8:] = 0  # right padding, as task.data pads
+    mask[1, 8:] = 0  # right padding, as edge_lam.data.text pads
     mask[2, 3:] = 0
     return ids, mask
 

@@ -10,7 +10,7 @@ import numpy as np
 from strategies.fleet.scheduler import Member
 from strategies.lora.resume import CheckpointPart, NodeTable, moved
 from strategies.lora.strategy import HeterogeneousLoRA, NodeProfile
-from task.config import RunConfig
+from edge_lam.config.run_config import RunConfig
 
 
 def _strategy(**extra) -> HeterogeneousLoRA:

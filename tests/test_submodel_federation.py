@@ -16,9 +16,9 @@ from inprocess_grid import InProcessGrid
 from strategies.submodel.device import COUNTS, IDS, MASKED, PEERS, ROWS, UNION, device_request
 from strategies.submodel.rows import applied_rows, base_table, embedding_of, trainable_rows
 from strategies.submodel.server import SUMMARY_FILE, federate, prepare_run
-from task.config import ConfigError, RunConfig
-from task.device import DeviceInfo
-from task.records import from_record
+from edge_lam.config.run_config import ConfigError, RunConfig
+from edge_lam.training.device import DeviceInfo
+from edge_lam.records import from_record
 
 PAIRS = [(f"def add_{i}(x): return x plus {i}", f"add_{i} returns x + {i}") for i in range(8)]
 
@@ -84,7 +84,7 @@ def test_rows_train_through_the_tied_head_and_only_touched_rows_change(tied_llam
     up = from_record(grid.replies[-1].content["arrays"])
     assert (up[COUNTS] > 0).all() and up[ROWS].shape == (up[IDS].size, 32)
     # the global table after the run: exactly the rows some device used moved
-    base = prepare_run(cfg, 2).task.table()
+    base = prepare_run(cfg, 2).server_model.table()
     last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     assert sorted(c["rows_requested"] for c in last["clients"]) == sorted(
         len(_own_rows(cfg, p)) for p in (0, 1))
@@ -111,7 +111,7 @@ def test_rows_train_through_the_tied_head_and_only_touched_rows_change(tied_llam
     untouched = np.setdiff1d(np.arange(30522), ids)
     assert np.array_equal(table[untouched], base[untouched])
     # ... and the logits of the server's model (LoRA + the table's rows applied)
-    from task.model import get_lora_model, set_trainable_state
+    from edge_lam.models.lora_model import get_lora_model, set_trainable_state
     server_model = get_lora_model(cfg, (), 2)
     set_trainable_state(server_model, {k: v for k, v in tensors.items() if k != key})
     x = torch.tensor([[101, ids[0], ids[1], 102]])
@@ -243,7 +243,7 @@ def test_a_device_missing_after_masking_skips_the_rounds_rows_and_keeps_the_tabl
 
 
 def test_tied_weight_round_trip_and_untied_models_are_refused(tied_llama, tiny_llama):
-    from task.model import get_lora_model
+    from edge_lam.models.lora_model import get_lora_model
     cfg = RunConfig.from_run_config({"model": str(tied_llama), "task": "causal-lm",
                                      "lora.target-modules": "q_proj", "strategy": "submodel",
                                      "submodel.aggregation": "fedavg",

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from task.device import DeviceInfo, local_examples, train_round
-from task.evaluation import ServerTask
-from task.config import RunConfig
-from task.lora import lora_rank, truncate_lora
-from task.model import get_lora_model
+from edge_lam.training.device import DeviceInfo, local_examples, train_round
+from edge_lam.training.evaluation import ServerModel
+from edge_lam.config.run_config import RunConfig
+from edge_lam.training.lora import lora_rank, truncate_lora
+from edge_lam.models.lora_model import get_lora_model
 from tiny_models import merged_llama
 
 
@@ -16,7 +16,7 @@ def test_device_trains_at_its_rank_and_shares_one_base_model(tiny_bert, agnews):
     cfg = RunConfig.from_run_config({"model": str(tiny_bert), "data.path": str(agnews),
                                      "train.local-steps": 3, "train.batch-size": 8,
                                      "eval.max-examples": 32})
-    task = ServerTask.prepare(cfg)
+    task = ServerModel.prepare(cfg)
     state = task.initial_state()
     info = DeviceInfo(partition_id=1, num_partitions=4)
     sent = truncate_lora(state, 4)
@@ -66,7 +66,7 @@ def test_causal_lm_instruction_tuning(learnable_llama, tmp_path):
         "lora.target-modules": "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
         "strategy": "fedavg", "lora.fedavg-rank": 8, "train.local-steps": 60,
         "train.lr": 0.01, "train.batch-size": 8, "data.partitioner": "iid"})
-    task = ServerTask.prepare(cfg)
+    task = ServerModel.prepare(cfg)
     assert task.label_names == ()
     state = task.initial_state()
     assert all("lora_" in k for k in state)  # no head in a causal LM adapter

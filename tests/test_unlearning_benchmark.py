@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from task.data import Examples
+from edge_lam.data.text import Examples
 
 _spec = importlib.util.spec_from_file_location(
     "unlearning_benchmark", Path(__file__).parents[1] / "benchmarks" / "unlearning.py")
@@ -51,7 +51,7 @@ def test_benchmark_runs_end_to_end_on_a_tiny_model(tmp_path, agnews, tiny_bert):
     import subprocess
     import sys
 
-    from task.config import RunConfig
+    from edge_lam.config.run_config import RunConfig
 
     out = tmp_path / "out"
     cmd = [sys.executable, str(Path(bench.__file__)), "--model", str(tiny_bert), "--data",

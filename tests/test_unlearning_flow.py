@@ -17,9 +17,9 @@ from inprocess_grid import InProcessGrid
 from inprocess_grid import federate, prepare_run
 from strategies.unlearn.steps import unlearning_step
 from strategies.unlearn.strategy import GRADIENT_MESSAGE, UnlearningTargetsMissing
-from task.config import ConfigError, RunConfig
-from task.lora import truncate_lora
-from task.records import from_record
+from edge_lam.config.run_config import ConfigError, RunConfig
+from edge_lam.training.lora import truncate_lora
+from edge_lam.records import from_record
 
 FORGET = 1  # partition id of the device that opts out (an rpi5: rank 4)
 

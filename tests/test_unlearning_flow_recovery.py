@@ -19,9 +19,9 @@ from inprocess_grid import federate, prepare_run
 from strategies.lora.math import AGGREGATORS, example_weights
 from strategies.unlearn.math import flatten_state
 from strategies.unlearn.strategy import FederatedUnlearning
-from task.config import RunConfig
-from task.lora import pad_lora
-from task.records import from_record
+from edge_lam.config.run_config import RunConfig
+from edge_lam.training.lora import pad_lora
+from edge_lam.records import from_record
 
 FORGET = 1  # partition id of the opting-out device (an rpi5: rank 4)
 LAPTOP = 3  # a remaining device at rank 16 = r_max: its downlink is the whole global module
@@ -69,7 +69,7 @@ def test_recovery_aggregates_have_no_component_along_the_unlearning_direction(
         return flatten_state(state, keys)[0]
 
     # theta_before from disk is the global module of the first unlearning round (round 2)
-    before = plan.task.load_state(run_dir / "adapter-before-unlearning", "before")
+    before = plan.server_model.load_state(run_dir / "adapter-before-unlearning", "before")
     np.testing.assert_array_equal(flat(before), flat(from_record(
         sent[(2, node_of[LAPTOP])].content["arrays"])))
 
@@ -112,4 +112,4 @@ def test_recovery_aggregates_have_no_component_along_the_unlearning_direction(
     np.testing.assert_array_equal(
         flat(aggregates[3]), flat(from_record(sent[(4, node_of[LAPTOP])].content["arrays"])))
     np.testing.assert_array_equal(
-        flat(aggregates[4]), flat(plan.task.load_state(run_dir / "adapter", "adapter")))
+        flat(aggregates[4]), flat(plan.server_model.load_state(run_dir / "adapter", "adapter")))

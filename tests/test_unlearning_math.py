@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from task.privacy import noise_multiplier_for_budget
+from edge_lam.training.privacy import noise_multiplier_for_budget
 from strategies.unlearn.math import (
     add_gaussian_noise,
     bounded_ce_loss,

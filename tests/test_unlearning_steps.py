@@ -3,7 +3,7 @@
 import numpy as np
 
 from strategies.unlearn.steps import remove_drift, unlearning_step
-from task.lora import pad_lora, truncate_lora
+from edge_lam.training.lora import pad_lora, truncate_lora
 
 L = "m.layer.0.query"
 R_MAX = 4

@@ -7,9 +7,9 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from strategies.lora.diagnostics import check_reply
 from strategies.lora.strategy import HeterogeneousLoRA, NodeProfile
-from task.config import RunConfig
-from task.lora import truncate_lora
-from task.records import from_record, to_record
+from edge_lam.config.run_config import RunConfig
+from edge_lam.training.lora import truncate_lora
+from edge_lam.records import from_record, to_record
 
 L = "m.layer.0.query"
 

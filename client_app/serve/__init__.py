@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from flwr.app import Context, Message
 
-from task.config import RunConfig
-from task.registry import registry
+from edge_lam.config.run_config import RunConfig
+from edge_lam.config.registry import registry
 
 
 def handle(msg: Message, context: Context) -> Message:

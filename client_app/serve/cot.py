@@ -3,9 +3,9 @@
 The QUERY's `config` record (kind 'cot') says `op`:
 - `step`: `questions` and `chains` (the chain so far of each, text) and `max-tokens`; the
   device continues every chain by at most that many greedy tokens with its model
-  (`task.steps.continue_chains`) and replies `steps` (texts, new and context tokens, whether
+  (`edge_lam.serving.steps.continue_chains`) and replies `steps` (texts, new and context tokens, whether
   each ended) and `metrics` (seconds, peak memory bytes);
-- `profile`: the device times one step's parts on a `question` (`task.steps.measure_costs`)
+- `profile`: the device times one step's parts on a `question` (`edge_lam.serving.steps.measure_costs`)
   and replies `costs`: the server's latency model before it places anything.
 The model is the device's member (`--node-config model/adapter`, `infer.members` or the run's
 `model`), loaded once per process. `member` names it in every reply.
@@ -17,10 +17,10 @@ import time
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from task.answer import _member_model, member_of  # the member's model, as mode='infer'
-from task.config import RunConfig
-from task.device import DeviceInfo
-from task.steps import continue_chains, measure_costs, peak_memory_bytes
+from edge_lam.serving.answer import _member_model, member_of  # the member's model, as mode='infer'
+from edge_lam.config.run_config import RunConfig
+from edge_lam.training.device import DeviceInfo
+from edge_lam.serving.steps import continue_chains, measure_costs, peak_memory_bytes
 
 
 def handle(msg: Message, context: Context, cfg: RunConfig) -> Message:

@@ -4,7 +4,7 @@ routed to them.
 The QUERY's config names the `layer` and the `experts` (ids) this device computes in this
 call; `tokens` holds the hidden states x (N, H) of the tokens that chose any of them and
 `mask` (N, len(experts)): which of them each token chose. The reply `partial` holds
-y (N, H) = sum over those chosen experts of y_e(x) (`task.moe.experts_output`), and the
+y (N, H) = sum over those chosen experts of y_e(x) (`edge_lam.serving.moe.experts_output`), and the
 seconds it took.
 
 The device loads the run's pretrained checkpoint once per process, keeps only its FFNs, and
@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 
-from task.config import RunConfig
-from task.model import resolve_model_source
-from task.moe import expert_weights, experts_output, gated_mlps
-from task.records import from_record, to_record
+from edge_lam.config.run_config import RunConfig
+from edge_lam.models.lora_model import resolve_model_source
+from edge_lam.serving.moe import expert_weights, experts_output, gated_mlps
+from edge_lam.records import from_record, to_record
 
 PLAN_KEY = "moe-plan"
 _FFNS: dict[str, list] = {}  # model source -> its FFN modules (the rest of the model dropped)

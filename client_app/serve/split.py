@@ -5,9 +5,9 @@ The QUERY's `config` record (kind 'split') names the `model` and the unit range
 holds `x` (token ids (B, T) when start = 0, else hidden states (B, T, H) float32), the
 `attention_mask` (B, T) and, optionally, `vocab-ids` (K,) when only those next-token
 logits are wanted. The device builds its layers' causal masks and rotary embeddings from
-the mask and positions itself (`task.layers.run_units`), so nothing else travels.
+the mask and positions itself (`edge_lam.serving.layers.run_units`), so nothing else travels.
 
-It loads only the weights of its units (`task.layers.load_units`, cached per process for
+It loads only the weights of its units (`edge_lam.serving.layers.load_units`, cached per process for
 the next batches) and replies `arrays` with `x`: hidden states (B, T, H), or logits (B, V)
 or (B, K) when its range ends the model; and `metrics`: compute seconds, load seconds (0
 once cached) and the parameter bytes it really holds.
@@ -20,10 +20,10 @@ import time
 import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 
-from task.config import RunConfig
-from task.layers import held_param_bytes, load_units, run_units
-from task.model import resolve_model_source
-from task.records import from_record, to_record
+from edge_lam.config.run_config import RunConfig
+from edge_lam.serving.layers import held_param_bytes, load_units, run_units
+from edge_lam.models.lora_model import resolve_model_source
+from edge_lam.records import from_record, to_record
 
 
 def handle(msg: Message, context: Context, cfg: RunConfig) -> Message:

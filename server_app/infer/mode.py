@@ -29,13 +29,13 @@ from flwr.serverapp import Grid
 
 from server_app.infer.combine import accuracy, confidence, mean_probs
 from server_app.infer.report import Answers, Knobs, choose_cascade, generated_votes, summarise
-from task.config import RunConfig
-from task.families import family
-from task.evaluation import ServerTask
-from task.fleet import connected_by_partition, origin, unicast
-from task.logs import get_logger
-from task.records import from_record
-from task.results import atomic_write_text
+from edge_lam.config.run_config import RunConfig
+from edge_lam.models.families import family
+from edge_lam.training.evaluation import ServerModel
+from edge_lam.messaging import connected_by_partition, origin, unicast
+from edge_lam.logs import get_logger
+from edge_lam.records import from_record
+from edge_lam.results import atomic_write_text
 
 log = get_logger()
 MESSAGE_TYPE = f"{MessageType.QUERY}.infer"
@@ -44,23 +44,23 @@ MESSAGE_TYPE = f"{MessageType.QUERY}.infer"
 def run(grid: Grid, context: Context, cfg: RunConfig) -> Path:
     """Collaborative inference (the family is checked at parse time,
     `server_app.modes.check_infer`)."""
-    task = ServerTask.prepare(cfg, with_model=False)
-    truth = np.asarray(task.test.labels)  # causal-lm: from the answers (generated_votes)
+    server_model = ServerModel.prepare(cfg, with_model=False)
+    truth = np.asarray(server_model.test.labels)  # causal-lm: from the answers (generated_votes)
     run_dir = (Path(cfg.results_dir) / str(context.run_id)).resolve()
     nodes = _members(grid, cfg)
     log.info("infer: %d queries from %s to %d devices, %d per batch; results in %s",
-             len(truth), task.data_source, len(nodes), cfg.infer.batch_size, run_dir)
+             len(truth), server_model.data_source, len(nodes), cfg.infer.batch_size, run_dir)
     started = time.perf_counter()
     knobs = Knobs(cfg.infer.calibration, cfg.infer.alpha, cfg.infer.beta,
                   cfg.infer.trust_rate, cfg.infer.confidence, cfg.infer.cascade_loss)
     if cfg.infer.method == "cascade":
-        return live_cascade(grid, nodes, task, truth, knobs, cfg, run_dir, started)
-    answers = collect(grid, nodes, task.test.texts, task.label_names, cfg)
+        return live_cascade(grid, nodes, server_model, truth, knobs, cfg, run_dir, started)
+    answers = collect(grid, nodes, server_model.test.texts, server_model.label_names, cfg)
     if family(cfg).generates:
-        truth = generated_votes(answers, task.test.responses, cfg.infer.calibration)
+        truth = generated_votes(answers, server_model.test.responses, cfg.infer.calibration)
     report = summarise(answers, truth, knobs)
-    write_results(run_dir, report, answers, truth, task.label_names,
-                  time.perf_counter() - started, cfg, task.test.responses)
+    write_results(run_dir, report, answers, truth, server_model.label_names,
+                  time.perf_counter() - started, cfg, server_model.test.responses)
     for m in report["members"] + report["methods"]:
         log.info("infer: %-32s accuracy %.4f, %.3f s per query",
                  m.get("member", m.get("method")), m["accuracy"], m["seconds_per_query"])
@@ -74,13 +74,14 @@ def _members(grid: Grid, cfg: RunConfig) -> list[int]:
                                   "infer.timeout")
 
 
-def live_cascade(grid: Grid, nodes: list[int], task: ServerTask, truth: np.ndarray,
+def live_cascade(grid: Grid, nodes: list[int], server_model: ServerModel, truth: np.ndarray,
                  knobs: Knobs, cfg: RunConfig, run_dir: Path, started: float) -> Path:
     """`infer.method='cascade'`: every device answers the calibration queries (quality, cost,
     threshold); then each scored batch goes to the cheapest device only, and only its unsure
     queries go on to the next cheapest, whose answers are averaged in (`mean_probs`), and so
     on."""
-    texts, labels, refs = task.test.texts, task.label_names, task.test.responses
+    test = server_model.test
+    texts, labels, refs = test.texts, server_model.label_names, test.responses
     generation = family(cfg).generates
     n_cal = min(cfg.infer.calibration, len(texts) - 1)
     calib, truth, plan = _calibrate(grid, nodes, texts[:n_cal], len(texts), labels, refs,

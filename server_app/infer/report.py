@@ -15,7 +15,7 @@ import numpy as np
 from server_app.infer.combine import (accuracy, agreement, candidate_votes, cascade, confidence,
                                       geometric_probs, log_odds_weights, majority_vote,
                                       mean_probs, trust_update, trust_weights, weighted_vote)
-from task.generation import answer_key, has_final_numbers
+from edge_lam.serving.generation import answer_key, has_final_numbers
 
 
 @dataclass

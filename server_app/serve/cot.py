@@ -6,7 +6,7 @@ steps; step s runs on the device the placement chose for it (`placement`, method
 `serve.cot-placement`, at most `serve.cot-device-steps` steps per device). Each step is a
 Flower QUERY (`query.serve`, config kind 'cot', op 'step') carrying the questions and their
 chains so far; the server appends each step's text and stops a chain when it ended or states
-'#### <number>' completely (`task.steps.chain_done`).
+'#### <number>' completely (`edge_lam.serving.steps.chain_done`).
 
 Before placing, one device times a step's parts (op 'profile'): seconds(L, n) = a + b L +
 c (n - 1) for a context of L tokens and n new ones, its parameter and KV bytes. With
@@ -31,13 +31,13 @@ from flwr.serverapp import Grid
 from server_app.serve.fleet import ServeDevice, fleet
 from server_app.serve.mode import MESSAGE_TYPE
 from server_app.serve.placement import METHODS, ChainSteps, chain_problem, solve
-from task.config import RunConfig
-from task.evaluation import ServerTask
-from task.fleet import connected_by_partition
-from task.generation import final_number
-from task.logs import get_logger
-from task.results import atomic_write_text
-from task.steps import chain_done
+from edge_lam.config.run_config import RunConfig
+from edge_lam.training.evaluation import ServerModel
+from edge_lam.messaging import connected_by_partition
+from edge_lam.serving.generation import final_number
+from edge_lam.logs import get_logger
+from edge_lam.results import atomic_write_text
+from edge_lam.serving.steps import chain_done
 
 log = get_logger()
 MIB = 2.0 ** 20
@@ -86,8 +86,8 @@ def memory_use(costs: dict, placed: list[list[dict]], names: list[str]) -> dict:
 
 
 def run(grid: Grid, context: Context, cfg: RunConfig) -> Path:
-    task = ServerTask.prepare(cfg, with_model=False)
-    questions, refs = list(task.test.texts), list(task.test.responses)
+    server_model = ServerModel.prepare(cfg, with_model=False)
+    questions, refs = list(server_model.test.texts), list(server_model.test.responses)
     nodes, devices = _fleet_nodes(grid, cfg)
     run_dir = (Path(cfg.results_dir) / str(context.run_id)).resolve()
     started = time.perf_counter()
@@ -161,8 +161,8 @@ def _profile(grid: Grid, node: int, question: str, cfg: RunConfig) -> dict:
 
 def _question_shape(cfg: RunConfig, questions: list[str]) -> dict:
     """Mean prompt tokens (posed as the devices pose it), question bytes, bytes per token."""
-    from task.data import pose
-    from task.model import load_tokenizer, resolve_model_source
+    from edge_lam.data.text import pose
+    from edge_lam.models.lora_model import load_tokenizer, resolve_model_source
 
     tokenizer = load_tokenizer(resolve_model_source(cfg.model))
     tokens = [len(pose(tokenizer, cfg, q)) for q in questions]

@@ -9,7 +9,7 @@ seconds on this machine and real payload sizes into predicted seconds per device
     t_comp(module, d) = measured_seconds(module) / speed_d
     t_comm(bytes, d)  = latency_d + 8 * bytes / (1e6 * mbps_d)
 
-`PROFILES` (from `task.hardware`, the one profile table) are coarse defaults for the
+`PROFILES` (from `edge_lam.config.hardware`, the one profile table) are coarse defaults for the
 simulated fleet (`serve.fleet='rpi4,rpi5,laptop'`),
 relative to a 2-core x86 server vCPU running PyTorch on CPU; sources in each line. They are
 meant to be replaced by measurements (a JSON fleet file) when real devices are at hand.
@@ -21,8 +21,8 @@ import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from task.hardware import HARDWARE
-from task.options import ConfigError
+from edge_lam.config.hardware import HARDWARE
+from edge_lam.config.options import ConfigError
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ class ServeDevice:
             raise ConfigError(f"device '{self.name}': latency_s must be >= 0")
 
 
-# speed, memory and links: `task.hardware`, the one profile table (sources there)
+# speed, memory and links: `edge_lam.config.hardware`, the one profile table (sources there)
 PROFILES: dict[str, ServeDevice] = {
     name: ServeDevice(name, speed=hw.speed, memory_mib=hw.memory_mib, up_mbps=hw.up_mbps,
                       down_mbps=hw.down_mbps, latency_s=hw.latency_s)

@@ -52,11 +52,11 @@ import numpy as np
 from scipy.optimize import linprog
 
 from server_app.serve.fleet import ServeDevice
-from task.hardware import HARDWARE
+from edge_lam.config.hardware import HARDWARE
 
 OBJECTIVES = ("linear", "quadratic")
 # Typical power under load (W) of each profile, for energy per token = watts x seconds per
-# token: `task.hardware`, the one profile table (sources there).
+# token: `edge_lam.config.hardware`, the one profile table (sources there).
 WATTS = {name: hw.watts for name, hw in HARDWARE.items()}
 
 

@@ -1,7 +1,7 @@
 """`mode='serve'`: a model's functional modules as micro-services on the devices (S8).
 
 `serve.kind` picks the service; each kind is one `ServeKind` in SERVE_KINDS (a
-`task.registry.Registry`, kind "serve kind", declared here; a third-party kind registers
+`edge_lam.config.registry.Registry`, kind "serve kind", declared here; a third-party kind registers
 through the `edge_lam.serve_kind` entry points), naming its server side
 `run(grid, context, cfg) -> Path` (results in `results/<run-id>/`), its device side
 `handle(msg, context, cfg) -> Message` and what it needs of the config (`check`, run when
@@ -24,8 +24,8 @@ from pathlib import Path
 from flwr.app import Context, Message
 from flwr.serverapp import Grid
 
-from task.config import ConfigError, RunConfig
-from task.registry import _load, registry
+from edge_lam.config.run_config import ConfigError, RunConfig
+from edge_lam.config.registry import _load, registry
 
 MESSAGE_TYPE = "query.serve"
 
@@ -56,7 +56,7 @@ def run(grid: Grid, context: Context, cfg: RunConfig) -> Path:
 
 
 def check_cot(cfg: RunConfig) -> None:
-    from task.families import family
+    from edge_lam.models.families import family
 
     if not family(cfg).generates:
         raise ConfigError(f"serve.kind='cot' generates reasoning chains: use task='causal-lm' "
@@ -64,7 +64,7 @@ def check_cot(cfg: RunConfig) -> None:
 
 
 def check_moe(cfg: RunConfig) -> None:
-    from task.families import family
+    from edge_lam.models.families import family
 
     if not family(cfg).label_words:
         raise ConfigError(f"serve.kind='moe' answers labelled queries by label-word likelihood: "

@@ -1,7 +1,7 @@
 """`serve.kind='moe'`: MoE layers as micro-services (S8): the server runs attention and
 gating, the devices compute the experts.
 
-The run's dense model becomes a mixture of experts without training (`task.moe`: each FFN's
+The run's dense model becomes a mixture of experts without training (`edge_lam.serving.moe`: each FFN's
 neurons clustered on `serve.moe-calibration` training texts into `serve.moe-experts` equal
 experts, a router of representative neurons choosing `serve.moe-top-k` per token). The server
 then drops the experts' weights: it keeps embeddings, attention, norms, the router and the
@@ -10,7 +10,7 @@ plan (neuron -> expert per layer) that the first call to it carries: a few hundr
 instead of the experts' megabytes.
 
 The `eval.max-examples` test queries (`task='lm-cls'`, label-word likelihood as in
-`task.answer`) go through in batches of `eval.batch-size`. At every MoE layer of a batch (one
+`edge_lam.serving.answer`) go through in batches of `eval.batch-size`. At every MoE layer of a batch (one
 slot), the server counts the tokens routed to each expert (demand (E,)), asks the scheduler
 for an expert -> device assignment (`assign(slot, demand, alive) -> (E,)`), and sends each
 device one QUERY (`query.serve`, config kind='moe') holding the hidden states of the tokens
@@ -38,34 +38,18 @@ from flwr.serverapp import Grid
 from server_app.serve.fleet import ServeDevice, fleet
 from server_app.serve.mode import MESSAGE_TYPE
 from server_app.serve.moe_scheduling import Assign, make_scheduler, predicted_seconds
-from task.config import RunConfig
-from task.data import (
-    Examples,
-    batches,
-    encode_batch,
-    load_split_frames,
-    resolve_columns,
-    resolve_data_path,
-    to_examples,
-)
-from task.evaluation import ServerTask
-from task.families import family
-from task.fleet import connected_by_partition, origin
-from task.logs import get_logger
-from task.model import load_tokenizer, resolve_model_source
-from task.moe import (
-    MoEMLP,
-    MoEPlan,
-    build_plan,
-    calibration_inputs,
-    expert_output,
-    ffn_flops_ratio,
-    gated_mlps,
-    moefy,
-    set_active_tokens,
-)
-from task.records import from_record, record_nbytes, to_record
-from task.results import atomic_write_text
+from edge_lam.config.run_config import RunConfig
+from edge_lam.data.text import (Examples, batches, encode_batch, load_split_frames, resolve_columns,
+                                resolve_data_path, to_examples)
+from edge_lam.training.evaluation import ServerModel
+from edge_lam.models.families import family
+from edge_lam.messaging import connected_by_partition, origin
+from edge_lam.logs import get_logger
+from edge_lam.models.lora_model import load_tokenizer, resolve_model_source
+from edge_lam.serving.moe import (MoEMLP, MoEPlan, build_plan, calibration_inputs, expert_output,
+                                  ffn_flops_ratio, gated_mlps, moefy, set_active_tokens)
+from edge_lam.records import from_record, record_nbytes, to_record
+from edge_lam.results import atomic_write_text
 
 log = get_logger()
 CALIBRATION_TOKENS = 2048  # FFN inputs kept per layer for the clustering
@@ -248,7 +232,7 @@ def moe_model(cfg: RunConfig, label_names: tuple[str, ...]):
 def pair_seconds_of(model, plan: MoEPlan, tokens: int = 256) -> float:
     """Measured seconds of one token through one expert on this machine (layer 0's expert 0,
     `tokens` tokens at once): the unit of the fleet's predicted compute times."""
-    from task.moe import expert_weights
+    from edge_lam.serving.moe import expert_weights
 
     mlp = gated_mlps(model)[0]
     weights = expert_weights(mlp, plan.neurons(0, 0))
@@ -270,8 +254,8 @@ def members(grid: Grid, cfg: RunConfig) -> list[int]:
 
 def run(grid: Grid, context: Context, cfg: RunConfig) -> Path:
     started = time.perf_counter()
-    task = ServerTask.prepare(cfg, with_model=False)
-    tokenizer, model, plan = moe_model(cfg, task.label_names)
+    server_model = ServerModel.prepare(cfg, with_model=False)
+    tokenizer, model, plan = moe_model(cfg, server_model.label_names)
     run_dir = (Path(cfg.results_dir) / str(context.run_id)).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     np.savez(run_dir / "moe_plan.npz", **plan.arrays())
@@ -284,12 +268,13 @@ def run(grid: Grid, context: Context, cfg: RunConfig) -> Path:
                            devices, cfg, pair_s, 4 * hidden)
     layers = moefy(model, plan, cfg.serve.moe_top_k, keep_experts=False, runner=runner)
     log.info("serve moe: %d queries, %d layers of %d experts (top %d) on %d devices; results "
-             "in %s", len(task.test), len(layers), plan.experts, cfg.serve.moe_top_k,
+             "in %s", len(server_model.test), len(layers), plan.experts, cfg.serve.moe_top_k,
              len(nodes), run_dir)
-    logits = label_logits(model, layers, tokenizer, cfg, task.test)
+    logits = label_logits(model, layers, tokenizer, cfg, server_model.test)
     np.save(run_dir / "serve_moe_logits.npy", logits)
     report = summary(cfg, plan, model, runner, len(layers), hidden)
-    report.update(quality(logits, np.asarray(task.test.labels)), queries=len(task.test),
+    test = server_model.test
+    report.update(quality(logits, np.asarray(test.labels)), queries=len(test),
                   seconds=time.perf_counter() - started)
     atomic_write_text(run_dir / "serve_moe.json", json.dumps(report, indent=1))
     log.info("serve moe: accuracy %.4f, NLL %.4f, %.0f bytes per layer per token, %d "

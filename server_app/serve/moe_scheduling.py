@@ -11,7 +11,7 @@ from collections.abc import Callable
 import numpy as np
 
 from server_app.serve.fleet import ServeDevice
-from task.config import RunConfig
+from edge_lam.config.run_config import RunConfig
 
 Assign = Callable[[int, np.ndarray, np.ndarray], np.ndarray]  # (slot, demand, alive) -> (E,)
 

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from server_app.serve.fleet import ServeDevice
-from task.options import ConfigError, RunAborted
+from edge_lam.config.options import ConfigError, RunAborted
 
 METHODS = ("exact", "heuristic", "greedy", "random")
 

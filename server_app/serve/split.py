@@ -2,7 +2,7 @@
 measured.
 
 The server loads the whole model once (the reference), times each unit (embedding, every
-decoder layer, head; `task.layers.unit_seconds`) on a batch of `serve.split-batch` prompts
+decoder layer, head; `edge_lam.serving.layers.unit_seconds`) on a batch of `serve.split-batch` prompts
 of `serve.split-tokens` tokens, weighs their parameters and the bytes crossing each
 boundary, and plans with `split_plan.choose` over the fleet (`serve.fleet`; fleet item k is
 the device of partition k): the memory-aware DP, the best single device as the fallback, or
@@ -29,15 +29,15 @@ from flwr.serverapp import Grid
 
 from server_app.serve.fleet import ServeDevice, fleet
 from server_app.serve.split_plan import Plan, UnitCosts, choose, plan_seconds
-from task.config import RunConfig
-from task.families import family
-from task.fleet import connected_by_partition
-from task.layers import (activation_bytes, monolithic_logits, unit_names, unit_param_bytes,
-                         unit_seconds)
-from task.logs import get_logger
-from task.model import load_tokenizer, resolve_model_source
-from task.records import record_nbytes, to_record
-from task.results import atomic_write_text
+from edge_lam.config.run_config import RunConfig
+from edge_lam.models.families import family
+from edge_lam.messaging import connected_by_partition
+from edge_lam.serving.layers import (activation_bytes, monolithic_logits, unit_names,
+                                     unit_param_bytes, unit_seconds)
+from edge_lam.logs import get_logger
+from edge_lam.models.lora_model import load_tokenizer, resolve_model_source
+from edge_lam.records import record_nbytes, to_record
+from edge_lam.results import atomic_write_text
 
 log = get_logger()
 MESSAGE_TYPE = "query.serve"
@@ -88,20 +88,20 @@ def make_batches(cfg: RunConfig, vocab_size: int):
         ids = rng.integers(0, vocab_size, size=(count, b, t))
         return [(torch.from_numpy(x), torch.ones(b, t, dtype=torch.long)) for x in ids], \
             None, None
-    from task.data import encode_batch
-    from task.evaluation import ServerTask
+    from edge_lam.data.text import encode_batch
+    from edge_lam.training.evaluation import ServerModel
 
-    task = ServerTask.prepare(cfg, with_model=False)
+    server_model = ServerModel.prepare(cfg, with_model=False)
     mcfg = cfg.updated("train", max_length=t)
     tokenizer = load_tokenizer(resolve_model_source(cfg.model))
     out, vocab = [], None
-    for start in range(0, min(len(task.test), b * count), b):
-        enc = encode_batch(tokenizer, task.test.subset(range(start, min(start + b,
-                                                                          len(task.test)))),
+    for start in range(0, min(len(server_model.test), b * count), b):
+        enc = encode_batch(tokenizer, server_model.test.subset(range(start, min(start + b,
+                                                                          len(server_model.test)))),
                            mcfg)
         out.append((enc["input_ids"], enc["attention_mask"]))
         vocab = enc["label_token_ids"]
-    return out, vocab, np.asarray(task.test.labels)
+    return out, vocab, np.asarray(server_model.test.labels)
 
 
 def measure_costs(model, batch, vocab: torch.Tensor | None, repeats: int,

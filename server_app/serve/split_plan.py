@@ -1,6 +1,6 @@
 """Partitioning a model's units over the devices by dynamic programming (S8), pure math.
 
-The model is a chain of n units (`task.layers`: embedding, decoder layers, head) with
+The model is a chain of n units (`edge_lam.serving.layers`: embedding, decoder layers, head) with
 measured seconds on this machine, parameter bytes, and the bytes crossing each boundary
 (`boundary_bytes[0]`: the token ids the server sends in, `[l]`: the hidden states between
 unit l-1 and l, `[n]`: the logits coming out). In Flower every message goes through the
@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from server_app.serve.fleet import ServeDevice
-from task.options import ConfigError, RunAborted
+from edge_lam.config.options import ConfigError, RunAborted
 
 MIB = 2 ** 20
 MAX_STATES = 1 << 16  # profile-count states the exact DP may visit

@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from task.config import RunConfig, Traits
-from task.families import family
-from task.options import ConfigError, Reader, Section, option, parse_section
+from edge_lam.config.run_config import RunConfig, Traits
+from edge_lam.models.families import family
+from edge_lam.config.options import ConfigError, Reader, Section, option, parse_section
 
 _TASK_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 

@@ -21,18 +21,19 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from task.device import DeviceInfo, local_examples
+from edge_lam.training.device import DeviceInfo, local_examples
 from strategies.fedkd.math import decode_update, encode_update, is_compressed
 from strategies.fedkd.config import local_module_config, task_config
-from task.config import ConfigError, RunConfig
-from task.data import Examples, load_split_frames, resolve_columns, resolve_data_path, to_examples
+from edge_lam.config.run_config import ConfigError, RunConfig
+from edge_lam.data.text import (Examples, load_split_frames, resolve_columns, resolve_data_path,
+                                to_examples)
 from strategies.fedkd.distill import train_mutual
-from task.logs import get_logger
-from task.lora import State
-from task.records import from_record, to_record
-from task.model import (get_lora_model, get_trainable_state, initial_lora_state, load_tokenizer,
-                        resolve_model_source, set_trainable_state)
-from task.train import evaluate, train_local
+from edge_lam.logs import get_logger
+from edge_lam.training.lora import State
+from edge_lam.records import from_record, to_record
+from edge_lam.models.lora_model import (get_lora_model, get_trainable_state, initial_lora_state,
+                                        load_tokenizer, resolve_model_source, set_trainable_state)
+from edge_lam.training.loop import evaluate, train_local
 
 log = get_logger()
 
@@ -102,7 +103,7 @@ def _data_path(task_cfg: RunConfig, task: str, info: DeviceInfo) -> Path:
 
 def task_test_examples(task_cfg: RunConfig, task: str, label_names: tuple[str, ...],
                        max_examples: int, info: DeviceInfo = DeviceInfo()) -> Examples:
-    """The task's test split, capped like ServerTask.prepare (same seed: same subset)."""
+    """The task's test split, capped like ServerModel.prepare (same seed: same subset)."""
     frames = load_split_frames(str(_data_path(task_cfg, task, info)), "",
                                task_cfg.data.encoding)
     test = to_examples(frames["test"], resolve_columns(frames["test"], task_cfg), label_names)

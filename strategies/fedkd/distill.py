@@ -14,13 +14,13 @@ import numpy as np
 import torch
 
 from strategies.fedkd.math import mutual_kd_losses
-from task.config import ConfigError, RunConfig
-from task.data import Examples, encode_batch, endless_batches
-from task.families import family
-from task.logs import get_logger
-from task.memory import releaser
-from task.model import torch_device
-from task.train import make_optimizer, run_steps
+from edge_lam.config.run_config import ConfigError, RunConfig
+from edge_lam.data.text import Examples, encode_batch, endless_batches
+from edge_lam.models.families import family
+from edge_lam.logs import get_logger
+from edge_lam.training.memory import releaser
+from edge_lam.models.lora_model import torch_device
+from edge_lam.training.loop import make_optimizer, run_steps
 
 log = get_logger()
 
@@ -46,7 +46,7 @@ def mutual_objective(local_model, shared_model, cfg: RunConfig):
     """S3's loss on one batch pair: each module's task loss plus distillation from the other
     (their sum: one backward pass moves each module by its own loss only).
 
-    What is distilled is the model family's output distribution (`task.families`): class
+    What is distilled is the model family's output distribution (`edge_lam.models.families`): class
     probabilities (`seq-cls`), label-word probabilities (`lm-cls`) or next-token
     distributions at the response tokens (`causal-lm`)."""
     hidden = cfg.fedkd.hidden_mse
@@ -88,7 +88,7 @@ def train_mutual(local_model, shared_model, local_tokenizer, shared_tokenizer,
                  examples: Examples, cfg: RunConfig, seed: int, tag: str = ""
                  ) -> dict[str, float]:
     """`cfg.train.local_steps` AdamW steps of S3 mutual distillation on shuffled batches,
-    through the device's one local loop (`task.train.run_steps`).
+    through the device's one local loop (`edge_lam.training.loop.run_steps`).
 
     Returns the shared module's mean task loss as `train_loss` (what FedAvg reports), the
     local module's as `local_loss`, the mean distillation terms and `train_s`.

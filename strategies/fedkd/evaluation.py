@@ -1,4 +1,4 @@
-"""Server side of FedKD (S3), free of Flower: one ServerTask per task of the federation.
+"""Server side of FedKD (S3), free of Flower: one ServerModel per task of the federation.
 
 The global state is the shared backbone adapter plus one head per task
 (`strategies.fedkd.global_state`); each task's test split evaluates the backbone with that
@@ -10,19 +10,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from task.evaluation import ServerTask
+from edge_lam.training.evaluation import ServerModel
 from strategies.fedkd.math import device_view, global_state
 from strategies.fedkd.config import local_module_config, task_config
-from task.config import ConfigError, RunConfig
-from task.data import resolve_data_path
-from task.lora import State
-from task.model import check_lora_targets, get_lora_model
+from edge_lam.config.run_config import ConfigError, RunConfig
+from edge_lam.data.text import resolve_data_path
+from edge_lam.training.lora import State
+from edge_lam.models.lora_model import check_lora_targets, get_lora_model
 
 
 @dataclass
 class FedKDServer:
     cfg: RunConfig
-    tasks: dict[str, ServerTask]  # task name -> its data, labels, test split, shared model
+    tasks: dict[str, ServerModel]  # task name -> its data, labels, test split, shared model
 
     @classmethod
     def prepare(cls, cfg: RunConfig) -> FedKDServer:
@@ -34,7 +34,7 @@ class FedKDServer:
                 raise ConfigError(f"fedkd.task.{name}.path='{task_cfg.data.path}' does not "
                                   "exist: point it at a folder with train.tsv and test.tsv")
             try:
-                tasks[name] = ServerTask.prepare(task_cfg)
+                tasks[name] = ServerModel.prepare(task_cfg)
             except ConfigError as err:  # name the task's own keys, not data.*
                 message = str(err)
                 for key in ("path", "text-column", "label-column"):

@@ -10,13 +10,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid
 
 from strategies.fedkd.evaluation import FedKDServer
-from task.results import RunRecorder, write_plots
+from edge_lam.results import RunRecorder, write_plots
 from strategies.fedkd.math import device_view
 from strategies.fedkd.strategy import FedKDStrategy
-from task.config import ConfigError, RunConfig
-from task.lora import state_nbytes
-from task.records import from_record, to_record
-from task.logs import get_logger
+from edge_lam.config.run_config import ConfigError, RunConfig
+from edge_lam.training.lora import state_nbytes
+from edge_lam.records import from_record, to_record
+from edge_lam.logs import get_logger
 
 log = get_logger()
 

@@ -21,10 +21,10 @@ from flwr.serverapp import Grid
 from strategies.fedkd.math import (SEP, aggregate_fedkd, decode_update, device_view, encode_update,
                               energy_threshold, is_compressed)
 from strategies.lora.strategy import HeterogeneousLoRA, NodeProfile
-from task.config import RunConfig
-from task.lora import State
-from task.records import from_record
-from task.logs import get_logger
+from edge_lam.config.run_config import RunConfig
+from edge_lam.training.lora import State
+from edge_lam.records import from_record
+from edge_lam.logs import get_logger
 
 log = get_logger()
 

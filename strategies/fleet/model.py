@@ -16,7 +16,7 @@ round according to its availability process:
 `FleetFile` rows may override any profile field per profile name (JSON: {"rpi4": {"speed":
 0.3, ...}}); a missing or negative field fails before training, naming it.
 
-Speeds, SNRs and memory come from `task.hardware`, the one profile table the serving fleet
+Speeds, SNRs and memory come from `edge_lam.config.hardware`, the one profile table the serving fleet
 reads too (sources there). Speed: compute relative to a 2-core x86 vCPU. SNRs: Wi-Fi links
 of 10-25 dB mean, typical indoor ranges. Memory (`memory_mib`, what `fleet.rank-from='capability'` gives a
 simulated device, S1): the board's RAM less what the OS keeps; 0 (a profile a fleet file
@@ -31,8 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from task.hardware import HARDWARE
-from task.options import ConfigError
+from edge_lam.config.hardware import HARDWARE
+from edge_lam.config.options import ConfigError
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ over the round's connected `nodes` (their `online` mask, fading `snr`, uplink `b
 The arithmetic is in `strategies.fleet.select` (pure numpy); a policy only gathers its
 inputs from the fleet's members.
 
-SELECTION is the policies' `task.registry.Registry` (kind "selection", declared here; the
+SELECTION is the policies' `edge_lam.config.registry.Registry` (kind "selection", declared here; the
 config and `strategies.fleet.scheduler.FleetClock` find a policy through it, a third-party
 one through the `edge_lam.selection` entry points). Besides `choose`, a policy says what
 else it needs (`SelectionPolicy`'s defaults hold for one that does not):
@@ -21,12 +21,12 @@ import numpy as np
 
 from strategies.fleet.select import longest_absent, oort_utility, random_subset, schedule
 from strategies.fleet.wireless import comm_seconds
-from task.options import ConfigError
-from task.registry import registry
+from edge_lam.config.options import ConfigError
+from edge_lam.config.registry import registry
 
 if TYPE_CHECKING:
     from strategies.fleet.scheduler import FleetClock
-    from task.config import RunConfig
+    from edge_lam.config.run_config import RunConfig
 
 
 class SelectionPolicy:

@@ -26,9 +26,9 @@ import numpy as np
 from strategies.fleet.model import Availability, FleetProfile, load_profiles
 from strategies.fleet.policy import SELECTION, SelectionPolicy
 from strategies.fleet.wireless import comm_seconds, db_to_linear
-from task.config import RunConfig
-from task.lora import State, pad_lora
-from task.options import ConfigError
+from edge_lam.config.run_config import RunConfig
+from edge_lam.training.lora import State, pad_lora
+from edge_lam.config.options import ConfigError
 
 UNKNOWN = FleetProfile(speed=1.0, snr_db=20.0)
 

@@ -14,7 +14,7 @@ hetlora-sw, flexlora-delta, flora, fedex.
 
 from strategies.lora import device, server
 from strategies.registry import Algorithm, register
-from task.config import RunConfig, Traits
+from edge_lam.config.run_config import RunConfig, Traits
 
 
 class FedAvgTraits(Traits):

@@ -1,5 +1,5 @@
 """The differential-privacy budget stop, on the server: a device that replies
-`budget-exhausted` (its dp.target-epsilon is spent, `task.privacy`) is logged and not asked
+`budget-exhausted` (its dp.target-epsilon is spent, `edge_lam.training.privacy`) is logged and not asked
 again. Its set of exhausted devices is a checkpoint part (`strategies.lora.resume`)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from flwr.app import Message
 
 from strategies.lora.resume import NodeTable
-from task.logs import get_logger
+from edge_lam.logs import get_logger
 
 log = get_logger()
 

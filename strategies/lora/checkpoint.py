@@ -31,11 +31,11 @@ from typing import Any
 
 import numpy as np
 
-from task.config import RunConfig
-from task.logs import get_logger
-from task.lora import State
-from task.options import ConfigError
-from task.results import atomic_write_text
+from edge_lam.config.run_config import RunConfig
+from edge_lam.logs import get_logger
+from edge_lam.training.lora import State
+from edge_lam.config.options import ConfigError
+from edge_lam.results import atomic_write_text
 
 log = get_logger()
 
@@ -231,8 +231,8 @@ def _check_config(cfg: RunConfig, state: dict, run_dir: Path) -> None:
 
 def _run_config_keys() -> dict[str, str]:
     """to_dict's flat names -> the run-config keys a user types (`train_lr` -> `train.lr`)."""
-    from task.config import sections
-    from task.options import declared, key_of
+    from edge_lam.config.run_config import sections
+    from edge_lam.config.options import declared, key_of
 
     names = {f.metadata.get("legacy") or f.name: key_of("", f) for f in declared(RunConfig)}
     for sec_name, cls in sections().items():

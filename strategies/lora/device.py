@@ -17,11 +17,11 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from strategies.robust import inject
-from task.config import RunConfig
-from task.device import DeviceInfo, local_examples
-from task.logs import get_logger
-from task.lora import State, lora_rank
-from task.records import from_record, to_record
+from edge_lam.config.run_config import RunConfig
+from edge_lam.training.device import DeviceInfo, local_examples
+from edge_lam.logs import get_logger
+from edge_lam.training.lora import State, lora_rank
+from edge_lam.records import from_record, to_record
 
 log = get_logger()
 
@@ -86,7 +86,7 @@ def open_privacy(rnd: Round, context: Context):
     """This device's Opacus accountant as it stood after its last release (None: no DP)."""
     if not rnd.cfg.dp.enabled:
         return None
-    from task.privacy import DevicePrivacy
+    from edge_lam.training.privacy import DevicePrivacy
 
     ledger = None
     if rnd.info.privacy_ledger and Path(rnd.info.privacy_ledger).is_file():

@@ -14,7 +14,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from strategies.lora.math import example_weights
-from task.lora import State, factors, is_base_delta_key, is_lora_key, lora_layers, trainable_part
+from edge_lam.training.lora import (State, factors, is_base_delta_key, is_lora_key, lora_layers,
+                                    trainable_part)
 
 
 def check_reply(state: State, expected: State, rank: int, num_examples: object) -> str | None:

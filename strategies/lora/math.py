@@ -22,7 +22,7 @@
 - `fedex_aggregate` (after FedEx-LoRA, Singhal et al., 2024, here for mixed ranks): the
   factors are averaged as hetlora does, and what that average misses of the exact update,
   old model + sum_k w_k (B_k' A_k' - B_k A_k), goes into the frozen base delta; truncation to
-  r_k moves the dropped components there too (`task.lora.truncate_lora`), so every device
+  r_k moves the dropped components there too (`edge_lam.training.lora.truncate_lora`), so every device
   trains from exactly the global model and nothing shrinks or is lost over rounds.
 - `aggregation_error` (strategies/lora/diagnostics.py): how far an aggregate is from the
   exact mean product, the number that separates them.
@@ -41,9 +41,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from task.lora import (BASE_DELTA, State, factors, is_base_delta_key, is_lora_key, lora_layers,
-                       lora_products, lora_rank, pad_lora, trainable_part)
-from task.registry import Registry, registry
+from edge_lam.training.lora import (BASE_DELTA, State, factors, is_base_delta_key, is_lora_key,
+                                    lora_layers, lora_products, lora_rank, pad_lora, trainable_part)
+from edge_lam.config.registry import Registry, registry
 
 
 def example_weights(num_examples: Sequence[int]) -> np.ndarray:
@@ -353,7 +353,7 @@ class AggregationRule:
     refactorises: bool = False
 
 
-# The aggregation rules (`cfg.aggregation`): a `task.registry.Registry`, kind "aggregation
+# The aggregation rules (`cfg.aggregation`): a `edge_lam.config.registry.Registry`, kind "aggregation
 # rule" (a third-party rule registers through the `edge_lam.aggregation_rule` entry points).
 AGGREGATION_RULES: Registry[AggregationRule] = registry("aggregation rule")
 for _name, _fn in (("fedavg", hetlora_aggregate),  # one rank: zero-padding is a no-op

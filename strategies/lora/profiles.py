@@ -16,12 +16,12 @@ from flwr.serverapp import Grid
 
 from strategies.fleet.model import FleetProfile
 from strategies.lora.resume import Restored
-from task.capability import Measured, choose_rank, memory_needed_mib
-from task.config import RunConfig
-from task.fleet import query_profiles
-from task.logs import get_logger
-from task.lora import State
-from task.options import ConfigError
+from edge_lam.training.capability import Measured, choose_rank, memory_needed_mib
+from edge_lam.config.run_config import RunConfig
+from edge_lam.messaging import query_profiles
+from edge_lam.logs import get_logger
+from edge_lam.training.lora import State
+from edge_lam.config.options import ConfigError
 
 log = get_logger()
 
@@ -60,7 +60,7 @@ def profile_query(cfg: RunConfig, label_names: tuple[str, ...]) -> dict:
 def capability_rank(cfg: RunConfig, node: int, device: str, fleet_profile: FleetProfile,
                     p: ConfigRecord) -> tuple[int, dict]:
     """S1's capability rank: the largest that fits the node's memory and the deadline
-    (`task.capability.choose_rank`), from its measurement, or in simulation from its
+    (`edge_lam.training.capability.choose_rank`), from its measurement, or in simulation from its
     fleet profile (`device_budget`); and the record of it for metrics.jsonl."""
     measured = Measured.from_reply(p)
     free_mib, step_s, source = device_budget(measured, fleet_profile)

@@ -23,8 +23,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from task.logs import get_logger
-from task.lora import State
+from edge_lam.logs import get_logger
+from edge_lam.training.lora import State
 
 log = get_logger()
 

@@ -24,13 +24,13 @@ from strategies.lora import checkpoint
 from strategies.lora.checkpoint import Checkpoint
 from strategies.lora.strategy import HeterogeneousLoRA
 from strategies.registry import run_guards
-from task.config import RunConfig
-from task.evaluation import ServerTask
-from task.logs import get_logger
-from task.lora import State, state_nbytes
-from task.options import ConfigError
-from task.records import from_record, to_record
-from task.results import RunRecorder, write_plots
+from edge_lam.config.run_config import RunConfig
+from edge_lam.training.evaluation import ServerModel
+from edge_lam.logs import get_logger
+from edge_lam.training.lora import State, state_nbytes
+from edge_lam.config.options import ConfigError
+from edge_lam.records import from_record, to_record
+from edge_lam.results import RunRecorder, write_plots
 
 log = get_logger()
 
@@ -41,7 +41,7 @@ RESUMABLE = True
 @dataclass
 class RunPlan:
     cfg: RunConfig
-    task: ServerTask
+    server_model: ServerModel
     run_id: int
     run_dir: Path
     initial: State
@@ -65,15 +65,16 @@ def prepare_run(cfg: RunConfig, run_id: int,
     if resumed is not None and resumes is not None:
         raise ConfigError(f"resume='{cfg.resume}': an unfinished unlearning request "
                           f"({resumes.path}) must be finished first: run it without resume")
-    task = ServerTask.prepare(cfg)
+    server_model = ServerModel.prepare(cfg)
     if resumed is not None:
-        initial = checkpoint.check_global(resumed, task.initial_state(), cfg, task.label_names)
-        return RunPlan(cfg, task, run_id, resumed.run_dir, initial, None, resumed)
+        initial = checkpoint.check_global(resumed, server_model.initial_state(), cfg,
+                                          server_model.label_names)
+        return RunPlan(cfg, server_model, run_id, resumed.run_dir, initial, None, resumed)
     adapter, key = start_from(cfg, resumes) if start_from else ("", "")
-    initial = task.load_state(Path(adapter).expanduser().resolve(), key) if adapter else \
-        task.initial_state()
+    initial = server_model.load_state(Path(adapter).expanduser().resolve(), key) if adapter else \
+        server_model.initial_state()
     run_dir = (Path(cfg.results_dir) / str(run_id)).resolve()
-    return RunPlan(cfg, task, run_id, run_dir, initial, resumes)
+    return RunPlan(cfg, server_model, run_id, run_dir, initial, resumes)
 
 
 def federate(grid: Grid, plan: RunPlan,
@@ -82,13 +83,13 @@ def federate(grid: Grid, plan: RunPlan,
     """All rounds of the run, evaluated after each; the adapter, metrics and plots. Every
     finished round is checkpointed (`results/<run-id>/checkpoint/`); a resumed run
     (`plan.resumed`) trains the rounds after its checkpoint's."""
-    cfg, task, run_dir, resumed = plan.cfg, plan.task, plan.run_dir, plan.resumed
+    cfg, server_model, run_dir, resumed = plan.cfg, plan.server_model, plan.run_dir, plan.resumed
     done = resumed.round if resumed else 0  # rounds finished before this run
     recorder, run_ids = _recorder(plan)
     log.info("%s: %s at r_max=%d, %d rounds; results in %s", cfg.strategy, cfg.model,
              cfg.r_max, cfg.total_rounds, run_dir)
     strategy = (make_strategy(plan, recorder) if make_strategy else HeterogeneousLoRA(
-        cfg, task.label_names, on_train_round=recorder.record_train))
+        cfg, server_model.label_names, on_train_round=recorder.record_train))
     if resumed is not None:
         _resume(strategy, plan, run_ids)
     else:
@@ -99,7 +100,7 @@ def federate(grid: Grid, plan: RunPlan,
                    num_rounds=cfg.total_rounds - done, timeout=cfg.round_timeout,
                    train_config=ConfigRecord({}),
                    evaluate_fn=_evaluate_fn(plan, strategy, recorder, run_ids, final))
-    task.save_adapter(final["state"], run_dir / "adapter")
+    server_model.save_adapter(final["state"], run_dir / "adapter")
     write_plots(recorder.rows, run_dir / "plots")
     if finish is not None:
         finish(recorder)
@@ -111,9 +112,10 @@ def federate(grid: Grid, plan: RunPlan,
 def _recorder(plan: RunPlan) -> tuple[RunRecorder, list]:
     """The run's recorder (a resumed run's goes on with the rows so far) and the run ids
     that wrote its folder."""
-    task, resumed = plan.task, plan.resumed
-    extra = {"run_id": plan.run_id, "label_names": list(task.label_names),
-             "data_source": task.data_source, "global_adapter_bytes": state_nbytes(plan.initial)}
+    server_model, resumed = plan.server_model, plan.resumed
+    extra = {"run_id": plan.run_id, "label_names": list(server_model.label_names),
+             "data_source": server_model.data_source,
+             "global_adapter_bytes": state_nbytes(plan.initial)}
     run_ids = [plan.run_id]
     if resumed is not None:
         run_ids = resumed.run_ids + [plan.run_id]
@@ -141,7 +143,7 @@ def _evaluate_fn(plan: RunPlan, strategy: HeterogeneousLoRA, recorder: RunRecord
                  run_ids: list, final: dict) -> Callable[[int, ArrayRecord], MetricRecord]:
     """Flower's evaluate_fn: evaluate the global adapter after every round, record its row,
     checkpoint the run; `final["state"]` is the last global adapter."""
-    cfg, task, resumed = plan.cfg, plan.task, plan.resumed
+    cfg, server_model, resumed = plan.cfg, plan.server_model, plan.resumed
     done = resumed.round if resumed else 0
     phase_of = getattr(strategy, "phase", lambda rnd: "train")
 
@@ -152,9 +154,9 @@ def _evaluate_fn(plan: RunPlan, strategy: HeterogeneousLoRA, recorder: RunRecord
         server_round += done
         final["state"] = from_record(arrays)
         t0 = time.perf_counter()
-        metrics = {**task.evaluate(final["state"]), "eval_s": time.perf_counter() - t0}
+        metrics = {**server_model.evaluate(final["state"]), "eval_s": time.perf_counter() - t0}
         row = recorder.record_eval(server_round, metrics, phase_of(server_round))
-        checkpoint.save(plan.run_dir, server_round, cfg, task.label_names, final["state"],
+        checkpoint.save(plan.run_dir, server_round, cfg, server_model.label_names, final["state"],
                         strategy, recorder.rows, run_ids)
         log.info("round %d (%s): accuracy %.4f loss %.4f (%d devices, %d rejected, agg. "
                  "error %s)", server_round, row["phase"], metrics["accuracy"],

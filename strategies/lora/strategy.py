@@ -3,7 +3,7 @@
 A thin layer over FedAvg: FedAvg's `start` drives the rounds and evaluation, and FedAvg's own
 `configure_train` samples the nodes of a round; this class changes only what differs for
 heterogeneous ranks:
-- devices are asked once (QUERY, `task.fleet.query_profiles`) who they are, and so which
+- devices are asked once (QUERY, `edge_lam.messaging.query_profiles`) who they are, and so which
   rank r_k they train at;
 - `configure_train` unicasts each sampled device the global adapter truncated to r_k (S1
   step 1), with its rank and r_max in the message's config (the only place they travel);
@@ -51,11 +51,11 @@ from strategies.lora.profiles import (NodeProfile, ProfileDirectory, capability_
                                       device_budget, profile_query)
 from strategies.lora.resume import NodeTable, StrategyCheckpoint
 from strategies.robust.wrapper import wrap_robust
-from task.config import RunConfig
-from task.fleet import origin, unicast
-from task.lora import State, is_base_delta_key, truncate_lora
-from task.records import from_record, record_nbytes, to_record
-from task.logs import get_logger
+from edge_lam.config.run_config import RunConfig
+from edge_lam.messaging import origin, unicast
+from edge_lam.training.lora import State, is_base_delta_key, truncate_lora
+from edge_lam.records import from_record, record_nbytes, to_record
+from edge_lam.logs import get_logger
 
 log = get_logger()
 
@@ -284,7 +284,7 @@ class HeterogeneousLoRA(FedAvg):
         }
         if profile.platform:
             row["platform"] = profile.platform
-        for key in ("startup-s", "handler-s", "process-task"):  # task.overhead
+        for key in ("startup-s", "handler-s", "process-task"):  # edge_lam.training.overhead
             if key in metrics:
                 row[key.replace("-", "_")] = float(metrics[key])
         if node in self.capability:

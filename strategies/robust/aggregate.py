@@ -34,11 +34,11 @@ from strategies.robust.influence import ProductSpace, timed
 from strategies.robust.math import (ROBUST_AGGREGATORS, RobustResult, RobustRule, Updates,
                                     finish, unstack, update_of)
 from strategies.lora.math import example_weights
-from task.config import RunConfig
-from task.data import Examples
-from task.lora import State
-from task.logs import get_logger
-from task.options import ConfigError
+from edge_lam.config.run_config import RunConfig
+from edge_lam.data.text import Examples
+from edge_lam.training.lora import State
+from edge_lam.logs import get_logger
+from edge_lam.config.options import ConfigError
 
 log = get_logger()
 
@@ -77,7 +77,7 @@ class RobustRound:
     def _server_sets(self) -> tuple[Examples, Examples]:
         """(root set, validation set): disjoint seeded samples of the training split."""
         if self._root is None:
-            from task.device import DeviceInfo, local_examples
+            from edge_lam.training.device import DeviceInfo, local_examples
 
             every = local_examples(self.cfg, DeviceInfo(), self.label_names)
             r = self.cfg.robust
@@ -93,7 +93,7 @@ class RobustRound:
     def root_update(self, previous: State, server_round: int) -> dict[str, np.ndarray]:
         """FLTrust's g0: the update the server trains on its root set from the global state
         (train.local-steps steps at r_max, seeded by the round)."""
-        from task.device import DeviceInfo, train_round
+        from edge_lam.training.device import DeviceInfo, train_round
 
         root, _ = self._server_sets()
         trained, _, metrics = train_round(self.cfg, DeviceInfo(), self.label_names,

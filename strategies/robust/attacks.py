@@ -20,14 +20,8 @@ import numpy as np
 
 from strategies.lora.math import factorize
 from strategies.robust.math import update_of
-from task.lora import (
-    State,
-    factors,
-    is_base_delta_key,
-    is_lora_key,
-    lora_layers,
-    lora_rank,
-)
+from edge_lam.training.lora import (State, factors, is_base_delta_key, is_lora_key, lora_layers,
+                                    lora_rank)
 
 
 def _with_updates(sent: Mapping[str, np.ndarray], updates: Mapping[str, np.ndarray]) -> State:

@@ -30,12 +30,12 @@ import torch
 import torch.nn.functional as F
 
 from strategies.robust.math import Update
-from task.config import RunConfig
-from task.data import Examples, encode_batch
-from task.families import family, training_loss
-from task.lora import BASE_DELTA, State, factors, is_lora_key, lora_layers
-from task.model import (get_lora_model, load_tokenizer, resolve_model_source,
-                        set_trainable_state, torch_device)
+from edge_lam.config.run_config import RunConfig
+from edge_lam.data.text import Examples, encode_batch
+from edge_lam.models.families import family, training_loss
+from edge_lam.training.lora import BASE_DELTA, State, factors, is_lora_key, lora_layers
+from edge_lam.models.lora_model import (get_lora_model, load_tokenizer, resolve_model_source,
+                                        set_trainable_state, torch_device)
 
 
 BATCH = 8  # examples per backward for the batched per-example gradients
@@ -189,7 +189,7 @@ class ProductSpace:
         prefix -> its frozen weight and the LoRA scaling s; a dense key -> its parameter."""
         from peft.tuners.lora import LoraLayer
 
-        from task.train import _state_keys
+        from edge_lam.training.loop import _state_keys
 
         out: dict[str, tuple[torch.nn.Parameter, float]] = {}
         for name, layer in self.model.named_modules():

@@ -43,11 +43,11 @@ from flwr.app import Error, Message
 
 from strategies.robust import attacks
 from strategies.robust.math import update_of
-from task.config import ConfigError, RunConfig
-from task.data import Examples
-from task.logs import get_logger
-from task.lora import State, truncate_lora
-from task.registry import registry
+from edge_lam.config.run_config import ConfigError, RunConfig
+from edge_lam.data.text import Examples
+from edge_lam.logs import get_logger
+from edge_lam.training.lora import State, truncate_lora
+from edge_lam.config.registry import registry
 
 log = get_logger()
 
@@ -198,9 +198,9 @@ def collusion_rank(cfg: RunConfig, rank: int) -> int:
 def train_round(cfg: RunConfig, info, label_names: tuple[str, ...], rank: int, state: State,
                 server_round: int, tag: str = "", privacy=None, r_max: int | None = None
                 ) -> tuple[State, int, dict]:
-    """`task.device.train_round`, or the attacked version of it when this partition is an
+    """`edge_lam.training.device.train_round`, or the attacked version of it when this partition is an
     attacker (attack.kind != 'none'): same return, (state, n_k, metrics)."""
-    from task.device import train_round as honest
+    from edge_lam.training.device import train_round as honest
 
     a = cfg.attack
     train = {"tag": tag, "privacy": privacy, "r_max": r_max}
@@ -229,8 +229,8 @@ def backdoor_round(cfg: RunConfig, info, label_names: tuple[str, ...], rank: int
                    ) -> tuple[State, int, dict]:
     """`backdoor`: an honest round on this partition with attack.poison of its examples
     triggered and labelled attack.target."""
-    from task.device import local_examples
-    from task.device import train_round as honest
+    from edge_lam.training.device import local_examples
+    from edge_lam.training.device import train_round as honest
 
     a = cfg.attack
     own = local_examples(cfg, info, label_names)
@@ -244,8 +244,8 @@ def collude_round(cfg: RunConfig, info, label_names: tuple[str, ...], rank: int,
                   ) -> tuple[State, int, dict]:
     """`collude`: the attackers' pooled round at rank r_c, sent as -attack.factor x that
     update (`colluding_reply`)."""
-    from task.device import local_examples
-    from task.device import train_round as honest
+    from edge_lam.training.device import local_examples
+    from edge_lam.training.device import train_round as honest
 
     parts = [local_examples(cfg, dataclasses.replace(info, partition_id=p), label_names)
              for p in bad]
@@ -258,7 +258,7 @@ def collude_round(cfg: RunConfig, info, label_names: tuple[str, ...], rank: int,
     return colluding_reply(state, sent_c, trained_c, cfg.attack.factor), own_n, metrics
 
 
-# The attacks (`attack.kind`; 'none': honest devices): a `task.registry.Registry`, kind
+# The attacks (`attack.kind`; 'none': honest devices): a `edge_lam.config.registry.Registry`, kind
 # "attack" (a third-party one registers through the `edge_lam.attack` entry points).
 ATTACKS = registry("attack", key="attack.kind")
 for _attack in (

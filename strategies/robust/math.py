@@ -39,8 +39,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from strategies.lora.math import example_weights, factorize
-from task.lora import State, factors, is_base_delta_key, is_lora_key, lora_layers
-from task.registry import Registry, registry
+from edge_lam.training.lora import State, factors, is_base_delta_key, is_lora_key, lora_layers
+from edge_lam.config.registry import Registry, registry
 
 Update = dict[str, np.ndarray]  # layer prefix -> d_out x d_in, dense key -> its shape
 
@@ -377,7 +377,7 @@ class RobustRule:
 
 
 # The robust rules (`robust.aggregator`; 'none' leaves the strategy's own aggregation): a
-# `task.registry.Registry`, kind "robust rule" (a third-party rule registers through the
+# `edge_lam.config.registry.Registry`, kind "robust rule" (a third-party rule registers through the
 # `edge_lam.robust_rule` entry points, a RobustRule or a bare function of no parameters).
 ROBUST_AGGREGATORS: Registry[RobustRule] = registry("robust rule", key="robust.aggregator")
 for _name, _rule in (

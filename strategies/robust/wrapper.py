@@ -18,9 +18,9 @@ from typing import Protocol
 from strategies.lora.resume import NodeTable, Restored
 from strategies.robust.aggregate import RobustRound, s6_active
 from strategies.robust.math import TooFewReplies
-from task.config import RunConfig
-from task.logs import get_logger
-from task.lora import State
+from edge_lam.config.run_config import RunConfig
+from edge_lam.logs import get_logger
+from edge_lam.training.lora import State
 
 log = get_logger()
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from task.config import RunConfig, Traits
-from task.families import family
-from task.options import ConfigError, Section, option
+from edge_lam.config.run_config import RunConfig, Traits
+from edge_lam.models.families import family
+from edge_lam.config.options import ConfigError, Section, option
 
 AGGREGATIONS = ("fedavg", "hetlora", "flexlora")
 ROWS = ("touched", "all", "none")

@@ -28,12 +28,12 @@ from strategies.lora.device import Round
 from strategies.submodel.math import (decoy_rate, masked_upload, plain_upload, request_rows,
                                       touched_rows)
 from strategies.submodel.rows import applied_rows, trainable_rows
-from task.config import RunConfig
-from task.data import batches, encode_batch
-from task.device import DeviceInfo, local_examples, train_round
-from task.logs import get_logger
-from task.model import get_lora_model, load_tokenizer, resolve_model_source
-from task.records import from_record, to_record
+from edge_lam.config.run_config import RunConfig
+from edge_lam.data.text import batches, encode_batch
+from edge_lam.training.device import DeviceInfo, local_examples, train_round
+from edge_lam.logs import get_logger
+from edge_lam.models.lora_model import get_lora_model, load_tokenizer, resolve_model_source
+from edge_lam.records import from_record, to_record
 
 log = get_logger()
 

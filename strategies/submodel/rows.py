@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.nn.utils import parametrize
 
-from task.options import ConfigError
+from edge_lam.config.options import ConfigError
 
 
 def _base(model):

@@ -23,12 +23,12 @@ from strategies.submodel.math import decoy_rate, privacy_bound
 from strategies.submodel.rows import applied_rows, base_table, embedding_of, \
     save_rows_in_adapter
 from strategies.submodel.strategy import TABLE_IDS, TABLE_ROWS, SubmodelLoRA, split_state
-from task.config import RunConfig
-from task.evaluation import METADATA_FILE, ServerTask
-from task.logs import get_logger
-from task.lora import State, lora_rank
-from task.model import get_lora_model
-from task.results import RunRecorder
+from edge_lam.config.run_config import RunConfig
+from edge_lam.training.evaluation import METADATA_FILE, ServerModel
+from edge_lam.logs import get_logger
+from edge_lam.training.lora import State, lora_rank
+from edge_lam.models.lora_model import get_lora_model
+from edge_lam.results import RunRecorder
 
 log = get_logger()
 
@@ -36,8 +36,8 @@ SUMMARY_FILE = "submodel.json"
 
 
 @dataclass
-class SubmodelTask(ServerTask):
-    """ServerTask whose states also hold the sparse embedding table."""
+class SubmodelServerModel(ServerModel):
+    """ServerModel whose states also hold the sparse embedding table."""
 
     def _model(self, state: State):
         return get_lora_model(self.cfg, self.label_names, lora_rank(state))
@@ -77,10 +77,10 @@ def request_bound(cfg: RunConfig) -> dict:
 
 def prepare_run(cfg: RunConfig, run_id: int) -> RunPlan:
     plan = prepare(cfg, run_id)
-    plan.task = SubmodelTask(**{f.name: getattr(plan.task, f.name)
-                                for f in fields(ServerTask)})
-    embedding_of(plan.task._model(plan.initial), cfg.model)  # tied, or a ConfigError now
-    dim = plan.task._model(plan.initial).get_base_model().get_input_embeddings() \
+    plan.server_model = SubmodelServerModel(**{f.name: getattr(plan.server_model, f.name)
+                                               for f in fields(ServerModel)})
+    embedding_of(plan.server_model._model(plan.initial), cfg.model)  # tied, or a ConfigError now
+    dim = plan.server_model._model(plan.initial).get_base_model().get_input_embeddings() \
         .weight.shape[1]
     plan.initial = {**plan.initial, TABLE_IDS: np.zeros(0, np.int64),
                     TABLE_ROWS: np.zeros((0, dim), np.float32)}
@@ -88,13 +88,13 @@ def prepare_run(cfg: RunConfig, run_id: int) -> RunPlan:
 
 
 def federate(grid: Grid, plan: RunPlan) -> Path:
-    cfg, task, run_dir = plan.cfg, plan.task, plan.run_dir
-    table = task.table()
+    cfg, server_model, run_dir = plan.cfg, plan.server_model, plan.run_dir
+    table = server_model.table()
 
     made: list[SubmodelLoRA] = []
 
     def make_strategy(plan: RunPlan, recorder: RunRecorder) -> SubmodelLoRA:
-        strategy = SubmodelLoRA(cfg, task.label_names, table,
+        strategy = SubmodelLoRA(cfg, server_model.label_names, table,
                                 on_train_round=recorder.record_train)
         made.append(strategy)
         record_eval = recorder.record_eval

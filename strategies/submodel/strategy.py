@@ -35,10 +35,10 @@ from strategies.submodel.device import (COUNTS, IDS, MASKED, MIN_PEERS, PEERS, R
                                         UNION)
 from strategies.submodel.math import (RowUpdate, aggregate_rows, aggregate_sums, check_update,
                                       lookup, unmask_sums)
-from task.config import RunConfig
-from task.logs import get_logger
-from task.lora import State, is_base_delta_key, truncate_lora
-from task.records import from_record, record_nbytes, to_record
+from edge_lam.config.run_config import RunConfig
+from edge_lam.logs import get_logger
+from edge_lam.training.lora import State, is_base_delta_key, truncate_lora
+from edge_lam.records import from_record, record_nbytes, to_record
 
 log = get_logger()
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from task.config import RunConfig, Traits
-from task.options import ConfigError, Section, option
+from edge_lam.config.run_config import RunConfig, Traits
+from edge_lam.config.options import ConfigError, Section, option
 
 AGGREGATIONS = ("fedavg", "hetlora", "flexlora")
 LOSSES = ("bounded-ce", "fedosd")

@@ -14,9 +14,9 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from strategies.lora.device import (Round, budget_exhausted, open_privacy, privacy_metrics,
                                     save_privacy)
 from strategies.unlearn.math import unlearning_objective
-from task.config import RunConfig
-from task.device import gradient_round
-from task.records import from_record, to_record
+from edge_lam.config.run_config import RunConfig
+from edge_lam.training.device import gradient_round
+from edge_lam.records import from_record, to_record
 
 OWN_MODEL = "unlearn-model"  # context.state key: an opting-out device's own model
 

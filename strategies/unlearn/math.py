@@ -15,7 +15,7 @@ from each retained gradient its component along (theta - theta_before_unlearning
 `remove_drift_component`.
 
 Privacy (S4): `gaussian_sigma` is the one-release Gaussian-mechanism bound (epsilon < 1 only);
-over many steps use `task.privacy.noise_multiplier_for_budget` (Opacus's RDP accountant).
+over many steps use `edge_lam.training.privacy.noise_multiplier_for_budget` (Opacus's RDP accountant).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from task.lora import State, lora_layers, lora_rank, pad_lora
+from edge_lam.training.lora import State, lora_layers, lora_rank, pad_lora
 
 # (key, shape, dtype) per tensor, in the order they sit in the flat vector.
 FlatSpec = list[tuple[str, tuple[int, ...], np.dtype]]
@@ -248,7 +248,7 @@ def gaussian_sigma(clip_norm: float, epsilon: float, delta: float) -> float:
         raise ValueError(f"epsilon must be positive, got {epsilon}")
     if epsilon >= 1:
         raise ValueError(f"the classic Gaussian bound holds only for epsilon < 1 (got {epsilon}); "
-                         "use an accountant: task.privacy.noise_multiplier_for_budget (Opacus RDP)")
+                         "use an accountant: edge_lam.training.privacy.noise_multiplier_for_budget (Opacus RDP)")
     return clip_norm * math.sqrt(2.0 * math.log(1.25 / delta)) / epsilon
 
 

@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from strategies.lora.strategy import NodeProfile
-from task.config import ConfigError, RunConfig
+from edge_lam.config.run_config import ConfigError, RunConfig
 
 REQUEST_FILE = "unlearning.json"
 BEFORE_ADAPTER = "adapter-before-unlearning"

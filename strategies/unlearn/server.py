@@ -12,10 +12,10 @@ from flwr.serverapp import Grid
 from strategies.lora.server import RunPlan, federate as federate_lora, prepare_run as prepare
 from strategies.unlearn.request import (BEFORE_ADAPTER, UnlearningRecord, honour_unfinished)
 from strategies.unlearn.strategy import FederatedUnlearning
-from task.config import RunConfig
-from task.logs import get_logger
-from task.lora import State
-from task.results import RunRecorder
+from edge_lam.config.run_config import RunConfig
+from edge_lam.logs import get_logger
+from edge_lam.training.lora import State
+from edge_lam.results import RunRecorder
 
 log = get_logger()
 
@@ -45,18 +45,19 @@ def prepare_run(cfg: RunConfig, run_id: int) -> RunPlan:
 
 def federate(grid: Grid, plan: RunPlan) -> Path:
     """Train, unlearn, recover; `unlearning.json` before the first unlearning message."""
-    cfg, task, run_dir = plan.cfg, plan.task, plan.run_dir
+    cfg, server_model, run_dir = plan.cfg, plan.server_model, plan.run_dir
     record = UnlearningRecord(run_dir, cfg, plan.run_id, resumes=plan.resumes, source={
         "adapter": cfg.unlearn.from_adapter or None,
         "training_rounds_in_this_run": cfg.training_rounds})
 
     def on_unlearning_start(before: State, found, missing) -> None:
-        task.save_adapter(before, run_dir / BEFORE_ADAPTER)
+        server_model.save_adapter(before, run_dir / BEFORE_ADAPTER)
         record.start(found, missing, cfg.training_rounds + 1)
         log.info("unlearning request written to %s", record.path)
 
     def make_strategy(plan: RunPlan, recorder: RunRecorder) -> FederatedUnlearning:
-        return FederatedUnlearning(cfg, task.label_names, on_train_round=recorder.record_train,
+        return FederatedUnlearning(cfg, server_model.label_names,
+                                   on_train_round=recorder.record_train,
                                    on_unlearning_start=on_unlearning_start,
                                    on_phase=record.phase)
 

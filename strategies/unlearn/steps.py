@@ -18,7 +18,7 @@ import numpy as np
 
 from strategies.unlearn.math import (flatten_state, pad_for_projection, remove_drift_component,
                                    unflatten, unlearning_update)
-from task.lora import State
+from edge_lam.training.lora import State
 
 
 def unlearning_step(global_state: State, retained_grads: Sequence[State],

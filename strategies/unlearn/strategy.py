@@ -26,10 +26,10 @@ from strategies.lora.math import AGGREGATION_RULES
 from strategies.lora.strategy import HeterogeneousLoRA, NodeProfile
 from strategies.registry import RunAborted
 from strategies.unlearn.steps import remove_drift, unlearning_step
-from task.config import RunConfig
-from task.lora import State, truncate_lora
-from task.records import from_record, to_record
-from task.logs import get_logger
+from edge_lam.config.run_config import RunConfig
+from edge_lam.training.lora import State, truncate_lora
+from edge_lam.records import from_record, to_record
+from edge_lam.logs import get_logger
 
 log = get_logger()
 

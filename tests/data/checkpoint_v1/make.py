@@ -29,7 +29,7 @@ from inprocess_grid import InProcessGrid  # noqa: E402
 from tiny_models import make_tiny_bert  # noqa: E402
 
 from strategies.lora.server import federate, prepare_run  # noqa: E402
-from task.config import RunConfig  # noqa: E402
+from edge_lam.config.run_config import RunConfig  # noqa: E402
 
 # name -> (devices, run-config overrides); every run: tiny BERT, 4 rounds, seed 7
 SCENARIOS = {

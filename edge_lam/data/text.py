@@ -1,0 +1,400 @@
+"""Labelled text from local TSV/CSV/JSONL files or folders, or a hub dataset; partitioned by
+flwr-datasets; tokenized into padded batches.
+
+A data folder holds `train.*` and `test.*` (or `validation.*`), each .tsv, .csv, .jsonl or
+.json, as `../shared/data/agnews` does. Labels may be strings or integers; the server fixes
+the label names (sorted) and sends them to devices, so every device maps labels alike.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import functools
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edge_lam.models.families import family
+from edge_lam.config.run_config import ConfigError, RunConfig
+from edge_lam.config.sections import DataSection
+
+SUFFIXES = (".tsv", ".csv", ".jsonl", ".json")
+TEST_NAMES = ("test", "validation", "valid", "dev")
+TEXT_CANDIDATES = ("text", "sentence", "content", "document")
+PROMPT_CANDIDATES = ("prompt", "question", "instruction")
+RESPONSE_CANDIDATES = ("response", "answer", "output", "completion")
+PLAIN_PROMPT = "### Instruction:\n{prompt}\n\n### Response:\n"
+
+
+def _read_table(path: Path, encoding: str = "utf-8"):
+    """One file as a pandas DataFrame (TSV read verbatim: quotes are text, not quoting);
+    a file that is not in `encoding`, or has no rows, is refused with its name and line."""
+    import pandas as pd
+
+    suffix = path.suffix.lower()
+    if suffix not in SUFFIXES:
+        raise ConfigError(f"{path}: unsupported file type; use one of {', '.join(SUFFIXES)}")
+    try:
+        if suffix in (".tsv", ".csv"):
+            frame = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype=str,
+                                keep_default_na=False, encoding=encoding,
+                                quoting=csv.QUOTE_NONE if suffix == ".tsv" else
+                                csv.QUOTE_MINIMAL)
+        else:
+            frame = pd.read_json(path, lines=suffix == ".jsonl", dtype=False,
+                                 encoding=encoding)
+    except UnicodeDecodeError as err:
+        raise ConfigError(_encoding_error(path, encoding)) from err
+    except pd.errors.EmptyDataError as err:
+        raise ConfigError(f"{path} is empty: it needs a header line and rows") from err
+    if len(frame) == 0:
+        raise ConfigError(f"{path} has a header but no rows: add examples, or point "
+                          "data.path elsewhere")
+    return frame
+
+
+def _encoding_error(path: Path, encoding: str) -> str:
+    """Where the first byte that is not `encoding` sits: line and column."""
+    for number, line in enumerate(path.read_bytes().split(b"\n"), start=1):
+        try:
+            line.decode(encoding)
+        except UnicodeDecodeError as err:
+            return (f"{path}, line {number}, byte {err.start + 1}: 0x{line[err.start]:02x} is "
+                    f"not valid {encoding}: save the file as UTF-8, or set data.encoding to "
+                    "its encoding (e.g. data.encoding='latin-1')")
+    return f"{path} is not valid {encoding}: set data.encoding to its encoding"
+
+
+def _find_split(folder: Path, names: tuple[str, ...]) -> Path | None:
+    for name in names:
+        for suffix in SUFFIXES:
+            candidate = folder / f"{name}{suffix}"
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def resolve_data_path(cfg: RunConfig, override: str = "") -> Path | None:
+    """The local data path to use, or None to fall back to the hub dataset: when data.path
+    is empty, or is the shipped default and that folder is absent. A data.path the user
+    set that does not exist is an error naming it (never replaced by the hub's data)."""
+    raw = override or cfg.data.path
+    if not raw:
+        return None
+    path = Path(raw).expanduser()
+    if path.exists():
+        return path.resolve()
+    if override:
+        return None  # the caller names the device's --node-config data-dir
+    if raw != _DEFAULT_PATH:
+        _missing(raw, path)
+    return None
+
+
+_DEFAULT_PATH = next(f.default for f in dataclasses.fields(DataSection) if f.name == "path")
+
+
+def _missing(raw: str, path: Path) -> None:
+    where = "" if path.is_absolute() else f" (relative to the working directory {Path.cwd()})"
+    raise ConfigError(f"data.path='{raw}' does not exist: {path.resolve()}{where}; give an "
+                      "existing folder with train.tsv and test.tsv (or one file), or "
+                      "data.path='' to use data.hub-dataset")
+
+
+@functools.lru_cache(maxsize=8)
+def load_split_frames(path: str | None, hub_dataset: str, encoding: str = "utf-8"):
+    """{'train': DataFrame, 'test': DataFrame} from a local folder/file or the hub."""
+    if path is not None:
+        p = Path(path)
+        if p.is_file():
+            frame = _read_table(p, encoding)
+            return {"train": frame, "test": frame}
+        train = _find_split(p, ("train",))
+        test = _find_split(p, TEST_NAMES)
+        if train is None:
+            raise ConfigError(
+                f"data.path={p} has no train{SUFFIXES[0]} (or .csv/.jsonl): put the training "
+                "split there as train.tsv with a header line"
+            )
+        return {"train": _read_table(train, encoding),
+                "test": _read_table(test or train, encoding)}
+    if not hub_dataset:
+        raise ConfigError("no data: set data.path to a local folder with train.tsv and test.tsv")
+    try:
+        from datasets import load_dataset
+
+        ds = load_dataset(hub_dataset)
+    except Exception as err:  # offline, unknown id, ...: all end the same way for the user
+        raise ConfigError(
+            f"data.path does not exist and the hub dataset '{hub_dataset}' could not be "
+            f"loaded ({err.__class__.__name__}: {str(err)[:200]}). Point data.path at a local "
+            "folder holding train.tsv and test.tsv (header line: text<TAB>label), e.g. "
+            "--run-config \"data.path='/abs/path/to/agnews'\""
+        ) from err
+    test_name = next((n for n in TEST_NAMES if n in ds), "train")
+    return {"train": ds["train"].to_pandas(), "test": ds[test_name].to_pandas()}
+
+
+@dataclass(frozen=True)
+class Columns:
+    text: str = ""
+    label: str = ""
+    prompt: str = ""
+    response: str = ""
+    input: str = ""  # appended to the prompt after a blank line when not empty
+
+
+def resolve_columns(frame, cfg: RunConfig) -> Columns:
+    """Check the configured columns exist; 'auto' text picks a common name."""
+    have = list(frame.columns)
+
+    def need(key: str, name: str) -> str:
+        if name not in have:
+            raise ConfigError(f"{key}='{name}' is not a column of the data; columns are "
+                              f"{', '.join(have)}: set {key} to one of them (edge-lam "
+                              f"evaluate: --{key.split('.', 1)[1]})")
+        return name
+
+    def pick(key: str, name: str, candidates: tuple[str, ...]) -> str:
+        if name == "auto":
+            name = next((c for c in candidates if c in have), "")
+            if not name:
+                raise ConfigError(f"{key}='auto' found none of {candidates} among the columns "
+                                  f"{', '.join(have)}: set {key} (edge-lam evaluate: "
+                                  f"--{key.split('.', 1)[1]})")
+        return need(key, name)
+
+    if not family(cfg).labelled:
+        extra = cfg.data.input_column
+        extra = ("input" if "input" in have else "") if extra == "auto" else \
+            ("" if extra == "none" else need("data.input-column", extra))
+        return Columns(prompt=pick("data.prompt-column", cfg.data.prompt_column,
+                                   PROMPT_CANDIDATES),
+                       response=pick("data.response-column", cfg.data.response_column,
+                                     RESPONSE_CANDIDATES), input=extra)
+    return Columns(text=pick("data.text-column", cfg.data.text_column, TEXT_CANDIDATES),
+                   label=need("data.label-column", cfg.data.label_column))
+
+
+def label_names_of(frames: dict, columns: Columns) -> tuple[str, ...]:
+    """Sorted label names over both splits (numerically when all labels are integers)."""
+    if not columns.label:
+        return ()
+    values = {str(v) for f in frames.values() for v in f[columns.label]}
+    if all(v.lstrip("-").isdigit() for v in values):
+        return tuple(sorted(values, key=int))
+    return tuple(sorted(values))
+
+
+@dataclass
+class Examples:
+    """A split as python lists: texts (or prompt/response pairs) and label ids."""
+
+    texts: list[str]
+    labels: list[int]  # empty for causal-lm
+    responses: list[str]  # empty for seq-cls
+    label_names: tuple[str, ...] = ()  # what the label ids stand for
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def subset(self, idx) -> Examples:
+        idx = list(idx)
+        return Examples([self.texts[i] for i in idx],
+                        [self.labels[i] for i in idx] if self.labels else [],
+                        [self.responses[i] for i in idx] if self.responses else [],
+                        self.label_names)
+
+
+def to_examples(frame, columns: Columns, label_names: tuple[str, ...]) -> Examples:
+    if columns.prompt:
+        prompts = frame[columns.prompt].astype(str).tolist()
+        if columns.input:
+            prompts = [f"{p}\n\n{x}" if x.strip() else p
+                       for p, x in zip(prompts, frame[columns.input].astype(str).tolist())]
+        return Examples(prompts, [], frame[columns.response].astype(str).tolist())
+    index = {name: i for i, name in enumerate(label_names)}
+    raw = [str(v) for v in frame[columns.label]]
+    unknown = sorted(set(raw) - set(index))
+    if unknown:
+        raise ConfigError(f"labels {unknown[:5]} are not in the federation's label set "
+                          f"{list(label_names)}: every device must use the same label names")
+    return Examples(frame[columns.text].astype(str).tolist(), [index[v] for v in raw], [],
+                    tuple(label_names))
+
+
+def partition_indices(examples: Examples, cfg: RunConfig, partition_id: int,
+                      num_partitions: int) -> list[int]:
+    """Row indices of one device's partition (flwr-datasets partitioners, seeded)."""
+    from datasets import Dataset
+    from flwr_datasets.partitioner import IidPartitioner, PathologicalPartitioner
+
+    if not 0 <= partition_id < num_partitions:
+        raise ConfigError(f"partition-id={partition_id} is outside [0, {num_partitions})")
+    labels = examples.labels or [0] * len(examples)
+    ds = Dataset.from_dict({"row": list(range(len(examples))), "label": labels})
+    if cfg.data.partitioner == "iid" or not family(cfg).labelled:
+        part = IidPartitioner(num_partitions)
+    elif cfg.data.partitioner == "dirichlet":
+        return _dirichlet_rows(ds, cfg, partition_id, num_partitions)
+    else:
+        part = PathologicalPartitioner(num_partitions, "label", cfg.data.classes_per_device,
+                                       class_assignment_mode="deterministic", seed=cfg.seed)
+    part.dataset = ds
+    return list(part.load_partition(partition_id)["row"])
+
+
+def _dirichlet_rows(ds, cfg: RunConfig, partition_id: int, num_partitions: int) -> list[int]:
+    """A Dirichlet(alpha) partition whose every part has at least `m` rows, m = 10 where the
+    data allows. Many partitions at a small alpha often leave some part below 10 rows, and
+    flwr-datasets gives up after 10 draws: then m is halved (down to 1), on every device
+    alike (the draws are seeded), before the run is refused with what to change."""
+    from flwr_datasets.partitioner import DirichletPartitioner
+
+    size = min(10, len(ds) // num_partitions)
+    while True:
+        part = DirichletPartitioner(num_partitions, "label", cfg.data.dirichlet_alpha,
+                                    min_partition_size=size, seed=cfg.seed)
+        part.dataset = ds
+        try:
+            with warnings.catch_warnings():  # its per-draw warnings: we handle the outcome
+                warnings.simplefilter("ignore", UserWarning)
+                return list(part.load_partition(partition_id)["row"])
+        except ValueError as err:
+            if size <= 1:
+                raise ConfigError(
+                    f"data.partitioner='dirichlet' could not give each of {num_partitions} "
+                    f"devices a row at data.dirichlet-alpha={cfg.data.dirichlet_alpha:g} "
+                    f"({len(ds)} rows): raise data.dirichlet-alpha, use fewer devices, or "
+                    "data.partitioner='iid'") from err
+            size = max(1, size // 2)
+
+
+# ---------------------------------------------------------------------------- batching
+def label_token_ids(tokenizer, cfg: RunConfig, label_names: tuple[str, ...]) -> list[int]:
+    """`task='lm-cls'`: the first token of each label word (with its leading space), which
+    the model scores right after the prompt; they must differ."""
+    words = cfg.data.label_words or label_names
+    if len(words) != len(label_names):
+        raise ConfigError(f"data.label-words lists {len(words)} words for {len(label_names)} "
+                          f"labels {list(label_names)}: give one word per label, in that order")
+    ids = [_first_token(tokenizer, w.strip()) for w in words]
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"data.label-words {list(words)} do not all start with different "
+                          "tokens: pick words whose first token differs")
+    return ids
+
+
+def _first_token(tokenizer, word: str) -> int:
+    """The first token of " word" that is not whitespace alone (some SentencePiece
+    tokenizers encode the leading space as a token of its own)."""
+    ids = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+    while len(ids) > 1 and not tokenizer.decode(ids[:1]).strip():
+        ids = ids[1:]
+    return ids[0]
+
+
+def encode_batch(tokenizer, examples: Examples, cfg: RunConfig) -> dict[str, torch.Tensor]:
+    """Tokenize a list of examples into one padded batch with `labels`."""
+    if family(cfg).label_words:  # the prompt; the label words' first tokens to score
+        prompts = tokenizer([cfg.data.template.format(text=t) for t in examples.texts])
+        batch = _right_padded([cut_middle(ids, cfg.train.max_length)
+                               for ids in prompts["input_ids"]], tokenizer.pad_token_id)
+        batch["labels"] = torch.tensor(examples.labels, dtype=torch.long)
+        batch["label_token_ids"] = torch.tensor(
+            label_token_ids(tokenizer, cfg, examples.label_names), dtype=torch.long)
+        return batch
+    if not examples.responses:
+        batch = tokenizer(examples.texts, truncation=True, max_length=cfg.train.max_length,
+                          padding=True, return_tensors="pt")
+        batch["labels"] = torch.tensor(examples.labels, dtype=torch.long)
+        return dict(batch)
+    return encode_pairs(tokenizer, examples.texts, examples.responses, cfg)
+
+
+def prompt_format(tokenizer, cfg: RunConfig) -> str:
+    """`data.format` resolved: 'auto' is 'chat' when the tokenizer has a chat template."""
+    wanted = cfg.data.format
+    if wanted == "auto":
+        return "chat" if getattr(tokenizer, "chat_template", None) else "plain"
+    if wanted == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(f"data.format='chat' but {cfg.model} has no chat template (a base "
+                          "model): use data.format='plain' or 'auto'")
+    return wanted
+
+
+def pose(tokenizer, cfg: RunConfig, prompt: str) -> list[int]:
+    """The token ids of `prompt` as the model is asked it (`data.format`), ending where the
+    answer starts: a chat template's assistant turn, or '### Response:'."""
+    fmt = prompt_format(tokenizer, cfg)
+    if fmt == "chat":
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                             tokenize=False, add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    text = PLAIN_PROMPT.format(prompt=prompt) if fmt == "plain" else prompt + "\n"
+    return tokenizer(text, add_special_tokens=True)["input_ids"]
+
+
+def cut_middle(ids: list[int], length: int) -> list[int]:
+    """`ids` cut to `length` tokens by dropping its middle: the first quarter of the budget
+    (the instruction) and the end (the question, 'Answer:', an assistant turn) stay."""
+    if len(ids) <= length:
+        return ids
+    head = length // 4
+    return ids[:head] + ids[len(ids) - (length - head):]
+
+
+def _right_padded(rows: list[list[int]], pad: int, labels: list[list[int]] | None = None
+                  ) -> dict[str, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    out = {"input_ids": torch.tensor([r + [pad] * (width - len(r)) for r in rows]),
+           "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r))
+                                           for r in rows])}
+    if labels is not None:
+        out["labels"] = torch.tensor([lab + [-100] * (width - len(lab)) for lab in labels])
+    return out
+
+
+def fit(prompt: list[int], response: list[int], max_length: int) -> tuple[list[int], list[int]]:
+    """Cut a (prompt, response) pair to `max_length` tokens without ever losing the whole
+    response: the response keeps at least half the budget (all of it if shorter) and is cut at
+    its end; the prompt gives up its middle, keeping its first quarter and its end (where the
+    question and the assistant turn's header are)."""
+    if len(prompt) + len(response) <= max_length:
+        return prompt, response
+    keep_response = min(len(response), max(max_length - len(prompt), max_length // 2))
+    return cut_middle(prompt, max_length - keep_response), response[:keep_response]
+
+
+def encode_pairs(tokenizer, prompts: list[str], responses: list[str], cfg: RunConfig
+                 ) -> dict[str, torch.Tensor]:
+    """Prompt/response pairs as one right-padded batch; labels are -100 except on the
+    response tokens (and the end-of-sequence token that closes each response)."""
+    eos = tokenizer.eos_token or ""
+    rows, labels = [], []
+    for prompt, response in zip(prompts, responses):
+        p = pose(tokenizer, cfg, prompt)
+        r = tokenizer(response + eos, add_special_tokens=False)["input_ids"]
+        p, r = fit(p, r, cfg.train.max_length)
+        rows.append(p + r)
+        labels.append([-100] * len(p) + r)
+    return _right_padded(rows, tokenizer.pad_token_id, labels)
+
+
+def batches(examples: Examples, batch_size: int, rng: np.random.Generator | None = None):
+    """Yield Examples chunks; shuffled when rng is given."""
+    order = rng.permutation(len(examples)) if rng is not None else np.arange(len(examples))
+    for start in range(0, len(order), batch_size):
+        yield examples.subset(order[start:start + batch_size])
+
+
+def endless_batches(examples: Examples, batch_size: int, rng: np.random.Generator):
+    """Shuffled chunks without end: a new shuffle after every pass over the data."""
+    if len(examples) == 0:
+        raise ValueError("no examples to train on")
+    while True:
+        yield from batches(examples, batch_size, rng)

@@ -1,1 +1,0 @@
-"""The ML task shared by server and devices: config, model, LoRA rank algebra, data, loops."""
