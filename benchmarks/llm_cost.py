@@ -3,7 +3,7 @@ tuning (SmolLM2-135M-Instruct, then Gemma-3-270M), per memory option, each in a 
 and where the peak goes.
 
 GSM8K prompt/response pairs, batch 4, every sequence cut (prompt middle first,
-`edge_lam.data.text.fit`) and padded to exactly 256 tokens, LoRA on q,k,v,o + MLP. Options:
+`edge_lam.data.encode.fit`) and padded to exactly 256 tokens, LoRA on q,k,v,o + MLP. Options:
 
 - `naive`: fp32, the model's own loss (`labels=`): logits for every position x vocabulary.
 - `response-logits`: our default: logits only where a response token is predicted.
@@ -75,7 +75,7 @@ def _batches(cfg, tok, ex, steps: int, batch: int, seq: int) -> list[dict]:
     """The GSM8K batches, every one cut and padded to exactly `seq` tokens."""
     import torch
 
-    from edge_lam.data.text import encode_pairs
+    from edge_lam.data.encode import encode_pairs
 
     out = []
     for i in range(steps):

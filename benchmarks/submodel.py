@@ -198,7 +198,7 @@ def new_token_nll(model_dir: Path, adapter: Path, raw: dict, new_ids: list[int])
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from edge_lam.data.text import batches, encode_batch
+    from edge_lam.data.encode import batches, encode_batch
     from edge_lam.training.evaluation import ServerModel
     from edge_lam.models.lora_model import load_tokenizer, torch_device
 

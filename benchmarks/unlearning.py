@@ -53,7 +53,8 @@ from strategies.unlearn.math import flatten_state, pad_for_projection, unflatten
 from strategies.unlearn.math import unlearning_objective  # noqa: E402
 from strategies.unlearn.steps import remove_drift, unlearning_step  # noqa: E402
 from edge_lam.config.run_config import RunConfig  # noqa: E402
-from edge_lam.data.text import Examples, encode_batch  # noqa: E402
+from edge_lam.data.encode import encode_batch  # noqa: E402
+from edge_lam.data.text import Examples  # noqa: E402
 from edge_lam.training.lora import State, state_nbytes, truncate_lora  # noqa: E402
 from edge_lam.models.lora_model import (get_lora_model, load_tokenizer, resolve_model_source,  # noqa: E402
                                         set_trainable_state, torch_device)

@@ -132,7 +132,8 @@ def test_many_devices_at_a_small_dirichlet_alpha_all_get_data():
     fewer, on every device alike, and covers every row exactly once."""
     import numpy as np
 
-    from edge_lam.data.text import Examples, partition_indices
+    from edge_lam.data.partition import partition_indices
+    from edge_lam.data.text import Examples
 
     cfg = RunConfig.from_run_config({})
     labels = list(np.random.default_rng(0).integers(0, 4, 10_000))

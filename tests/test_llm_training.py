@@ -12,7 +12,8 @@ import torch
 
 from inprocess_grid import InProcessGrid
 from edge_lam.config.run_config import ConfigError, RunConfig
-from edge_lam.data.text import (encode_pairs, fit, load_split_frames, resolve_columns, to_examples)
+from edge_lam.data.encode import encode_pairs, fit
+from edge_lam.data.text import load_split_frames, resolve_columns, to_examples
 from edge_lam.training.device import DeviceInfo, local_examples, train_round
 from edge_lam.training.evaluation import ServerModel
 from edge_lam.models.families import chunked_response_loss, family

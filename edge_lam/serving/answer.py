@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from edge_lam.config.run_config import ConfigError, RunConfig
-from edge_lam.data.text import Examples, batches, encode_batch
+from edge_lam.data.encode import batches, encode_batch
+from edge_lam.data.text import Examples
 from edge_lam.models.families import family
 from edge_lam.logs import get_logger
 from edge_lam.models.lora_model import (get_lora_model, initial_lora_state, load_tokenizer,
@@ -121,7 +122,7 @@ def generated_answers(cfg: RunConfig, member: Member, prompts: list[str]
     out = scored_answers(model, tokenizer, mcfg, list(prompts), cfg.eval.max_new_tokens,
                          cfg.infer.batch_size)
     seconds = time.perf_counter() - start
-    from edge_lam.data.text import pose
+    from edge_lam.data.encode import pose
 
     prompt_tokens = sum(len(pose(tokenizer, mcfg, p)) for p in prompts)
     return [t for t, _ in out], [lp for _, lp in out], {

@@ -1,6 +1,6 @@
 """Greedy answers from a causal LM, and GSM8K's exact-match metric on them.
 
-Prompts are posed exactly as in training (`edge_lam.data.text.pose`: chat template, plain
+Prompts are posed exactly as in training (`edge_lam.data.encode.pose`: chat template, plain
 '### Instruction' format, or raw), left-padded in batches, and answered greedily.
 GSM8K's metric: the number after '####' in the model's answer (else its last number) equals
 the number after '####' in the reference.
@@ -15,7 +15,8 @@ import torch
 from transformers import LogitsProcessor
 
 from edge_lam.config.run_config import RunConfig
-from edge_lam.data.text import Examples, pose
+from edge_lam.data.encode import pose
+from edge_lam.data.text import Examples
 from edge_lam.models.lora_model import torch_device
 
 _FINAL = re.compile(r"####\s*(-?[\d,]*\.?\d+)")

@@ -1,7 +1,7 @@
 """Continuing a reasoning chain from its text, one step at a time (S8 CoT micro-services).
 
 A step's device gets the question and the chain so far as text. It poses the question as in
-training (`edge_lam.data.text.pose`: chat template, '### Response:' or raw) and appends the chain's
+training (`edge_lam.data.encode.pose`: chat template, '### Response:' or raw) and appends the chain's
 tokens as the assistant's partial answer, then generates at most `max_new_tokens` greedy
 tokens. With an empty chain this is exactly `edge_lam.serving.generation.scored_answers`' prompt, so a
 one-step chain is the monolithic answer; later steps re-tokenise the text they are given,
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from edge_lam.config.run_config import RunConfig
-from edge_lam.data.text import pose
+from edge_lam.data.encode import pose
 from edge_lam.models.lora_model import torch_device
 
 # '#### <number>' followed by whitespace: the number cannot grow in a later step

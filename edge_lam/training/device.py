@@ -11,8 +11,9 @@ import math
 from dataclasses import dataclass
 
 from edge_lam.config.run_config import ConfigError, RunConfig
-from edge_lam.data.text import (Examples, load_split_frames, partition_indices, resolve_columns,
-                                resolve_data_path, to_examples)
+from edge_lam.data.partition import partition_indices
+from edge_lam.data.text import (Examples, load_split_frames, resolve_columns, resolve_data_path,
+                                to_examples)
 from edge_lam.training.lora import State
 from edge_lam.models.lora_model import (get_lora_model, get_trainable_state, load_tokenizer,
                                         resolve_model_source, set_trainable_state)

@@ -12,8 +12,9 @@ import numpy as np
 
 from edge_lam.models.families import family
 from edge_lam.config.run_config import ConfigError, RunConfig
-from edge_lam.data.text import (label_token_ids, Examples, label_names_of, load_split_frames,
-                                resolve_columns, resolve_data_path, to_examples)
+from edge_lam.data.encode import label_token_ids
+from edge_lam.data.text import (Examples, label_names_of, load_split_frames, resolve_columns,
+                                resolve_data_path, to_examples)
 from edge_lam.training.lora import (BASE_DELTA, State, factors, is_base_delta_key, lora_layers,
                                     lora_rank, truncate_lora)
 from edge_lam.models.lora_model import (adapter_name, check_lora_targets, get_lora_model,

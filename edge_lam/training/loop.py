@@ -17,7 +17,8 @@ from peft import get_peft_model_state_dict
 from edge_lam.models.families import family, score
 from edge_lam.models.families import training_loss
 from edge_lam.config.run_config import RunConfig
-from edge_lam.data.text import Examples, batches, encode_batch, endless_batches
+from edge_lam.data.encode import batches, encode_batch, endless_batches
+from edge_lam.data.text import Examples
 from edge_lam.training.lora import State
 from edge_lam.training.memory import releaser
 from edge_lam.models.lora_model import torch_device

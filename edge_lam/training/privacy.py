@@ -29,7 +29,8 @@ from opacus.accountants.analysis import rdp as rdp_analysis
 from torch.utils.data import DataLoader, Dataset
 
 from edge_lam.config.run_config import RunConfig
-from edge_lam.data.text import Examples, encode_batch
+from edge_lam.data.encode import encode_batch
+from edge_lam.data.text import Examples
 from edge_lam.models.lora_model import torch_device
 
 

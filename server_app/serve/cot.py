@@ -161,7 +161,7 @@ def _profile(grid: Grid, node: int, question: str, cfg: RunConfig) -> dict:
 
 def _question_shape(cfg: RunConfig, questions: list[str]) -> dict:
     """Mean prompt tokens (posed as the devices pose it), question bytes, bytes per token."""
-    from edge_lam.data.text import pose
+    from edge_lam.data.encode import pose
     from edge_lam.models.lora_model import load_tokenizer, resolve_model_source
 
     tokenizer = load_tokenizer(resolve_model_source(cfg.model))

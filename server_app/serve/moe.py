@@ -39,8 +39,9 @@ from server_app.serve.fleet import ServeDevice, fleet
 from server_app.serve.mode import MESSAGE_TYPE
 from server_app.serve.moe_scheduling import Assign, make_scheduler, predicted_seconds
 from edge_lam.config.run_config import RunConfig
-from edge_lam.data.text import (Examples, batches, encode_batch, load_split_frames, resolve_columns,
-                                resolve_data_path, to_examples)
+from edge_lam.data.encode import batches, encode_batch
+from edge_lam.data.text import (Examples, load_split_frames, resolve_columns, resolve_data_path,
+                                to_examples)
 from edge_lam.training.evaluation import ServerModel
 from edge_lam.models.families import family
 from edge_lam.messaging import connected_by_partition, origin

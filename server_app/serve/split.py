@@ -88,7 +88,7 @@ def make_batches(cfg: RunConfig, vocab_size: int):
         ids = rng.integers(0, vocab_size, size=(count, b, t))
         return [(torch.from_numpy(x), torch.ones(b, t, dtype=torch.long)) for x in ids], \
             None, None
-    from edge_lam.data.text import encode_batch
+    from edge_lam.data.encode import encode_batch
     from edge_lam.training.evaluation import ServerModel
 
     server_model = ServerModel.prepare(cfg, with_model=False)

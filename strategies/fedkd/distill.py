@@ -15,7 +15,8 @@ import torch
 
 from strategies.fedkd.math import mutual_kd_losses
 from edge_lam.config.run_config import ConfigError, RunConfig
-from edge_lam.data.text import Examples, encode_batch, endless_batches
+from edge_lam.data.encode import encode_batch, endless_batches
+from edge_lam.data.text import Examples
 from edge_lam.models.families import family
 from edge_lam.logs import get_logger
 from edge_lam.training.memory import releaser

@@ -31,7 +31,8 @@ import torch.nn.functional as F
 
 from strategies.robust.math import Update
 from edge_lam.config.run_config import RunConfig
-from edge_lam.data.text import Examples, encode_batch
+from edge_lam.data.encode import encode_batch
+from edge_lam.data.text import Examples
 from edge_lam.models.families import family, training_loss
 from edge_lam.training.lora import BASE_DELTA, State, factors, is_lora_key, lora_layers
 from edge_lam.models.lora_model import (get_lora_model, load_tokenizer, resolve_model_source,

@@ -29,7 +29,7 @@ from strategies.submodel.math import (decoy_rate, masked_upload, plain_upload, r
                                       touched_rows)
 from strategies.submodel.rows import applied_rows, trainable_rows
 from edge_lam.config.run_config import RunConfig
-from edge_lam.data.text import batches, encode_batch
+from edge_lam.data.encode import batches, encode_batch
 from edge_lam.training.device import DeviceInfo, local_examples, train_round
 from edge_lam.logs import get_logger
 from edge_lam.models.lora_model import get_lora_model, load_tokenizer, resolve_model_source
