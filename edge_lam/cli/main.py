@@ -1,5 +1,6 @@
 r"""`edge-lam` command line: evaluate or prompt a saved adapter (or a base model, zero-shot);
-check a run config before `flwr run`; stop the local SuperLink; print the run-config keys.
+check a run config before `flwr run`, or `run` (check, `flwr run --stream`, exit with the
+run's status); stop the local SuperLink; print the run-config keys.
 
 examples:
   edge-lam evaluate --adapter results/<run-id>/adapter --data ../shared/data/agnews
@@ -8,6 +9,7 @@ examples:
       --data ../shared/data/agnews --set "data.template=Topic of: {text} Answer:"
   edge-lam generate --adapter results/<run-id>/adapter --prompt "What is 12 * 7?"
   edge-lam config --check recipes/quickstart.toml     # before: flwr run . --run-config ...
+  edge-lam run . --run-config recipes/quickstart.toml # checked, streamed, exits with its status
   edge-lam config --check "lora.alpha=32 train.lr=0.002"
   edge-lam superlink status                           # the SuperLink `flwr run .` started
   edge-lam superlink stop
@@ -211,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     conf.add_argument("--app", type=Path, default=None,
                       help="with --check: the app folder whose pyproject.toml declares the "
                            "keys (default: this installation's)")
+    sub.add_parser("run", add_help=False,
+                   help="check the run config, `flwr run --stream` the app, print the run's "
+                        "final status and exit 0 only if it completed (`edge-lam run --help`)")
     link = sub.add_parser("superlink", help="the local SuperLink that `flwr run .` started "
                           "(of this FLWR_HOME): where its runs write results; stop it")
     link.add_argument("action", choices=("status", "stop"))
@@ -252,6 +257,11 @@ def evaluate_command(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["run"]:  # its arguments go on to `flwr run`: its own parser
+        from edge_lam.cli import run
+
+        return run.main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         if args.command == "config":
