@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (command_line, machine_info, machine_line,  # noqa: E402
                                provenance, read_json, run_fresh, write_json)
+from benchmarks.federation import read_env_file  # noqa: E402
 
 _BEST = {"train.loss-chunk": 64, "train.gradient-checkpointing": True,
          "train.dtype": "bfloat16"}
@@ -283,19 +284,13 @@ def render(rows: list[dict]) -> str:
 ARM64_OPTIONS = ("malloc-trim", "malloc-trim-fp32")  # bf16 and fp32, all else equal
 
 
-def _env_sh(path: Path) -> dict[str, str]:
-    """The KEY="value" lines of deploy/emulate-arm64.sh's env.sh."""
-    pairs = (line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
-    return {k.strip(): v.strip().strip('"') for k, v in pairs}
-
-
 def run_arm64(args) -> None:
     """The bf16 and fp32 rows of SmolLM2 under QEMU user mode (`QEMU_CPU=args.qemu_cpu`) and
     the same rows on this host, each in a fresh process, into
     results/devices/llm_cost_arm64.{json,md}. Emulated step times are a relative hint only
     (QEMU translates every NEON instruction); peak RSS under emulation is the QEMU process's,
     the emulated program's memory plus QEMU's own (translated code)."""
-    env = _env_sh(args.arm64)
+    env = read_env_file(args.arm64)
     _convert_once(args.model)  # on the host: the converted folder is the same on aarch64
     out = args.out / "devices" / "llm_cost_arm64.json"
     kept = read_json(out)["rows"] if out.is_file() else []

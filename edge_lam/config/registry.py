@@ -24,6 +24,7 @@ point was added is read from its pyproject.toml too.
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib
 import tomllib
 from collections.abc import Callable, Iterator
@@ -191,12 +192,18 @@ def entry_points(groups: tuple[str, ...]) -> list[tuple[str, str]]:
 
 
 def _checkout_entry_points(group: str) -> dict[str, str]:
+    return dict(_checkout_groups().get(group, {}))
+
+
+@functools.cache
+def _checkout_groups() -> dict[str, dict[str, str]]:
+    """This checkout's `[project.entry-points]` (read once per process)."""
     if not _PYPROJECT.is_file():
         return {}
     project = tomllib.loads(_PYPROJECT.read_text()).get("project", {})
     if project.get("name") != "edge-lam":
         return {}
-    return dict(project.get("entry-points", {}).get(group, {}))
+    return project.get("entry-points", {})
 
 
 def _load(target: str) -> Any:
