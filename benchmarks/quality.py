@@ -23,10 +23,13 @@ from benchmarks.common import (machine_line, parse_value, provenance, read_json,
                                write_json)
 from edge_lam.training.device import DeviceInfo, train_round  # noqa: E402
 from edge_lam.training.evaluation import ServerModel  # noqa: E402
+from edge_lam.config.run_config import RunConfig  # noqa: E402
+from edge_lam.models.families import family  # noqa: E402
+from edge_lam.training.lora import (compress_base_deltas, expand_base_deltas,  # noqa: E402
+                                    state_nbytes, truncate_lora)
 from strategies.lora.diagnostics import aggregation_error  # noqa: E402
 from strategies.lora.math import aggregate  # noqa: E402
-from edge_lam.config.run_config import RunConfig  # noqa: E402
-from edge_lam.training.lora import state_nbytes, truncate_lora  # noqa: E402
+from strategies.lora.server_opt import ServerOptimizer  # noqa: E402
 
 SETUPS = {  # name -> run-config overrides (`-rlr`: lora.rank-matched-lr, the default)
     "fedavg-r2": {"strategy": "fedavg", "lora.fedavg-rank": 2},
@@ -44,40 +47,84 @@ SETUPS = {  # name -> run-config overrides (`-rlr`: lora.rank-matched-lr, the de
     "flora-rlr": {"strategy": "flora", "lora.rank-matched-lr": True},
     "rankwise-rlr": {"strategy": "rankwise", "lora.rank-matched-lr": True},
     "central-r16": {"strategy": "fedavg", "lora.fedavg-rank": 16},
+    # issue 27: where rank binds (fedavg and centralised at every rank) ...
+    **{f"fedavg-r{r}": {"strategy": "fedavg", "lora.fedavg-rank": r} for r in (4, 8, 32)},
+    **{f"central-r{r}": {"strategy": "fedavg", "lora.fedavg-rank": r} for r in (2, 32)},
+    # ... and mixed ranks that do not hurt: scaling conventions, exact aggregation with a
+    # low-rank downlink, server optimisers, rank warm-up (all with the rank-matched lr)
+    "hetlora-rslora": {"strategy": "hetlora", "lora.scaling-rule": "rslora"},
+    "fedex-rlr-k16": {"strategy": "fedex", "lora.base-delta-rank": 16},
+    "hetlora-fedadam": {"strategy": "hetlora", "lora.server-optimizer": "fedadam",
+                        "lora.server-lr": 1e-3},
+    "hetlora-fedavgm": {"strategy": "hetlora", "lora.server-optimizer": "fedavgm",
+                        "lora.server-momentum": 0.5},
+    "hetlora-warmup2": {"strategy": "hetlora", "lora.rank-warmup-rounds": 2},
 }
 
 
-def federated(cfg: RunConfig, num_devices: int, log) -> list[dict]:
+def headline(cfg: RunConfig) -> tuple[str, bool]:
+    """(the curve key that measures quality, higher is better): accuracy for classification,
+    the answer NLL per response token (`loss`) for `causal-lm`, whose token accuracy is not
+    the quality it is trained for."""
+    return ("accuracy", True) if family(cfg).labelled else ("loss", False)
+
+
+def metric_line(cfg: RunConfig, row: dict) -> str:
+    key, _ = headline(cfg)
+    return f"acc {row['accuracy']:.4f}" if key == "accuracy" else f"nll {row['loss']:.4f}"
+
+
+def device_ranks(cfg: RunConfig, num_devices: int, rnd: int) -> list[int]:
+    """Each device's rank in round `rnd` (the strategy's `rank_of`, with warm-up)."""
+    ranks = [cfg.rank_for(cfg.device_for(p)) for p in range(num_devices)]
+    if rnd <= cfg.lora.rank_warmup_rounds:
+        ranks = [min(ranks)] * num_devices
+    return ranks
+
+
+def federated(cfg: RunConfig, num_devices: int, log, examples=None, steps=None,
+              ranks=None) -> list[dict]:
+    """The federation in-process: per round, each device gets the global state at its rank
+    (base deltas through `lora.base-delta-rank`, as the strategy sends them), trains, and
+    the aggregate (then `lora.server-optimizer`) is the new global state. `examples[k]`,
+    `steps[k]` and `ranks[k]`: device k's own data, local steps and rank (default: its
+    partition, the config's steps, its profile's rank)."""
     task = ServerModel.prepare(cfg)
     state = task.initial_state()
     rows = [{"round": 0, **task.evaluate(state), "wall_s": 0.0}]
-    ranks = [cfg.rank_for(cfg.device_for(p)) for p in range(num_devices)]
+    server_opt = ServerOptimizer(cfg)
     for rnd in range(1, cfg.num_rounds + 1):
         t0 = time.perf_counter()
         states, counts, clients, sents = [], [], [], []
-        for pid, rank in enumerate(ranks):
+        for pid, rank in enumerate(ranks or device_ranks(cfg, num_devices, rnd)):
             sent = truncate_lora(state, rank)
+            payload = compress_base_deltas(sent, cfg.lora.base_delta_rank)
             info = DeviceInfo(partition_id=pid, num_partitions=num_devices)
-            new, n, m = train_round(cfg, info, task.label_names, rank, sent, rnd)
+            dcfg = cfg if steps is None else cfg.updated("train", local_steps=steps[pid])
+            new, n, m = train_round(dcfg, info, task.label_names, rank,
+                                    expand_base_deltas(payload), rnd,
+                                    examples=None if examples is None else examples[pid])
             states.append(new)
             sents.append(sent)
             counts.append(n)
             clients.append({"partition_id": pid, "rank": rank, "num_examples": n,
+                            "steps": dcfg.train.local_steps,
                             "train_loss": m["train_loss"], "train_s": m["train_s"],
-                            "bytes_down": state_nbytes(sent), "bytes_up": state_nbytes(new)})
-        state = aggregate(cfg.strategy, state, sents, states, counts, cfg.r_max)
+                            "bytes_down": state_nbytes(payload), "bytes_up": state_nbytes(new)})
+        aggregated = aggregate(cfg.strategy, state, sents, states, counts, cfg.r_max)
+        err = aggregation_error(aggregated, states, counts)
+        state = server_opt.step(rnd, state, aggregated)
         row = {"round": rnd, **task.evaluate(state), "wall_s": time.perf_counter() - t0,
-               "aggregation_error": aggregation_error(state, states, counts),
-               "clients": clients}
+               "aggregation_error": err, "clients": clients}
         rows.append(row)
-        err = row["aggregation_error"]  # None: exact by construction (flora, fedex)
-        log(f"  round {rnd}: acc {row['accuracy']:.4f}"
+        log(f"  round {rnd}: {metric_line(cfg, row)}"  # None: exact by construction
             + ("" if err is None else f" agg.err {err:.3f}"))
     return rows
 
 
 def centralised(cfg: RunConfig, num_devices: int, log) -> list[dict]:
-    """One rank-16 model on the union of the data, as many steps per round as the federation."""
+    """One model at lora.fedavg-rank on the union of the data, as many steps per round as
+    the federation."""
     task = ServerModel.prepare(cfg)
     state = task.initial_state()
     rows = [{"round": 0, **task.evaluate(state), "wall_s": 0.0}]
@@ -87,21 +134,28 @@ def centralised(cfg: RunConfig, num_devices: int, log) -> list[dict]:
         state, n, m = train_round(steps, DeviceInfo(), task.label_names, cfg.lora.fedavg_rank,
                                   state, rnd)
         rows.append({"round": rnd, **task.evaluate(state), "wall_s": time.perf_counter() - t0})
-        log(f"  round {rnd}: acc {rows[-1]['accuracy']:.4f}")
+        log(f"  round {rnd}: {metric_line(cfg, rows[-1])}")
     return rows
 
 
-def summarise(name: str, rows: list[dict]) -> dict:
+def summarise(name: str, rows: list[dict], cfg: RunConfig | None = None) -> dict:
+    """One setup's numbers. Classification: final and best accuracy (`final_acc`,
+    `best_acc`); `causal-lm`: the answer NLL (`final_nll`, `best_nll`, lower is better) and,
+    apart, the token accuracy."""
     fed = [r for r in rows if r.get("clients")]
     per_round = lambda key: (sum(sum(c[key] for c in r["clients"]) for r in fed) / len(fed)
                              if fed else 0)
     errs = [r["aggregation_error"] for r in fed if r.get("aggregation_error") is not None]
-    return {"setup": name, "final_acc": rows[-1]["accuracy"],
-            "best_acc": max(r["accuracy"] for r in rows),
-            "bytes_up_per_round": per_round("bytes_up"),
-            "bytes_down_per_round": per_round("bytes_down"),
-            "mean_agg_error": sum(errs) / len(errs) if errs else None,
-            "wall_s": sum(r["wall_s"] for r in rows)}
+    out = {"setup": name, "bytes_up_per_round": per_round("bytes_up"),
+           "bytes_down_per_round": per_round("bytes_down"),
+           "mean_agg_error": sum(errs) / len(errs) if errs else None,
+           "wall_s": sum(r["wall_s"] for r in rows)}
+    if cfg is not None and headline(cfg)[0] == "loss":
+        return {**out, "metric": "nll", "final_nll": rows[-1]["loss"],
+                "best_nll": min(r["loss"] for r in rows),
+                "final_token_acc": rows[-1]["accuracy"]}
+    return {**out, "metric": "accuracy", "final_acc": rows[-1]["accuracy"],
+            "best_acc": max(r["accuracy"] for r in rows)}
 
 
 def main() -> None:
@@ -156,7 +210,7 @@ def main() -> None:
         runner = centralised if name.startswith("central") else federated
         rows = runner(cfg, args.devices, lambda s: print(s, flush=True))
         curves[name] = rows
-        results.append(summarise(name, rows))
+        results.append(summarise(name, rows, cfg))
         write_json(out / "quality.json", {**provenance(started), "args": vars(args),
                                           "base_config": base, "summary": results,
                                           "curves": curves})
@@ -220,17 +274,28 @@ def combine(out: Path, parts: list[Path]) -> None:
     write_report(out)
 
 
+TITLES = {"agnews": "AG News", "gsm8k": "GSM8K", "codealpaca": "Code Alpaca", "sst2": "SST-2"}
+
+
+def data_title(path) -> str:
+    name = Path(str(path)).name
+    return TITLES.get(name, name)
+
+
 def write_report(out: Path) -> None:
     """quality.md and quality.png, from quality.json alone."""
     run = read_json(out / "quality.json")
     results, curves, args = run["summary"], run["curves"], argparse.Namespace(**run["args"])
+    nll = results[0].get("metric") == "nll"  # causal-lm: the answer NLL, lower is better
+    name, key = ("answer NLL", "loss") if nll else ("acc", "accuracy")
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lines = [f"AG News, {args.devices} devices, Dirichlet alpha=0.5, {args.rounds} rounds x "
-             f"{args.local_steps} local steps (batch 16, seed "
+    lines = [f"{data_title(args.data)}, {args.devices} devices, Dirichlet alpha=0.5, "
+             f"{args.rounds} rounds x "
+             f"{args.local_steps} local steps (batch {run.get('base_config', {}).get('train.batch-size', 16)}, seed "
              f"{run.get('base_config', {}).get('seed', 42)}), model {args.model}.", "",
              f"Machine: {machine_line(run['machine'])}.", "",
              *([f"Run-config overrides: `{' '.join(args.set)}`.", ""]
@@ -249,7 +314,7 @@ def write_report(out: Path) -> None:
                 "lease ran out: their rows and curves are read from the runs' logs (accuracy "
                 "and aggregation error per finished round; no byte counts or times there).",
                 ""] if run.get("from_logs") else []),
-             "| setup | rounds done | final acc | best acc | payload bytes up / round (all "
+             f"| setup | rounds done | final {name} | best {name} | payload bytes up / round (all "
              "devices) | payload bytes down / round | mean aggregation error |",
              "|---|---|---|---|---|---|---|"]
     for r in results:
@@ -259,16 +324,18 @@ def write_report(out: Path) -> None:
         up = "n/a" if up is None else f"{up / 1e6:.2f} MB" if up else "0 (central)"
         down = "n/a" if down is None else f"{down / 1e6:.2f} MB" if down else "-"
         done = r.get("rounds_done", args.rounds)
-        lines.append(f"| {r['setup']} | {done} | {r['final_acc']:.4f} | {r['best_acc']:.4f} | "
+        final, best = (r["final_nll"], r["best_nll"]) if nll else (r["final_acc"], r["best_acc"])
+        lines.append(f"| {r['setup']} | {done} | {final:.4f} | {best:.4f} | "
                      f"{'0 (central)' if central else up} | {'-' if central else down} | "
                      f"{err} |")
     (out / "quality.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     fig, ax = plt.subplots(figsize=(7, 4))
-    for name, rows in curves.items():
-        ax.plot([r["round"] for r in rows], [r["accuracy"] for r in rows], label=name)
+    for setup, rows in curves.items():
+        ax.plot([r["round"] for r in rows], [r[key] for r in rows], label=setup)
     title = "MiniLM-L6" if "minilm" in args.model.lower() else Path(args.model).name
-    ax.set(xlabel="round", ylabel="test accuracy", title=f"AG News, LoRA on {title}")
+    ax.set(xlabel="round", ylabel="answer NLL per token (test)" if nll else "test accuracy",
+           title=f"{data_title(args.data)}, LoRA on {title}")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

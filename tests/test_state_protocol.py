@@ -29,10 +29,10 @@ def _filled(s: HeterogeneousLoRA) -> None:
 
 def test_every_stateful_part_implements_the_protocol():
     s = _strategy(**{"fleet.selection": "fedlaavg", "fleet.per-round": 1})
-    parts = [s.directory, s.exhausted, s.capability, s.fleet, s.latest]
+    parts = [s.directory, s.exhausted, s.capability, s.fleet, s.latest, s.server_opt]
     assert all(isinstance(p, CheckpointPart) for p in parts)
     assert [p.entry for p in s.resume.parts] == ["profiles", "exhausted", "capability",
-                                                 "fleet", "latest"]
+                                                 "fleet", "latest", "server_opt"]
     robust = _strategy(**{"robust.aggregator": "median"})
     assert isinstance(robust.aggregation, CheckpointPart)
     assert robust.aggregation.entry == "trust"
@@ -44,7 +44,8 @@ def test_state_round_trips_and_moves_to_new_node_ids():
     _filled(s)
     s.latest.updates[12] = ({"w": np.ones((2, 2), np.float32)}, 5)
     meta, arrays = s.checkpoint_state()
-    assert list(meta) == ["profiles", "exhausted", "capability", "trust", "fleet", "latest"]
+    assert list(meta) == ["profiles", "exhausted", "capability", "trust", "fleet", "latest",
+                          "server_opt"]
     assert meta["exhausted"] == {"p1": 1.25} and meta["capability"] == {"p0": {
         "rank": 2, "source": "fleet model"}}
     assert meta["latest"] == [{"device": "p1", "examples": 5}] and list(arrays) == ["latest/p1/w"]

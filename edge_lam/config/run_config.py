@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -211,8 +212,13 @@ class RunConfig:
 
     @property
     def lora_scaling(self) -> float:
-        """alpha / r_max: the factor in front of B@A on every device, whatever its rank."""
-        return self.lora.alpha / self.r_max
+        """The factor in front of B@A on every device, whatever its rank: alpha / r_max
+        (`lora.scaling='rslora'`: alpha / sqrt(r_max))."""
+        return self.scaling_at(self.r_max)
+
+    def scaling_at(self, r_max: int) -> float:
+        """The shared LoRA scaling of a global adapter of rank `r_max` (`lora.scaling`)."""
+        return self.lora.alpha / (math.sqrt(r_max) if self.lora.scaling_rule == "rslora" else r_max)
 
     def rank_for(self, device: str, explicit_rank: int = 0) -> int:
         """LoRA rank a device trains at (S1's r_k)."""

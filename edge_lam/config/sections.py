@@ -22,6 +22,8 @@ PARTITIONERS = ("iid", "dirichlet", "pathological")
 PROMPT_FORMATS = ("auto", "chat", "plain", "raw")
 DTYPES = ("float32", "bfloat16", "float16")
 EVAL_METRICS = ("auto", "nll", "exact-match")
+SCALINGS = ("alpha-over-r", "rslora")
+SERVER_OPTIMIZERS = ("none", "fedavgm", "fedadam")
 
 
 @dataclass(frozen=True)
@@ -32,15 +34,52 @@ class LoraSection(Section):
         ("auto",), "Linear layers that get LoRA; `auto` = the model family's usual ones "
         "(`query,value` for `seq-cls`; q,k,v,o and the MLP's gate,up,down projections for "
         "the causal-LM families)", kind="names", legacy="target_modules")
-    alpha: float = option(16.0, "scaling is alpha / r_max on every device, so B@A means the "
-                          "same at every rank", lo=1e-9, legacy="lora_alpha")
+    alpha: float = option(16.0, "scaling is alpha / r_max on every device (`lora.scaling-rule`), so "
+                          "B@A means the same at every rank", lo=1e-9, legacy="lora_alpha")
+    scaling_rule: str = option("alpha-over-r", "the LoRA scaling convention: `alpha-over-r` (LoRA's "
+                          "alpha / r) or `rslora` (rank-stabilised, alpha / sqrt(r); Kalajdzievski "
+                          "2023): the global adapter uses it at r_max, and with "
+                          "`lora.rank-matched-lr` a rank-r_k device learns as standalone LoRA at "
+                          "its own rank under the same convention", choices=SCALINGS)
     dropout: float = option(0.05, "LoRA dropout", lo=0.0, hi=0.99, legacy="lora_dropout")
     fedavg_rank: int = option(8, "the single rank of `strategy='fedavg'`", lo=1,
                               legacy="fedavg_rank")
     rank_matched_lr: bool = option(True, "a device of rank r_k < r_max trains its LoRA "
                                    "factors at train.lr x sqrt(r_max / r_k): with scaling "
                                    "alpha / r_max, Adam then moves B@A exactly as standalone "
-                                   "LoRA at scaling alpha / r_k (no effect at r_max)")
+                                   "LoRA at scaling alpha / r_k (no effect at r_max; "
+                                   "`rslora`: (r_max / r_k)^(1/4)); off, every rank "
+                                   "shares one scaling: alpha proportional to r")
+    rank_warmup_rounds: int = option(0, "heterogeneous ranks: the first N rounds every device "
+                                     "trains at the federation's smallest rank, then each at "
+                                     "its own (the higher components start once the shared "
+                                     "ones have settled)", lo=0)
+    server_optimizer: str = option("none", "an optimiser on the aggregate, as Flower's "
+                                   "strategies: `fedavgm` (server momentum) or `fedadam` "
+                                   "(Reddi et al. 2021), stepping the LoRA factors and head "
+                                   "by the round's pseudo-gradient; `none`: the aggregate is "
+                                   "the new model", choices=SERVER_OPTIMIZERS)
+    server_lr: float = option(1.0, "`lora.server-optimizer`'s learning rate (Flower's "
+                              "server_learning_rate / eta; fedadam wants about the devices' "
+                              "own step, e.g. 1e-3)", lo=1e-12)
+    server_momentum: float = option(0.9, "`fedavgm`: the momentum (Flower's server_momentum)",
+                                    lo=0.0, hi=0.999)
+    server_beta1: float = option(0.9, "`fedadam`: beta_1", lo=0.0, hi=0.999)
+    server_beta2: float = option(0.99, "`fedadam`: beta_2", lo=0.0, hi=0.9999)
+    server_tau: float = option(1e-6, "`fedadam`: tau, the adaptivity (added to sqrt(v))",
+                               lo=1e-12)
+    base_delta_rank: int = option(0, "`fedex` and `flora` (which merge updates into the "
+                                  "frozen weights): send each layer's base delta as its best "
+                                  "rank-k factors (k (d_out + d_in) numbers instead of d_out "
+                                  "d_in), which the device multiplies back; the server keeps "
+                                  "the exact delta. 0 = dense", lo=0)
+
+    def check(self, cfg) -> None:
+        if self.base_delta_rank and not cfg.merges_into_base:
+            raise ConfigError(f"lora.base-delta-rank={self.base_delta_rank} compresses the base "
+                              "delta that strategy='fedex' or 'flora' sends; "
+                              f"strategy='{cfg.strategy}' sends none: set lora.base-delta-rank=0 "
+                              "or pick one of those")
 
 
 @dataclass(frozen=True)
@@ -108,8 +147,17 @@ class DataSection(Section):
         (), "`task='lm-cls'`: one word per label, in the sorted label order (empty = the label "
         "names); each must start with a different token", kind="names", allow_empty=True,
         legacy="data_label_words")
-    partitioner: str = option("dirichlet", "`iid`, `dirichlet`, `pathological`",
-                              choices=PARTITIONERS, legacy="partitioner")
+    partitioner: str = option("dirichlet", "`iid`, `dirichlet`, `pathological`: the non-IID "
+                              "ones draw over the labels, or `data.group-column`, or (data "
+                              "without labels: `task='causal-lm'`) `data.clusters` topical "
+                              "clusters of the prompts", choices=PARTITIONERS,
+                              legacy="partitioner")
+    group_column: str = option("", "a column whose values the non-IID partitioners draw over "
+                               "instead of the label or the clusters (a domain, a source, a "
+                               "user); empty = none", allow_empty=True)
+    clusters: int = option(8, "data without labels, no `data.group-column`: the number of "
+                           "topical clusters (k-means over TF-IDF of the prompts' words) the "
+                           "non-IID partitioners draw over", lo=2)
     dirichlet_alpha: float = option(0.5, "Dirichlet concentration (smaller = more skewed)",
                                     lo=1e-6, legacy="dirichlet_alpha")
     classes_per_device: int = option(2, "labels per device for `pathological`", lo=1,
@@ -143,8 +191,16 @@ class TrainSection(Section):
                             "a fresh head needs a larger step than LoRA); 0 = `train.lr`",
                             lo=0.0)
     max_length: int = option(128, "max tokens per example (`causal-lm`: the prompt is cut in "
-                             "its middle first; the response keeps at least half)", lo=8,
+                             "its middle first, the response keeps at least half, and a "
+                             "warning says how many pairs are cut; 0 = from the data: the "
+                             "95th percentile of each device's pair lengths, the longest "
+                             "test pair for the server's evaluation)", lo=0,
                              legacy="max_length")
+
+    def validate(self) -> None:
+        if 0 < self.max_length < 8:
+            raise ConfigError(f"train.max-length={self.max_length} is too short for any "
+                              "prompt: give at least 8 tokens, or 0 to take it from the data")
     dtype: str = option("float32", "dtype of the frozen base weights (LoRA stays float32): "
                         "`bfloat16` halves the model's memory where the CPU/GPU supports it",
                         choices=DTYPES)
@@ -175,6 +231,9 @@ class EvalSection(Section):
     max_examples: int = option(500, "test examples the server evaluates each round (0 = all)",
                                lo=0, legacy="eval_max_examples")
     batch_size: int = option(64, "evaluation batch size", lo=1, legacy="eval_batch_size")
+    seed: int = option(0, "the draw of the `eval.max-examples` test examples: fixed apart "
+                       "from the run's `seed`, so runs of different seeds are scored on the "
+                       "same examples", lo=0)
     metric: str = option("auto", "`task='causal-lm'`: `nll` (loss, perplexity and token "
                          "accuracy on the responses), `exact-match` (also greedy answers "
                          "compared on the number after `####`, GSM8K's metric); `auto`: "

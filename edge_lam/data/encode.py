@@ -9,7 +9,10 @@ import torch
 
 from edge_lam.config.run_config import ConfigError, RunConfig
 from edge_lam.data.text import PLAIN_PROMPT, Examples
+from edge_lam.logs import get_logger
 from edge_lam.models.families import family
+
+log = get_logger()
 
 
 def label_token_ids(tokenizer, cfg: RunConfig, label_names: tuple[str, ...]) -> list[int]:
@@ -37,18 +40,24 @@ def encode_batch(tokenizer, examples: Examples, cfg: RunConfig) -> dict[str, tor
     """Tokenize a list of examples into one padded batch with `labels`."""
     if family(cfg).label_words:  # the prompt; the label words' first tokens to score
         prompts = tokenizer([cfg.data.template.format(text=t) for t in examples.texts])
-        batch = _right_padded([cut_middle(ids, cfg.train.max_length)
+        batch = _right_padded([cut_middle(ids, token_limit(cfg))
                                for ids in prompts["input_ids"]], tokenizer.pad_token_id)
         batch["labels"] = torch.tensor(examples.labels, dtype=torch.long)
         batch["label_token_ids"] = torch.tensor(
             label_token_ids(tokenizer, cfg, examples.label_names), dtype=torch.long)
         return batch
     if not examples.responses:
-        batch = tokenizer(examples.texts, truncation=True, max_length=cfg.train.max_length,
-                          padding=True, return_tensors="pt")
+        batch = tokenizer(examples.texts, truncation=True, padding=True, return_tensors="pt",
+                          max_length=cfg.train.max_length or None)
         batch["labels"] = torch.tensor(examples.labels, dtype=torch.long)
         return dict(batch)
     return encode_pairs(tokenizer, examples.texts, examples.responses, cfg)
+
+def token_limit(cfg: RunConfig) -> int:
+    """`train.max-length`; 0 (from the data, where `budgeted` has not resolved it) cuts
+    nothing."""
+    return cfg.train.max_length or 1 << 30
+
 
 def prompt_format(tokenizer, cfg: RunConfig) -> str:
     """`data.format` resolved: 'auto' is 'chat' when the tokenizer has a chat template."""
@@ -99,6 +108,56 @@ def fit(prompt: list[int], response: list[int], max_length: int) -> tuple[list[i
     keep_response = min(len(response), max(max_length - len(prompt), max_length // 2))
     return cut_middle(prompt, max_length - keep_response), response[:keep_response]
 
+def pair_lengths(tokenizer, examples: Examples, cfg: RunConfig) -> np.ndarray:
+    """Tokens of each prompt/response pair as trained (posed prompt + response + EOS)."""
+    eos = tokenizer.eos_token or ""
+    responses = tokenizer([r + eos for r in examples.responses],
+                          add_special_tokens=False)["input_ids"]
+    return np.array([len(pose(tokenizer, cfg, p)) + len(r)
+                     for p, r in zip(examples.texts, responses)], dtype=np.int64)
+
+
+LENGTH_QUANTILE = 0.95  # train.max-length=0: the budget covers this share of the pairs
+
+
+def length_budget(lengths: np.ndarray, quantile: float = LENGTH_QUANTILE) -> int:
+    """A budget from the data: the `quantile` of the pair lengths, rounded up to 8 tokens."""
+    return int(-(-int(np.ceil(np.quantile(lengths, quantile))) // 8) * 8)
+
+
+_BUDGETS: dict[tuple, int] = {}
+
+
+def budgeted(cfg: RunConfig, tokenizer, examples: Examples, where: str,
+             quantile: float = LENGTH_QUANTILE) -> RunConfig:
+    """`cfg` with `train.max-length` resolved for these prompt/response pairs: 0 takes the
+    `quantile` of their lengths (1.0 for an evaluation set: nothing cut). Logs a warning that
+    says how many pairs the budget cuts, and what to set instead; once per process for the
+    same data and budget. Other tasks: `cfg` unchanged."""
+    if family(cfg).labelled or not examples.responses:
+        return cfg
+    key = (cfg.model, cfg.data.format, cfg.train.max_length, where, len(examples),
+           examples.texts[0], examples.texts[-1], quantile)
+    if key not in _BUDGETS:
+        lengths = pair_lengths(tokenizer, examples, cfg)
+        budget = cfg.train.max_length or length_budget(lengths, quantile)
+        cut = int((lengths > budget).sum())
+        stats = (f"{where}: {len(lengths)} prompt/response pairs of median "
+                 f"{int(np.median(lengths))}, p95 {int(np.quantile(lengths, 0.95))}, longest "
+                 f"{int(lengths.max())} tokens as posed")
+        if cfg.train.max_length == 0:
+            log.info("%s; train.max-length=0: a budget of %d tokens from the data, %d cut",
+                     stats, budget, cut)
+        elif cut:
+            log.warning("%s: train.max-length=%d cuts %d of them (%.0f%%; the answer keeps at "
+                        "least half the budget, the prompt loses its middle). Set "
+                        "train.max-length=%d (this data's p95) or 0 (taken from the data).",
+                        stats, budget, cut, 100 * cut / len(lengths), length_budget(lengths))
+        _BUDGETS[key] = budget
+    budget = _BUDGETS[key]
+    return cfg if budget == cfg.train.max_length else cfg.updated("train", max_length=budget)
+
+
 def encode_pairs(tokenizer, prompts: list[str], responses: list[str], cfg: RunConfig
                  ) -> dict[str, torch.Tensor]:
     """Prompt/response pairs as one right-padded batch; labels are -100 except on the
@@ -108,7 +167,7 @@ def encode_pairs(tokenizer, prompts: list[str], responses: list[str], cfg: RunCo
     for prompt, response in zip(prompts, responses):
         p = pose(tokenizer, cfg, prompt)
         r = tokenizer(response + eos, add_special_tokens=False)["input_ids"]
-        p, r = fit(p, r, cfg.train.max_length)
+        p, r = fit(p, r, token_limit(cfg))
         rows.append(p + r)
         labels.append([-100] * len(p) + r)
     return _right_padded(rows, tokenizer.pad_token_id, labels)

@@ -1,13 +1,24 @@
 """One device's share of a split: flwr-datasets' partitioners, seeded alike on every device
-(`data.partitioner`: iid, dirichlet with at least a few rows per part, or pathological)."""
+(`data.partitioner`: iid, dirichlet with at least a few rows per part, or pathological).
+
+The non-IID partitioners draw over groups: the label for labelled data; for instruction data
+(`task='causal-lm'`, no label) the values of `data.group-column` when set, else `data.clusters`
+topical clusters of the prompts (`edge_lam.data.groups`)."""
 
 from __future__ import annotations
 
+import functools
 import warnings
 
+import numpy as np
+
 from edge_lam.config.run_config import ConfigError, RunConfig
+from edge_lam.data.groups import column_groups, text_clusters
 from edge_lam.data.text import Examples
+from edge_lam.logs import get_logger
 from edge_lam.models.families import family
+
+log = get_logger()
 
 
 def partition_indices(examples: Examples, cfg: RunConfig, partition_id: int,
@@ -18,17 +29,39 @@ def partition_indices(examples: Examples, cfg: RunConfig, partition_id: int,
 
     if not 0 <= partition_id < num_partitions:
         raise ConfigError(f"partition-id={partition_id} is outside [0, {num_partitions})")
-    labels = examples.labels or [0] * len(examples)
-    ds = Dataset.from_dict({"row": list(range(len(examples))), "label": labels})
-    if cfg.data.partitioner == "iid" or not family(cfg).labelled:
+    if cfg.data.partitioner == "iid":
+        ds = Dataset.from_dict({"row": list(range(len(examples)))})
         part = IidPartitioner(num_partitions)
-    elif cfg.data.partitioner == "dirichlet":
+        part.dataset = ds
+        return list(part.load_partition(partition_id)["row"])
+    ds = Dataset.from_dict({"row": list(range(len(examples))), "label": split_groups(examples,
+                                                                                       cfg)})
+    if cfg.data.partitioner == "dirichlet":
         return _dirichlet_rows(ds, cfg, partition_id, num_partitions)
-    else:
-        part = PathologicalPartitioner(num_partitions, "label", cfg.data.classes_per_device,
-                                       class_assignment_mode="deterministic", seed=cfg.seed)
+    part = PathologicalPartitioner(num_partitions, "label", cfg.data.classes_per_device,
+                                   class_assignment_mode="deterministic", seed=cfg.seed)
     part.dataset = ds
     return list(part.load_partition(partition_id)["row"])
+
+
+def split_groups(examples: Examples, cfg: RunConfig) -> list[int]:
+    """The group of each row that a non-IID split draws over (see the module's docstring)."""
+    if examples.groups:
+        return column_groups(examples.groups)
+    if family(cfg).labelled and examples.labels:
+        return list(examples.labels)
+    return _clusters(tuple(examples.texts), cfg.data.clusters, cfg.seed)
+
+
+@functools.lru_cache(maxsize=4)
+def _clusters(texts: tuple[str, ...], k: int, seed: int) -> list[int]:
+    groups = text_clusters(list(texts), k, seed)
+    sizes = np.bincount(groups, minlength=k)
+    log.info("data.partitioner over %d topical clusters of the prompts (data.clusters; "
+             "sizes %s); set data.group-column to split by a column instead", k,
+             "/".join(str(int(n)) for n in sizes))
+    return groups
+
 
 def _dirichlet_rows(ds, cfg: RunConfig, partition_id: int, num_partitions: int) -> list[int]:
     """A Dirichlet(alpha) partition whose every part has at least `m` rows, m = 10 where the

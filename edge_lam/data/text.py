@@ -143,6 +143,7 @@ class Columns:
     prompt: str = ""
     response: str = ""
     input: str = ""  # appended to the prompt after a blank line when not empty
+    group: str = ""  # data.group-column: the groups a non-IID split draws over
 
 
 def resolve_columns(frame, cfg: RunConfig) -> Columns:
@@ -165,6 +166,7 @@ def resolve_columns(frame, cfg: RunConfig) -> Columns:
                                   f"--{key.split('.', 1)[1]})")
         return need(key, name)
 
+    group = need("data.group-column", cfg.data.group_column) if cfg.data.group_column else ""
     if not family(cfg).labelled:
         extra = cfg.data.input_column
         extra = ("input" if "input" in have else "") if extra == "auto" else \
@@ -172,9 +174,9 @@ def resolve_columns(frame, cfg: RunConfig) -> Columns:
         return Columns(prompt=pick("data.prompt-column", cfg.data.prompt_column,
                                    PROMPT_CANDIDATES),
                        response=pick("data.response-column", cfg.data.response_column,
-                                     RESPONSE_CANDIDATES), input=extra)
+                                     RESPONSE_CANDIDATES), input=extra, group=group)
     return Columns(text=pick("data.text-column", cfg.data.text_column, TEXT_CANDIDATES),
-                   label=need("data.label-column", cfg.data.label_column))
+                   label=need("data.label-column", cfg.data.label_column), group=group)
 
 
 def label_names_of(frames: dict, columns: Columns) -> tuple[str, ...]:
@@ -195,6 +197,7 @@ class Examples:
     labels: list[int]  # empty for causal-lm
     responses: list[str]  # empty for seq-cls
     label_names: tuple[str, ...] = ()  # what the label ids stand for
+    groups: list[str] = dataclasses.field(default_factory=list)  # data.group-column's values
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -204,16 +207,19 @@ class Examples:
         return Examples([self.texts[i] for i in idx],
                         [self.labels[i] for i in idx] if self.labels else [],
                         [self.responses[i] for i in idx] if self.responses else [],
-                        self.label_names)
+                        self.label_names,
+                        [self.groups[i] for i in idx] if self.groups else [])
 
 
 def to_examples(frame, columns: Columns, label_names: tuple[str, ...]) -> Examples:
+    groups = frame[columns.group].astype(str).tolist() if columns.group else []
     if columns.prompt:
         prompts = frame[columns.prompt].astype(str).tolist()
         if columns.input:
             prompts = [f"{p}\n\n{x}" if x.strip() else p
                        for p, x in zip(prompts, frame[columns.input].astype(str).tolist())]
-        return Examples(prompts, [], frame[columns.response].astype(str).tolist())
+        return Examples(prompts, [], frame[columns.response].astype(str).tolist(),
+                        groups=groups)
     index = {name: i for i, name in enumerate(label_names)}
     raw = [str(v) for v in frame[columns.label]]
     unknown = sorted(set(raw) - set(index))
@@ -221,7 +227,7 @@ def to_examples(frame, columns: Columns, label_names: tuple[str, ...]) -> Exampl
         raise ConfigError(f"labels {unknown[:5]} are not in the federation's label set "
                           f"{list(label_names)}: every device must use the same label names")
     return Examples(frame[columns.text].astype(str).tolist(), [index[v] for v in raw], [],
-                    tuple(label_names))
+                    tuple(label_names), groups)
 
 
 # ---------------------------------------------------------------------------- batching

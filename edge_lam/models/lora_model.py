@@ -171,10 +171,11 @@ def get_lora_model(cfg: RunConfig, label_names: tuple[str, ...], rank: int,
 
     `copy` names a separate copy of the base model (FedKD's private local module lives on
     its own copy, so training it never touches the shared module's model). `r_max` is the
-    global adapter's rank the server sent (scaling alpha / r_max); None: the config's.
+    global adapter's rank the server sent (scaling alpha / r_max, `RunConfig.scaling_at`);
+    None: the config's.
     """
     source = resolve_model_source(cfg.model)
-    scaling = cfg.lora.alpha / (r_max or cfg.r_max)
+    scaling = cfg.scaling_at(r_max or cfg.r_max)
     key = (source, cfg.task, label_names, lora_targets(cfg), cfg.lora.dropout,
            scaling, cfg.seed, cfg.train.dtype, cfg.train.gradient_checkpointing,
            cfg.train.base_dropout, copy)

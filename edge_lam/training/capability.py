@@ -73,6 +73,15 @@ class Footprint:
     activation_bytes: int  # bytes per activation element (the base dtype's)
 
 
+PLANNED_LENGTH = 512  # train.max-length=0: each device takes it from its data; plans assume
+
+
+def planned_length(cfg) -> int:
+    """The tokens per example that memory plans assume: `train.max-length`, or 512 when it is
+    0 (taken from each device's data, which the server does not see)."""
+    return cfg.train.max_length or PLANNED_LENGTH
+
+
 def memory_needed_mib(fp: Footprint, rank: int, batch: int, max_length: int) -> float:
     """MiB to train at `rank`: base weights + trained parameters x 4 float32 copies (weight,
     gradient, Adam's two moments) + per token (batch x max_length of them): the layers'

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 
 from edge_lam.config.run_config import ConfigError, RunConfig
+from edge_lam.data.encode import budgeted
 from edge_lam.data.partition import partition_indices
 from edge_lam.data.text import (Examples, load_split_frames, resolve_columns, resolve_data_path,
                                 to_examples)
@@ -72,6 +73,10 @@ def local_examples(cfg: RunConfig, info: DeviceInfo, label_names: tuple[str, ...
     return examples
 
 
+def _where(info: DeviceInfo) -> str:
+    return f"partition {info.partition_id}" if info.partition_id >= 0 else "this device's data"
+
+
 def _seed(cfg: RunConfig, info: DeviceInfo, server_round: int) -> int:
     return cfg.seed * 100_003 + server_round * 1_009 + max(info.partition_id, 0)
 
@@ -89,18 +94,23 @@ def train_round(cfg: RunConfig, info: DeviceInfo, label_names: tuple[str, ...], 
     model = get_lora_model(cfg, label_names, rank, r_max=r_max)
     set_trainable_state(model, state)
     tokenizer = load_tokenizer(resolve_model_source(cfg.model))
-    metrics = train_local(model, tokenizer, examples, cfg, seed=_seed(cfg, info, server_round),
+    metrics = train_local(model, tokenizer, examples, budgeted(cfg, tokenizer, examples,
+                                                               _where(info)),
+                          seed=_seed(cfg, info, server_round),
                           tag=tag, privacy=privacy,
                           lora_lr_scale=lora_lr_scale(cfg, rank, r_max or cfg.r_max))
     return get_trainable_state(model), len(examples), metrics
 
 
 def lora_lr_scale(cfg: RunConfig, rank: int, r_max: int) -> float:
-    """sqrt(r_max / r_k) with lora.rank-matched-lr, else 1. Training P' = c P at lr c eta
-    under scaling s is Adam's trajectory of P at lr eta under scaling s c^2 (Adam's step
-    does not depend on the gradient's scale): c = sqrt(r_max / r_k) turns alpha / r_max into
-    alpha / r_k, standalone LoRA's scaling at that rank."""
-    return math.sqrt(r_max / rank) if cfg.lora.rank_matched_lr else 1.0
+    """c = sqrt(s_k / s) with lora.rank-matched-lr, else 1: s = the shared scaling at r_max,
+    s_k = standalone LoRA's at rank r_k under the same convention (`lora.scaling-rule`), so
+    sqrt(r_max / r_k) for alpha / r and (r_max / r_k)^(1/4) for rsLoRA. Training P' = c P at
+    lr c eta under scaling s is Adam's trajectory of P at lr eta under scaling s c^2 (Adam's
+    step does not depend on the gradient's scale): c^2 s = s_k."""
+    if not cfg.lora.rank_matched_lr:
+        return 1.0
+    return math.sqrt(cfg.scaling_at(rank) / cfg.scaling_at(r_max))
 
 
 def gradient_round(cfg: RunConfig, info: DeviceInfo, label_names: tuple[str, ...], rank: int,
@@ -114,7 +124,8 @@ def gradient_round(cfg: RunConfig, info: DeviceInfo, label_names: tuple[str, ...
     model = get_lora_model(cfg, label_names, rank, r_max=r_max)
     set_trainable_state(model, state)
     tokenizer = load_tokenizer(resolve_model_source(cfg.model))
-    grads, metrics = compute_gradient(model, tokenizer, examples, cfg, batches,
+    grads, metrics = compute_gradient(model, tokenizer, examples,
+                                      budgeted(cfg, tokenizer, examples, _where(info)), batches,
                                       seed=_seed(cfg, info, server_round) + 7,
                                       objective=objective, tag=tag, what=what, privacy=privacy)
     return grads, len(examples), metrics

@@ -12,7 +12,7 @@ import numpy as np
 
 from edge_lam.models.families import family
 from edge_lam.config.run_config import ConfigError, RunConfig
-from edge_lam.data.encode import label_token_ids
+from edge_lam.data.encode import budgeted, label_token_ids
 from edge_lam.data.text import (Examples, label_names_of, load_split_frames, resolve_columns,
                                 resolve_data_path, to_examples)
 from edge_lam.training.lora import (BASE_DELTA, State, factors, is_base_delta_key, lora_layers,
@@ -57,7 +57,7 @@ class ServerModel:
                               "distinct value(s): a classifier needs at least 2")
         test = to_examples(frames["test"], columns, labels)
         if cfg.eval.max_examples and len(test) > cfg.eval.max_examples:
-            rng = np.random.default_rng(cfg.seed)
+            rng = np.random.default_rng(cfg.eval.seed)  # not cfg.seed: the same set every seed
             test = test.subset(sorted(rng.choice(len(test), cfg.eval.max_examples,
                                                  replace=False)))
         task = cls(cfg, labels, test, data_source_of(path, cfg))
@@ -105,7 +105,12 @@ class ServerModel:
         model = get_lora_model(self.cfg, self.label_names, lora_rank(state))
         set_trainable_state(model, state)
         tokenizer = load_tokenizer(resolve_model_source(self.cfg.model))
-        return evaluate(model, tokenizer, self.test, self.cfg, progress)
+        return evaluate(model, tokenizer, self.test, self.eval_config(tokenizer), progress)
+
+    def eval_config(self, tokenizer) -> RunConfig:
+        """The config the test split is scored with: `train.max-length=0` becomes the longest
+        test pair (no answer cut); a budget that cuts test pairs is warned about."""
+        return budgeted(self.cfg, tokenizer, self.test, "the test split", quantile=1.0)
 
     def save_adapter(self, state: State, out_dir: Path) -> Path:
         """Standard PEFT folder (PeftModel.from_pretrained loads it) + our metadata file."""

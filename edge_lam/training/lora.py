@@ -105,3 +105,37 @@ def lora_products(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 def state_nbytes(state: Mapping[str, np.ndarray]) -> int:
     """Bytes of the arrays' data: what crosses the network for this state."""
     return int(sum(v.nbytes for v in state.values()))
+
+
+_U, _V = BASE_DELTA + ".u", BASE_DELTA + ".v"  # a base delta sent as factors u @ v
+
+
+def compress_base_deltas(state: Mapping[str, np.ndarray], rank: int) -> State:
+    """`lora.base-delta-rank`: every base delta (d_out x d_in) replaced by its best rank-`rank`
+    factors, `<prefix>.base_delta.u` = U_k S_k (d_out x k) and `.v` = V_k^T (k x d_in)
+    (Eckart-Young), which `expand_base_deltas` multiplies back; k (d_out + d_in) numbers
+    instead of d_out d_in. rank 0, or a rank that saves nothing: the state unchanged."""
+    out = dict(state)
+    for key in [k for k in state if is_base_delta_key(k)]:
+        delta = np.asarray(state[key], dtype=np.float32)
+        d_out, d_in = delta.shape
+        if rank <= 0 or rank * (d_out + d_in) >= d_out * d_in:
+            continue
+        u, s, vt = np.linalg.svd(delta, full_matrices=False)
+        prefix = key[: -len(BASE_DELTA)]
+        del out[key]
+        out[prefix + _U] = np.ascontiguousarray(u[:, :rank] * s[:rank])
+        out[prefix + _V] = np.ascontiguousarray(vt[:rank])
+    return out
+
+
+def expand_base_deltas(state: Mapping[str, np.ndarray]) -> State:
+    """The inverse of `compress_base_deltas` (a device's side): u @ v back into base deltas."""
+    out = dict(state)
+    for key in [k for k in state if k.endswith(_U)]:
+        prefix = key[: -len(_U)]
+        if prefix + _V not in state:
+            raise ValueError(f"{key} came without {prefix + _V}: a damaged message")
+        out[prefix + BASE_DELTA] = (np.asarray(out.pop(key), np.float32)
+                                    @ np.asarray(out.pop(prefix + _V), np.float32))
+    return out

@@ -202,12 +202,24 @@ def _check_resumable(cfg: RunConfig) -> None:
                           "run (resume='')")
 
 
+def _as_today(saved: dict, now: dict) -> dict:
+    """A saved run config in today's keys: a key added since it was written stands at what
+    the run did then, its default; the test subset (eval.max-examples > 0) was then drawn
+    with the run's seed."""
+    out = RunConfig().to_dict() | saved
+    if "eval_seed" not in saved:
+        out["eval_seed"] = saved.get("seed") if saved.get("eval_max_examples") else \
+            now.get("eval_seed")
+    return out
+
+
 def _check_config(cfg: RunConfig, state: dict, run_dir: Path) -> None:
     if state.get("strategy") != cfg.strategy:
         raise ConfigError(f"resume='{cfg.resume}': {run_dir} is a strategy="
                           f"'{state.get('strategy')}' run, this config says strategy="
                           f"'{cfg.strategy}': use the same config as the interrupted run")
-    saved, now = state["config"], cfg.to_dict()
+    now = cfg.to_dict()
+    saved = _as_today(state["config"], now)
     differ = [k for k in sorted(set(saved) | set(now))
               if k not in MAY_DIFFER and saved.get(k) != now.get(k)]
     if differ:

@@ -20,7 +20,7 @@ from strategies.robust import inject
 from edge_lam.config.run_config import RunConfig
 from edge_lam.training.device import DeviceInfo, local_examples
 from edge_lam.logs import get_logger
-from edge_lam.training.lora import State, lora_rank
+from edge_lam.training.lora import State, expand_base_deltas, lora_rank
 from edge_lam.records import from_record, to_record
 
 log = get_logger()
@@ -62,7 +62,8 @@ def train(msg: Message, context: Context, cfg: RunConfig) -> Message:
     fault = inject.fault_reply(msg, cfg, rnd.info.partition_id, rnd.server_round, rnd.tag)
     if fault is not None:  # faults.* (simulation): crash raises, error replies, timeout sleeps
         return fault
-    state = rnd.checked(from_record(msg.content["arrays"]))
+    # lora.base-delta-rank: base deltas may come as factors (strategies/lora/strategy.py)
+    state = rnd.checked(expand_base_deltas(from_record(msg.content["arrays"])))
     privacy = open_privacy(rnd, context)
     if privacy is not None and not privacy.can_step():
         return budget_exhausted(msg, privacy, rnd)

@@ -16,7 +16,8 @@ from flwr.serverapp import Grid
 
 from strategies.fleet.model import FleetProfile
 from strategies.lora.resume import Restored
-from edge_lam.training.capability import Measured, choose_rank, memory_needed_mib
+from edge_lam.training.capability import (Measured, choose_rank, memory_needed_mib,
+                                         planned_length)
 from edge_lam.config.run_config import RunConfig
 from edge_lam.messaging import query_profiles
 from edge_lam.logs import get_logger
@@ -68,10 +69,10 @@ def capability_rank(cfg: RunConfig, node: int, device: str, fleet_profile: Fleet
     try:
         rank = choose_rank(measured.footprint, free_mib, step_s, measured.step_rank,
                            local_steps=t.local_steps, deadline_s=cfg.fleet.deadline_s,
-                           batch=t.batch_size, max_length=t.max_length, r_max=cfg.r_max)
+                           batch=t.batch_size, max_length=planned_length(cfg), r_max=cfg.r_max)
     except ConfigError as err:
         raise ConfigError(f"'{device}' device, {source}: {err}") from err
-    need = memory_needed_mib(measured.footprint, rank, t.batch_size, t.max_length)
+    need = memory_needed_mib(measured.footprint, rank, t.batch_size, planned_length(cfg))
     log.info("node %d ('%s', %s): %.0f MiB free, %.4f s per step -> LoRA rank %d "
              "(needs %.0f MiB)", node, device, source, free_mib, step_s, rank, need)
     return rank, {**measured.as_dict(), "source": source, "memory_mib": free_mib,

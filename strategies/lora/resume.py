@@ -6,7 +6,9 @@ Every part of the strategy that keeps state between rounds implements `Checkpoin
 - the DP budget stop's exhausted devices (`budget.PrivacyBudget.exhausted`, `exhausted`);
 - the capability records (`capability`), S6 trust (`strategies.robust.wrapper`, `trust`);
 - the fleet clock (`strategies.fleet.scheduler.FleetClock`, `fleet`) and FedLaAvg's latest
-  updates (`LatestUpdates`, `latest`, with arrays `latest/<device>/<key>`).
+  updates (`LatestUpdates`, `latest`, with arrays `latest/<device>/<key>`);
+- the optimiser on the aggregate (`server_opt.ServerOptimizer`, `server_opt`, with arrays
+  `server_opt/m/<key>` and `server_opt/v/<key>`).
 `StrategyCheckpoint` puts their entries together into the checkpoint's `strategy_state` (the
 format of `checkpoint.FORMAT` 1, unchanged by the split into parts) and hands each its entry
 back on resume.
@@ -30,7 +32,7 @@ log = get_logger()
 
 # every entry of `strategy_state`, in the order written, with its value when no part has one
 ENTRIES = {"profiles": {}, "exhausted": {}, "capability": {}, "trust": {}, "fleet": None,
-           "latest": None}
+           "latest": None, "server_opt": None}
 
 
 @dataclass

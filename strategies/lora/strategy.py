@@ -50,10 +50,11 @@ from strategies.lora.math import AGGREGATORS, DELTA_AGGREGATORS
 from strategies.lora.profiles import (NodeProfile, ProfileDirectory, capability_rank,
                                       device_budget, profile_query)
 from strategies.lora.resume import NodeTable, StrategyCheckpoint
+from strategies.lora.server_opt import ServerOptimizer
 from strategies.robust.wrapper import wrap_robust
 from edge_lam.config.run_config import RunConfig
 from edge_lam.messaging import origin, unicast
-from edge_lam.training.lora import State, is_base_delta_key, truncate_lora
+from edge_lam.training.lora import State, compress_base_deltas, is_base_delta_key, truncate_lora
 from edge_lam.records import from_record, record_nbytes, to_record
 from edge_lam.logs import get_logger
 
@@ -92,9 +93,14 @@ class HeterogeneousLoRA(FedAvg):
         self._bytes_at_rank: dict[int, int] = {}  # rank -> uplink bytes (for the clock)
         # the accepted replies -> the new global state; S6 wraps it (robust.*)
         self.aggregation = wrap_robust(cfg, tuple(label_names), OwnAggregation(self))
+        # lora.server-optimizer: FedAvgM / FedAdam on the aggregate
+        self.server_opt = ServerOptimizer(cfg)
+        self._round = 0  # the round being trained (lora.rank-warmup-rounds)
+        # (global state, {rank: (payload, state)}): what devices of each rank get of it
+        self._payloads: tuple[State | None, dict[int, tuple[State, State]]] = (None, {})
         self.resume = StrategyCheckpoint(
             (self.directory, self.exhausted, self.capability, self.aggregation, self.fleet,
-             self.latest), self.profiles.get)
+             self.latest, self.server_opt), self.profiles.get)
 
     # ----------------------------------------------------------------- who is who
     def _learn_profiles(self, grid: Grid, node_ids: Iterable[int]) -> None:
@@ -130,9 +136,17 @@ class HeterogeneousLoRA(FedAvg):
             if node in self.profiles:
                 p = self.profiles[node]
                 self.fleet.join(node, p.partition_id, self.fleet.profile_of(p.device))
-        bits = {n: 8.0 * self._payload_bytes(arrays, self.profiles[n].rank)
+        bits = {n: 8.0 * self._payload_bytes(arrays, self.rank_of(n))
                 for n in nodes if n in self.profiles}
         return self.fleet.select(server_round, nodes, bits)
+
+    def rank_of(self, node: int) -> int:
+        """The rank `node` trains at this round: its profile's, or during
+        `lora.rank-warmup-rounds` the smallest rank of the federation."""
+        rank = self.profiles[node].rank
+        if self._round <= self.cfg.lora.rank_warmup_rounds:
+            rank = min([rank] + [p.rank for p in self.profiles.values()])
+        return rank
 
     def _payload_bytes(self, arrays: ArrayRecord, rank: int) -> int:
         """Bytes of the adapter truncated to `rank` (what a device of that rank sends)."""
@@ -147,13 +161,14 @@ class HeterogeneousLoRA(FedAvg):
         """The round, the device's rank and r_max: sent once, in every message."""
         profile = self.profiles[node]
         return ConfigRecord({**dict(config), "server-round": server_round,
-                             "rank": profile.rank, "r-max": self.cfg.r_max,
+                             "rank": self.rank_of(node), "r-max": self.cfg.r_max,
                              "device": profile.device, **extra})
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         if self.fraction_train == 0.0:
             return []
+        self._round = server_round
         node_ids = self._train_node_ids(server_round, arrays, config, grid)
         self._learn_profiles(grid, node_ids)
         global_state = from_record(arrays)
@@ -162,7 +177,7 @@ class HeterogeneousLoRA(FedAvg):
             node_ids, server_round, config, MessageType.TRAIN,
             lambda node: ("arrays", *self._downlink(node, global_state, server_round)))
         log.info("round %d: %s", server_round, ", ".join(
-            f"node {n} {self.profiles[n].device}@r{self.profiles[n].rank}" for n in self._sent))
+            f"node {n} {self.profiles[n].device}@r{self.rank_of(n)}" for n in self._sent))
         return messages
 
     def _unicast(self, node_ids: Iterable[int], server_round: int, config: ConfigRecord,
@@ -187,8 +202,16 @@ class HeterogeneousLoRA(FedAvg):
     def _downlink(self, node: int, global_state: State, server_round: int
                   ) -> tuple[State, State, dict]:
         """(payload to send, state the device will hold, extra config) for one node."""
-        state = truncate_lora(global_state, self.profiles[node].rank)  # S1 step 1, unicast
-        return state, state, {"label-names": list(self.label_names)}
+        rank = self.rank_of(node)
+        if self._payloads[0] is not global_state:
+            self._payloads = (global_state, {})
+        if rank not in self._payloads[1]:  # one truncation (and compression) per rank
+            state = truncate_lora(global_state, rank)  # S1 step 1, unicast
+            self._payloads[1][rank] = (compress_base_deltas(state,
+                                                            self.cfg.lora.base_delta_rank),
+                                       state)
+        payload, state = self._payloads[1][rank]
+        return payload, state, {"label-names": list(self.label_names)}
 
     # ----------------------------------------------------------------- uplink
     def _origin(self, msg: Message) -> int:
@@ -214,7 +237,7 @@ class HeterogeneousLoRA(FedAvg):
         except (KeyError, ValueError, TypeError) as err:
             return f"malformed reply ({err.__class__.__name__}: {err})"
         num_examples = metrics.get(self.weighted_by_key)
-        reason = check_reply(state, expected, self.profiles[node].rank, num_examples)
+        reason = check_reply(state, expected, self.rank_of(node), num_examples)
         return reason or (state, int(num_examples), metrics)
 
     def _collect(self, server_round: int, replies: Iterable[Message], key: str = "arrays"
@@ -264,6 +287,7 @@ class HeterogeneousLoRA(FedAvg):
             counts, nodes)
         info.update(extra)
         info["aggregation_error"] = aggregation_error(new_state, states, counts)
+        new_state = self.server_opt.step(server_round, self._round_start, new_state)
         self.on_train_round(server_round, info)
         weights = np.asarray(counts, dtype=np.float64) / sum(counts)
         train_loss = float(sum(w * c["train_loss"] for w, c in zip(weights, info["clients"])))
@@ -276,7 +300,7 @@ class HeterogeneousLoRA(FedAvg):
         profile = self.profiles[node]
         row = {
             "node_id": node, "partition_id": profile.partition_id,
-            "device": profile.device, "rank": profile.rank, "num_examples": n,
+            "device": profile.device, "rank": self.rank_of(node), "num_examples": n,
             "train_loss": float(metrics.get("train-loss", metrics.get("loss", float("nan")))),
             "train_s": float(metrics.get("train-s", metrics.get("grad-s", float("nan")))),
             "bytes_up": record_nbytes(msg.content[key]),
