@@ -49,6 +49,7 @@ LOW, HIGH = "fedavg-r2", "fedavg-r16"
 RISE = 0.03  # stability: no round's NLL more than 3% above the round before
 # every run of the rank and mixed studies: SmolLM2 answering, q and v projections
 COMMON = ["task=causal-lm", "train.max-length=0", "train.batch-size=8", "train.lr=5e-4",
+          "eval.batch-size=16",
           "train.dtype=bfloat16", "lora.target-modules=q_proj,v_proj", "eval.metric=nll"]
 RUN_NAME = re.compile(r"^(?P<study>rank|mixed)-(?P<data>[a-z0-9_]+)-(?P<setup>.+)-s(?P<seed>\d+)$")
 ALL_PROJ = "gsm8k_all"  # GSM8K with LoRA on all 7 projections (fedavg r2 and r16 only)
@@ -101,7 +102,8 @@ def done(runs: Path, name: str) -> bool:
 def pool(args) -> None:
     runs = Path(args.runs)
     runs.mkdir(parents=True, exist_ok=True)
-    todo = [(n, c) for n, c in jobs(args) if not done(runs, n)]
+    todo = [(n, c) for n, c in jobs(args) if not done(runs, n)
+            and re.search(args.only, n) and not (args.skip and re.search(args.skip, n))]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
     start, running = time.monotonic(), {}
@@ -232,7 +234,13 @@ def report(args) -> None:
         "command": re.sub(r"--seed \d+", "--seed SEED", re.sub(
             r"--setups \S+", "--setups SETUP", re.sub(r"--data \S+", "--data DATA", re.sub(
                 r"--out \S+", "--out DIR", header["command"])))),
-        "pool_command": args.pool_command, "args": a, "common": COMMON,
+        "pool_command": args.pool_command, "note": args.note, "args": a,
+        "common": a.get("set", []),  # what the runs were given (not today's COMMON)
+        "finished": sum(e["done"] for seeds in runs.values() for e in seeds.values())
+        + len(list(Path(args.runs).glob("pays-*/pays.json"))),
+        "planned": len(jobs(argparse.Namespace(**{**a, "runs": args.runs, "seeds": len(SEEDS),
+                                                  "model": a["model"],
+                                                  "data_root": str(Path(a["data"]).parent)}))),
         "rounds": rounds, "table": table, "verdicts": verdicts})
     render(out)
 
@@ -251,7 +259,10 @@ def render(out: Path) -> None:
         "federation's steps per round on all the data.", "",
         f"Overrides of every run: `{' '.join(run['common'])}`.", "",
         f"Machine: {machine_line(run['machine'])}.", "",
-        f"Command per run: `{run['command']}`; the batch: `{run['pool_command']}`.", ""]
+        f"Command per run: `{run['command']}`; the batch: `{run['pool_command']}`.", "",
+        f"Runs finished: {run.get('finished', '?')} of the {run.get('planned', '?')} planned "
+        "(rank, mixed and devices-that-pay runs together); a row counts the seeds that "
+        "finished, and rows of one seed may be of different seeds.", ""] + ([run["note"], ""] if run.get("note") else [])
     for data, setups in run["table"].get("rank", {}).items():
         v = run["verdicts"].get(data, {})
         lines += [f"## Rank binding: {data}", "",
@@ -368,10 +379,15 @@ def main() -> None:
         p.add_argument("--workers", type=int, default=12)
         p.add_argument("--stop-after", type=float, default=float("inf"))
         p.add_argument("--deadline", type=float, default=float("inf"))
+        p.add_argument("--only", default="", help="run only the jobs whose name matches "
+                       "this regular expression")
+        p.add_argument("--skip", default="", help="leave out the jobs whose name matches")
     rep = sub.add_parser("report")
     rep.add_argument("runs")
     rep.add_argument("--out", default=str(ROOT / "benchmarks/results/rank-binding"))
     rep.add_argument("--pool-command", default="", help="the pool command, for the record")
+    rep.add_argument("--note", default="", help="what the table cannot say by itself (runs "
+                     "that failed and why), printed under its header")
     ren = sub.add_parser("render")
     ren.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/rank-binding")
     args = ap.parse_args()

@@ -189,6 +189,32 @@ def score(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int, int]:
     return _score_classes(logits, labels)
 
 
+EVAL_CHUNK = 512  # response tokens whose logits exist at once when scoring (x V floats)
+
+
+@torch.no_grad()
+def score_responses(model, batch: dict, chunk: int = EVAL_CHUNK) -> tuple[float, int, int]:
+    """`score` of a prompt/response batch, the vocabulary projection done `chunk` response
+    tokens at a time: at most chunk x V logits exist at once. N x V at once is what ran a
+    GPU out of memory at eval.batch-size 64 (64 answers of ~170 tokens x SmolLM2's 49,152
+    words x 4 bytes = 2.1 GB per batch, about 7 GB with softmax's copies)."""
+    batch = dict(batch)
+    keep, mask, targets = _response_positions(batch.pop("labels"))
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = base.get_decoder()(**batch).last_hidden_state[:, keep][mask]  # N x H
+    targets = targets[mask]
+    head = base.get_output_embeddings()
+    cap = getattr(base.config, "final_logit_softcapping", None)
+    loss, correct = 0.0, 0
+    for start in range(0, len(targets), chunk):
+        logits = head(hidden[start:start + chunk]).float()
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        part_loss, part_correct, _ = _score_classes(logits, targets[start:start + chunk])
+        loss, correct = loss + part_loss, correct + part_correct
+    return loss, correct, targets.numel()
+
+
 def training_loss(cfg, model, batch: dict) -> torch.Tensor:
     """The training loss of a batch: mean cross-entropy of the family's outputs, or, for
     `task='causal-lm'` with `train.loss-chunk` > 0, the same loss computed chunk by chunk."""

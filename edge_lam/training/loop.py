@@ -14,7 +14,7 @@ import torch
 
 from peft import get_peft_model_state_dict
 
-from edge_lam.models.families import family, score
+from edge_lam.models.families import family, score, score_responses
 from edge_lam.models.families import training_loss
 from edge_lam.config.run_config import RunConfig
 from edge_lam.data.encode import batches, encode_batch, endless_batches
@@ -226,7 +226,9 @@ def evaluate(model, tokenizer, examples: Examples, cfg: RunConfig,
                disable=not progress, dynamic_ncols=True)
     for chunk in batches(by_length, cfg.eval.batch_size):
         batch = {k: v.to(device) for k, v in encode_batch(tokenizer, chunk, cfg).items()}
-        batch_loss, batch_correct, batch_count = score(*fam.outputs(model, batch))
+        batch_loss, batch_correct, batch_count = (
+            score_responses(model, batch) if fam.generates else score(*fam.outputs(model,
+                                                                                  batch)))
         loss_sum, correct, count = loss_sum + batch_loss, correct + batch_correct, \
             count + batch_count
         bar.update(len(chunk))
