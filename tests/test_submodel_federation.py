@@ -58,13 +58,13 @@ def _raw(model, data, tmp_path, **extra):
             "results-dir": str(tmp_path / "results"), **extra}
 
 
-def _run(raw, nodes=2):
+def _run(raw, nodes=3):
     grid = InProcessGrid(raw, num_nodes=nodes)
     cfg = RunConfig.from_run_config(raw)
     return grid, federate(grid, prepare_run(cfg, 1))
 
 
-def _own_rows(cfg, partition, nodes=2):
+def _own_rows(cfg, partition, nodes=3):
     req = device_request(cfg.updated("submodel", decoys=False), DeviceInfo(
         partition_id=partition, num_partitions=nodes), (), 30522, 0)
     return set(req["ids"].tolist())
@@ -73,21 +73,21 @@ def _own_rows(cfg, partition, nodes=2):
 def test_rows_train_through_the_tied_head_and_only_touched_rows_change(tied_llama, pairs,
                                                                        tmp_path):
     raw = _raw(tied_llama, pairs, tmp_path, **{"submodel.secure": False})  # plain uplink
-    grid, run_dir = _run(raw)
+    grid, run_dir = _run(raw, nodes=2)
     cfg = RunConfig.from_run_config(raw)
-    own = _own_rows(cfg, 0) | _own_rows(cfg, 1)
+    own = _own_rows(cfg, 0, 2) | _own_rows(cfg, 1, 2)
     train = [m for _, m in grid.sent if m.metadata.message_type == "train"]
     for msg in train:  # the downlink: exactly the requested rows (no decoys: the own rows)
         sent = from_record(msg.content["arrays"])
         part = grid.contexts[msg.metadata.dst_node_id].node_config["partition-id"]
-        assert set(sent[IDS].tolist()) == _own_rows(cfg, part)
+        assert set(sent[IDS].tolist()) == _own_rows(cfg, part, 2)
     up = from_record(grid.replies[-1].content["arrays"])
     assert (up[COUNTS] > 0).all() and up[ROWS].shape == (up[IDS].size, 32)
     # the global table after the run: exactly the rows some device used moved
     base = prepare_run(cfg, 2).server_model.table()
     last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     assert sorted(c["rows_requested"] for c in last["clients"]) == sorted(
-        len(_own_rows(cfg, p)) for p in (0, 1))
+        len(_own_rows(cfg, p, 2)) for p in (0, 1))
     assert all(c["rows_counted"] == c["rows_up"] > 0 for c in last["clients"])
     summary = json.loads((run_dir / SUMMARY_FILE).read_text())
     assert summary["vocab_rows"] == 30522 and summary["privacy"]["decoys"] is False
@@ -139,11 +139,11 @@ def test_secure_aggregation_hides_rows_and_equals_the_plain_aggregation(tied_lla
     plain_dir = _run(_raw(tied_llama, pairs, tmp_path / "p", **{"submodel.secure": False}))[1]
     grid, run_dir = _run(_raw(tied_llama, pairs, tmp_path / "s"))  # secure: the default
     cfg = RunConfig.from_run_config(_raw(tied_llama, pairs, tmp_path))
-    own = {p: _own_rows(cfg, p) for p in (0, 1)}
-    union = sorted(own[0] | own[1])
+    own = {p: _own_rows(cfg, p) for p in (0, 1, 2)}
+    union = sorted(own[0] | own[1] | own[2])
     downs = [m for _, m in grid.sent if m.metadata.message_type == "train"]
     ups = [m for m in grid.replies if m.metadata.message_type == "train"]
-    assert len(downs) == len(ups) == 4  # 2 rounds x 2 devices
+    assert len(downs) == len(ups) == 6  # 2 rounds x 3 devices (secure needs 2 others each)
     for msg in downs:  # private set union: U and the round's devices
         assert from_record(msg.content["arrays"])[UNION].tolist() == union
         assert sorted(msg.content["config"][PEERS]) == sorted(grid.contexts)
@@ -154,12 +154,14 @@ def test_secure_aggregation_hides_rows_and_equals_the_plain_aggregation(tied_lla
         assert up[MASKED].dtype == np.uint64 and up[MASKED].shape == (len(union), 33)
         assert "rows-trained" not in m.content["metrics"]
         shares.append(up[MASKED].view(np.int64))
-    # a share alone: no zero rows, no small counts (the rows a device does not hold look
-    # like those it trained); the sum of a round's two shares: counts >= 0 exactly
+    # a share alone, or two of a round's three: no zero rows, no small counts (the rows a
+    # device does not hold look like those it trained); all three: counts >= 0 exactly
     for share in shares:
         assert (share[:, -1] != 0).all() and (np.abs(share[:, -1]) > 1 << 40).mean() > 0.99
-    both = (shares[0].view(np.uint64) + shares[1].view(np.uint64)).view(np.int64)
-    assert (both[:, -1] > 0).all() and (both[:, -1] < 10_000).all()
+    two = (shares[0].view(np.uint64) + shares[1].view(np.uint64)).view(np.int64)
+    assert (np.abs(two[:, -1]) > 1 << 40).mean() > 0.99
+    every = (two.view(np.uint64) + shares[2].view(np.uint64)).view(np.int64)
+    assert (every[:, -1] > 0).all() and (every[:, -1] < 10_000).all()
     # the same global table as the plain per-row aggregation (to the fixed point's 2^-32)
     s_ids, s_rows = _table(run_dir)
     p_ids, p_rows = _table(plain_dir)
@@ -180,7 +182,7 @@ def test_decoys_are_downloaded_padded_into_the_union_and_never_aggregated(tied_l
                                                "num-server-rounds": 1})
     grid, run_dir = _run(raw)
     cfg = RunConfig.from_run_config(raw)
-    own = _own_rows(cfg, 0) | _own_rows(cfg, 1)
+    own = _own_rows(cfg, 0) | _own_rows(cfg, 1) | _own_rows(cfg, 2)
     downs = {m.metadata.dst_node_id: from_record(m.content["arrays"])
              for _, m in grid.sent if m.metadata.message_type == "train"}
     ups = {m.metadata.src_node_id: from_record(m.content["arrays"]) for m in grid.replies
@@ -225,14 +227,14 @@ class _DropGrid(InProcessGrid):
 def test_a_device_missing_after_masking_skips_the_rounds_rows_and_keeps_the_table(
         tied_llama, pairs, tmp_path):
     raw = _raw(tied_llama, pairs, tmp_path, **{"num-server-rounds": 2})
-    grid = _DropGrid(raw, 2, drop=(2, 1002))
+    grid = _DropGrid(raw, 3, drop=(2, 1002))
     run_dir = federate(grid, prepare_run(RunConfig.from_run_config(raw), 1))
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if r.get("clients")]
     assert [r["secure_rows"]["applied"] for r in train] == [True, False]
     assert "1002" in train[1]["secure_rows"]["skipped"] and train[1]["missing"] == [1002]
     assert train[1]["secure_rows"]["skipped_total"] == 1
-    assert len(train[1]["clients"]) == 1  # the LoRA adapter still aggregated node 1001
+    assert len(train[1]["clients"]) == 2  # the LoRA adapter still aggregated the others
     # the table after round 2 is the table after round 1: compare with a 1-round run
     one = _run({**_raw(tied_llama, pairs, tmp_path / "one"), "num-server-rounds": 1})[1]
     ids1, rows1 = _table(one)

@@ -42,7 +42,10 @@ UNION, MASKED = "submodel.union", "submodel.masked"  # secure aggregation (down 
 PEERS = "submodel-peers"  # config: the node ids of the round's devices (secure aggregation)
 SECRET = "row-secret"  # --node-config key: the group secret the pairwise mask seeds come from
 _WARNED: set[int] = set()
-MIN_PEERS = 2  # fewer devices in a round: the server would see one device's rows in the sum
+MIN_OTHERS = 2  # distinct other devices a share needs (with one, the server that knows or
+# plays that one device learns this device's rows from the sum)
+MIN_PEERS = MIN_OTHERS + 1  # devices in a round for its rows to be aggregated securely
+_ROUNDS = "submodel-masked-rounds"  # context.state: the rounds this device has masked
 _STATE = "submodel"  # context.state record: this device's request (ids, own?, counts)
 
 
@@ -88,14 +91,59 @@ def _stored(context: Context) -> dict[str, np.ndarray] | None:
     return {k: v.numpy() for k, v in context.state[_STATE].items()}
 
 
+def secure_mode(cfg: RunConfig) -> bool:
+    """Rows go up only as masked shares (`submodel.secure` with rows='touched')."""
+    return cfg.submodel.secure and cfg.submodel.rows == "touched"
+
+
+def checked_peers(peers, me: int) -> list[int]:
+    """The round's devices as the server listed them, refused (ValueError: the device sends
+    no share) unless they are distinct, include this device, and include at least
+    MIN_OTHERS others: a list with duplicates masks against fewer devices than it names,
+    and a share masked against fewer than two others is one the server can unmask with one
+    accomplice."""
+    peers = [int(p) for p in peers]
+    if len(set(peers)) != len(peers):
+        raise ValueError(f"the server's peer list {peers} names a device twice: refused "
+                         "(masks against repeated peers cancel out)")
+    if me not in peers:
+        raise ValueError(f"the server's peer list {peers} does not include this device "
+                         f"({me}): refused")
+    if len(peers) - 1 < MIN_OTHERS:
+        raise ValueError(f"the server's peer list names {len(peers) - 1} other device(s): "
+                         f"secure aggregation needs at least {MIN_OTHERS}: refused")
+    return peers
+
+
+def claim_round(context: Context, server_round: int) -> None:
+    """Refuse (ValueError) a second masked share for the same round of this run: the masks
+    depend only on (secret, run, round, pair), so two shares of one round differ by the
+    device's own change, in the clear."""
+    done = context.state.get(_ROUNDS)
+    rounds = [int(r) for r in done["rounds"]] if done is not None else []
+    if server_round in rounds:
+        raise ValueError(f"a second TRAIN for round {server_round} of run {context.run_id}: "
+                         "refused (its masks would repeat)")
+    context.state[_ROUNDS] = ConfigRecord({"rounds": rounds + [int(server_round)]})
+
+
+SIMULATION_KEYS = {"partition-id", "num-partitions"}  # all a simulated node is given
+
+
 def row_secret(context: Context, cfg: RunConfig) -> str:
     """The group secret of the pairwise masks: `--node-config row-secret=...` (the same on
-    every device, never given to the server). Without it (simulation) the documented
-    fallback `simulation/<run id>/<seed>` is used: the server could compute it too, so a
-    simulated run shows the protocol's bytes and arithmetic, not its secrecy."""
+    every device, never given to the server). A real device without it is refused
+    (ValueError). In simulation (a node config of only partition-id and num-partitions, as
+    Flower's simulation engine gives) the documented fallback `simulation/<run id>/<seed>`
+    is used: the server could compute it too, so a simulated run shows the protocol's bytes
+    and arithmetic, not its secrecy."""
     secret = str(context.node_config.get(SECRET, ""))
     if secret:
         return secret
+    if not set(context.node_config) <= SIMULATION_KEYS:
+        raise ValueError(f"submodel.secure needs a group secret on a real device: start it "
+                         f"with --node-config \"{SECRET}='<the group's secret>' ...\" (the "
+                         "same on every device, never on the server)")
     if context.node_id not in _WARNED:
         _WARNED.add(context.node_id)
         log.warning("node %d: no --node-config %s: the masks use the simulation fallback, "
@@ -149,22 +197,22 @@ def train(msg: Message, context: Context, cfg: RunConfig) -> Message:
                                                 tag=rnd.tag, r_max=rnd.r_max)
     info = {"num-examples": n, "train-loss": metrics["train_loss"],
             "train-s": metrics["train_s"], "rank": rnd.rank, "steps": metrics["steps"]}
-    if union is None:  # plain uplink: the own rows (no decoys: the request is the own set)
+    if not secure_mode(cfg):  # plain uplink: the own rows (no decoys: the request is own)
         uplink = {**new_state, IDS: ids, ROWS: new_values, COUNTS: request["counts"]}
         moved = float(np.abs(new_values[own] - values[own]).max()) if own.any() else 0.0
         info.update({"rows-trained": int(own.sum()), "rows-max-change": moved})
+    elif union is None:  # secure, but the server runs no secure sum this round: withheld,
+        uplink = dict(new_state)  # never sent in the clear
+        log.warning("%s no union of rows from the server: rows withheld (secure "
+                    "aggregation)", rnd.tag)
+        info["rows-withheld"] = 1
     else:  # secure aggregation: only masked per-row shares over the union U
-        peers = [int(p) for p in msg.content["config"][PEERS]]
-        uplink = dict(new_state)
-        if len(peers) < MIN_PEERS:
-            log.warning("%s %d device(s) in the round: rows withheld (secure aggregation "
-                        "needs at least %d)", rnd.tag, len(peers), MIN_PEERS)
-            info["rows-withheld"] = 1
-        else:
-            plain = plain_upload(np.asarray(union, np.int64), ids, new_values,
-                                 request["counts"], cfg.submodel.secure_bits, len(peers))
-            uplink[MASKED] = masked_upload(plain, context.node_id, peers,
-                                           row_secret(context, cfg), context.run_id,
-                                           rnd.server_round)
+        peers = checked_peers(msg.content["config"][PEERS], context.node_id)
+        secret = row_secret(context, cfg)
+        claim_round(context, rnd.server_round)
+        plain = plain_upload(np.asarray(union, np.int64), ids, new_values,
+                             request["counts"], cfg.submodel.secure_bits, len(peers))
+        uplink = {**new_state, MASKED: masked_upload(plain, context.node_id, peers, secret,
+                                                     context.run_id, rnd.server_round)}
     reply = RecordDict({"arrays": to_record(uplink), "metrics": MetricRecord(info)})
     return Message(reply, reply_to=msg)

@@ -71,6 +71,7 @@ class SubmodelLoRA(HeterogeneousLoRA):
         self._sum: np.ndarray | None = None  # running sum (mod 2^64) of the masked shares
         self._summed: set[int] = set()
         self.rows_log: dict[int, dict] = {}  # round -> metrics.jsonl's `secure_rows`
+        self._pending: dict[int, np.ndarray] = {}  # node -> share of a reply being checked
         self.rows_rounds_skipped = 0
 
     # ------------------------------------------------------------- who needs which rows
@@ -109,6 +110,7 @@ class SubmodelLoRA(HeterogeneousLoRA):
         self.table_start = (ids, rows)
         self._rows_up.clear()
         self._round, self._sum, self._summed = server_round, None, set()
+        self._pending: dict[int, np.ndarray] = {}  # node -> share of a reply being checked
         if self.secure:
             self.rows_log[server_round] = {"applied": False, "skipped": "no acceptable reply",
                                            "skipped_total": self.rows_rounds_skipped}
@@ -135,7 +137,7 @@ class SubmodelLoRA(HeterogeneousLoRA):
         wanted = self.requests[node]
         payload = {**state, IDS: wanted, ROWS: lookup(ids, rows, wanted, self.base)}
         extra = {"label-names": list(self.label_names)}
-        if self.secure:
+        if self.secure and len(self._peers) >= MIN_PEERS:  # else the devices withhold rows
             payload[UNION] = self._union
             extra[PEERS] = [int(n) for n in self._peers]
         return payload, state, extra
@@ -165,8 +167,10 @@ class SubmodelLoRA(HeterogeneousLoRA):
         return payload
 
     def _add_share(self, node: int, payload: State) -> State:
-        """Secure aggregation: add the device's masked share to the round's running sum
-        (mod 2^64). No share (rows withheld): the LoRA part still counts."""
+        """Secure aggregation: check the device's masked share and keep it aside; it joins
+        the round's running sum (mod 2^64) only once the whole reply is accepted
+        (`_accept`): a reply rejected for its adapter adds no rows. No share (rows
+        withheld): the LoRA part still counts."""
         share = payload.pop(MASKED, None)
         if share is None:
             return payload
@@ -174,11 +178,18 @@ class SubmodelLoRA(HeterogeneousLoRA):
         if share.dtype != np.uint64 or share.shape != shape:
             raise ValueError(f"masked rows {share.dtype} {share.shape}, expected uint64 "
                              f"{shape} (the round's union x (d + 1))")
-        if node in self._summed:
+        if node in self._summed or node in self._pending:
             raise ValueError("a second masked share from this device")
-        self._sum = share.copy() if self._sum is None else self._sum + share
-        self._summed.add(node)
+        self._pending[node] = share
         return payload
+
+    def _accept(self, msg: Message, node: int, key: str = "arrays"):
+        outcome = super()._accept(msg, node, key)
+        share = self._pending.pop(node, None)
+        if share is not None and not isinstance(outcome, str):  # accepted: its share counts
+            self._sum = share.copy() if self._sum is None else self._sum + share
+            self._summed.add(node)
+        return outcome
 
     def _secure_rows(self) -> tuple[np.ndarray, np.ndarray]:
         """The table after the round: per-row sums / count sums if every device of the
