@@ -23,10 +23,40 @@ EXTRA_METRICS = ("perplexity", "exact_match")
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """`path` holds the old content or the new, never a part of it."""
+    """`path` holds the old content or the new, never a part of it, also after a power
+    cut: the new content is on disk (fsync) before the rename, and the rename is made
+    durable (fsync of the folder)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_file(path: Path) -> None:
+    """Flush a file's content to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the entries of a folder (a rename into it) durable; a no-op where folders
+    cannot be opened (Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _event_writer(run_dir: Path):

@@ -66,6 +66,8 @@ class FleetClock:
     clock_s: float = 0.0
     _avail: Availability | None = None
     _plan: RoundPlan | None = None
+    _stepped: int = -1  # the round availability last stepped to
+    _online_now: dict[int, bool] = field(default_factory=dict)  # node -> online this round
 
     @property
     def selection(self) -> SelectionPolicy:
@@ -90,7 +92,10 @@ class FleetClock:
     def select(self, server_round: int, nodes: list[int], bits_up: dict[int, float]
                ) -> list[int]:
         """The devices that train this round (and their bandwidth, kept for `finish`)."""
-        nodes = [n for n in nodes if n in self.members]
+        # partition order, not node order: a resumed simulation gives devices new node ids,
+        # and every draw below (fading, the policy's) must fall on the same devices
+        nodes = sorted((n for n in nodes if n in self.members),
+                       key=lambda n: (self.members[n].partition, n))
         online = self._online(server_round, nodes)
         rng = np.random.default_rng([self.seed, server_round, 31])
         snr_mean = db_to_linear([self.members[n].profile.snr_db for n in nodes])
@@ -104,12 +109,18 @@ class FleetClock:
         return picked
 
     def _online(self, server_round: int, nodes: list[int]) -> np.ndarray:
-        if self._avail is None or self._avail.partitions != [self.members[n].partition
-                                                             for n in nodes]:
-            self._avail = Availability(self.availability,
-                                       [self.members[n].partition for n in nodes],
-                                       [self.members[n].profile for n in nodes], self.seed)
-        return self._avail.step(server_round)
+        """Who of `nodes` is online: availability evolves for every member (in partition
+        order) once a round, whoever is sampled, so a device's Markov chain is its own and
+        does not restart when the round's sample changes."""
+        members = sorted(self.members.values(), key=lambda m: (m.partition, m.node))
+        if self._avail is None or self._avail.partitions != [m.partition for m in members]:
+            self._avail = Availability(self.availability, [m.partition for m in members],
+                                       [m.profile for m in members], self.seed)
+        if self._stepped != server_round:
+            self._online_now = dict(zip((m.node for m in members),
+                                        self._avail.step(server_round)))
+            self._stepped = server_round
+        return np.array([self._online_now[n] for n in nodes], dtype=bool)
 
     def predicted_comp(self, nodes: list[int]) -> np.ndarray:
         """(K,) predicted device seconds of training: the last measured (or the mean of the

@@ -35,7 +35,7 @@ from edge_lam.config.run_config import RunConfig
 from edge_lam.logs import get_logger
 from edge_lam.training.lora import State
 from edge_lam.config.options import ConfigError
-from edge_lam.results import atomic_write_text
+from edge_lam.results import atomic_write_text, fsync_dir, fsync_file
 
 log = get_logger()
 
@@ -123,10 +123,14 @@ def save(run_dir: Path, server_round: int, cfg: RunConfig, label_names: tuple[st
              "metrics_rows": len(rows), "strategy_state": meta, "rng": rng_state(),
              "communication": communication(rows), "saved_at": time.time()}
     atomic_write_text(tmp / STATE_FILE, json.dumps(state))
+    for path in (tmp / GLOBAL_FILE, tmp / ARRAYS_FILE):  # on disk before the folder moves
+        fsync_file(path)
+    fsync_dir(tmp)
     shutil.rmtree(old, ignore_errors=True)
     if out.exists():
         os.replace(out, old)
     os.replace(tmp, out)
+    fsync_dir(run_dir)  # the rename itself, durable
     shutil.rmtree(old, ignore_errors=True)
     return out
 

@@ -42,6 +42,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from strategies.fleet.scheduler import FleetClock, LatestUpdates, make_fleet
 from strategies.lora.budget import PrivacyBudget, has_payload, privacy_spent
@@ -125,20 +126,32 @@ class HeterogeneousLoRA(FedAvg):
     # ----------------------------------------------------------------- downlink
     def _train_node_ids(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> list[int]:
-        """FedAvg's own sample of the round's nodes (its configure_train; the broadcast
-        messages it builds are dropped: each device gets its own content below), less
-        those whose privacy budget is spent."""
-        sampled = super().configure_train(server_round, arrays, ConfigRecord(dict(config)),
-                                          grid)
-        nodes = self.budget.available(m.metadata.dst_node_id for m in sampled)
-        self._learn_profiles(grid, nodes)
-        for node in nodes:
-            if node in self.profiles:
-                p = self.profiles[node]
-                self.fleet.join(node, p.partition_id, self.fleet.profile_of(p.device))
+        """The round's sample (`sample`), less those whose privacy budget is spent."""
+        nodes = self.budget.available(self.sample(server_round, grid))
         bits = {n: 8.0 * self._payload_bytes(arrays, self.rank_of(n))
                 for n in nodes if n in self.profiles}
         return self.fleet.select(server_round, nodes, bits)
+
+    def sample(self, server_round: int, grid: Grid) -> list[int]:
+        """`fraction-train` of the connected devices (at least `min-devices`), drawn by
+        partition id with a generator seeded by (seed, round), in partition order. Flower's
+        FedAvg draws from the node ids with Python's `random`, and a resumed simulation gives
+        every device a new node id, so a resumed run would sample other partitions; this
+        sample is the same for the same partitions, whatever their node ids. Every
+        connected device is asked its profile first (once) and joins the fleet, so
+        availability evolves for all of them."""
+        _, connected = sample_nodes(grid, self.min_available_nodes, 0)
+        self._learn_profiles(grid, connected)
+        known = sorted((n for n in connected if n in self.profiles),
+                       key=lambda n: (self.profiles[n].partition_id, n))
+        for node in known:
+            p = self.profiles[node]
+            self.fleet.join(node, p.partition_id, self.fleet.profile_of(p.device))
+        size = max(int(len(connected) * self.fraction_train), self.min_train_nodes)
+        if size >= len(known):
+            return known
+        rng = np.random.default_rng([self.cfg.seed, server_round, 1013])
+        return [known[i] for i in sorted(rng.choice(len(known), size, replace=False))]
 
     def rank_of(self, node: int) -> int:
         """The rank `node` trains at this round: its profile's, or during
