@@ -184,8 +184,8 @@ def test_a_live_cascade_of_generated_answers(tiny_llama, small_gsm8k, tmp_path):
                for r in rows)
 
 
-def test_a_live_cascade_asks_the_others_only_about_unsure_queries(tiny_llama, small_agnews,
-                                                                   tmp_path):
+def test_a_live_cascade_asks_the_others_only_about_unsure_queries(tiny_llama, learnable_llama,
+                                                                   small_agnews, tmp_path):
     # cascade-loss 1: any accuracy will do, so the cheapest threshold wins: after calibration
     # only the cheapest device is asked (confidence >= the lowest threshold)
     raw = _raw(tiny_llama, small_agnews, tmp_path, **{"infer.method": "cascade",
@@ -204,10 +204,33 @@ def test_a_live_cascade_asks_the_others_only_about_unsure_queries(tiny_llama, sm
     assert {f"node {m.metadata.dst_node_id}" for m in queries[3:]} == {cheapest}
     rows = [json.loads(x) for x in (run_dir / "infer_queries.jsonl").read_text().splitlines()]
     assert len(rows) == 32 and all(r["members_asked"] == 1 and r["stage"] == 0 for r in rows)
-    # cascade-loss 0 on an ensemble that beats its members: unsure queries go further
-    raw = _raw(tiny_llama, small_agnews, tmp_path / "b", **{"infer.method": "cascade",
-                                                             "infer.cascade-loss": 0.0})
-    run_dir = _run(InProcessGrid(raw, num_nodes=3), raw, run_id=8)
+    # cascade-loss 0, members that disagree (two models), costs set by the reported seconds:
+    # the cheapest goes first, and the plan reaches everyone's calibration accuracy
+    raw = _raw(tiny_llama, small_agnews, tmp_path / "b", **{
+        "infer.method": "cascade", "infer.cascade-loss": 0.0,
+        "infer.members": f"{tiny_llama},{learnable_llama},{tiny_llama}"})
+
+    class Timed(InProcessGrid):  # node 1002 (the learnable model) reports the fewest seconds
+        def send_and_receive(self, messages, *, timeout=None):
+            from flwr.app import MetricRecord
+            replies = super().send_and_receive(messages, timeout=timeout)
+            for reply in replies:
+                for name, record in list(reply.content.metric_records.items()):
+                    if "seconds" in record:
+                        seconds = {1001: 2.0, 1002: 0.5, 1003: 1.0}[reply.metadata.src_node_id]
+                        reply.content[name] = MetricRecord({**dict(record),
+                                                            "seconds": seconds})
+            return replies
+
+    run_dir = _run(Timed(raw, num_nodes=3), raw, run_id=8)
+    plan = json.loads((run_dir / "infer.json").read_text())["plan"]
+    assert plan["order"][0].startswith("node 1002")  # the cheapest goes first
+    assert plan["calibration_accuracy"] >= plan["everyone_accuracy"]  # cascade-loss 0
     rows = [json.loads(x) for x in (run_dir / "infer_queries.jsonl").read_text().splitlines()]
     assert all(1 <= r["members_asked"] <= 3 for r in rows)
     assert all((r["stage"] == 0) == (r["members_asked"] == 1) for r in rows)
+    # (on random tiny models the cheapest may already match everyone: whether any query
+    # escalates is not fixed here; test_infer_combine forces escalation with set answers)
+    escalated = [r for r in rows if r["members_asked"] > 1]
+    live = json.loads((run_dir / "infer.json").read_text())["cascade_live"]
+    assert live["escalated"] == pytest.approx(len(escalated) / len(rows))
