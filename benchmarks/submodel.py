@@ -250,6 +250,15 @@ def fmt_bytes(n: float) -> str:
     return f"{n / 1e6:,.2f} MB" if n >= 1e5 else f"{n / 1e3:,.1f} kB"
 
 
+# sections whose command stands for several processes (placeholders D / S / LR): they were
+# put together from per-process runs by hand, before `--tag` runs wrote their own sections
+ASSEMBLED = re.compile(r"--domains D --setups S|one process per domain x setup")
+ASSEMBLED_NOTE = ("**Assembled by hand** from one process per domain x setup (the command's D, "
+                  "S and LR stand for each process's values; the machine and total seconds are "
+                  "one process's, and no commit was recorded). Rerun each process with `--tag` "
+                  "to replace this section with one the script writes whole.")
+
+
 def render(result: dict, out: Path) -> None:
     lines = ["# S7 sub-model federated learning of the token embedding", ""]
     if "bytes" in result:
@@ -275,7 +284,10 @@ def render(result: dict, out: Path) -> None:
         q = result[key]
         title = q.get("title") or "Quality: test NLL per response token after the last round"
         lines += [f"## {title}", "",
-                  f"`{q['command']}`", "", f"Machine: {machine_line(q['machine'])}", "",
+                  f"`{q['command']}`", "", f"Machine: {machine_line(q['machine'])}", ""]
+        if ASSEMBLED.search(q["command"]):
+            lines += [ASSEMBLED_NOTE, ""]
+        lines += [
                   f"{q['devices']} devices, {q['rounds']} rounds of {q['local_steps']} local "
                   f"steps (batch {q['batch']}), "
                   f"{q['eval_max']} test examples. Bytes: wire bytes per device per round "
