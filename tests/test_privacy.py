@@ -37,6 +37,12 @@ def _cfg(tiny_bert, agnews, **extra):
 def test_opacus_clips_per_example_on_trainable_lora_params_only(tiny_bert, agnews):
     cfg = _cfg(tiny_bert, agnews, **{"dp.noise-multiplier": 0.3, "dp.max-grad-norm": 1e-3,
                                      "dp.target-epsilon": 1e9})
+    # the model as a fresh device process has it: after test_lora_aggregators' fedex/flora
+    # runs in the same process the plain gradient below came out at 0.04-0.09 instead of
+    # > 0.1 (the shared cached model keeps some history; not yet pinned down)
+    from edge_lam.models import lora_model
+    lora_model._MODELS.clear()
+    lora_model._INITIAL.clear()
     task = ServerModel.prepare(cfg)
     model = get_lora_model(cfg, task.label_names, 4)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
