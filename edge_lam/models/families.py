@@ -123,19 +123,24 @@ def _label_word_outputs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]
         labels
 
 
+def _response_hidden(model, batch: dict):
+    """(N x H decoder states at the positions that predict the N response tokens, the N
+    targets, the vocabulary projection, its logit soft-cap or None)."""
+    batch = dict(batch)
+    keep, mask, targets = _response_positions(batch.pop("labels"))
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = base.get_decoder()(**batch).last_hidden_state[:, keep][mask]
+    return (hidden, targets[mask], base.get_output_embeddings(),
+            getattr(base.config, "final_logit_softcapping", None))
+
+
 def chunked_response_loss(model, batch: dict, chunk: int) -> torch.Tensor:
     """Mean next-token cross-entropy over the response tokens, the vocabulary projection done
     `chunk` tokens at a time and recomputed in the backward pass (activation checkpointing):
     at most chunk x V logits exist at once instead of N x V, same value and gradient."""
     from torch.utils.checkpoint import checkpoint
 
-    batch = dict(batch)
-    keep, mask, targets = _response_positions(batch.pop("labels"))
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = base.get_decoder()(**batch).last_hidden_state[:, keep][mask]  # N x H
-    targets = targets[mask]
-    head = base.get_output_embeddings()
-    cap = getattr(base.config, "final_logit_softcapping", None)
+    hidden, targets, head, cap = _response_hidden(model, batch)
 
     def part(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         logits = head(h).float()
@@ -198,13 +203,7 @@ def score_responses(model, batch: dict, chunk: int = EVAL_CHUNK) -> tuple[float,
     tokens at a time: at most chunk x V logits exist at once. N x V at once is what ran a
     GPU out of memory at eval.batch-size 64 (64 answers of ~170 tokens x SmolLM2's 49,152
     words x 4 bytes = 2.1 GB per batch, about 7 GB with softmax's copies)."""
-    batch = dict(batch)
-    keep, mask, targets = _response_positions(batch.pop("labels"))
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = base.get_decoder()(**batch).last_hidden_state[:, keep][mask]  # N x H
-    targets = targets[mask]
-    head = base.get_output_embeddings()
-    cap = getattr(base.config, "final_logit_softcapping", None)
+    hidden, targets, head, cap = _response_hidden(model, batch)
     loss, correct = 0.0, 0
     for start in range(0, len(targets), chunk):
         logits = head(hidden[start:start + chunk]).float()
