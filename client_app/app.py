@@ -4,6 +4,9 @@
   its `--node-config` (`edge_lam.messaging.profile_reply`); any app mode may ask.
 - QUERY `infer`: answer a batch of queries (`mode='infer'`, `client_app.infer`).
 - QUERY `serve`: run one micro-service call (`mode='serve'`, `client_app.serve`).
+- QUERY `secagg`: a stage of secure aggregation (`strategies.secure.device`); its Flower mod
+  `secagg_mod` masks a TRAIN reply when the server asked for it (`secure.enabled`, the
+  sub-model's secure rows).
 - TRAIN (and TRAIN.<kind>, e.g. "gradient"): handled by the algorithm the run config names,
   looked up in the registry (`strategies.registry`): each algorithm declares one handler per
   message type it sends. A message type no registered algorithm handles is not registered.
@@ -18,6 +21,7 @@ from flwr.clientapp import ClientApp
 
 from client_app import infer, serve
 from strategies import registry
+from strategies.secure import device as secure
 from edge_lam.config.run_config import RunConfig
 from edge_lam.messaging import profile_reply
 from edge_lam.training.overhead import handled
@@ -42,6 +46,12 @@ def serve_call(msg: Message, context: Context) -> Message:
     return serve.handle(msg, context)
 
 
+@app.query("secagg")
+def secagg(msg: Message, context: Context) -> Message:
+    """A stage of SecAgg+ (setup, share, unmask) for a secure training round."""
+    return secure.handle(msg, context)
+
+
 def _dispatch(message_type: str):
     def handle(msg: Message, context: Context) -> Message:
         started = time.time()
@@ -62,4 +72,6 @@ def _with_overhead(reply: Message, started: float) -> Message:
 
 for _type in registry.message_types():  # "train", "train.gradient", ...
     _kind, _, _action = _type.partition(".")
-    getattr(app, _kind)(*([_action] if _action else []))(_dispatch(_type))
+    getattr(app, _kind)(*([_action] if _action else []),
+                        mods=[secure.secagg_mod] if _kind == "train" else None)(
+        _dispatch(_type))

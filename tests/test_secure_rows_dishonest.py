@@ -1,8 +1,9 @@
-"""Secure aggregation of the sub-model rows against a dishonest server (issue 28, item 2):
-the device refuses a peer list with duplicates, without itself, or with fewer than two
-distinct others; a second TRAIN for the same round; secure mode without a group secret on a
-real device; it never sends its rows in the clear when the server leaves out the union; and
-the server adds no rows of a reply it rejected for its adapter."""
+"""Secure aggregation of the sub-model rows against a dishonest server (issue 28, items 1-2):
+the rows go into the SecAgg+ sum (`strategies.secure`, whose own dishonest-server suite is
+`test_secure_aggregation.py`): a second TRAIN for the same round is refused; a real device
+needs no secret of its own (keys are agreed by X25519 each round); a device never sends its
+rows in the clear when the server leaves out the union; a reply rejected for its adapter
+adds no rows (its masks are removed like a dropped device's)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,11 @@ import json
 
 import numpy as np
 import pytest
-from flwr.app import Context, RecordDict
 
 from inprocess_grid import InProcessGrid
-from strategies.submodel.device import (COUNTS, IDS, MASKED, PEERS, ROWS, SECRET, UNION,
-                                        checked_peers, claim_round, row_secret)
+from strategies.secure.device import MASKED
+from strategies.secure.protocol import Refused
+from strategies.submodel.device import COUNTS, IDS, ROWS, UNION
 from strategies.submodel.server import federate, prepare_run
 from edge_lam.config.run_config import RunConfig
 from edge_lam.records import from_record, to_record
@@ -55,40 +56,6 @@ def _errors(grid) -> list[str]:
             if r.metadata.message_type == "train" and r.has_error()]
 
 
-@pytest.mark.parametrize("peers, reason", [
-    (lambda me, others: [me, me] + others[:1], "names a device twice"),
-    (lambda me, others: [me] + others[:1], "names 1 other device"),
-    (lambda me, others: others, "does not include this device"),
-])
-def test_a_bad_peer_list_is_refused_and_no_share_leaves(peers, reason, tied_llama, pairs,
-                                                        tmp_path):
-    raw = _raw(tied_llama, pairs, tmp_path, **{"num-server-rounds": 1})
-    grid = TamperGrid(raw)
-
-    def tamper(msg):
-        me = msg.metadata.dst_node_id
-        others = sorted(set(grid.contexts) - {me})
-        msg.content["config"][PEERS] = peers(me, others)
-
-    grid.tamper = tamper
-    run_dir = _run(grid, raw)
-    errors = _errors(grid)
-    assert len(errors) == 3 and all(reason in e for e in errors)
-    assert not [r for r in grid.replies if r.metadata.message_type == "train"
-                and not r.has_error()]  # no share, no adapter: nothing went up
-    (row,) = _train_rows(run_dir)
-    assert row["secure_rows"] == {"applied": False, "skipped": "no acceptable reply",
-                                  "skipped_total": 0}
-    assert row["rejected"] == 3
-
-
-def test_checked_peers_by_hand():
-    assert checked_peers([3, 1, 2], 1) == [3, 1, 2]
-    for peers, reason in (([1, 1, 2, 3], "twice"), ([1, 2], "1 other"), ([2, 3, 4], "not")):
-        with pytest.raises(ValueError, match=reason):
-            checked_peers(peers, 1)
-
-
 def test_a_second_train_for_the_same_round_is_refused(tied_llama, pairs, tmp_path):
     raw = _raw(tied_llama, pairs, tmp_path, **{"num-server-rounds": 1})
     grid = TamperGrid(raw)
@@ -97,29 +64,12 @@ def test_a_second_train_for_the_same_round_is_refused(tied_llama, pairs, tmp_pat
     node = first.metadata.dst_node_id
     from client_app.app import app as client_app
 
-    with pytest.raises(ValueError, match="a second TRAIN for round 1 of run 1: refused"):
+    # replayed after the round: its masks would repeat; the device's round is over
+    with pytest.raises(Refused, match="round 1 is not at the 'share' stage"):
         client_app(first, grid.contexts[node])
-    # by hand: the claim is per (run, round)
-    ctx = Context(run_id=9, node_id=5, node_config={}, state=RecordDict(), run_config={})
-    claim_round(ctx, 1)
-    claim_round(ctx, 2)
-    with pytest.raises(ValueError, match="round 2"):
-        claim_round(ctx, 2)
-
-
-def test_a_real_device_without_a_group_secret_is_refused():
-    cfg = RunConfig.from_run_config({"strategy": "submodel", "task": "causal-lm"})
-
-    def ctx(node_config):
-        return Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(),
-                       run_config={})
-
-    with pytest.raises(ValueError, match="needs a group secret on a real device"):
-        row_secret(ctx({"device": "rpi4", "data-dir": "/data"}), cfg)
-    assert row_secret(ctx({"device": "rpi4", SECRET: "s3cret"}), cfg) == "s3cret"
-    # Flower's simulation gives a node only its partition: the documented fallback
-    assert row_secret(ctx({"partition-id": 0, "num-partitions": 3}), cfg).startswith(
-        "simulation/1/")
+    # a real device (a --node-config of its own) needs no group secret: keys are agreed
+    assert all(len(c["secure"]["shared"]) == 3 for c in _train_rows(
+        _run(TamperGrid(raw), raw)))
 
 
 def test_without_the_union_rows_are_withheld_never_sent_in_the_clear(tied_llama, pairs,
@@ -138,7 +88,7 @@ def test_without_the_union_rows_are_withheld_never_sent_in_the_clear(tied_llama,
     for reply in ups:
         up = from_record(reply.content["arrays"])
         assert not {IDS, ROWS, COUNTS, MASKED} & set(up)
-        assert reply.content["metrics"]["rows-withheld"] == 1
+        assert reply.content["metrics"]["rows-withheld"] == 1  # rejected: no masked input
 
 
 def test_a_reply_rejected_for_its_adapter_adds_no_rows(tied_llama, pairs, tmp_path):
@@ -157,6 +107,7 @@ def test_a_reply_rejected_for_its_adapter_adds_no_rows(tied_llama, pairs, tmp_pa
     (row,) = _train_rows(run_dir)
     assert row["rejected"] == 1 and "wrong rank" in row["rejections"][0]["reason"]
     secure = row["secure_rows"]
-    # its share (well formed) is not in the sum: two shares, the masks cannot cancel
-    assert secure["shares"] == 2 and secure["applied"] is False
-    assert "1002" in secure["skipped"]
+    # its input (well formed) is not in the sum: 1002 counts as dropped, its masks are
+    # rebuilt from the others' shares and the rows are the sum of the two accepted devices
+    assert secure["shares"] == 2 and secure["applied"] is True
+    assert row["secure"]["survived"] == [1001, 1003] and row["secure"]["dropped"] == [1002]

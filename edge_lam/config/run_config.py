@@ -32,7 +32,7 @@ from edge_lam.config.options import (ConfigError, Reader, declared, key_of, opti
 from edge_lam.config.registry import Registry, registry
 from edge_lam.config.sections import (CORE_SECTIONS, DataSection, DevicesSection, DPSection,
                                       EvalSection, FaultsSection, FleetSection, InferSection,
-                                      LoraSection, AttackSection, RobustSection, ServeSection,
+                                      LoraSection, AttackSection, RobustSection, SecureSection, ServeSection,
                                       TrainSection)
 
 __all__ = ["ConfigError", "RunConfig", "Traits", "algorithms", "sections", "strategy_names"]
@@ -85,6 +85,18 @@ class Traits:
         """Does its strategy replace the LoRA aggregation of `cfg.aggregation` by its own
         (S6's robust rules and FedLaAvg's stored updates then do not apply)?"""
         return False
+
+    def secure_refusal(self, cfg: RunConfig) -> str:
+        """Why `secure.enabled` cannot hide this algorithm's uploads ("" when it can: its
+        aggregation rule is a weighted sum of them, `AggregationRule.secure`)."""
+        from edge_lam.config.registry import registry
+
+        name = self.aggregation(cfg)
+        rule = registry("aggregation rule").get(name)
+        if getattr(rule, "secure", ""):
+            return ""
+        return (f"the aggregation '{name}' is not a sum of the devices' uploads: "
+                f"{getattr(rule, 'not_secure', '') or 'it reads each one'}")
 
     def shares_labels(self, cfg: RunConfig) -> bool:
         """Do all devices train one model with the run's labels (FedKD: one head per task)?"""
@@ -160,6 +172,7 @@ class RunConfig:
     robust: RobustSection = RobustSection()
     attack: AttackSection = AttackSection()
     faults: FaultsSection = FaultsSection()
+    secure: SecureSection = SecureSection()
     # (name, section) of the plug-ins' sections that differ from their defaults; a section
     # not here reads as its defaults (so a bare RunConfig() loads no plug-in)
     plugins: tuple[tuple[str, Any], ...] = ()

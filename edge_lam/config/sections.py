@@ -10,13 +10,13 @@ import dataclasses
 from dataclasses import dataclass
 
 from edge_lam.config.federation_sections import (AttackSection, FaultsSection, FleetSection,
-                                                 RobustSection)
+                                                 RobustSection, SecureSection)
 from edge_lam.config.hardware import HARDWARE
 from edge_lam.config.options import ConfigError, Reader, Section, option, parse_section
 
 __all__ = ["CORE_SECTIONS", "AttackSection", "DataSection", "DevicesSection", "DPSection",
            "EvalSection", "FaultsSection", "FleetSection", "InferSection", "LoraSection",
-           "RobustSection", "ServeSection", "TrainSection"]
+           "RobustSection", "SecureSection", "ServeSection", "TrainSection"]
 
 PARTITIONERS = ("iid", "dirichlet", "pathological")
 PROMPT_FORMATS = ("auto", "chat", "plain", "raw")
@@ -379,6 +379,7 @@ CORE_SECTIONS: dict[str, type] = {"lora": LoraSection, "devices": DevicesSection
                                   "eval": EvalSection, "dp": DPSection, "infer": InferSection,
                                   "serve": ServeSection, "fleet": FleetSection,
                                   "robust": RobustSection, "attack": AttackSection,
-                                  "faults": FaultsSection}
+                                  "faults": FaultsSection,
+                                  "secure": SecureSection}
 
 

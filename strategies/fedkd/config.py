@@ -156,6 +156,10 @@ class FedKDTraits(Traits):
     def shares_labels(self, cfg: RunConfig) -> bool:
         return False  # each task its own labels and head
 
+    def secure_refusal(self, cfg: RunConfig) -> str:
+        return ("strategy='fedkd' distils with each device's own logits and aggregates its "
+                "compressed shared module per device")
+
     def check(self, cfg: RunConfig) -> None:
         if cfg.fedkd.hidden_mse and family(cfg).lm_head:
             raise ConfigError(f"fedkd.hidden-mse=true pairs encoder layers: it needs "

@@ -351,20 +351,34 @@ class AggregationRule:
     on_updates: bool = False
     pads_factors: bool = False
     refactorises: bool = False
+    # secure aggregation (`secure.enabled`, `strategies.secure.encoding`): the layout of the
+    # sum that computes it ("padded", "rankwise"), or "" and why it needs each device's own
+    # upload
+    secure: str = ""
+    not_secure: str = ""
 
 
 # The aggregation rules (`cfg.aggregation`): a `edge_lam.config.registry.Registry`, kind "aggregation
 # rule" (a third-party rule registers through the `edge_lam.aggregation_rule` entry points).
 AGGREGATION_RULES: Registry[AggregationRule] = registry("aggregation rule")
+_PRODUCTS = "it needs each device's own product B_k A_k"
+_SECURE = {"fedavg": ("padded", ""), "hetlora": ("padded", ""), "rankwise": ("rankwise", ""),
+           "flexlora": ("", _PRODUCTS + " (the SVD of their weighted mean)"),
+           "hetlora-sw": ("", "it weighs each device by the norm of its own B_k A_k"),
+           "flexlora-delta": ("", _PRODUCTS + " and change"),
+           "flora": ("", _PRODUCTS + " (merged into the frozen weights)"),
+           "fedex": ("", _PRODUCTS + " (the exact remainder)")}
 for _name, _fn in (("fedavg", hetlora_aggregate),  # one rank: zero-padding is a no-op
                    ("hetlora", hetlora_aggregate), ("flexlora", flexlora_aggregate),
                    ("rankwise", rankwise_aggregate), ("hetlora-sw", norm_weighted_aggregate)):
     AGGREGATION_RULES.register(_name, AggregationRule(
-        _fn, pads_factors=_fn is hetlora_aggregate, refactorises=_fn is flexlora_aggregate))
+        _fn, pads_factors=_fn is hetlora_aggregate, refactorises=_fn is flexlora_aggregate,
+        secure=_SECURE[_name][0], not_secure=_SECURE[_name][1]))
 for _name, _fn in (("flexlora-delta", delta_aggregate), ("flora", flora_aggregate),
                    ("fedex", fedex_aggregate)):
     AGGREGATION_RULES.register(_name, AggregationRule(
-        _fn, on_updates=True, refactorises=_fn is delta_aggregate))
+        _fn, on_updates=True, refactorises=_fn is delta_aggregate,
+        secure=_SECURE[_name][0], not_secure=_SECURE[_name][1]))
 
 # name -> function, as mappings (live views of the registry; `.get` gives None when absent)
 DELTA_AGGREGATORS: Mapping[str, DeltaAggregator] = AGGREGATION_RULES.view(

@@ -53,6 +53,10 @@ from strategies.lora.profiles import (NodeProfile, ProfileDirectory, capability_
 from strategies.lora.resume import NodeTable, StrategyCheckpoint
 from strategies.lora.server_opt import ServerOptimizer
 from strategies.robust.wrapper import wrap_robust
+from strategies.secure import encoding
+from strategies.secure.device import MASKED
+from strategies.secure.protocol import as_int64
+from strategies.secure.server import RoundFailed, SecureRound
 from edge_lam.config.run_config import RunConfig
 from edge_lam.messaging import origin, unicast
 from edge_lam.training.lora import State, compress_base_deltas, is_base_delta_key, truncate_lora
@@ -99,6 +103,10 @@ class HeterogeneousLoRA(FedAvg):
         self._round = 0  # the round being trained (lora.rank-warmup-rounds)
         # (global state, {rank: (payload, state)}): what devices of each rank get of it
         self._payloads: tuple[State | None, dict[int, tuple[State, State]]] = (None, {})
+        # secure aggregation (secure.enabled): this round's SecAgg+ session and masked inputs
+        self._secure: SecureRound | None = None
+        self._grid: Grid | None = None
+        self._inputs: dict[int, np.ndarray] = {}
         self.resume = StrategyCheckpoint(
             (self.directory, self.exhausted, self.capability, self.aggregation, self.fleet,
              self.latest, self.server_opt), self.profiles.get)
@@ -189,6 +197,8 @@ class HeterogeneousLoRA(FedAvg):
         messages = self._unicast(
             node_ids, server_round, config, MessageType.TRAIN,
             lambda node: ("arrays", *self._downlink(node, global_state, server_round)))
+        if self.secure_layout() is not None and messages:
+            messages = self._secure_setup(server_round, grid, messages)
         log.info("round %d: %s", server_round, ", ".join(
             f"node {n} {self.profiles[n].device}@r{self.rank_of(n)}" for n in self._sent))
         return messages
@@ -226,6 +236,82 @@ class HeterogeneousLoRA(FedAvg):
         payload, state = self._payloads[1][rank]
         return payload, state, {"label-names": list(self.label_names)}
 
+    # ----------------------------------------------------------------- secure aggregation
+    def secure_layout(self) -> str | None:
+        """What the devices mask (`strategies.secure.encoding`): the aggregation's layout
+        with secure.enabled, else None (plain uploads). A subclass that masks only vectors
+        of its own (`secagg.plain`) returns "none"."""
+        if not self.cfg.secure.enabled:
+            return None
+        from strategies.lora.math import AGGREGATION_RULES
+
+        return AGGREGATION_RULES.get(self.cfg.aggregation).secure
+
+    def secure_extra_size(self) -> int:
+        """Entries a subclass's devices append to the masked vector (`secagg.plain`)."""
+        return 0
+
+    def _secure_setup(self, server_round: int, grid: Grid, messages: list[Message]
+                      ) -> list[Message]:
+        """SecAgg+ setup and key sharing with the round's devices; the TRAIN messages of
+        those that completed them, carrying their shares (`strategies.secure.server`)."""
+        s = self.cfg.secure
+        self._secure = SecureRound(messages[0].metadata.run_id, server_round, s.neighbours,
+                                   s.threshold, self.query_timeout)
+        self._grid, self._inputs = grid, {}
+        try:
+            kept = set(self._secure.begin(grid, [m.metadata.dst_node_id for m in messages]))
+        except RoundFailed as err:
+            return self._secure_not_started(server_round, messages, err)
+        for node in set(self._sent) - kept:  # they left during setup: not asked to train
+            self._sent.pop(node)
+        out = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            if node in kept:
+                msg.content["config"].update({
+                    **self._secure.train_config(node), "secagg-layout": self.secure_layout(),
+                    "secagg-clip": float(s.clip)})
+                out.append(msg)
+        self._outbox = out
+        return out
+
+    def _secure_not_started(self, server_round: int, messages: list[Message],
+                            err: RoundFailed) -> list[Message]:
+        """Too few devices for the round's setup: nobody trains this round (the uploads
+        are never sent in the clear)."""
+        log.warning("round %d: secure aggregation could not start (%s): no training this "
+                    "round", server_round, err)
+        self._sent.clear()
+        self._outbox = []
+        return []
+
+    def _secure_sum(self) -> tuple[State | None, np.ndarray | None, dict]:
+        """(the adapter's aggregate or None with layout 'none', the subclass's summed
+        extra entries, the round's `secure` info) from the masked inputs received; raises
+        RoundFailed."""
+        layout = self.secure_layout()
+        template = self._secure_template()
+        total = as_int64(self._secure.finish(self._grid, self._inputs))
+        info = self._secure.info()
+        state = None
+        n = 0 if layout == "none" else encoding.size(template, layout, self.cfg.r_max)
+        if layout != "none":
+            state, weight, clipped = encoding.decode(total[:n], template, layout,
+                                                     self.cfg.r_max, self.cfg.secure.clip)
+            info.update({"weight": weight, "clipped": clipped})
+        return state, total[n:], info
+
+    def _secure_template(self) -> State:
+        """The global adapter at r_max whose shapes the masked sum has."""
+        return {k: v for k, v in self._round_start.items() if not is_base_delta_key(k)}
+
+    def _expected_masked(self) -> int:
+        layout = self.secure_layout()
+        lora = 0 if layout == "none" else encoding.size(self._secure_template(), layout,
+                                                        self.cfg.r_max)
+        return lora + self.secure_extra_size()
+
     # ----------------------------------------------------------------- uplink
     def _origin(self, msg: Message) -> int:
         """The device a reply is about (SuperLink error replies included)."""
@@ -245,13 +331,34 @@ class HeterogeneousLoRA(FedAvg):
             return "reply from a node that was not asked to train"
         expected, _ = self._sent[node]
         try:
-            state = self._decode_uplink(node, from_record(msg.content[key]))
+            payload = from_record(msg.content[key])
             metrics = dict(msg.content["metrics"])
+            masked = self._take_masked(payload)
+            state = None if masked is not None and self.secure_layout() != "none" \
+                else self._decode_uplink(node, payload)
         except (KeyError, ValueError, TypeError) as err:
             return f"malformed reply ({err.__class__.__name__}: {err})"
         num_examples = metrics.get(self.weighted_by_key)
-        reason = check_reply(state, expected, self.rank_of(node), num_examples)
+        reason = None if state is None else check_reply(state, expected, self.rank_of(node),
+                                                        num_examples)
+        if reason is None and not isinstance(num_examples, (int, float)):
+            reason = f"no '{self.weighted_by_key}' in the reply's metrics"
+        if reason is None and masked is not None:
+            self._inputs[node] = masked  # only a sound reply's input enters the sum
         return reason or (state, int(num_examples), metrics)
+
+    def _take_masked(self, payload: State) -> np.ndarray | None:
+        """The masked input of a reply in a secure round (ValueError: missing or of the
+        wrong size), taken out of `payload`; None when the round is not secure."""
+        if self._secure is None:
+            return None
+        masked = payload.pop(MASKED, None)
+        if masked is None or masked.dtype != np.uint64 or masked.ndim != 1:
+            raise ValueError("a secure round's reply without its masked input (uint64)")
+        if masked.size != self._expected_masked():
+            raise ValueError(f"masked input of {masked.size} entries, the round's sum has "
+                             f"{self._expected_masked()}")
+        return masked
 
     def _collect(self, server_round: int, replies: Iterable[Message], key: str = "arrays"
                  ) -> tuple[list[tuple[int, State, int, dict]], dict]:
@@ -292,20 +399,46 @@ class HeterogeneousLoRA(FedAvg):
         if not accepted:
             log.warning("round %d: no acceptable reply; keeping the previous global model",
                         server_round)
+            if self._secure is not None:
+                info["secure"] = self._secure.info()
+                self._secure = None
             self.on_train_round(server_round, info)
             return None, None
         nodes, states, counts, _ = map(list, zip(*accepted))
-        new_state, extra = self.aggregation.aggregate(
-            server_round, self._round_start, [self._sent[n][0] for n in nodes], states,
-            counts, nodes)
-        info.update(extra)
-        info["aggregation_error"] = aggregation_error(new_state, states, counts)
+        new_state, secure_extra, secure_failed = None, None, None
+        if self._secure is not None:  # the sum of the masked inputs, never one of them
+            try:
+                new_state, secure_extra, info["secure"] = self._secure_sum()
+            except RoundFailed as err:
+                info["secure"] = {**self._secure.info(), "failed": str(err)}
+                secure_failed = str(err)
+            finally:
+                self._secure = None
+            if secure_failed and self.secure_layout() != "none":
+                log.warning("round %d: secure aggregation failed (%s); keeping the previous "
+                            "global model", server_round, secure_failed)
+                self.on_train_round(server_round, info)
+                return None, None
+        if new_state is None:  # plain uploads (or only a subclass's vectors were masked)
+            new_state, extra = self.aggregation.aggregate(
+                server_round, self._round_start, [self._sent[n][0] for n in nodes], states,
+                counts, nodes)
+            info.update(extra)
+            info["aggregation_error"] = aggregation_error(new_state, states, counts)
+        new_state = self._with_secure_extra(new_state, secure_extra, secure_failed)
         new_state = self.server_opt.step(server_round, self._round_start, new_state)
         self.on_train_round(server_round, info)
         weights = np.asarray(counts, dtype=np.float64) / sum(counts)
         train_loss = float(sum(w * c["train_loss"] for w, c in zip(weights, info["clients"])))
         return to_record(new_state), MetricRecord({"train-loss": train_loss,
                                                    "accepted": len(states)})
+
+    def _with_secure_extra(self, state: State, extra: np.ndarray | None,
+                           failed: str | None) -> State:
+        """The new global state with what a subclass's devices added to the secure sum
+        (`extra`, int64; None when the round was not secure, or `failed` says why the sum
+        could not be rebuilt)."""
+        return state
 
     def _client_info(self, node: int, n: int, metrics: dict, msg: Message,
                      key: str = "arrays") -> dict:

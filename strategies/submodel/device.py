@@ -10,12 +10,11 @@
   own rows together with the adapter (one parameter, read by the input embedding and the
   tied head), and replies with the adapter and the rows:
   - `submodel.secure` (default): the message also holds the union U of the round's
-    requests (`submodel.union`) and the round's devices (config `submodel-peers`); the
-    device uploads `submodel.masked`, uint64 [|U|, d + 1]: for each row of U the fixed-point
-    (count x value, count) of its own rows (zeros for decoys and rows it does not hold) plus
-    the pairwise masks of `math.masked_upload`, seeded from the group secret
-    (`--node-config row-secret`; in simulation a per-run value the server could also
-    compute: see `row_secret`). Fewer than 2 devices in the round: the rows are withheld;
+    requests (`submodel.union`); the device leaves, for the SecAgg+ mod
+    (`strategies.secure.device.secagg_mod`) to mask, the fixed-point (count x value, count)
+    of its own rows for each row of U (zeros for decoys and rows it does not hold),
+    uint64 [|U|, d + 1] (`math.plain_upload`). No union (fewer than 3 devices, or the
+    round's secure sum could not start): the rows are withheld;
   - otherwise: its own rows as (ids, values, counts) in the clear.
 """
 
@@ -25,8 +24,8 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from strategies.lora.device import Round
-from strategies.submodel.math import (decoy_rate, masked_upload, plain_upload, request_rows,
-                                      touched_rows)
+from strategies.secure.device import PLAIN, round_devices
+from strategies.submodel.math import decoy_rate, plain_upload, request_rows, touched_rows
 from strategies.submodel.rows import applied_rows, trainable_rows
 from edge_lam.config.run_config import RunConfig
 from edge_lam.data.encode import batches, encode_batch
@@ -38,16 +37,8 @@ from edge_lam.records import from_record, to_record
 log = get_logger()
 
 IDS, ROWS, COUNTS = "submodel.ids", "submodel.rows", "submodel.counts"
-UNION, MASKED = "submodel.union", "submodel.masked"  # secure aggregation (down / up)
-PEERS = "submodel-peers"  # config: the node ids of the round's devices (secure aggregation)
-SECRET = "row-secret"  # --node-config key: the group secret the pairwise mask seeds come from
-_WARNED: set[int] = set()
-MIN_OTHERS = 2  # distinct other devices a share needs (with one, the server that knows or
-# plays that one device learns this device's rows from the sum)
-MIN_PEERS = MIN_OTHERS + 1  # devices in a round for its rows to be aggregated securely
-_ROUNDS = "submodel-masked-rounds"  # context.state: the rounds this device has masked
+UNION = "submodel.union"  # secure aggregation: the rows every share covers
 _STATE = "submodel"  # context.state record: this device's request (ids, own?, counts)
-
 
 def local_row_counts(cfg: RunConfig, info: DeviceInfo, label_names: tuple[str, ...],
                      vocab_size: int) -> tuple[np.ndarray, np.ndarray, int]:
@@ -94,62 +85,6 @@ def _stored(context: Context) -> dict[str, np.ndarray] | None:
 def secure_mode(cfg: RunConfig) -> bool:
     """Rows go up only as masked shares (`submodel.secure` with rows='touched')."""
     return cfg.submodel.secure and cfg.submodel.rows == "touched"
-
-
-def checked_peers(peers, me: int) -> list[int]:
-    """The round's devices as the server listed them, refused (ValueError: the device sends
-    no share) unless they are distinct, include this device, and include at least
-    MIN_OTHERS others: a list with duplicates masks against fewer devices than it names,
-    and a share masked against fewer than two others is one the server can unmask with one
-    accomplice."""
-    peers = [int(p) for p in peers]
-    if len(set(peers)) != len(peers):
-        raise ValueError(f"the server's peer list {peers} names a device twice: refused "
-                         "(masks against repeated peers cancel out)")
-    if me not in peers:
-        raise ValueError(f"the server's peer list {peers} does not include this device "
-                         f"({me}): refused")
-    if len(peers) - 1 < MIN_OTHERS:
-        raise ValueError(f"the server's peer list names {len(peers) - 1} other device(s): "
-                         f"secure aggregation needs at least {MIN_OTHERS}: refused")
-    return peers
-
-
-def claim_round(context: Context, server_round: int) -> None:
-    """Refuse (ValueError) a second masked share for the same round of this run: the masks
-    depend only on (secret, run, round, pair), so two shares of one round differ by the
-    device's own change, in the clear."""
-    done = context.state.get(_ROUNDS)
-    rounds = [int(r) for r in done["rounds"]] if done is not None else []
-    if server_round in rounds:
-        raise ValueError(f"a second TRAIN for round {server_round} of run {context.run_id}: "
-                         "refused (its masks would repeat)")
-    context.state[_ROUNDS] = ConfigRecord({"rounds": rounds + [int(server_round)]})
-
-
-SIMULATION_KEYS = {"partition-id", "num-partitions"}  # all a simulated node is given
-
-
-def row_secret(context: Context, cfg: RunConfig) -> str:
-    """The group secret of the pairwise masks: `--node-config row-secret=...` (the same on
-    every device, never given to the server). A real device without it is refused
-    (ValueError). In simulation (a node config of only partition-id and num-partitions, as
-    Flower's simulation engine gives) the documented fallback `simulation/<run id>/<seed>`
-    is used: the server could compute it too, so a simulated run shows the protocol's bytes
-    and arithmetic, not its secrecy."""
-    secret = str(context.node_config.get(SECRET, ""))
-    if secret:
-        return secret
-    if not set(context.node_config) <= SIMULATION_KEYS:
-        raise ValueError(f"submodel.secure needs a group secret on a real device: start it "
-                         f"with --node-config \"{SECRET}='<the group's secret>' ...\" (the "
-                         "same on every device, never on the server)")
-    if context.node_id not in _WARNED:
-        _WARNED.add(context.node_id)
-        log.warning("node %d: no --node-config %s: the masks use the simulation fallback, "
-                    "which the server could recompute (set a group secret on real devices)",
-                    context.node_id, SECRET)
-    return f"simulation/{context.run_id}/{cfg.seed}"
 
 
 def rows(msg: Message, context: Context, cfg: RunConfig) -> Message:
@@ -206,13 +141,10 @@ def train(msg: Message, context: Context, cfg: RunConfig) -> Message:
         log.warning("%s no union of rows from the server: rows withheld (secure "
                     "aggregation)", rnd.tag)
         info["rows-withheld"] = 1
-    else:  # secure aggregation: only masked per-row shares over the union U
-        peers = checked_peers(msg.content["config"][PEERS], context.node_id)
-        secret = row_secret(context, cfg)
-        claim_round(context, rnd.server_round)
+    else:  # secure aggregation: per-row shares over U, masked by the SecAgg+ mod
         plain = plain_upload(np.asarray(union, np.int64), ids, new_values,
-                             request["counts"], cfg.submodel.secure_bits, len(peers))
-        uplink = {**new_state, MASKED: masked_upload(plain, context.node_id, peers, secret,
-                                                     context.run_id, rnd.server_round)}
+                             request["counts"], cfg.submodel.secure_bits,
+                             round_devices(context))
+        uplink = {**new_state, PLAIN: plain.ravel()}
     reply = RecordDict({"arrays": to_record(uplink), "metrics": MetricRecord(info)})
     return Message(reply, reply_to=msg)

@@ -15,18 +15,16 @@ the decoys that hide them, and the per-row weighted aggregation.
 - `aggregate_rows`: per row r, sum_k c_kr v_kr / sum_k c_kr over the devices that sent row r
   with a positive count c_kr; rows with no positive count (decoys, untouched rows) keep
   their value.
-- secure aggregation of the row uplink (Bonawitz et al., CCS 2017, simplified): each device
-  of a round uploads, for every row of the round's union U of requests, the fixed-point
-  pair (c_kr x_kr, c_kr) (zeros for rows it does not hold or holds as decoys) plus pairwise
-  masks that cancel in the sum over the round's devices (`plain_upload`, `masked_upload`);
-  the server learns only the per-row sums (`unmask_sums`) and from them the same per-row
-  weighted average (`aggregate_sums`).
+- secure aggregation of the row uplink: each device of a round puts into the round's
+  SecAgg+ sum (`strategies.secure`), for every row of the round's union U of requests, the
+  fixed-point pair (c_kr x_kr, c_kr) (zeros for rows it does not hold or holds as decoys;
+  `plain_upload`); the server learns only the per-row sums (`unmask_sums`) and from them
+  the same per-row weighted average (`aggregate_sums`).
 A global table is kept sparse: (ids, values) of the rows that differ from the base model.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -210,39 +208,6 @@ def plain_upload(union: np.ndarray, ids: np.ndarray, values: np.ndarray, counts:
     out[pos, :dim] = np.rint(weighted * 2.0 ** bits).astype(np.int64)
     out[pos, dim] = c[held].astype(np.int64)
     return out.view(np.uint64)
-
-
-def pair_seed(secret: str, run_id: int, server_round: int, a: int, b: int) -> int:
-    """The 128-bit seed of the mask shared by devices a and b in a round (symmetric in a, b).
-    SecAgg agrees it by Diffie-Hellman between a and b; here it is derived from a group
-    secret every device holds and the server does not (see the README)."""
-    lo, hi = sorted((int(a), int(b)))
-    digest = hashlib.sha256(f"edge-lam/submodel/{secret}/{run_id}/{server_round}/{lo}/{hi}"
-                            .encode()).digest()
-    return int.from_bytes(digest[:16], "little")
-
-
-def pair_mask(seed: int, shape: tuple[int, ...]) -> np.ndarray:
-    """PRG(seed): uniform uint64 of `shape` (Philox keyed by the seed; a deployment would use
-    a cryptographic stream cipher such as AES-CTR or ChaCha20)."""
-    n = int(np.prod(shape))
-    return np.random.Philox(key=seed).random_raw(n).astype(np.uint64).reshape(shape)
-
-
-def masked_upload(plain: np.ndarray, me: int, peers: Sequence[int], secret: str,
-                  run_id: int, server_round: int) -> np.ndarray:
-    """plain + sum_{j > me} PRG(s_me,j) - sum_{j < me} PRG(s_j,me)  (mod 2^64): summed over
-    all of `peers` (the round's devices, `me` among them) the masks cancel."""
-    if me not in peers:
-        raise ValueError(f"device {me} is not among the round's devices")
-    out = np.array(plain, dtype=np.uint64, copy=True)
-    for j in sorted(set(int(p) for p in peers) - {int(me)}):
-        mask = pair_mask(pair_seed(secret, run_id, server_round, me, j), out.shape)
-        if j > me:
-            out += mask
-        else:
-            out -= mask
-    return out
 
 
 def unmask_sums(total: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:

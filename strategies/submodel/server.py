@@ -121,7 +121,8 @@ def federate(grid: Grid, plan: RunPlan) -> Path:
             "secure_aggregation": {
                 "on": bool(made and made[-1].secure), "fixed_point_bits": cfg.submodel.secure_bits,
                 "rounds_rows_skipped": made[-1].rows_rounds_skipped if made else 0,
-                "secret": "simulation fallback unless --node-config row-secret is set"},
+                "protocol": "SecAgg+ (strategies.secure): X25519 keys each round, Shamir "
+                            "shares of the masks"},
             "per_device_round": [{k: c.get(k) for k in (
                 "partition_id", "rows_requested", "rows_up", "rows_counted", "bytes_up",
                 "bytes_down")} for c in clients],

@@ -11,15 +11,15 @@ The global state is the LoRA adapter at r_max plus the token-embedding table kep
 - `_aggregate`: the LoRA aggregation of `submodel.aggregation`, and per row the
   count-weighted mean of the rows sent with a positive count (`math.aggregate_rows`).
 - `submodel.secure` (rows='touched', the default): private set union + secure aggregation.
-  The round's devices get the union U of their requests and the list of the round's
-  devices; each replies with a masked uint64 share [|U|, d + 1] that alone is uniformly
-  random. The server adds the shares modulo 2^64 (`_decode_uplink`, a running sum) and,
-  if every device of the round sent one, reads the per-row sums of c x and of c
-  (`math.unmask_sums`) and sets each row with a positive count sum to their ratio
-  (`math.aggregate_sums`). A device of the round whose share is missing (dropped out,
-  rejected) leaves the masks uncancelled: the round's rows are not updated (the LoRA
-  adapter still aggregates), which is logged and counted in metrics.jsonl (`secure_rows`).
-  SecAgg's recovery of a dropped device's masks by secret sharing is not implemented.
+  The round's devices get the union U of their requests; each adds to a SecAgg+ sum
+  (`strategies.secure`: X25519 keys agreed each round, Shamir shares of the masks) the
+  fixed-point [|U|, d + 1] per-row (count x value, count) of its own rows, zero elsewhere.
+  The server reads only the sum (`math.unmask_sums`) and sets each row with a positive
+  count sum to the ratio (`math.aggregate_sums`). A device that drops after masking costs
+  nothing (its masks are rebuilt from the others' shares); with fewer than
+  `secure.threshold` of a neighbourhood left the sum cannot be rebuilt and the round's rows
+  are not updated (the adapter still aggregates), logged in metrics.jsonl (`secure_rows`).
+  With `secure.enabled` the adapter goes into the same masked sum.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from strategies.lora.strategy import HeterogeneousLoRA
-from strategies.submodel.device import (COUNTS, IDS, MASKED, MIN_PEERS, PEERS, ROWS,
-                                        UNION)
+from strategies.secure.protocol import MIN_DEVICES
+from strategies.submodel.device import COUNTS, IDS, ROWS, UNION
 from strategies.submodel.math import (RowUpdate, aggregate_rows, aggregate_sums, check_update,
                                       lookup, unmask_sums)
 from edge_lam.config.run_config import RunConfig
@@ -68,10 +68,7 @@ class SubmodelLoRA(HeterogeneousLoRA):
         self._round = 0
         self._peers: list[int] = []  # the round's devices (their masks cancel together)
         self._union = np.zeros(0, np.int64)  # U: the union of their requests
-        self._sum: np.ndarray | None = None  # running sum (mod 2^64) of the masked shares
-        self._summed: set[int] = set()
         self.rows_log: dict[int, dict] = {}  # round -> metrics.jsonl's `secure_rows`
-        self._pending: dict[int, np.ndarray] = {}  # node -> share of a reply being checked
         self.rows_rounds_skipped = 0
 
     # ------------------------------------------------------------- who needs which rows
@@ -109,8 +106,7 @@ class SubmodelLoRA(HeterogeneousLoRA):
         _, ids, rows = split_state(from_record(arrays))
         self.table_start = (ids, rows)
         self._rows_up.clear()
-        self._round, self._sum, self._summed = server_round, None, set()
-        self._pending: dict[int, np.ndarray] = {}  # node -> share of a reply being checked
+        self._round = server_round
         if self.secure:
             self.rows_log[server_round] = {"applied": False, "skipped": "no acceptable reply",
                                            "skipped_total": self.rows_rounds_skipped}
@@ -137,10 +133,39 @@ class SubmodelLoRA(HeterogeneousLoRA):
         wanted = self.requests[node]
         payload = {**state, IDS: wanted, ROWS: lookup(ids, rows, wanted, self.base)}
         extra = {"label-names": list(self.label_names)}
-        if self.secure and len(self._peers) >= MIN_PEERS:  # else the devices withhold rows
+        if self.secure and len(self._peers) >= MIN_DEVICES:  # else devices withhold rows
             payload[UNION] = self._union
-            extra[PEERS] = [int(n) for n in self._peers]
         return payload, state, extra
+
+    # ----------------------------------------------------------------- secure aggregation
+    def secure_layout(self) -> str | None:
+        """Rows in the SecAgg+ sum (and the adapter with secure.enabled); with fewer than
+        MIN_DEVICES devices in the round no sum is run and the devices withhold rows."""
+        if not self.secure:
+            return super().secure_layout()
+        if len(self._peers) < MIN_DEVICES:
+            return super().secure_layout()
+        return super().secure_layout() if self.cfg.secure.enabled else "none"
+
+    def secure_extra_size(self) -> int:
+        return int(self._union.size) * (self.base.shape[1] + 1) if self.secure else 0
+
+    def _secure_template(self) -> State:
+        return {k: v for k, v in self._round_start.items()
+                if not k.startswith("submodel.") and not is_base_delta_key(k)}
+
+    def _secure_not_started(self, server_round, messages, err):
+        """Rows alone in the sum: the (plain) adapter still trains, the rows are withheld."""
+        if self.secure_layout() != "none":
+            return super()._secure_not_started(server_round, messages, err)
+        log.warning("round %d: no secure sum of the rows (%s): devices withhold them",
+                    server_round, err)
+        self._secure = None
+        for msg in messages:
+            arrays = msg.content["arrays"]
+            if UNION in arrays:
+                del arrays[UNION]
+        return messages
 
     def _payload_bytes(self, arrays: ArrayRecord, rank: int) -> int:
         """Adapter bytes at `rank` (the fleet clock's uplink estimate; rows not counted)."""
@@ -152,8 +177,8 @@ class SubmodelLoRA(HeterogeneousLoRA):
 
     # ----------------------------------------------------------------- uplink
     def _decode_uplink(self, node: int, payload: State) -> State:
-        if self.secure:
-            return self._add_share(node, payload)
+        if self.secure:  # rows only in the masked sum (taken out by `_take_masked`)
+            return payload
         try:
             update = RowUpdate(np.asarray(payload.pop(IDS), dtype=np.int64),
                                np.asarray(payload.pop(ROWS)),
@@ -166,47 +191,28 @@ class SubmodelLoRA(HeterogeneousLoRA):
         self._rows_up[node] = update
         return payload
 
-    def _add_share(self, node: int, payload: State) -> State:
-        """Secure aggregation: check the device's masked share and keep it aside; it joins
-        the round's running sum (mod 2^64) only once the whole reply is accepted
-        (`_accept`): a reply rejected for its adapter adds no rows. No share (rows
-        withheld): the LoRA part still counts."""
-        share = payload.pop(MASKED, None)
-        if share is None:
-            return payload
-        shape = (self._union.size, self.base.shape[1] + 1)
-        if share.dtype != np.uint64 or share.shape != shape:
-            raise ValueError(f"masked rows {share.dtype} {share.shape}, expected uint64 "
-                             f"{shape} (the round's union x (d + 1))")
-        if node in self._summed or node in self._pending:
-            raise ValueError("a second masked share from this device")
-        self._pending[node] = share
-        return payload
-
-    def _accept(self, msg: Message, node: int, key: str = "arrays"):
-        outcome = super()._accept(msg, node, key)
-        share = self._pending.pop(node, None)
-        if share is not None and not isinstance(outcome, str):  # accepted: its share counts
-            self._sum = share.copy() if self._sum is None else self._sum + share
-            self._summed.add(node)
-        return outcome
-
-    def _secure_rows(self) -> tuple[np.ndarray, np.ndarray]:
-        """The table after the round: per-row sums / count sums if every device of the
-        round sent its share and the sums are consistent; else unchanged (logged)."""
+    def _with_secure_extra(self, state: State, extra: np.ndarray | None,
+                           failed: str | None) -> State:
+        """The table after the round: per-row sums / count sums from the secure sum; the
+        round's rows unchanged (logged) when there was none or it could not be rebuilt."""
+        if not self.secure:
+            return state
+        lora = {k: v for k, v in state.items() if not k.startswith("submodel.")}
         ids, rows = self.table_start
-        info = {"devices": len(self._peers), "shares": len(self._summed),
+        info = {"devices": len(self._peers), "shares": len(self._inputs),
                 "union_rows": int(self._union.size), "applied": False, "rows_updated": 0,
                 "skipped": None}
-        missing = sorted(set(self._peers) - self._summed)
-        if len(self._peers) < MIN_PEERS:
+        if len(self._peers) < MIN_DEVICES:
             info["skipped"] = f"{len(self._peers)} device(s) in the round (at least " \
-                              f"{MIN_PEERS} for secure aggregation)"
-        elif missing:
-            info["skipped"] = f"no masked rows from node(s) {missing}: the masks do not cancel"
+                              f"{MIN_DEVICES} for secure aggregation)"
+        elif failed or extra is None:
+            info["skipped"] = failed or "no secure sum this round"
         else:
             try:
-                sums, counts = unmask_sums(self._sum, self.cfg.submodel.secure_bits)
+                sums, counts = unmask_sums(
+                    np.ascontiguousarray(extra).view(np.uint64).reshape(
+                        self._union.size, self.base.shape[1] + 1),
+                    self.cfg.submodel.secure_bits)
             except ValueError as err:
                 info["skipped"] = str(err)
         if info["skipped"]:
@@ -217,16 +223,15 @@ class SubmodelLoRA(HeterogeneousLoRA):
             ids, rows = aggregate_sums(ids, rows, self._union, sums, counts)
             info.update(applied=True, rows_updated=int((counts > 0).sum()))
         self.rows_log[self._round] = {**info, "skipped_total": self.rows_rounds_skipped}
-        return ids, rows
+        return {**lora, TABLE_IDS: ids, TABLE_ROWS: rows}
 
     def _aggregate(self, states: list[State], counts: list[int], nodes: list[int]) -> State:
         if self._round_start is not None:
             self._round_start, _, _ = split_state(self._round_start)
         lora = super()._aggregate(states, counts, nodes)
-        if self.secure:
-            ids, rows = self._secure_rows()
-        else:
-            ids, rows = aggregate_rows(*self.table_start, [self._rows_up[n] for n in nodes])
+        if self.secure:  # the rows come from the secure sum (`_with_secure_extra`)
+            return {**lora, TABLE_IDS: self.table_start[0], TABLE_ROWS: self.table_start[1]}
+        ids, rows = aggregate_rows(*self.table_start, [self._rows_up[n] for n in nodes])
         return {**lora, TABLE_IDS: ids, TABLE_ROWS: rows}
 
     def _client_info(self, node: int, n: int, metrics: dict, msg: Message,
@@ -234,7 +239,7 @@ class SubmodelLoRA(HeterogeneousLoRA):
         row = super()._client_info(node, n, metrics, msg, key)
         if self.secure:  # what a device trained is not in its share
             row.update(rows_requested=int(self.requests[node].size),
-                       rows_up=int(self._union.size) if node in self._summed else 0,
+                       rows_up=int(self._union.size) if node in self._inputs else 0,
                        rows_counted=None, rows_max_change=None)
             return row
         up = self._rows_up.get(node)

@@ -65,6 +65,10 @@ class UnlearnTraits(Traits):
     def rank_for(self, cfg: RunConfig, device: str, explicit_rank: int = 0) -> int:
         return self._agg(cfg).rank_for(cfg, device, explicit_rank)
 
+    def secure_refusal(self, cfg: RunConfig) -> str:
+        return ("strategy='unlearn' projects each device's gradient against the forgotten "
+                "devices' own gradients")
+
     def training_rounds(self, cfg: RunConfig) -> int:
         u = cfg.unlearn
         if u.after_rounds >= 0:
