@@ -6,7 +6,8 @@
 - QUERY `serve`: run one micro-service call (`mode='serve'`, `client_app.serve`).
 - QUERY `secagg`: a stage of secure aggregation (`strategies.secure.device`); its Flower mod
   `secagg_mod` masks a TRAIN reply when the server asked for it (`secure.enabled`, the
-  sub-model's secure rows).
+  sub-model's secure rows), after `client_app.mods.central_clip_mod` clipped it
+  (`dp.central='client'`).
 - TRAIN (and TRAIN.<kind>, e.g. "gradient"): handled by the algorithm the run config names,
   looked up in the registry (`strategies.registry`): each algorithm declares one handler per
   message type it sends. A message type no registered algorithm handles is not registered.
@@ -20,6 +21,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from client_app import infer, serve
+from client_app.mods import central_clip_mod
 from strategies import registry
 from strategies.secure import device as secure
 from edge_lam.config.run_config import RunConfig
@@ -73,5 +75,6 @@ def _with_overhead(reply: Message, started: float) -> Message:
 for _type in registry.message_types():  # "train", "train.gradient", ...
     _kind, _, _action = _type.partition(".")
     getattr(app, _kind)(*([_action] if _action else []),
-                        mods=[secure.secagg_mod] if _kind == "train" else None)(
+                        mods=[secure.secagg_mod, central_clip_mod] if _kind == "train"
+                        else None)(
         _dispatch(_type))

@@ -120,7 +120,7 @@ class RunRecorder:
             "clients": train.get("clients", []),
         }
         for key in ("rejections", "budget_exhausted", "forget_nodes", "unlearning", "fleet",
-                    "robust", "contribution", "secure"):
+                    "robust", "contribution", "secure", "central_dp"):
             if train.get(key):
                 row[key] = train[key]
         row.update({k: metrics[k] for k in EXTRA_METRICS if k in metrics})

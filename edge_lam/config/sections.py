@@ -259,6 +259,41 @@ class DPSection(Section):
     noise_multiplier: float = option(0.0, "sigma / C; 0 = derived from `dp.target-epsilon` "
                                      "and `dp.delta` for the run's planned steps", lo=0.0,
                                      legacy="dp_noise_multiplier")
+    central: str = option("off", "central (device-level) DP through Flower's DP wrapper "
+                          "strategies: `client` (each device clips its update with Flower's "
+                          "fixedclipping_mod; works with secure.enabled) or `server` (the "
+                          "server clips each reply; strategy='fedavg' only); the server adds "
+                          "Gaussian noise z C / m to the uniform mean of the m devices' "
+                          "updates; epsilon (RDP, at `dp.delta`) in metrics.jsonl",
+                          choices=("off", "client", "server"))
+    central_noise: float = option(1.0, "central DP: the noise multiplier z", lo=1e-6)
+    central_clip: float = option(0.5, "central DP: the clipping norm C of a device's update "
+                                 "(all its tensors as one vector)", lo=1e-9)
+
+    def check(self, cfg) -> None:
+        """Central DP: what Flower's wrappers can make private here."""
+        if self.central == "off":
+            return
+        why = ""
+        if cfg.strategy not in ("fedavg", "hetlora"):
+            why = (f"strategy='{cfg.strategy}' does not release the uniform mean of the "
+                   "devices' clipped updates (the sensitivity z C / m assumes it)")
+        elif self.central == "server" and cfg.strategy != "fedavg":
+            why = ("dp.central='server' clips each reply against the global adapter at r_max: "
+                   "every device must train at r_max (strategy='fedavg'), or use "
+                   "dp.central='client'")
+        elif self.central == "server" and cfg.secure.enabled:
+            why = ("the server cannot clip an update it only sees masked (secure.enabled): "
+                   "use dp.central='client'")
+        elif self.enabled:
+            why = "dp.enabled (local DP on devices) and dp.central together: pick one"
+        elif cfg.lora.server_optimizer != "none":
+            why = (f"lora.server-optimizer='{cfg.lora.server_optimizer}' rescales the mean "
+                   "before the noise, so z C / m no longer bounds one device's influence")
+        elif cfg.robust.aggregator != "none" or cfg.robust.contribution != "off":
+            why = "robust rules and contributions weigh devices unequally"
+        if why:
+            raise ConfigError(f"dp.central='{self.central}': {why}")
 
 
 @dataclass(frozen=True)

@@ -235,6 +235,12 @@ def _check_config(cfg: RunConfig, state: dict, run_dir: Path) -> None:
             f"({shown}{'; ...' if len(differ) > 6 else ''}): resume with the same config "
             f"(its {run_dir / FOLDER / STATE_FILE} holds it); only num-server-rounds may grow, "
             "and results-dir and round-timeout may differ")
+    if cfg.dp.central != "off":
+        raise ConfigError(
+            f"resume='{cfg.resume}': dp.central runs cannot be resumed: the server's privacy "
+            "accountant is not checkpointed, so the resumed run would report the epsilon of "
+            f"its own rounds only. Start a new run (resume=''); the finished rounds' adapter "
+            f"is {run_dir / FOLDER / GLOBAL_FILE}")
     if cfg.dp.enabled:
         raise ConfigError(
             f"resume='{cfg.resume}': dp.enabled runs cannot be resumed exactly: each device's "

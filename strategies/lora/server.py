@@ -21,6 +21,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid
 
 from strategies.lora import checkpoint
+from strategies.lora.central_dp import with_central_dp
 from strategies.lora.checkpoint import Checkpoint
 from strategies.lora.strategy import HeterogeneousLoRA
 from strategies.registry import run_guards
@@ -90,6 +91,7 @@ def federate(grid: Grid, plan: RunPlan,
              cfg.r_max, cfg.total_rounds, run_dir)
     strategy = (make_strategy(plan, recorder) if make_strategy else HeterogeneousLoRA(
         cfg, server_model.label_names, on_train_round=recorder.record_train))
+    strategy = with_central_dp(strategy, cfg)  # dp.central: Flower's DP wrapper around it
     if resumed is not None:
         _resume(strategy, plan, run_ids)
     else:

@@ -107,6 +107,10 @@ class HeterogeneousLoRA(FedAvg):
         self._secure: SecureRound | None = None
         self._grid: Grid | None = None
         self._inputs: dict[int, np.ndarray] = {}
+        # central DP (`strategies.lora.central_dp`): every device weighs 1 / m; the wrapper
+        # adds its epsilon to the round's info
+        self.uniform_weights = False
+        self.round_info: dict[int, dict] = {}
         self.resume = StrategyCheckpoint(
             (self.directory, self.exhausted, self.capability, self.aggregation, self.fleet,
              self.latest, self.server_opt), self.profiles.get)
@@ -271,7 +275,8 @@ class HeterogeneousLoRA(FedAvg):
             if node in kept:
                 msg.content["config"].update({
                     **self._secure.train_config(node), "secagg-layout": self.secure_layout(),
-                    "secagg-clip": float(s.clip)})
+                    "secagg-clip": float(s.clip),
+                    "secagg-weight": "uniform" if self.uniform_weights else "examples"})
                 out.append(msg)
         self._outbox = out
         return out
@@ -405,6 +410,9 @@ class HeterogeneousLoRA(FedAvg):
             self.on_train_round(server_round, info)
             return None, None
         nodes, states, counts, _ = map(list, zip(*accepted))
+        if self.uniform_weights:  # central DP: the uniform mean (sensitivity C / m)
+            counts = [1] * len(counts)
+        self.round_info = {server_round: info}
         new_state, secure_extra, secure_failed = None, None, None
         if self._secure is not None:  # the sum of the masked inputs, never one of them
             try:

@@ -200,7 +200,8 @@ def secagg_mod(msg: Message, context: Context, call_next) -> Message:
     layout = str(config.get("secagg-layout", "padded"))
     parts, clipped = [], 0
     if layout != "none":
-        vector, clipped = encoding.encode(payload, int(metrics["num-examples"]),
+        weight = 1 if config.get("secagg-weight") == "uniform" else int(metrics["num-examples"])
+        vector, clipped = encoding.encode(payload, weight,
                                           int(config["r-max"]), layout,
                                           float(config["secagg-clip"]))
         parts.append(vector.view(np.uint64))

@@ -87,4 +87,4 @@ def decode(total: np.ndarray, template: State, layout: str, r_max: int, clip: fl
         else:  # a component nobody trained: its sums are 0, so it stays 0
             mean = sums / weight
         out[key] = mean.astype(dtype)
-    return out, weight, clipped
+    return {k: out[k] for k in template}, weight, clipped  # the template's key order
