@@ -248,3 +248,24 @@ def test_pick_attackers_fraction():
     assert len(attacks.pick_attackers(5, 0.1, rng)) == 1
     with pytest.raises(ValueError, match="fraction"):
         attacks.pick_attackers(10, 0.6, rng)
+
+
+def test_trust_from_earlier_rounds_weighs_the_contribution_vote():
+    """robust.trust-alpha < 1: t = this round's weights x each device's trust from the rounds
+    before (its last weight x K); a device refused last round (trust 0) gets none of the
+    trust share, a new device counts as an equal share."""
+    from strategies.robust.aggregate import RobustRound
+    from edge_lam.config.run_config import RunConfig
+
+    cfg = RunConfig.from_run_config({"robust.contribution": "softmax",
+                                     "robust.trust-alpha": 0.5})
+    rnd = RobustRound(cfg, ("a", "b"))
+    rnd.trust.update({1: 0.0, 2: 2.0})  # node 1 refused, node 2 twice an equal share
+    rnd._trust_before = dict(rnd.trust)
+    w = np.array([0.25, 0.25, 0.5])
+    got = rnd._reweighted(np.zeros(3), w, [1, 2, 3])
+    t = w * np.array([0.0, 2.0, 1.0])
+    q = got - 0.5 * t / t.sum()  # the contribution half is what softmax of c = 0 gives: w
+    np.testing.assert_allclose(q, 0.5 * w)
+    np.testing.assert_allclose(got.sum(), 1.0)
+    assert got[0] == pytest.approx(0.5 * 0.25)  # no trust share for the refused device

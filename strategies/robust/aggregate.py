@@ -118,6 +118,8 @@ class RobustRound:
         r = self.cfg.robust
         info: dict = {}
         result = None
+        # trust from the rounds before this one (read before this round overwrites it)
+        self._trust_before = {int(n): float(self.trust.get(int(n), 1.0)) for n in nodes}
         rule = robust_rule(self.cfg)
         if rule is not None:
             result = self._robust(rule, server_round, previous, sent, states, counts)
@@ -202,7 +204,7 @@ class RobustRound:
         estimate, variants, losses = self._estimate(previous, updates, w, nodes, out)
         if self.cfg.robust.exact_loo:
             self._check_exact(previous, updates, w, nodes, losses, estimate, variants, out)
-        return out, self._reweighted(estimate, w)
+        return out, self._reweighted(estimate, w, nodes)
 
     def _estimate(self, previous: State, updates: Updates, w: np.ndarray,
                   nodes: Sequence[int], out: dict) -> tuple[np.ndarray, dict, np.ndarray]:
@@ -258,9 +260,13 @@ class RobustRound:
                 name: spearman(values, exact) for name, values in variants.items()
                 if np.ptp(values) > 0}
 
-    def _reweighted(self, estimate: np.ndarray, w: np.ndarray) -> np.ndarray | None:
+    def _reweighted(self, estimate: np.ndarray, w: np.ndarray, nodes: Sequence[int] = ()
+                    ) -> np.ndarray | None:
         """The weights robust.contribution gives (None: report only): w' = alpha q +
-        (1 - alpha) w, q from the contributions."""
+        (1 - alpha) t, q from the contributions, t = this round's aggregator weights times
+        each device's trust from the rounds before (its last weight x K: 0 for a device the
+        aggregator refused last time, 1 for an equal share or a device not seen yet; a
+        resumed run restores it)."""
         r = self.cfg.robust
         if r.contribution == "report":
             return None
@@ -272,7 +278,11 @@ class RobustRound:
             q = contribution_weights(estimate, w, r.contribution, r.contribution_temperature)
         if r.trust_alpha == 1.0:
             return q
-        return compose_with_trust(q, w, r.trust_alpha, 1.0 - r.trust_alpha)
+        before = getattr(self, "_trust_before", {})
+        t = w * np.array([before.get(int(n), 1.0) for n in nodes]) if len(nodes) else w
+        if t.sum() <= 0:  # every device distrusted: this round's weights alone
+            t = w
+        return compose_with_trust(q, t, r.trust_alpha, 1.0 - r.trust_alpha)
 
     def _exact(self, previous: State, updates: Updates, w: np.ndarray, base: float
                ) -> np.ndarray:
