@@ -7,8 +7,9 @@ in this process (`tests/inprocess_grid.InProcessGrid`); the devices misbehave th
 
 - `--study failures`: the clean run against the same run with faults.crash / error / timeout
   (default 0.1 each: 30% of the devices fail per round); final accuracy of both.
-- `--study attacks`: rows attack.kind (none, sign-flip, scale, gaussian, backdoor, collude)
-  at attack.fraction of the devices, columns robust.aggregator (none = the strategy's own
+- `--study attacks`: rows attack.kind (none, sign-flip, scale, gaussian, backdoor, collude,
+  and the attacks built against the defences: alie, min-max, min-sum) at attack.fraction
+  of the devices, columns robust.aggregator (none = the strategy's own
   aggregation, mean, median, trimmed-mean, krum, multi-krum, norm-clip, fltrust); cells the
   final accuracy, and for backdoor the attack success rate: the share of triggered test texts
   (true label != target) the final adapter classifies as the target.
@@ -38,7 +39,8 @@ from benchmarks.common import (machine_line, provenance, read_json,  # noqa: E40
                                run_inprocess, set_overrides, write_json)
 from edge_lam.config.run_config import RunConfig  # noqa: E402
 
-ATTACKS = ("none", "sign-flip", "scale", "gaussian", "backdoor", "collude")  # table order
+ATTACKS = ("none", "sign-flip", "scale", "gaussian", "backdoor", "collude", "alie", "min-max",
+           "min-sum")  # table order
 AGGREGATORS = ("none", "mean", "median", "trimmed-mean", "krum", "multi-krum", "norm-clip",
                "fltrust")
 STUDIES = ("failures", "attacks", "contribution")  # each in <out>/<study>.json

@@ -269,3 +269,36 @@ def test_trust_from_earlier_rounds_weighs_the_contribution_vote():
     np.testing.assert_allclose(q, 0.5 * w)
     np.testing.assert_allclose(got.sum(), 1.0)
     assert got[0] == pytest.approx(0.5 * 0.25)  # no trust share for the refused device
+
+
+def _benign(k=6, seed=3):
+    rng = np.random.default_rng(seed)
+    base = rng.normal(size=(4, 5))
+    return [{"l": base + 0.3 * rng.normal(size=(4, 5)), "h": rng.normal(size=3)}
+            for _ in range(k)]
+
+
+def test_alie_is_mean_minus_z_std_with_baruchs_z():
+    # n = 10 devices, f = 2 attackers: s = floor(10/2 + 1) - 2 = 4, z = Phi^-1(6/10)
+    assert attacks.alie_z(10, 2) == pytest.approx(0.2533471, abs=1e-6)
+    benign = _benign()
+    got = attacks.alie(benign, 10, 2)
+    for key in ("l", "h"):
+        x = np.stack([b[key] for b in benign])
+        np.testing.assert_allclose(got[key], x.mean(0) - 0.2533471 * x.std(0), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["min_max", "min_sum"])
+def test_min_max_and_min_sum_push_as_far_as_the_honest_spread_allows(name):
+    benign = _benign()
+    x = np.stack([np.concatenate([b["h"], b["l"].ravel()]) for b in benign])
+    crafted = getattr(attacks, name)(benign)
+    m = np.concatenate([crafted["h"], crafted["l"].ravel()])
+    dists = np.linalg.norm(x - m, axis=1)
+    pair = np.linalg.norm(x[:, None] - x[None], axis=-1)
+    bound, used = ((pair.max(), dists.max()) if name == "min_max" else
+                   ((pair ** 2).sum(1).max(), (dists ** 2).sum()))
+    assert used <= bound * (1 + 1e-9) and used >= bound * (1 - 1e-6)  # at the boundary
+    sd = x.std(0)
+    direction = (m - x.mean(0)) / np.linalg.norm(m - x.mean(0))
+    np.testing.assert_allclose(direction, -sd / np.linalg.norm(sd), atol=1e-9)  # the std way

@@ -193,3 +193,36 @@ def test_batched_per_example_gradients_equal_one_backward_per_example(tiny_bert,
     np.testing.assert_allclose(losses, losses1, rtol=1e-5)
     np.testing.assert_allclose(g, g1, rtol=1e-4, atol=1e-7 * np.abs(g1).max())
     np.testing.assert_allclose(fisher, fisher1, rtol=1e-4, atol=1e-7 * fisher1.max())
+
+
+@pytest.mark.parametrize("kind", ["alie", "min-max"])
+def test_attacks_on_the_defences_send_one_crafted_update_from_every_colluder(
+        kind, tiny_bert, agnews_short, tmp_path):
+    """alie / min-max in a federation: the two colluders (of five) send the same product
+    update, crafted from their shards' estimates; the honest ones train as usual."""
+    from inprocess_grid import InProcessGrid
+    from strategies.lora.server import federate
+    from strategies.robust import inject
+    from edge_lam.records import from_record
+
+    raw = _raw(tiny_bert, agnews_short, tmp_path, **{
+        "attack.kind": kind, "attack.fraction": 0.4, "num-server-rounds": 1,
+        "strategy": "fedavg"})
+    grid = InProcessGrid(raw, num_nodes=5)
+    federate(grid, prepare_run(RunConfig.from_run_config(raw), 21))
+    cfg = RunConfig.from_run_config(raw)
+    bad = inject.attackers(cfg, 5)
+    sent = {m.metadata.dst_node_id: from_record(m.content["arrays"])
+            for _, m in grid.sent if m.metadata.message_type == "train"}
+    ups = {}
+    for reply in grid.replies:
+        if reply.metadata.message_type == "train":
+            node = reply.metadata.src_node_id
+            ups[grid.contexts[node].node_config["partition-id"]] = update_of(
+                sent[node], from_record(reply.content["arrays"]))
+    assert len(bad) == 2 and len(ups) == 5
+    a, b = (ups[p] for p in bad)
+    honest = [ups[p] for p in range(5) if p not in bad]
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], atol=1e-5)  # one crafted update
+        assert not np.allclose(a[key], honest[0][key], atol=1e-6)

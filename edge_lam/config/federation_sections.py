@@ -146,7 +146,12 @@ class AttackSection(Section):
                        "update), `backdoor` (trains on data where attack.poison of the "
                        "examples carry attack.trigger and the label attack.target), `collude` "
                        "(the attackers pool their data and all send -attack.factor x that "
-                       "update)", registry="attack", choices=("none",))
+                       "update); against the defences, the attackers estimate honest updates "
+                       "from attack.samples shards of their pooled data and all send: "
+                       "`alie` (mean - z std, A Little Is Enough), `min-max` / `min-sum` "
+                       "(mean + gamma x the std direction, gamma as large as keeps it within "
+                       "the honest updates' largest distance / sum of squared distances)",
+                       registry="attack", choices=("none",))
     fraction: float = option(0.2, "fraction of the partitions that attack (drawn with the "
                              "run's seed)", lo=0.0, hi=0.49)
     factor: float = option(10.0, "`scale` / `collude`: the update's multiplier", lo=0.0)
@@ -157,6 +162,8 @@ class AttackSection(Section):
                          "label)", allow_empty=True)
     poison: float = option(0.5, "`backdoor`: fraction of an attacker's examples poisoned",
                            lo=0.0, hi=1.0)
+    samples: int = option(4, "`alie` / `min-max` / `min-sum`: shards of the attackers' pooled "
+                          "data they train to estimate the honest updates' spread", lo=2)
 
     def check(self, cfg) -> None:
         """Some attackers, and a labelled task for an attack that poisons labels

@@ -77,6 +77,81 @@ def collude(sent: Sequence[State], trained: Sequence[State], colluders: Sequence
             for k in range(len(trained))]
 
 
+# ------------------------------------------------------------- attacks on the defences
+# Colluders who estimate the honest updates (`benign`: update dicts in product space, as
+# `update_of` gives) craft one update that robust statistics accept (Baruch et al., NeurIPS
+# 2019, "A Little Is Enough"; Shejwalkar & Houmansadr, NDSS 2021, min-max / min-sum).
+def _flat(updates: Sequence[Mapping[str, np.ndarray]]) -> tuple[np.ndarray, list]:
+    keys = sorted(updates[0])
+    shapes = [np.shape(updates[0][k]) for k in keys]
+    return (np.stack([np.concatenate([np.ravel(u[k]).astype(np.float64) for k in keys])
+                      for u in updates]), list(zip(keys, shapes)))
+
+
+def _unflat(vector: np.ndarray, layout: list) -> dict[str, np.ndarray]:
+    out, pos = {}, 0
+    for key, shape in layout:
+        size = int(np.prod(shape))
+        out[key] = vector[pos:pos + size].reshape(shape)
+        pos += size
+    return out
+
+
+def alie_z(num_devices: int, num_attackers: int) -> float:
+    """ALIE's z: the attackers need s = floor(n / 2 + 1) - f honest devices to sit farther
+    from the mean than they do; z = Phi^-1((n - s) / n)."""
+    from scipy.stats import norm
+
+    s = num_devices // 2 + 1 - num_attackers
+    return float(norm.ppf((num_devices - s) / num_devices))
+
+
+def alie(benign: Sequence[Mapping[str, np.ndarray]], num_devices: int,
+         num_attackers: int) -> dict[str, np.ndarray]:
+    """mu - z sigma per coordinate, inside the honest spread (median, trimmed mean and Krum
+    accept it), z = `alie_z`; mu, sigma over the estimated honest updates."""
+    x, layout = _flat(benign)
+    return _unflat(x.mean(0) - alie_z(num_devices, num_attackers) * x.std(0), layout)
+
+
+def _scaled_to_fit(x: np.ndarray, direction: np.ndarray, fits) -> np.ndarray:
+    """mu + gamma p with the largest gamma (binary search) for which `fits(m)` holds."""
+    mu = x.mean(0)
+    lo, hi = 0.0, 1.0
+    while fits(mu + hi * direction) and hi < 1e6:
+        lo, hi = hi, 2 * hi
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if fits(mu + mid * direction) else (lo, mid)
+    return mu + lo * direction
+
+
+def _direction(x: np.ndarray) -> np.ndarray:
+    """The perturbation: minus the unit standard deviation (Shejwalkar & Houmansadr's
+    'std' direction)."""
+    sd = x.std(0)
+    norm = np.linalg.norm(sd)
+    return -sd / norm if norm > 0 else -x.mean(0) / max(np.linalg.norm(x.mean(0)), 1e-12)
+
+
+def min_max(benign: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """mu + gamma p, gamma as large as keeps the crafted update's largest distance to an
+    honest one within the largest distance between two honest ones (Krum / median blind)."""
+    x, layout = _flat(benign)
+    d = np.linalg.norm(x[:, None] - x[None], axis=-1).max()
+    return _unflat(_scaled_to_fit(x, _direction(x), lambda m: np.linalg.norm(
+        x - m, axis=1).max() <= d), layout)
+
+
+def min_sum(benign: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """mu + gamma p, gamma as large as keeps the crafted update's sum of squared distances
+    to the honest ones within the largest such sum of an honest one."""
+    x, layout = _flat(benign)
+    sums = (np.linalg.norm(x[:, None] - x[None], axis=-1) ** 2).sum(1).max()
+    return _unflat(_scaled_to_fit(x, _direction(x), lambda m: (np.linalg.norm(
+        x - m, axis=1) ** 2).sum() <= sums), layout)
+
+
 def pick_attackers(num_devices: int, fraction: float, rng: np.random.Generator) -> list[int]:
     """round(fraction x K) device indices, at least one, drawn without replacement (the
     issue asks for 10-30% of devices)."""

@@ -258,6 +258,37 @@ def collude_round(cfg: RunConfig, info, label_names: tuple[str, ...], rank: int,
     return colluding_reply(state, sent_c, trained_c, cfg.attack.factor), own_n, metrics
 
 
+def defence_round(craft: Callable[..., dict]):
+    """An attack built against the robust statistics (`alie`, `min-max`, `min-sum`): the
+    colluders pool their partitions, split the pool into attack.samples shards and train
+    each (at their common rank r_c, from the same state: estimates of honest updates, the
+    same on every colluder), then all send the update `craft` makes of those estimates."""
+
+    def round_(cfg: RunConfig, info, label_names: tuple[str, ...], rank: int, state: State,
+               server_round: int, bad: list[int], **train) -> tuple[State, int, dict]:
+        from edge_lam.training.device import local_examples
+        from edge_lam.training.device import train_round as honest
+
+        parts = [local_examples(cfg, dataclasses.replace(info, partition_id=p), label_names)
+                 for p in bad]
+        pool = pooled(parts)
+        shards = max(2, cfg.attack.samples)
+        r_c = collusion_rank(cfg, rank)
+        sent_c = truncate_lora(state, r_c)
+        leader = dataclasses.replace(info, partition_id=bad[0])  # the shared seeds
+        estimates, metrics = [], {}
+        for k in range(shards):
+            shard = pool.subset(list(range(k, len(pool), shards)))
+            trained_k, _, metrics = honest(cfg, leader, label_names, r_c, sent_c,
+                                           server_round, examples=shard, **train)
+            estimates.append(update_of(sent_c, trained_k))
+        crafted = craft(estimates, info.num_partitions, len(bad))
+        own_n = len(parts[bad.index(info.partition_id)])
+        return _keep_other_keys(attacks._with_updates(state, crafted), state), own_n, metrics
+
+    return round_
+
+
 # The attacks (`attack.kind`; 'none': honest devices): a `edge_lam.config.registry.Registry`, kind
 # "attack" (a third-party one registers through the `edge_lam.attack` entry points).
 ATTACKS = registry("attack", key="attack.kind")
@@ -269,5 +300,8 @@ for _attack in (
         Attack("gaussian", lambda sent, trained, factor, sigma, rng:
                attacks.gaussian(sent, trained, sigma, rng or np.random.default_rng())),
         Attack("backdoor", round=backdoor_round, needs_labels=True),
-        Attack("collude", round=collude_round)):
+        Attack("collude", round=collude_round),
+        Attack("alie", round=defence_round(attacks.alie)),
+        Attack("min-max", round=defence_round(lambda est, n, f: attacks.min_max(est))),
+        Attack("min-sum", round=defence_round(lambda est, n, f: attacks.min_sum(est)))):
     ATTACKS.register(_attack.name, _attack)
