@@ -79,7 +79,7 @@ def test_every_kind_is_one_registry_declared_where_it_is_defined():
                                             "multi-krum", "norm-clip", "fltrust")
     assert kinds["selection"].names() == ("all", "random", "oort", "s2", "fedlaavg")
     assert kinds["attack"].names() == ("sign-flip", "scale", "gaussian", "backdoor",
-                                       "collude")
+                                       "collude", "alie", "min-max", "min-sum")
     # the mappings other code reads stay dict-like views
     from strategies.lora.math import AGGREGATORS, DELTA_AGGREGATORS, hetlora_aggregate
 
