@@ -66,13 +66,16 @@ def test_the_kinds_say_what_they_need_instead_of_being_named():
     assert rules.get("trimmed-mean").params(RunConfig().robust) == {"beta": 0.2}
     attacks = registry("attack")
     assert [n for n, a in attacks.items() if a.needs_labels] == ["backdoor"]
-    assert [n for n, a in attacks.items() if a.round is not None] == ["backdoor", "collude"]
+    assert [n for n, a in attacks.items() if a.round is not None] == [
+        "backdoor", "collude", "alie", "min-max", "min-sum"]
     modes = registry("mode")
     assert [n for n, m in modes.items() if m.resumable] == ["train"]
     aggregations = registry("aggregation rule")
     assert [n for n, r in aggregations.items() if r.pads_factors] == ["fedavg", "hetlora"]
     assert [n for n, r in aggregations.items() if r.refactorises] == ["flexlora",
                                                                       "flexlora-delta"]
+    assert [n for n, r in aggregations.items() if r.secure] == ["fedavg", "hetlora",
+                                                                  "rankwise"]
 
 
 def test_a_third_party_selection_policy_runs_without_touching_the_scheduler():

@@ -151,7 +151,7 @@ def test_the_old_package_name_is_gone():
      "robust.aggregator='krumm' is not known: use one of none, mean, median, trimmed-mean, "
      "krum, multi-krum, norm-clip, fltrust (did you mean 'krum'?)"),
     ({"attack.kind": "flip"}, "attack.kind='flip' is not known: use one of none, sign-flip, "
-                              "scale, gaussian, backdoor, collude (did you mean 'sign-flip'?)"),
+                              "scale, gaussian, backdoor, collude, alie, min-max, min-sum (did you mean 'sign-flip'?)"),
     ({"fleet.selection": "oorts"}, "fleet.selection='oorts' is not known: use one of all, "
                                    "random, oort, s2, fedlaavg (did you mean 'oort'?)"),
     ({"task": "lm-clss"}, "task='lm-clss' is not known: use one of seq-cls, causal-lm, lm-cls "
