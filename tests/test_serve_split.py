@@ -277,3 +277,49 @@ def test_serve_split_benchmark(tiny_llama, tmp_path):
     assert tight["single_s"] is None and len(tight["segments"]) >= 2
     assert max(tight["held_bytes"]) < tight["whole_model_bytes"]
     check_render("serve_split.py", out, "serve_split.md")
+
+
+def test_split_generation_with_kv_caches_equals_generate_token_for_token(tiny_llama,
+                                                                        tmp_path):
+    """Three devices, each keeping its layers' keys and values for the request in its Flower
+    context: after the prompt, a step sends one hidden state per row through each hop, and
+    the greedy tokens equal the whole model's `generate`, token for token."""
+    grid, rep = _serve(tiny_llama, tmp_path, "2:0-2,0:2-3,1:3-4",
+                       **{"serve.split-generate": 6, "serve.split-batches": 2})
+    gens = rep["generation"]
+    assert len(gens) == 2 and all(g["equal_to_generate"] for g in gens)
+    g = gens[0]
+    # a decode step carries (B, 1) ids, then (B, 1, H) hidden states: far less than the
+    # prefill's (B, T, H)
+    assert g["step_bytes"] * 8 < g["prefill_bytes"]
+    steps = [m for _, m in grid.sent if m.metadata.message_type == "query.serve"
+             and "request" in m.content["config"]]
+    assert len(steps) == 2 * 6 * 3  # batches x tokens x hops
+    # a device keeps only its own layers' cache: node of units [2, 3) holds layer 1 only
+    node = rep["plan"]["segments"][1]["node"]
+    kept = grid.contexts[node].state.array_records["split-kv"]
+    assert sorted(kept) == ["k.1", "v.1"]
+    assert kept["k.1"].numpy().shape[2] == 16 + 6 - 1  # prompt + tokens fed back
+
+
+def test_a_step_that_does_not_match_the_kept_cache_is_refused(tiny_llama, tmp_path):
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+    from client_app.serve.split import handle
+    from edge_lam.records import to_record
+
+    ctx = Context(run_id=1, node_id=5, node_config={}, state=RecordDict(), run_config={})
+    cfg = RunConfig.from_run_config({"model": str(tiny_llama), "task": "causal-lm"})
+
+    def step(past, request="r1", x=np.zeros((1, 3), np.int64)):
+        return handle(Message(RecordDict({"config": ConfigRecord({
+            "kind": "split", "model": str(tiny_llama), "start": 0, "end": 2,
+            "request": request, "past": past}), "arrays": to_record({"x": x})}),
+            dst_node_id=5, message_type="query.serve"), ctx, cfg)
+
+    step(0)
+    with pytest.raises(ValueError, match="holds r1 at 3"):
+        step(5)
+    with pytest.raises(ValueError, match="request r2"):
+        step(3, request="r2")
+    step(3, x=np.zeros((1, 1), np.int64))  # the right next step goes through

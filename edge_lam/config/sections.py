@@ -403,6 +403,12 @@ class ServeSection(Section):
                                 "model locally, to compare logits and time)", lo=1)
     split_repeats: int = option(3, "timing passes per unit when measuring the model's units "
                                 "on the server (median)", lo=1)
+    split_generate: int = option(0, "also generate this many tokens greedily for each "
+                                 "batch (random prompts, task='causal-lm'): every device "
+                                 "keeps its layers' KV cache, so a step sends one hidden "
+                                 "state per hop; compared token for token with the whole "
+                                 "model's generate, and timed against re-running the whole "
+                                 "sequence through the chain (no cache) (0: off)", lo=0)
     split_call_s: float = option(0.0, "seconds the messaging itself costs per device call "
                                  "(SuperLink round trip, serialisation), added to every range "
                                  "the planner places: 0 for the in-process grid; about 0.09 "

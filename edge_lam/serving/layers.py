@@ -194,6 +194,70 @@ def run_units(model, start: int, end: int, x: torch.Tensor, attention_mask: torc
     return _head(model, hidden, attention_mask, vocab_ids) if end == layers + 2 else hidden
 
 
+# ---------------------------------------------------------------- generation, KV-cached
+def new_cache(model):
+    """An empty KV cache for this model; a device fills only its own layers' entries."""
+    from transformers import DynamicCache
+
+    if set(getattr(model.config, "layer_types", None) or ["full_attention"]) != \
+            {"full_attention"}:
+        raise ConfigError("KV-cached split generation supports full-attention models (Llama "
+                          "family, SmolLM2); this model has sliding-window layers")
+    return DynamicCache(config=model.config)
+
+
+def cache_arrays(cache, start: int, end: int, layers: int) -> dict[str, np.ndarray]:
+    """The keys and values of the decoder layers among units [start, end), as arrays (what
+    a device keeps in its Flower context between messages)."""
+    out = {}
+    for i in range(max(start, 1) - 1, min(end, layers + 1) - 1):
+        layer = cache.layers[i]
+        if getattr(layer, "is_initialized", False):
+            out[f"k.{i}"] = layer.keys.numpy()
+            out[f"v.{i}"] = layer.values.numpy()
+    return out
+
+
+def cache_from_arrays(model, arrays: dict[str, np.ndarray]):
+    """A cache holding the saved layers' keys and values (`cache_arrays`)."""
+    cache = new_cache(model)
+    for key in sorted(k for k in arrays if k.startswith("k.")):
+        i = int(key.split(".")[1])
+        cache.update(torch.from_numpy(arrays[key]), torch.from_numpy(arrays[f"v.{i}"]), i)
+    return cache
+
+
+@torch.no_grad()
+def run_units_cached(model, start: int, end: int, x: torch.Tensor, cache, past: int
+                     ) -> torch.Tensor:
+    """Units [start, end) on the t new tokens of every row (ids (B, t) when start = 0, else
+    hidden (B, t, H)) at positions past..past+t-1, attending to the `past` tokens whose
+    keys and values `cache` holds for these layers (then extended with the new ones).
+    Rows share one length (no padding). Returns hidden (B, t, H), or the next-token logits
+    at the last new token (B, V) when the range ends the model."""
+    layers = model.config.num_hidden_layers
+    _check_range(start, end, layers + 2)
+    hidden = model.model.embed_tokens(x) if start == 0 else x  # (B, t, H)
+    t = hidden.shape[1]
+    chosen = range(max(start, 1) - 1, min(end, layers + 1) - 1)
+    if len(chosen):
+        positions = torch.arange(past, past + t).unsqueeze(0)  # (1, t)
+        keys = torch.arange(past + t)
+        mask = (keys[None, :] <= positions[0][:, None])[None, None]  # (1, 1, t, past + t)
+        mask = mask.expand(hidden.shape[0], 1, t, past + t)
+        rotary = model.model.rotary_emb(hidden, positions)
+        for i in chosen:
+            out = model.model.layers[i](hidden, attention_mask=mask,
+                                        position_embeddings=rotary, position_ids=positions,
+                                        cache=cache, use_cache=True)
+            hidden = out[0] if isinstance(out, tuple) else out
+    if end < layers + 2:
+        return hidden
+    logits = model.lm_head(model.model.norm(hidden[:, -1]))  # (B, V)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
 @torch.no_grad()
 def monolithic_logits(model, ids: torch.Tensor, attention_mask: torch.Tensor,
                       vocab_ids: torch.Tensor | None = None) -> torch.Tensor:

@@ -29,6 +29,7 @@ from flwr.serverapp import Grid
 
 from server_app.serve.fleet import ServeDevice, fleet
 from server_app.serve.split_plan import Plan, UnitCosts, choose, plan_seconds
+from edge_lam.config.options import ConfigError
 from edge_lam.config.run_config import RunConfig
 from edge_lam.models.families import family
 from edge_lam.messaging import connected_by_partition
@@ -61,6 +62,19 @@ def run(grid: Grid, context: Context, cfg: RunConfig) -> Path:
     runs = [run_batch(grid, cfg, nodes, plan, model, ids, mask, vocab)
             for ids, mask in batches]
     report = build_report(cfg, model, devices, nodes, costs, plan, compared, runs)
+    if cfg.serve.split_generate > 0:
+        if labels is not None:
+            raise ConfigError("serve.split-generate generates from random prompts: use "
+                              "task='causal-lm', or serve.split-generate=0")
+        report["generation"] = [
+            generate_batch(grid, cfg, nodes, plan, model, ids, cfg.serve.split_generate,
+                           f"batch-{b}") for b, (ids, _) in enumerate(batches)]
+        g = report["generation"][-1]
+        log.info("split generation: %d tokens, TTFT %.3f s, %.2f tokens/s with KV caches, "
+                 "%.2f without, %.2f on the whole model here; equal to generate: %s",
+                 cfg.serve.split_generate, g["ttft_s"], g["tokens_per_s"],
+                 g["nocache_tokens_per_s"], g["local_tokens_per_s"],
+                 all(r["equal_to_generate"] for r in report["generation"]))
     if labels is not None:
         predicted = np.concatenate([r["logits"].argmax(axis=1) for r in runs])
         report["accuracy"] = float((predicted == labels[:len(predicted)]).mean())
@@ -161,6 +175,73 @@ def run_batch(grid: Grid, cfg: RunConfig, nodes: list[int], plan: Plan, model,
     overhead = sum(h["seconds"] - h["device_seconds"] - h["load_seconds"] for h in hops)
     return {"split_s": split_s, "local_s": local_s, "hops": hops, "logits": x,
             "overhead_s": overhead, "diff": float(np.abs(x - local).max())}
+
+
+def _hop(grid: Grid, cfg: RunConfig, node: int, config: dict, arrays: dict) -> tuple:
+    """One QUERY to one device: (its reply's content, bytes sent, bytes back)."""
+    sent = to_record(arrays)
+    msg = Message(RecordDict({"config": ConfigRecord({"kind": "split", "model": cfg.model,
+                                                      **config}), "arrays": sent}),
+                  dst_node_id=node, message_type=MESSAGE_TYPE)
+    replies = list(grid.send_and_receive([msg], timeout=cfg.serve.timeout))
+    if not replies or replies[0].has_error():
+        why = replies[0].error.reason if replies else "no reply in time"
+        raise RuntimeError(f"split: device {node} failed units [{config['start']}, "
+                           f"{config['end']}): {why}")
+    got = replies[0].content
+    return got, record_nbytes(sent), record_nbytes(got["arrays"])
+
+
+def generate_batch(grid: Grid, cfg: RunConfig, nodes: list[int], plan: Plan, model,
+                   ids: torch.Tensor, new_tokens: int, request: str) -> dict:
+    """Greedy generation of `new_tokens` tokens for the prompts `ids` (B, T) down the chain:
+    the prompt first (each device fills its layers' KV cache), then one token per step (one
+    hidden state per row crosses each hop). Compared token for token with the whole model's
+    `generate` here, and timed against the chain without caches (the whole sequence again
+    at every step)."""
+    step_s, hop_bytes, out = [], [], []
+    x_ids, past = ids, 0
+    for _ in range(new_tokens):
+        started, sent_bytes = time.perf_counter(), 0
+        x = x_ids.numpy()
+        for seg in plan.segments:
+            got, up, down = _hop(grid, cfg, nodes[seg.device], {
+                "start": seg.start, "end": seg.end, "request": request, "past": past,
+                "pick": "greedy"}, {"x": x})
+            x = got["arrays"]["x"].numpy()
+            sent_bytes += up + down
+        token = torch.from_numpy(x).long().reshape(-1, 1)  # (B, 1): the last device's pick
+        past += x_ids.shape[1]
+        x_ids = token
+        out.append(token)
+        step_s.append(time.perf_counter() - started)
+        hop_bytes.append(sent_bytes)
+    tokens = torch.cat(out, dim=1)
+    local_start = time.perf_counter()
+    reference = model.generate(ids, attention_mask=torch.ones_like(ids),
+                               max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                               do_sample=False)[:, ids.shape[1]:]
+    local_s = time.perf_counter() - local_start
+    # no caches: every step runs the whole sequence so far through the chain
+    nocache_start, seq = time.perf_counter(), ids
+    for k in range(min(new_tokens, 4)):
+        x = seq.numpy()
+        for seg in plan.segments:
+            got, _, _ = _hop(grid, cfg, nodes[seg.device], {"start": seg.start, "end": seg.end},
+                             {"x": x, "attention_mask": np.ones(seq.shape, np.int64)})
+            x = got["arrays"]["x"].numpy()
+        seq = torch.cat([seq, tokens[:, k:k + 1]], dim=1)
+    nocache_per_token = (time.perf_counter() - nocache_start) / min(new_tokens, 4)
+    decode = step_s[1:] or step_s
+    return {"request": request, "batch": int(ids.shape[0]), "prompt_tokens": int(ids.shape[1]),
+            "new_tokens": new_tokens, "equal_to_generate": bool(torch.equal(tokens, reference)),
+            "ttft_s": step_s[0], "decode_s_per_token": float(np.mean(decode)),
+            "tokens_per_s": float(ids.shape[0] / np.mean(decode)),
+            "nocache_s_per_token": nocache_per_token,
+            "nocache_tokens_per_s": float(ids.shape[0] / nocache_per_token),
+            "local_tokens_per_s": float(ids.shape[0] * new_tokens / local_s),
+            "prefill_bytes": hop_bytes[0], "step_bytes": int(np.mean(hop_bytes[1:] or
+                                                                    hop_bytes))}
 
 
 def build_report(cfg: RunConfig, model, devices: list[ServeDevice], nodes: list[int],
