@@ -347,3 +347,20 @@ def test_the_client_app_answers_the_stages_through_flower(tmp_path):
     reply = client_app(msg, ctx)
     keys = reply.content["config"]
     assert len(keys["pk-c"]) == len(keys["pk-s"]) == 32 and keys["pk-c"] != keys["pk-s"]
+
+
+def test_rebuilding_with_kept_lagrange_coefficients_equals_flowers_combine_shares():
+    import os
+
+    from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
+
+    from strategies.secure.protocol import rebuild
+
+    basis: dict = {}
+    for size in (16, 32, 47):
+        secret = os.urandom(size)
+        shares = create_shares(secret, 4, 7)
+        for pick in ([0, 1, 2, 3], [6, 2, 4, 1], [1, 2, 3, 4, 5]):
+            chosen = [shares[i] for i in pick]
+            assert rebuild(chosen, 4, "s", basis) == combine_shares(chosen[:4]) == secret
+    assert len(basis) == 3  # three distinct 4-index sets seen: coefficients kept per set

@@ -214,12 +214,46 @@ def unseal(ciphertext: bytes, key: bytes, src: int, me: int) -> tuple[bytes, byt
     return b_share, sk_share
 
 
-def rebuild(shares: Sequence[bytes], threshold: int, what: str) -> bytes:
-    """A secret from at least `threshold` shares (Flower's `combine_shares`)."""
+def rebuild(shares: Sequence[bytes], threshold: int, what: str,
+            basis: dict | None = None) -> bytes:
+    """A secret from at least `threshold` shares of Flower's format (4-byte index, then 16
+    bytes per chunk). Equal to Flower's `combine_shares` (tested), but the Lagrange
+    coefficients at 0 of a set of share indices are computed once and kept in `basis`:
+    the server rebuilds many secrets from the same devices' shares, and computing them per
+    secret (t inversions in GF(2^128) per chunk, in Python) made unmasking 100 devices
+    take a minute."""
     if len(shares) < threshold:
         raise ValueError(f"{len(shares)} shares of {what}, under the threshold {threshold}: "
                          "the round cannot be unmasked")
-    return combine_shares(list(shares[:threshold]))
+    if basis is None:
+        return combine_shares(list(shares[:threshold]))
+    from Crypto.Protocol.SecretSharing import _Element
+    from Crypto.Util.Padding import unpad
+
+    chosen = list(shares[:threshold])
+    xs = tuple(int.from_bytes(sh[:4], "little") for sh in chosen)
+    if xs not in basis:
+        coeffs = []
+        for j, xj in enumerate(xs):
+            num, den = _Element(1), _Element(1)
+            for m, xm in enumerate(xs):
+                if m != j:
+                    num *= _Element(xm)
+                    den *= _Element(xj) + _Element(xm)
+            coeffs.append(num * den.inverse())
+        basis[xs] = coeffs
+    coeffs = basis[xs]
+    chunks = (len(chosen[0]) - 4) // 16
+    out = bytearray()
+    for c in range(chunks):
+        acc = _Element(0)
+        for lam, sh in zip(coeffs, chosen):
+            acc += lam * _Element(sh[4 + 16 * c:20 + 16 * c])
+        out += acc.encode()
+    try:
+        return unpad(bytes(out), 16)
+    except ValueError:
+        raise ValueError(f"the shares of {what} do not rebuild a secret") from None
 
 
 # ------------------------------------------------------------------------------ the sum
@@ -244,15 +278,16 @@ class Unmasking:
         out = np.array(total, dtype=np.uint64, copy=True).ravel()
         u1 = set(self.s_keys)
         survived = set(self.survived)
+        basis: dict = {}  # Lagrange coefficients per set of share indices
         with np.errstate(over="ignore"):
             for v in self.survived:
                 seed = rebuild(self.b_shares.get(v, []), self.threshold,
-                               f"device {v}'s self-mask seed")
+                               f"device {v}'s self-mask seed", basis)
                 out -= prg(seed, out.size, b"self")
             info = purpose("mask", self.run_id, self.server_round)
             for d in self.dropped:
                 sk = rebuild(self.sk_shares.get(d, []), self.threshold,
-                             f"dropped device {d}'s key")
+                             f"dropped device {d}'s key", basis)
                 if public_of(sk) != self.s_keys[d]:
                     raise ValueError(f"the shares of device {d}'s key rebuild another key: "
                                      "a device sent bad shares")
