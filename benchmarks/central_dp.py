@@ -103,11 +103,17 @@ def render(p: dict) -> str:
                "": "-"}[r["level"]]
         lines.append(f"| {r['setup']} | {eps} | {who} | {r['final_accuracy']:.3f} | "
                      f"{r['best_accuracy']:.3f} | {r['seconds']:.0f} |")
-    lines += ["", "Central DP's noise is z C / m per coordinate of the mean: with m = 10 "
-              "devices it is a tenth of C per coordinate, over every LoRA and head value, so "
-              "its norm is far above C. A small federation pays for device-level privacy "
-              "with a very large epsilon or with its accuracy. Local DP's epsilon is per "
-              "example and per device, a different (and, per unit, weaker) promise.", ""]
+    lines += ["", "One seed each; Flower draws the central noise unseeded, so two runs of one "
+              "setting differ a little (compare z=0.1 with and without secure aggregation, "
+              "whose sums are exact). Central DP's noise is z C / m per coordinate of the "
+              "mean: with m = 10 devices it is a tenth of z C on every LoRA and head value, "
+              "so its norm is far above C once z nears 1. The clipping alone (C = 1 against "
+              "updates of about 2.3) costs a few points. A small federation buys "
+              "device-level privacy with a very large epsilon or with its accuracy; a "
+              "useful device-level epsilon needs hundreds of devices per round. The two "
+              "epsilons are different promises: central protects a whole device against "
+              "the released adapters, local protects one example against everyone who "
+              "sees the device's updates.", ""]
     return "\n".join(lines)
 
 
