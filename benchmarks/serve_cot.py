@@ -47,7 +47,8 @@ from edge_lam.serving.generation import final_number  # noqa: E402
 FLEET = "rpi4,rpi4,rpi4,rpi5,rpi5,rpi5,jetson-orin-nano,jetson-orin-nano,laptop,laptop"
 
 
-def flow_run(args, step_tokens: int, work: Path) -> tuple[dict, list[dict]]:
+def flow_run(args, step_tokens: int, work: Path, context: str = "full"
+             ) -> tuple[dict, list[dict]]:
     """One `serve.kind='cot'` run through the ClientApp: (report, per-question rows)."""
     from flwr.app import Context, RecordDict
     from inprocess_grid import InProcessGrid
@@ -60,7 +61,7 @@ def flow_run(args, step_tokens: int, work: Path) -> tuple[dict, list[dict]]:
            "seed": args.seed, "serve.fleet": args.fleet, "serve.cot-step-tokens": step_tokens,
            "serve.cot-max-steps": args.budget // step_tokens, "serve.cot-baseline": False,
            "serve.cot-placement": args.placement, "serve.cot-batch-size": args.batch,
-           "results-dir": str(work)}
+           "serve.cot-context": context, "results-dir": str(work)}
     grid = InProcessGrid(raw, num_nodes=len(args.fleet.split(",")))
     ctx = Context(run_id=step_tokens, node_id=0, node_config={}, state=RecordDict(),
                   run_config=raw)
@@ -69,7 +70,7 @@ def flow_run(args, step_tokens: int, work: Path) -> tuple[dict, list[dict]]:
     report.pop("run_config")
     rows = [json.loads(x) for x in (run_dir / "serve_cot_questions.jsonl").read_text()
             .splitlines()]
-    print(f"k={step_tokens}: exact match {report['cot']['exact_match']:.3f}, "
+    print(f"k={step_tokens} ({context}): exact match {report['cot']['exact_match']:.3f}, "
           f"{report['wall_s']:.0f} s", flush=True)
     return report, rows
 
@@ -160,7 +161,8 @@ def write_report(out: Path) -> None:
              "(devices) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["runs"]:
         c, p = r["result"], r["result"]["predicted_latency_s"]
-        label = f"{r['step_tokens']} (monolithic)" if r["max_steps"] == 1 else r["step_tokens"]
+        label = f"{r['step_tokens']} (monolithic)" if r["max_steps"] == 1 else \
+            f"{r['step_tokens']}" + (" (last step only)" if r.get("context") == "last" else "")
         lines.append(
             f"| {label} | {c['steps']:.2f} ({r['max_steps']}) | {c['exact_match']:.3f} | "
             f"{c['same_answer_as_monolithic']:.3f} | {c['same_text_as_monolithic']:.3f} | "
@@ -171,8 +173,8 @@ def write_report(out: Path) -> None:
             f"({c['memory']['devices']}) |")
     m0 = mono["result"]
     lines += ["", "Against monolithic (exact placement): " + "; ".join(
-        f"k={r['step_tokens']}: latency "
-        f"{_pct(r['result']['predicted_latency_s']['exact'], m0['predicted_latency_s']['exact'])}"
+        f"k={r['step_tokens']}{' (last step only)' if r.get('context') == 'last' else ''}: "
+        f"latency {_pct(r['result']['predicted_latency_s']['exact'], m0['predicted_latency_s']['exact'])}"
         f", total memory {_pct(r['result']['memory']['sum_mib'], m0['memory']['sum_mib'])}, "
         f"bytes {_pct(r['result']['bytes_down'] + r['result']['bytes_up'], m0['bytes_down'] + m0['bytes_up'])}"
         f", exact match {100 * (r['result']['exact_match'] - m0['exact_match']):+.1f} pt"
@@ -206,7 +208,8 @@ def plot(res: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    labels = [str(r["step_tokens"]) + (" (mono)" if r["max_steps"] == 1 else "")
+    labels = [str(r["step_tokens"]) + (" (mono)" if r["max_steps"] == 1 else
+                                       " (last)" if r.get("context") == "last" else "")
               for r in res["runs"]]
     x = np.arange(len(labels))
     left.bar(x - 0.2, [r["result"]["predicted_latency_s"]["exact"] for r in res["runs"]], 0.4,
@@ -244,6 +247,8 @@ def main() -> None:
     ap.add_argument("--step-tokens", default="64,128", help="step sizes besides monolithic")
     ap.add_argument("--fleet", default=FLEET)
     ap.add_argument("--placement", default="exact", choices=METHODS)
+    ap.add_argument("--contexts", default="full", help="serve.cot-context values to run "
+                    "the steps with: full (the chain so far), last (the previous step only)")
     ap.add_argument("--batch", type=int, default=20, help="questions per QUERY")
     ap.add_argument("--fleet-sizes", default="3,5,10,20,30")
     ap.add_argument("--fleet-trials", type=int, default=10)
@@ -271,14 +276,19 @@ def main() -> None:
         return write_report(args.out)
     work = Path("/tmp") / f"edge-lam-serve-cot-{args.seed}-{args.out.name}"
     runs, mono_rows, chains = [], None, []
-    for k in [args.budget] + sorted(args.step_tokens_list, reverse=True):
-        report, rows = flow_run(args, k, work)
+    contexts = args.contexts.split(",")
+    settings = [(args.budget, "full")] + [(k, c) for k in sorted(args.step_tokens_list,
+                                                                 reverse=True)
+                                          for c in contexts]
+    for k, context in settings:
+        report, rows = flow_run(args, k, work, context)
         report["fleet_names"] = [d["name"] for d in report["fleet"]]
         if mono_rows is None:
             mono_rows, costs, shape = rows, report["costs"], report["question_shape"]
-        runs.append({"step_tokens": k, "max_steps": args.budget // k,
+        runs.append({"step_tokens": k, "max_steps": args.budget // k, "context": context,
                      "result": rescore(report, rows, costs, mono_rows)})
-        chains.append(json.dumps({"step_tokens": k, "chains": [x["chain"] for x in rows],
+        chains.append(json.dumps({"step_tokens": k, "context": context,
+                                  "chains": [x["chain"] for x in rows],
                                   "references": [x["reference"] for x in rows]}))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "chains.jsonl").write_text("\n".join(chains) + "\n")

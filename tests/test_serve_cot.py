@@ -260,3 +260,35 @@ def test_a_one_step_chain_is_the_monolithic_greedy_answer(tiny_llama):
     more = continue_chains(model, tokenizer, mcfg, questions, [s.text for s in steps], 4)
     assert all(m.context_tokens > s.context_tokens and m.new_tokens <= 4
                for m, s in zip(more, steps))
+
+
+def test_bounded_context_steps_see_only_the_previous_step(tiny_llama, small_gsm8k, tmp_path):
+    """serve.cot-context='last': step s > 0 gets the question and step s - 1's text only, so
+    its context is bounded by question + cot-step-tokens whatever the chain's length; the
+    server still answers with the whole chain."""
+    raw = _raw(tiny_llama, small_gsm8k, tmp_path, **{"serve.cot-context": "last",
+                                                     "serve.cot-baseline": False,
+                                                     "serve.cot-max-steps": 4,
+                                                     "serve.cot-device-steps": 2})
+    grid = InProcessGrid(raw, num_nodes=3)
+    run_dir = _run(grid, {**raw})
+    queries = _step_queries(grid)
+    replies = [r for r in grid.replies if "steps" in r.content]
+    rows = [json.loads(x) for x in (run_dir / "serve_cot_questions.jsonl").read_text()
+            .splitlines()]
+    from edge_lam.data.encode import pose
+    from edge_lam.models.lora_model import load_tokenizer
+
+    cfg = RunConfig.from_run_config(raw)
+    tok = load_tokenizer(str(tiny_llama))
+    for i, row in enumerate(rows):
+        b, j = divmod(i, 4)
+        texts = [list(replies[4 * b + s].content["steps"]["texts"])[j] for s in range(4)]
+        assert row["chain"] == "".join(texts)  # the answer is the whole chain
+        seen = [list(queries[4 * b + s].content["config"]["chains"])[j] for s in range(4)]
+        assert seen == [""] + texts[:3]  # each step: the previous step's text only
+        prompt = len(pose(tok, cfg, list(queries[4 * b].content["config"]["questions"])[j]))
+        for s, step in enumerate(row["steps"]):
+            assert step["context_tokens"] <= prompt + (3 if s else 0) + 2  # re-tokenising
+    report = json.loads((run_dir / "serve_cot.json").read_text())
+    assert report["run_config"]["serve_cot_context"] == "last"

@@ -363,6 +363,12 @@ class ServeSection(Section):
     cot_device_steps: int = option(1, "`cot`: most steps of one chain a device may run "
                                    "(1: every step on a different device)", lo=1)
     cot_batch_size: int = option(16, "`cot`: questions per QUERY (one step of each)", lo=1)
+    cot_context: str = option("full", "`cot`: what a step's device sees besides the question: "
+                              "`full` (the whole chain so far, re-prefilled) or `last` (only "
+                              "the previous step's text: a bounded context of at most "
+                              "question + cot-step-tokens tokens, as the seed's micro-services "
+                              "do; the server still keeps the whole chain as the answer)",
+                              choices=("full", "last"))
     cot_baseline: bool = option(True, "`cot`: also answer every question monolithically on "
                                 "the single device with the least predicted latency")
     # --- serve.kind='moe' keys (experts, routing, Lyapunov scheduling) ---

@@ -55,14 +55,19 @@ def step_memory_mib(costs: dict, context: float, new: float) -> float:
 
 
 def planned_steps(costs: dict, prompt_tokens: float, question_bytes: float,
-                  bytes_per_token: float, step_tokens: int, steps: int) -> ChainSteps:
-    """The plan's steps: full steps of `step_tokens`, step s with context prompt + s k."""
-    context = prompt_tokens + step_tokens * np.arange(steps)  # (S,)
+                  bytes_per_token: float, step_tokens: int, steps: int,
+                  context: str = "full") -> ChainSteps:
+    """The plan's steps: full steps of `step_tokens`, step s with context prompt + s k
+    (`serve.cot-context='full'`) or prompt + min(s, 1) k (`'last'`: the previous step
+    only)."""
+    carried = step_tokens * (np.arange(steps) if context == "full"
+                             else np.minimum(np.arange(steps), 1))  # (S,)
+    context_tokens = prompt_tokens + carried
     return ChainSteps(
-        compute_s=np.array([step_seconds(costs, c, step_tokens) for c in context]),
-        in_bytes=question_bytes + bytes_per_token * step_tokens * np.arange(steps),
+        compute_s=np.array([step_seconds(costs, c, step_tokens) for c in context_tokens]),
+        in_bytes=question_bytes + bytes_per_token * carried,
         out_bytes=np.full(steps, bytes_per_token * step_tokens),
-        memory_mib=np.array([step_memory_mib(costs, c, step_tokens) for c in context]))
+        memory_mib=np.array([step_memory_mib(costs, c, step_tokens) for c in context_tokens]))
 
 
 def chain_latency(costs: dict, devices: list[ServeDevice], steps: list[dict]) -> float:
@@ -95,7 +100,7 @@ def run(grid: Grid, context: Context, cfg: RunConfig) -> Path:
     shape = _question_shape(cfg, questions)
     k, s_max = cfg.serve.cot_step_tokens, cfg.serve.cot_max_steps
     plan_steps = planned_steps(costs, shape["prompt_tokens"], shape["question_bytes"],
-                               shape["bytes_per_token"], k, s_max)
+                               shape["bytes_per_token"], k, s_max, cfg.serve.cot_context)
     problem = chain_problem(plan_steps, devices, cfg.serve.cot_device_steps)
     plans = {m: solve(problem, m, cfg.seed) for m in METHODS}
     plan = plans[cfg.serve.cot_placement]
@@ -183,15 +188,18 @@ def _generate(grid: Grid, cfg: RunConfig, questions: list[str], step_nodes: list
             open_ = [i for i in batch if not chains[i]["done"]]
             if not open_:
                 break
+            seen = [chains[i]["chain"] if cfg.serve.cot_context == "full"
+                    else chains[i].get("last", "") for i in open_]  # what the step sees
             reply = _ask(grid, node, {"op": "step", "step": s, "max-tokens": max_tokens,
                                       "questions": [questions[i] for i in open_],
-                                      "chains": [chains[i]["chain"] for i in open_]}, cfg)
-            _append(chains, open_, reply, node, step_devices[s], questions)
+                                      "chains": seen}, cfg)
+            _append(chains, open_, reply, node, step_devices[s], questions,
+                    cfg.serve.cot_context)
     return chains
 
 
 def _append(chains: list[dict], open_: list[int], reply: Message, node: int, device: int,
-            questions: list[str]) -> None:
+            questions: list[str], context: str = "full") -> None:
     got = reply.content["steps"]
     texts, ended = list(got["texts"]), list(got["ended"])
     if len(texts) != len(open_):
@@ -200,12 +208,14 @@ def _append(chains: list[dict], open_: list[int], reply: Message, node: int, dev
     peak = float(reply.content["metrics"]["peak-memory-bytes"])
     for j, i in enumerate(open_):
         c = chains[i]
+        seen = c["chain"] if context == "full" else c.get("last", "")
         c["steps"].append({"node": node, "device": device, "new_tokens": int(got["new-tokens"][j]),
                            "context_tokens": int(got["context-tokens"][j]),
-                           "bytes_down": len(questions[i].encode()) + len(c["chain"].encode()),
+                           "bytes_down": len(questions[i].encode()) + len(seen.encode()),
                            "bytes_up": len(texts[j].encode()), "measured_s": secs,
                            "peak_memory_bytes": peak})
         c["chain"] += texts[j]
+        c["last"] = texts[j]
         c["done"] = chain_done(c["chain"], bool(ended[j]))
 
 
