@@ -278,6 +278,7 @@ def test_bounded_context_steps_see_only_the_previous_step(tiny_llama, small_gsm8
             .splitlines()]
     from edge_lam.data.encode import pose
     from edge_lam.models.lora_model import load_tokenizer
+    from edge_lam.serving.steps import chain_ids
 
     cfg = RunConfig.from_run_config(raw)
     tok = load_tokenizer(str(tiny_llama))
@@ -288,7 +289,7 @@ def test_bounded_context_steps_see_only_the_previous_step(tiny_llama, small_gsm8
         seen = [list(queries[4 * b + s].content["config"]["chains"])[j] for s in range(4)]
         assert seen == [""] + texts[:3]  # each step: the previous step's text only
         prompt = len(pose(tok, cfg, list(queries[4 * b].content["config"]["questions"])[j]))
-        for s, step in enumerate(row["steps"]):
-            assert step["context_tokens"] <= prompt + (3 if s else 0) + 2  # re-tokenising
+        for s, step in enumerate(row["steps"]):  # the question + the previous step, no more
+            assert step["context_tokens"] == prompt + len(chain_ids(tok, seen[s]))
     report = json.loads((run_dir / "serve_cot.json").read_text())
     assert report["run_config"]["serve_cot_context"] == "last"
