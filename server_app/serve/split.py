@@ -152,22 +152,14 @@ def run_batch(grid: Grid, cfg: RunConfig, nodes: list[int], plan: Plan, model,
         arrays = {"x": x, "attention_mask": mask.numpy()}
         if vocab is not None and seg.end == model.config.num_hidden_layers + 2:
             arrays["vocab-ids"] = vocab.numpy()
-        sent = to_record(arrays)
-        msg = Message(RecordDict({"config": ConfigRecord({
-            "kind": "split", "model": cfg.model, "start": seg.start, "end": seg.end}),
-            "arrays": sent}), dst_node_id=nodes[seg.device], message_type=MESSAGE_TYPE)
-        replies = list(grid.send_and_receive([msg], timeout=cfg.serve.timeout))
-        if not replies or replies[0].has_error():
-            why = replies[0].error.reason if replies else "no reply in time"
-            raise RuntimeError(f"split: device {nodes[seg.device]} failed units "
-                               f"[{seg.start}, {seg.end}): {why}")
-        got = replies[0].content
+        got, bytes_in, bytes_out = _hop(grid, cfg, nodes[seg.device],
+                                        {"start": seg.start, "end": seg.end}, arrays)
         x = got["arrays"]["x"].numpy()
         hops.append({"seconds": time.perf_counter() - hop_start,
                      "device_seconds": float(got["metrics"]["seconds"]),
                      "load_seconds": float(got["metrics"]["load-seconds"]),
                      "param_bytes": int(got["metrics"]["param-bytes"]),
-                     "bytes_in": record_nbytes(sent), "bytes_out": record_nbytes(got["arrays"])})
+                     "bytes_in": bytes_in, "bytes_out": bytes_out})
     split_s = time.perf_counter() - started
     local_start = time.perf_counter()
     local = monolithic_logits(model, ids, mask, vocab).numpy()

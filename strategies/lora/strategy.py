@@ -360,9 +360,10 @@ class HeterogeneousLoRA(FedAvg):
         masked = payload.pop(MASKED, None)
         if masked is None or masked.dtype != np.uint64 or masked.ndim != 1:
             raise ValueError("a secure round's reply without its masked input (uint64)")
-        if masked.size != self._expected_masked():
+        expected = self._expected_masked()
+        if masked.size != expected:
             raise ValueError(f"masked input of {masked.size} entries, the round's sum has "
-                             f"{self._expected_masked()}")
+                             f"{expected}")
         return masked
 
     def _collect(self, server_round: int, replies: Iterable[Message], key: str = "arrays"

@@ -14,14 +14,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from edge_lam.training.lora import State, is_lora_key, pad_lora
+from edge_lam.training.lora import State, is_lora_key, lora_rank, pad_lora
+from strategies.lora.math import _rank_axis
 from strategies.secure.protocol import MAX_WEIGHT_SUM, dequantize, quantize
 
 LAYOUTS = ("padded", "rankwise")
-
-
-def _rank_axis(key: str) -> int:
-    return 0 if ".lora_A." in key else 1
 
 
 def encode(state: State, n: int, r_max: int, layout: str, clip: float
@@ -40,10 +37,7 @@ def encode(state: State, n: int, r_max: int, layout: str, clip: float
         clipped += c
     parts.append(np.array([n], np.int64))
     if layout == "rankwise":
-        from edge_lam.training.lora import lora_rank
-
-        rank = lora_rank(state)
-        parts.append(np.where(np.arange(r_max) < rank, n, 0).astype(np.int64))
+        parts.append(np.where(np.arange(r_max) < lora_rank(state), n, 0).astype(np.int64))
     parts.append(np.array([clipped], np.int64))
     return np.concatenate(parts), clipped
 

@@ -141,11 +141,9 @@ class SubmodelLoRA(HeterogeneousLoRA):
     def secure_layout(self) -> str | None:
         """Rows in the SecAgg+ sum (and the adapter with secure.enabled); with fewer than
         MIN_DEVICES devices in the round no sum is run and the devices withhold rows."""
-        if not self.secure:
+        if not self.secure or len(self._peers) < MIN_DEVICES or self.cfg.secure.enabled:
             return super().secure_layout()
-        if len(self._peers) < MIN_DEVICES:
-            return super().secure_layout()
-        return super().secure_layout() if self.cfg.secure.enabled else "none"
+        return "none"
 
     def secure_extra_size(self) -> int:
         return int(self._union.size) * (self.base.shape[1] + 1) if self.secure else 0
